@@ -1,0 +1,1 @@
+"""Data layer: reading scans and tables, preprocessing, the patch store, generated data."""

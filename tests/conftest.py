@@ -1,0 +1,24 @@
+"""Test set-up: eight simulated CPU devices, set before JAX initialises its backends,
+so sharding tests see a multi-device mesh on any machine."""
+
+import os
+
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture(scope="session")
+def luna16_tables_dir() -> pathlib.Path:
+    """The real LUNA16 reference tables (``../shared/luna16``), or a skip."""
+    d = pathlib.Path(os.environ.get("LUNGJAX_LUNA16_TABLES", SHARED / "luna16"))
+    if not (d / "annotations.csv").is_file():
+        pytest.skip(f"real LUNA16 tables not found at {d}")
+    return d
