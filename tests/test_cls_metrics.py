@@ -1,0 +1,95 @@
+"""Classification metrics against hand-computed values, brute force, Mann-Whitney U
+(scipy) and, when installed, scikit-learn."""
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from lungjax.evaluation.classification import (binary_metrics, confusion_counts, roc_auc,
+                                               roc_curve, threshold_counts)
+
+
+def test_binary_metrics_hand_computed():
+    y = [1, 1, 1, 0, 0, 0, 0, 1]
+    s = [0.9, 0.6, 0.2, 0.7, 0.1, 0.3, 0.5, 0.5]
+    m = binary_metrics(y, s, threshold=0.5)
+    # >= 0.5 positive: TP = {.9, .6, .5}, FN = {.2}, FP = {.7, .5}, TN = {.1, .3}.
+    assert (m["tp"], m["fn"], m["fp"], m["tn"]) == (3, 1, 2, 2)
+    assert m["accuracy"] == pytest.approx(5 / 8)
+    assert m["sensitivity"] == pytest.approx(3 / 4)
+    assert m["specificity"] == pytest.approx(2 / 4)
+    assert m["precision"] == pytest.approx(3 / 5)
+    assert m["f1"] == pytest.approx(2 * 0.6 * 0.75 / (0.6 + 0.75))
+    assert (m["n"], m["n_positive"]) == (8, 4)
+    # Pairs (pos, neg) with pos > neg: .9:4, .6:3, .2:1, .5:2.5(tie with .5) -> 10.5/16.
+    assert m["roc_auc"] == pytest.approx(10.5 / 16)
+
+
+def test_undefined_ratios_are_nan_and_labels_checked():
+    m = binary_metrics([1, 1], [0.2, 0.9])
+    assert np.isnan(m["specificity"]) and np.isnan(m["roc_auc"])
+    assert m["sensitivity"] == 0.5 and m["precision"] == 1.0
+    m = binary_metrics([0, 0], [0.2, 0.1])
+    assert np.isnan(m["precision"]) and np.isnan(m["sensitivity"]) and m["f1"] != m["f1"]
+    with pytest.raises(ValueError, match="labels must be 0/1"):
+        binary_metrics([0, 2], [0.1, 0.2])
+    with pytest.raises(ValueError, match="y_score: 1 values for 2 labels"):
+        binary_metrics([0, 1], [0.1])
+    with pytest.raises(ValueError, match="NaN"):
+        roc_auc([0, 1], [0.1, np.nan])
+    assert confusion_counts([True, False], [True, True]) == {"tp": 1, "fp": 1, "tn": 0, "fn": 0}
+
+
+def test_roc_curve_documented_example():
+    # scikit-learn's documented example.
+    fpr, tpr, thr = roc_curve([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+    np.testing.assert_allclose(fpr, [0, 0, 0.5, 0.5, 1])
+    np.testing.assert_allclose(tpr, [0, 0.5, 0.5, 1, 1])
+    np.testing.assert_allclose(thr, [np.inf, 0.8, 0.4, 0.35, 0.1])
+    assert roc_auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == 0.75
+
+
+def test_threshold_counts_brute_force_and_drop_intermediate():
+    rng = np.random.default_rng(1)
+    y = rng.random(200) < 0.4
+    s = rng.integers(0, 25, 200) / 25
+    tps, fps, thr = threshold_counts(y, s)
+    for k, t in enumerate(thr):
+        assert tps[k] == np.sum(y & (s >= t)) and fps[k] == np.sum(~y & (s >= t))
+    full = roc_curve(y, s, drop_intermediate=False)
+    red = roc_curve(y, s)
+    assert red.fpr.size <= full.fpr.size
+    grid = np.linspace(0, 1, 101)
+    np.testing.assert_allclose(np.interp(grid, red.fpr, red.tpr),
+                               np.interp(grid, full.fpr, full.tpr), atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_auc_is_mann_whitney_and_pairwise(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.random(300) < 0.3
+    s = np.round(rng.normal(y * 0.8, 1.0), 1)       # ties
+    u = stats.mannwhitneyu(s[y], s[~y]).statistic
+    assert roc_auc(y, s) == pytest.approx(u / (y.sum() * (~y).sum()), rel=1e-12)
+    diff = s[y][:, None] - s[~y][None, :]
+    assert roc_auc(y, s) == pytest.approx(((diff > 0) + 0.5 * (diff == 0)).mean(), rel=1e-12)
+
+
+@pytest.mark.parametrize("drop", [True, False])
+def test_against_sklearn(drop):
+    skm = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(4)
+    y = rng.random(500) < 0.35
+    s = np.round(rng.normal(y * 0.7, 1.0), 2)
+    ours = roc_curve(y, s, drop_intermediate=drop)
+    theirs = skm.roc_curve(y, s, drop_intermediate=drop)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_array_equal(a, b)
+    assert roc_auc(y, s) == pytest.approx(skm.roc_auc_score(y, s), rel=1e-12)
+    m = binary_metrics(y, s, threshold=0.3)
+    pred = s >= 0.3
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert m["precision"] == pytest.approx(skm.precision_score(y, pred))
+    assert m["sensitivity"] == pytest.approx(skm.recall_score(y, pred))
+    assert m["f1"] == pytest.approx(skm.f1_score(y, pred))
+    assert m["specificity"] == pytest.approx(skm.recall_score(~y, ~pred))
