@@ -1,0 +1,283 @@
+"""Preparing a LUNA16-layout folder into a patch store (the body of
+``data_prep/prepare_luna16.py``).
+
+One job per scan: read -> :func:`lungjax.data.preprocess.preprocess_scan` -> write the
+zarr arrays -> return the manifest record. Jobs run in ``workers`` spawned processes;
+only the parent writes the manifest, so records never race. A bad scan is skipped
+with its reason and the run goes on. Re-running skips scans already recorded in the
+manifest (a record is written only after its arrays are complete), so an interrupted
+preparation resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import time
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+from tqdm.auto import tqdm
+
+from lungjax.data import store as store_lib
+from lungjax.data.coords import voxel_to_world, world_to_voxel
+from lungjax.data.io import ScanReadError, read_scan
+from lungjax.data.luna16 import Luna16Dataset
+from lungjax.data.preprocess import DEFAULT_HU_WINDOW, LungMaskError, preprocess_scan, resample_to
+
+
+@dataclasses.dataclass
+class PrepareReport:
+    """What a preparation run did.
+
+    Attributes:
+      out: the store.
+      done: UIDs prepared by this run.
+      reused: UIDs already in the store (skipped as finished).
+      skipped: UID -> reason for scans that could not be prepared.
+      dropped_nodules: annotated nodules outside their stored volume, over the scans
+        prepared or reused (not in training records; still in
+        ``ScanRecord.findings()`` for evaluation).
+      warnings: per-scan warnings (dropped nodules etc.).
+      problems: dataset-level inconsistencies (e.g. annotation UIDs with no scan).
+    """
+
+    out: str
+    done: list[str] = dataclasses.field(default_factory=list)
+    reused: list[str] = dataclasses.field(default_factory=list)
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+    dropped_nodules: int = 0
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    problems: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def n_ready(self) -> int:
+        """Scans usable from the store after this run."""
+        return len(self.done) + len(self.reused)
+
+    def summary(self) -> str:
+        lines = [f"store {self.out}: {len(self.done)} scan(s) prepared, {len(self.reused)} "
+                 f"already done, {len(self.skipped)} skipped, {self.dropped_nodules} nodule(s) "
+                 "outside their volume"]
+        lines += [f"  skipped {uid}: {reason}" for uid, reason in sorted(self.skipped.items())]
+        lines += [f"  warning: {w}" for w in self.warnings]
+        lines += [f"  dataset problem: {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+def _settings(spacing_zyx, hu_window, margin_mm, chunk, closing_mm, use_lung_masks) -> dict:
+    return {
+        "spacing_zyx": None if spacing_zyx is None else [float(v) for v in spacing_zyx],
+        "hu_window": [float(v) for v in hu_window],
+        "margin_mm": float(margin_mm), "chunk": int(chunk), "closing_mm": float(closing_mm),
+        "use_lung_masks": bool(use_lung_masks),
+    }
+
+
+def _read_on_grid(path: str, scan, what: str) -> np.ndarray:
+    """Reads a label volume and brings it onto the scan's grid if it is not already."""
+    labels = read_scan(path)
+    same = (labels.array.shape == scan.array.shape
+            and np.allclose(labels.geometry.spacing, scan.geometry.spacing, atol=1e-4)
+            and np.allclose(labels.geometry.origin, scan.geometry.origin, atol=1e-3)
+            and np.allclose(labels.geometry.direction, scan.geometry.direction, atol=1e-5))
+    if same:
+        return labels.array
+    return resample_to(labels.array, labels.geometry, scan.geometry, scan.array.shape,
+                       nearest=True)
+
+
+def _inside(voxels: np.ndarray, shape) -> np.ndarray:
+    """(N,) bool: (N, 3) voxel coordinates fall within the grid (half a voxel of slack:
+    the voxel's own extent)."""
+    voxels = np.asarray(voxels).reshape(-1, 3)
+    return np.all((voxels >= -0.5) & (voxels <= np.asarray(shape) - 0.5), axis=1)
+
+
+def prepare_scan(job: dict) -> tuple[str, str, dict | str]:
+    """Prepares one scan (run in a worker).
+
+    Args:
+      job: dict with uid, fold, scan_path, lung_path, nodule_path, nodules_xyz,
+        nodules_d, excluded_xyz, excluded_d, candidates_xyz, candidates_label,
+        settings, out.
+
+    Returns:
+      ("done", uid, record_json) or ("skipped", uid, reason).
+    """
+    uid, s = job["uid"], job["settings"]
+    try:
+        scan = read_scan(job["scan_path"])
+        lung_seg = None
+        if s["use_lung_masks"] and job["lung_path"]:
+            lung_seg = _read_on_grid(job["lung_path"], scan, "lung mask")
+        nodule_labels = _read_on_grid(job["nodule_path"], scan, "nodule mask") \
+            if job["nodule_path"] else None
+        pre = preprocess_scan(scan.array, scan.geometry, spacing_zyx=s["spacing_zyx"],
+                              hu_window=s["hu_window"], margin_mm=s["margin_mm"],
+                              lung_seg=lung_seg, nodule_labels=nodule_labels,
+                              closing_mm=s["closing_mm"], name=job["scan_path"])
+        del scan, lung_seg, nodule_labels
+    except (ScanReadError, LungMaskError, ValueError, RuntimeError, OSError) as e:
+        return "skipped", uid, f"{type(e).__name__}: {e}"
+
+    shape = pre.image.shape
+    warnings = []
+    nod_xyz, nod_d = job["nodules_xyz"], job["nodules_d"]
+    nod_zyx = world_to_voxel(nod_xyz, pre.geometry)
+    inside = _inside(nod_zyx, shape)
+    in_scan = _inside(world_to_voxel(nod_xyz, pre.source_geometry), pre.source_shape_zyx)
+    for xyz, d, scanned in zip(nod_xyz[~inside], nod_d[~inside], in_scan[~inside]):
+        where = "the lung crop" if scanned else "the scanned volume"
+        warnings.append(f"{uid}: nodule at world (x, y, z) = "
+                        f"({xyz[0]:.1f}, {xyz[1]:.1f}, {xyz[2]:.1f}) mm, {d:.1f} mm lies outside "
+                        f"{where}; dropped from training records")
+    exc_zyx = world_to_voxel(job["excluded_xyz"], pre.geometry)
+    cand_zyx = world_to_voxel(job["candidates_xyz"], pre.geometry)
+    cand_in = _inside(cand_zyx, shape)
+
+    arrays = {"image": pre.image, "lung": pre.lung}
+    if pre.nodules is not None:
+        arrays["nodules"] = pre.nodules
+    try:
+        store_lib.write_scan_arrays(job["out"], uid, arrays, chunk=s["chunk"])
+    except (ValueError, RuntimeError, OSError) as e:
+        return "skipped", uid, f"cannot write arrays: {type(e).__name__}: {e}"
+    record = store_lib.ScanRecord(
+        uid=uid, fold=job["fold"], shape_zyx=tuple(int(v) for v in shape), geometry=pre.geometry,
+        arrays=tuple(arrays),
+        nodules_zyx=nod_zyx[inside], nodules_world=nod_xyz[inside], nodule_diameter_mm=nod_d[inside],
+        dropped_world=nod_xyz[~inside], dropped_diameter_mm=nod_d[~inside],
+        excluded_zyx=exc_zyx, excluded_world=job["excluded_xyz"],
+        excluded_diameter_mm=job["excluded_d"],
+        candidates_zyx=cand_zyx[cand_in], candidates_world=job["candidates_xyz"][cand_in],
+        candidates_label=job["candidates_label"][cand_in],
+        transforms=pre.transforms(), source=job["scan_path"], warnings=tuple(warnings))
+    return "done", uid, record.to_json()
+
+
+def _rows_by_uid(uids: np.ndarray) -> dict[str, np.ndarray]:
+    """UID -> (n,) int64 row indices, in table order."""
+    if len(uids) == 0:
+        return {}
+    unique, inverse = np.unique(uids, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.cumsum(np.bincount(inverse, minlength=len(unique)))[:-1]
+    return dict(zip(unique.tolist(), np.split(order, bounds)))
+
+
+def _worker_init() -> None:
+    # Each worker is one process on one core: SimpleITK's own threads would oversubscribe.
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+
+
+def prepare_dataset(root: str | os.PathLike, out: str | os.PathLike,
+                    spacing_zyx: Sequence[float] | None = (1.0, 1.0, 1.0), workers: int = 1,
+                    hu_window: Sequence[float] = DEFAULT_HU_WINDOW, margin_mm: float = 10.0,
+                    subsets: Sequence[int] | None = None, *, chunk: int = store_lib.DEFAULT_CHUNK,
+                    closing_mm: float = 5.0, use_lung_masks: bool = True,
+                    progress: bool = True, flush_every_s: float = 10.0) -> PrepareReport:
+    """Preprocesses a LUNA16-layout folder (real or generated) into a patch store.
+
+    Args:
+      root: dataset folder (see :mod:`lungjax.data.luna16`).
+      out: store root, local folder or URL (gs://, s3://, file://).
+      spacing_zyx: target voxel size (z, y, x) mm; None keeps each scan's native grid.
+      workers: processes (1 = in this process).
+      hu_window: (low, high) HU scaled to [0, 1].
+      margin_mm: margin around the lung bounding box.
+      subsets: only these folds (None = all).
+      chunk: zarr chunk edge in voxels.
+      closing_mm: closing radius of the threshold lung mask.
+      use_lung_masks: use ``seg-lungs-LUNA16`` masks where present.
+      progress: show a progress bar.
+      flush_every_s: rewrite the manifest at most this often (and always at the end or
+        on interruption); scans finished but not yet recorded are redone on resume.
+
+    Returns:
+      :class:`PrepareReport`.
+
+    Raises:
+      StoreError: the store exists with different settings.
+    """
+    out = os.fspath(out)
+    dataset = Luna16Dataset.open(root)
+    settings = _settings(spacing_zyx, hu_window, margin_mm, chunk, closing_mm, use_lung_masks)
+    manifest = store_lib.read_manifest(out)
+    if manifest is None:
+        manifest = {"format": store_lib.STORE_FORMAT, "version": store_lib.STORE_VERSION,
+                    **settings, "source_root": os.path.abspath(os.fspath(root)), "scans": {},
+                    "skipped": {}}
+    else:
+        old = {k: manifest.get(k) for k in settings}
+        if old != settings:
+            raise store_lib.StoreError(
+                f"{out}: store was prepared with {old}, this run asks for {settings}; "
+                "use another --out or the same settings")
+    report = PrepareReport(out=out, problems=list(dataset.problems))
+    uids = dataset.uids if subsets is None else dataset.uids_in_folds(subsets)
+    for uid in uids:
+        rec = manifest["scans"].get(uid)
+        # A recorded scan whose arrays were removed since is prepared again.
+        if rec is not None and not store_lib.scan_arrays_present(out, uid, rec.get("arrays", ())):
+            del manifest["scans"][uid]
+            report.warnings.append(f"{uid}: recorded but its arrays are missing; prepared again")
+    report.reused = [u for u in uids if u in manifest["scans"]]
+    report.dropped_nodules = sum(len(manifest["scans"][u].get("dropped_diameter_mm", ()))
+                                 for u in report.reused)
+    todo = [u for u in uids if u not in manifest["scans"]]
+
+    # Row indices per UID computed once: the real candidate table has ~750k rows, and
+    # filtering it by UID for each of 888 scans would dominate the run.
+    by_uid = [_rows_by_uid(t.uid) for t in (dataset.annotations, dataset.excluded,
+                                             dataset.candidates)]
+    empty = np.zeros(0, np.int64)
+
+    def job(uid: str) -> dict:
+        ann, exc, cand = (t.select(g.get(uid, empty)) for t, g in zip(
+            (dataset.annotations, dataset.excluded, dataset.candidates), by_uid))
+        return {"uid": uid, "fold": dataset.fold_of(uid), "scan_path": dataset.scan_path(uid),
+                "lung_path": dataset.lung_mask_path(uid),
+                "nodule_path": dataset.nodule_mask_path(uid),
+                "nodules_xyz": ann.xyz, "nodules_d": ann.diameter_mm,
+                "excluded_xyz": exc.xyz, "excluded_d": exc.diameter_mm,
+                "candidates_xyz": cand.xyz, "candidates_label": cand.label,
+                "settings": settings, "out": out}
+
+    def record(result) -> None:
+        status, uid, payload = result
+        if status == "done":
+            manifest["scans"][uid] = payload
+            manifest["skipped"].pop(uid, None)
+            report.done.append(uid)
+            report.warnings.extend(payload["warnings"])
+            report.dropped_nodules += len(payload["dropped_diameter_mm"])
+        else:
+            manifest["skipped"][uid] = payload
+            report.skipped[uid] = payload
+
+    last_flush = time.monotonic()
+    bar = tqdm(total=len(todo), disable=not progress, unit="scan", desc="prepare")
+    pool = None
+    try:
+        if workers > 1 and len(todo) > 1:
+            # spawn, not fork: tensorstore and SimpleITK hold threads in the parent.
+            pool = multiprocessing.get_context("spawn").Pool(min(workers, len(todo)), _worker_init)
+            results = pool.imap_unordered(prepare_scan, (job(u) for u in todo))
+        else:
+            results = (prepare_scan(job(u)) for u in todo)
+        for result in results:
+            record(result)
+            bar.update(1)
+            if time.monotonic() - last_flush >= flush_every_s:
+                store_lib.write_manifest(out, manifest)
+                last_flush = time.monotonic()
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        store_lib.write_manifest(out, manifest)
+    return report

@@ -1,0 +1,446 @@
+"""Per-scan preprocessing: resample, lung mask, crop, HU window.
+
+Pure functions over numpy arrays and :class:`~lungjax.data.coords.Geometry`; every
+transform is recorded so that any voxel of the preprocessed volume maps back to
+world millimetres exactly:
+
+* resampling keeps the origin (the centre of voxel (0, 0, 0)) and the direction and
+  changes only the spacing, so ``resampled = Geometry(new_spacing, origin, direction)``;
+* cropping starts at integer voxel ``crop_start`` (z, y, x), so the stored grid is
+  ``resampled.shifted(crop_start)``.
+
+Arrays are (z, y, x); spacings given to these functions are (z, y, x) mm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from lungjax.data.coords import Geometry
+
+DEFAULT_HU_WINDOW = (-1200.0, 600.0)
+AIR_HU = -1024.0
+# LUNA16 seg-lungs-LUNA16 label values: 3 = right lung, 4 = left lung (5 = trachea).
+LUNA16_LUNG_LABELS = (3, 4)
+
+
+class LungMaskError(ValueError):
+    """No lung could be found in a scan; the message names the scan."""
+
+
+# ---------------------------------------------------------------------------
+# Resampling.
+# ---------------------------------------------------------------------------
+
+def resampled_grid(geometry: Geometry, shape_zyx: Sequence[int],
+                   spacing_zyx: Sequence[float] | None) -> tuple[Geometry, tuple[int, int, int]]:
+    """The grid a scan is resampled onto.
+
+    Args:
+      geometry: the source grid.
+      shape_zyx: source array shape (z, y, x).
+      spacing_zyx: target voxel size (z, y, x) mm, or None to keep the native grid.
+
+    Returns:
+      (geometry, shape_zyx) of the target grid: same origin and direction, the new
+      spacing, and ``round(extent / new_spacing)`` voxels per axis (at least 1).
+    """
+    shape_zyx = tuple(int(s) for s in shape_zyx)
+    if spacing_zyx is None:
+        return geometry, shape_zyx
+    new = np.asarray(spacing_zyx, np.float64).reshape(3)
+    if np.any(new <= 0) or not np.all(np.isfinite(new)):
+        raise ValueError(f"target spacing must be positive, got {new.tolist()}")
+    old = geometry.spacing_zyx
+    shape = np.maximum(1, np.round(np.asarray(shape_zyx) * old / new)).astype(int)
+    return Geometry(new[::-1], geometry.origin, geometry.direction), tuple(int(s) for s in shape)
+
+
+def _linear_1d(array: np.ndarray, axis: int, n_out: int, step: float, fill: float) -> np.ndarray:
+    """Linear interpolation along one axis at source positions ``i * step`` (i < n_out).
+
+    Positions up to half a voxel past the last sample take its value (ITK's "inside
+    buffer" rule); further ones get ``fill``.
+    """
+    n = array.shape[axis]
+    pos = np.arange(n_out, dtype=np.float64) * step
+    i0 = np.minimum(np.floor(pos).astype(np.int64), n - 1)
+    i1 = np.minimum(i0 + 1, n - 1)
+    w = (pos - i0).astype(np.float32)
+    w[i0 == n - 1] = 0.0
+    shape = [1] * array.ndim
+    shape[axis] = n_out
+    w = w.reshape(shape)
+    a0 = np.take(array, i0, axis=axis).astype(np.float32, copy=False)
+    out = np.take(array, i1, axis=axis).astype(np.float32, copy=False)
+    out -= a0
+    out *= w
+    out += a0
+    outside = pos > n - 0.5
+    if outside.any():
+        index = [slice(None)] * array.ndim
+        index[axis] = outside
+        out[tuple(index)] = fill
+    return out
+
+
+def resample_to(array: np.ndarray, geometry: Geometry, target: Geometry,
+                target_shape_zyx: Sequence[int], *, nearest: bool = False,
+                fill: float = 0.0) -> np.ndarray:
+    """Resamples a volume onto another grid.
+
+    When the target shares origin and direction with the source (what
+    :func:`resampled_grid` produces) linear resampling is separable and runs as three
+    1-D passes in numpy (about 3x faster than SimpleITK on one core); any other grid
+    goes through SimpleITK.
+
+    Args:
+      array: (z, y, x) source volume.
+      geometry: source grid.
+      target: target grid.
+      target_shape_zyx: target shape (z, y, x).
+      nearest: nearest-neighbour interpolation (labels, masks) instead of linear.
+      fill: value for target voxels outside the source volume.
+
+    Returns:
+      (target_shape_zyx) array: float32 for linear interpolation, the source dtype for
+      nearest.
+    """
+    target_shape_zyx = tuple(int(s) for s in target_shape_zyx)
+    aligned = (np.array_equal(geometry.origin, target.origin)
+               and np.array_equal(geometry.direction, target.direction))
+    if aligned and not nearest:
+        step = target.spacing_zyx / geometry.spacing_zyx
+        # Shrinking axes first keeps the intermediate volumes small.
+        out = array
+        for axis in sorted(range(3), key=lambda a: target_shape_zyx[a] / array.shape[a]):
+            out = _linear_1d(out, axis, target_shape_zyx[axis], float(step[axis]), fill)
+        return out.astype(np.float32, copy=False)
+    image = sitk.GetImageFromArray(array)
+    geometry.apply_to_sitk(image)
+    if nearest:
+        interp, out_type = sitk.sitkNearestNeighbor, image.GetPixelID()
+    else:
+        interp, out_type = sitk.sitkLinear, sitk.sitkFloat32
+    out = sitk.Resample(
+        image, [int(s) for s in target_shape_zyx[::-1]], sitk.Transform(), interp,
+        tuple(float(v) for v in target.origin), tuple(float(v) for v in target.spacing),
+        tuple(float(v) for v in target.direction.reshape(-1)), float(fill), out_type)
+    return sitk.GetArrayFromImage(out)
+
+
+def resample(array: np.ndarray, geometry: Geometry, spacing_zyx: Sequence[float] | None, *,
+             nearest: bool = False, fill: float = AIR_HU) -> tuple[np.ndarray, Geometry]:
+    """Resamples a volume to a new voxel size, keeping origin and direction.
+
+    Returns:
+      (array, geometry): the resampled (z, y, x) array (float32 for linear
+      interpolation; unchanged when ``spacing_zyx`` is None) and its grid.
+    """
+    target, shape = resampled_grid(geometry, array.shape, spacing_zyx)
+    if spacing_zyx is None:
+        return array, geometry
+    return resample_to(array, geometry, target, shape, nearest=nearest, fill=fill), target
+
+
+# ---------------------------------------------------------------------------
+# Lung mask.
+# ---------------------------------------------------------------------------
+
+def _ball(radius_vox: np.ndarray) -> np.ndarray:
+    r = np.maximum(np.asarray(radius_vox, np.float64), 0.5)
+    n = np.floor(r).astype(int)
+    zz, yy, xx = np.ogrid[-n[0]:n[0] + 1, -n[1]:n[1] + 1, -n[2]:n[2] + 1]
+    return (zz / r[0]) ** 2 + (yy / r[1]) ** 2 + (xx / r[2]) ** 2 <= 1.0
+
+
+def _bbox(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(start, stop) zyx of the True voxels; stop exclusive."""
+    start, stop = [], []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        idx = np.flatnonzero(mask.any(axis=other))
+        start.append(idx[0])
+        stop.append(idx[-1] + 1)
+    return np.asarray(start), np.asarray(stop)
+
+
+_SLICE_CROSS = np.zeros((3, 3, 3), bool)
+_SLICE_CROSS[1] = [[0, 1, 0], [1, 1, 1], [0, 1, 0]]  # 4-connectivity within an axial slice
+
+
+def close_mask(mask: np.ndarray, spacing_zyx: Sequence[float], radius_mm: float,
+               coarse_mm: float = 2.0, fill_holes: bool = True) -> np.ndarray:
+    """Morphological ball closing and per-slice hole filling, done cheaply.
+
+    Both run only inside the mask's bounding box (padded by the radius) and on a grid
+    coarsened to about ``coarse_mm`` (max-pooling); the result is brought back by
+    repetition and OR-ed with the input. It therefore contains the input and may
+    extend it by up to one coarse cell (<= ``coarse_mm``) at the border, which the lung
+    mask's users (sampling, cropping) tolerate; it costs a small fraction of a
+    full-resolution closing (1.6 s with scipy, 4.4 s with SimpleITK for a 512^2 x 300 scan).
+
+    Args:
+      mask: (z, y, x) bool.
+      spacing_zyx: voxel size in mm.
+      radius_mm: ball radius (0: no closing).
+      coarse_mm: target cell size of the coarse grid.
+      fill_holes: also fill holes within each axial slice (vessels, large nodules).
+
+    Returns:
+      (z, y, x) bool.
+    """
+    if (radius_mm <= 0 and not fill_holes) or not mask.any():
+        return mask.copy()
+    spacing = np.asarray(spacing_zyx, np.float64)
+    factor = np.maximum(1, np.floor(coarse_mm / spacing)).astype(int)
+    pad = np.ceil(max(radius_mm, 0.0) / spacing).astype(int) + factor
+    start, stop = _bbox(mask)
+    start = np.maximum(start - pad, 0)
+    stop = np.minimum(stop + pad, mask.shape)
+    # Round the box up to whole coarse cells (it may run past the volume: pad with False).
+    size = stop - start
+    csize = -(-size // factor)
+    sub = np.zeros(tuple(csize * factor), bool)
+    sub[:size[0], :size[1], :size[2]] = mask[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]]
+    coarse = sub.reshape(csize[0], factor[0], csize[1], factor[1], csize[2], factor[2]).any((1, 3, 5))
+    if radius_mm > 0:
+        ball = _ball(radius_mm / (spacing * factor))
+        border = np.asarray(ball.shape) // 2 + 1
+        # Pad so the dilation is not clipped by the box edge before the erosion.
+        coarse = np.pad(coarse, [(b, b) for b in border])
+        coarse = ndimage.binary_closing(coarse, structure=ball)
+        coarse = coarse[border[0]:-border[0], border[1]:-border[1], border[2]:-border[2]]
+    if fill_holes:
+        coarse = ndimage.binary_fill_holes(coarse, structure=_SLICE_CROSS)
+    fine = np.repeat(np.repeat(np.repeat(coarse, factor[0], 0), factor[1], 1), factor[2], 2)
+    out = mask.copy()
+    out[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]] |= fine[:size[0], :size[1], :size[2]]
+    return out
+
+
+def lung_mask_from_hu(hu: np.ndarray, spacing_zyx: Sequence[float], *, threshold_hu: float = -400.0,
+                      min_lung_ml: float = 20.0, closing_mm: float = 5.0,
+                      name: str = "scan") -> np.ndarray:
+    """Lung mask by HU threshold, 3-D connected components and morphology.
+
+    Steps: voxels below ``threshold_hu`` -> 6-connected components -> drop components
+    touching the in-plane (y or x) border of the volume (air outside the body; the z
+    border is allowed because scans often cut through the lungs) -> keep the two
+    largest components of at least ``min_lung_ml`` -> ball closing of ``closing_mm``
+    and per-slice hole filling (vessels, nodules), cheap route of :func:`close_mask`.
+
+    Args:
+      hu: (z, y, x) HU volume (any real dtype).
+      spacing_zyx: voxel size in mm.
+      threshold_hu: air/lung threshold.
+      min_lung_ml: smallest component kept, in millilitres.
+      closing_mm: closing radius, 0 disables it.
+      name: scan name for error messages.
+
+    Returns:
+      (z, y, x) bool lung mask.
+
+    Raises:
+      LungMaskError: no component qualifies.
+    """
+    spacing = np.asarray(spacing_zyx, np.float64)
+    labels, n = ndimage.label(hu < threshold_hu)
+    if n == 0:
+        raise LungMaskError(f"{name}: empty lung mask: no voxel below {threshold_hu} HU")
+    # Component sizes from every 2nd voxel per axis: 8x less work than a full count
+    # and plenty to rank components and compare them with a size floor.
+    step = 2 if min(labels.shape) >= 16 else 1
+    sample = labels[::step, ::step, ::step]
+    sizes = np.bincount(sample.ravel(), minlength=n + 1).astype(np.float64)
+    sizes *= labels.size / sample.size
+    sizes[0] = 0
+    touching = np.unique(np.concatenate([
+        labels[:, 0, :].ravel(), labels[:, -1, :].ravel(),
+        labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]))
+    sizes[touching] = 0
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    order = np.argsort(sizes)[::-1][:2]
+    keep = [int(i) for i in order if sizes[i] > 0 and sizes[i] * voxel_ml >= min_lung_ml]
+    if not keep:
+        largest = float(sizes.max()) * voxel_ml
+        raise LungMaskError(
+            f"{name}: empty lung mask: no air component inside the body of at least "
+            f"{min_lung_ml} mL (largest {largest:.1f} mL)")
+    mask = labels == keep[0]
+    if len(keep) > 1:
+        mask |= labels == keep[1]
+    del labels
+    return close_mask(mask, spacing, closing_mm)
+
+
+def lung_mask_from_luna_seg(seg: np.ndarray, name: str = "mask") -> np.ndarray:
+    """Lung mask from a LUNA16 ``seg-lungs-LUNA16`` label volume (3, 4 = lungs; trachea
+    5 and everything else excluded).
+
+    Raises:
+      LungMaskError: the label volume holds no lung voxel.
+    """
+    mask = np.isin(seg, LUNA16_LUNG_LABELS)
+    if not mask.any():
+        values = np.unique(seg)[:10].tolist()
+        raise LungMaskError(f"{name}: empty lung mask: no voxel labelled 3 or 4 "
+                            f"(values present: {values})")
+    return mask
+
+
+# ---------------------------------------------------------------------------
+# Crop and window.
+# ---------------------------------------------------------------------------
+
+def crop_box(mask: np.ndarray, spacing_zyx: Sequence[float],
+             margin_mm: float) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Bounding box of a mask plus a margin, clipped to the volume.
+
+    Returns:
+      (start, stop) integer (z, y, x) voxel indices; stop exclusive.
+    """
+    if not mask.any():
+        raise LungMaskError("cannot crop to an empty mask")
+    start, stop = _bbox(mask)
+    margin = np.ceil(margin_mm / np.asarray(spacing_zyx, np.float64)).astype(int)
+    start = np.maximum(start - margin, 0)
+    stop = np.minimum(stop + margin, mask.shape)
+    return tuple(int(v) for v in start), tuple(int(v) for v in stop)
+
+
+def window_to_uint8(hu: np.ndarray, hu_window: Sequence[float] = DEFAULT_HU_WINDOW) -> np.ndarray:
+    """Clips HU to ``hu_window`` and scales to [0, 255] uint8 (value / 255 = [0, 1] scale).
+
+    Args:
+      hu: HU volume, any real dtype.
+      hu_window: (low, high) HU.
+
+    Returns:
+      uint8 array of the same shape: round(255 * (clip(hu) - low) / (high - low)).
+    """
+    lo, hi = float(hu_window[0]), float(hu_window[1])
+    if not hi > lo:
+        raise ValueError(f"hu_window must be (low, high) with high > low, got {hu_window}")
+    scaled = (np.asarray(hu, np.float32) - lo) * np.float32(255.0 / (hi - lo))
+    np.clip(scaled, 0.0, 255.0, out=scaled)
+    return np.rint(scaled, out=scaled).astype(np.uint8)
+
+
+def uint8_to_unit(values: np.ndarray) -> np.ndarray:
+    """Inverse scale of :func:`window_to_uint8`: uint8 -> float32 in [0, 1]."""
+    return np.asarray(values, np.float32) * np.float32(1.0 / 255.0)
+
+
+# ---------------------------------------------------------------------------
+# The whole per-scan chain.
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Preprocessed:
+    """A preprocessed scan and the record of how it was made.
+
+    Attributes:
+      image: (z, y, x) uint8, windowed HU scaled to [0, 255].
+      lung: (z, y, x) uint8 0/1 lung mask.
+      nodules: (z, y, x) uint8 instance labels (0 = background) or None.
+      geometry: grid of the stored (cropped) arrays: ``resampled_geometry.shifted(crop_start)``.
+      source_geometry / source_shape_zyx: the scan as read.
+      resampled_geometry / resampled_shape_zyx: after resampling, before cropping.
+      crop_start_zyx / crop_stop_zyx: crop box in the resampled grid (stop exclusive).
+      lung_mask_source: "luna16" (seg-lungs mask) or "threshold".
+    """
+
+    image: np.ndarray
+    lung: np.ndarray
+    nodules: np.ndarray | None
+    geometry: Geometry
+    source_geometry: Geometry
+    source_shape_zyx: tuple[int, int, int]
+    resampled_geometry: Geometry
+    resampled_shape_zyx: tuple[int, int, int]
+    crop_start_zyx: tuple[int, int, int]
+    crop_stop_zyx: tuple[int, int, int]
+    lung_mask_source: str
+
+    def transforms(self) -> dict:
+        """JSON-ready record of every transform (for the store manifest)."""
+        return {
+            "source_geometry": self.source_geometry.to_json(),
+            "source_shape_zyx": list(self.source_shape_zyx),
+            "resampled_geometry": self.resampled_geometry.to_json(),
+            "resampled_shape_zyx": list(self.resampled_shape_zyx),
+            "crop_start_zyx": list(self.crop_start_zyx),
+            "crop_stop_zyx": list(self.crop_stop_zyx),
+            "lung_mask_source": self.lung_mask_source,
+        }
+
+
+def preprocess_scan(hu: np.ndarray, geometry: Geometry, *,
+                    spacing_zyx: Sequence[float] | None = (1.0, 1.0, 1.0),
+                    hu_window: Sequence[float] = DEFAULT_HU_WINDOW, margin_mm: float = 10.0,
+                    lung_seg: np.ndarray | None = None, nodule_labels: np.ndarray | None = None,
+                    closing_mm: float = 5.0, name: str = "scan") -> Preprocessed:
+    """Resample -> lung mask -> crop -> window.
+
+    Args:
+      hu: (z, y, x) HU volume.
+      geometry: its grid.
+      spacing_zyx: target voxel size (z, y, x) mm; None keeps the native grid.
+      hu_window: (low, high) HU mapped to [0, 1].
+      margin_mm: margin around the lung bounding box.
+      lung_seg: optional LUNA16 seg-lungs label volume on the scan's grid (same shape);
+        used instead of the threshold mask.
+      nodule_labels: optional (z, y, x) instance-label volume (0 = background) on the
+        scan's grid.
+      closing_mm: closing radius of the threshold lung mask.
+      name: scan name for error messages.
+
+    Returns:
+      :class:`Preprocessed`.
+
+    Raises:
+      LungMaskError: the lung mask is empty.
+    """
+    source_shape = tuple(int(s) for s in hu.shape)
+    for what, other in (("lung mask", lung_seg), ("nodule mask", nodule_labels)):
+        if other is not None and tuple(other.shape) != source_shape:
+            raise ValueError(f"{name}: {what} shape {tuple(other.shape)} differs from the "
+                             f"scan's {source_shape}")
+    target, shape = resampled_grid(geometry, source_shape, spacing_zyx)
+    same = spacing_zyx is None
+    image = hu if same else resample_to(hu, geometry, target, shape, fill=AIR_HU)
+    if lung_seg is not None:
+        seg = lung_seg if same else resample_to(lung_seg, geometry, target, shape, nearest=True)
+        lung = lung_mask_from_luna_seg(seg, name=name)
+        source = "luna16"
+    else:
+        lung = lung_mask_from_hu(image, target.spacing_zyx, closing_mm=closing_mm, name=name)
+        source = "threshold"
+    start, stop = crop_box(lung, target.spacing_zyx, margin_mm)
+    box = tuple(slice(a, b) for a, b in zip(start, stop))
+    nodules = None
+    if nodule_labels is not None:
+        if nodule_labels.size and int(nodule_labels.max()) > 255:
+            raise ValueError(f"{name}: more than 255 nodule instances in the nodule mask")
+        lab = nodule_labels.astype(np.uint8)
+        lab = lab if same else resample_to(lab, geometry, target, shape, nearest=True)
+        nodules = np.ascontiguousarray(lab[box], dtype=np.uint8)
+    return Preprocessed(
+        image=window_to_uint8(image[box], hu_window),
+        lung=np.ascontiguousarray(lung[box], dtype=np.uint8),
+        nodules=nodules,
+        geometry=target.shifted(start),
+        source_geometry=geometry,
+        source_shape_zyx=source_shape,
+        resampled_geometry=target,
+        resampled_shape_zyx=shape,
+        crop_start_zyx=start,
+        crop_stop_zyx=stop,
+        lung_mask_source=source,
+    )

@@ -1,0 +1,188 @@
+"""Scan reading/writing: formats, geometry round trips, and every bad-input error."""
+
+import os
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from lungjax.data.coords import Geometry, voxel_to_world, world_to_voxel
+from lungjax.data.io import ScanReadError, read_scan, write_scan
+
+# A direction with axes permuted and flipped: catches any (x, y, z) / (z, y, x) mix-up.
+ROTATED = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, -1.0]])
+# A genuinely oblique direction (30 degrees about z, then 10 about x).
+_c, _s = np.cos(np.pi / 6), np.sin(np.pi / 6)
+_c2, _s2 = np.cos(np.pi / 18), np.sin(np.pi / 18)
+OBLIQUE = np.array([[1, 0, 0], [0, _c2, -_s2], [0, _s2, _c2]]) @ np.array(
+    [[_c, -_s, 0], [_s, _c, 0], [0, 0, 1]])
+
+
+def _volume(shape=(5, 6, 7), dtype=np.int16):
+    return (np.arange(np.prod(shape)).reshape(shape) - 100).astype(dtype)
+
+
+def _geometry(direction=ROTATED):
+    return Geometry(np.array([0.7, 0.8, 1.25]), np.array([-120.5, 30.25, -310.0]), direction)
+
+
+@pytest.mark.parametrize("name", ["a.mhd", "a.mha", "a.nii", "a.nii.gz"])
+def test_round_trip_formats(tmp_path, name):
+    array, geom = _volume(), _geometry()
+    write_scan(tmp_path / name, array, geom)
+    scan = read_scan(tmp_path / name)
+    assert scan.array.dtype == np.int16
+    np.testing.assert_array_equal(scan.array, array)
+    np.testing.assert_allclose(scan.geometry.spacing, geom.spacing, rtol=1e-6)
+    np.testing.assert_allclose(scan.geometry.origin, geom.origin, atol=1e-4)
+    np.testing.assert_allclose(scan.geometry.direction, geom.direction, atol=1e-6)
+    assert scan.path == str(tmp_path / name)
+    # Atomic write leaves no temporary files behind.
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
+
+
+def test_compressed_mhd_and_float(tmp_path):
+    array = _volume(dtype=np.float32) / 3
+    write_scan(tmp_path / "f.mhd", array, _geometry(), compress=True)
+    assert (tmp_path / "f.zraw").is_file()
+    scan = read_scan(tmp_path / "f.mhd")
+    assert scan.array.dtype == np.float32
+    np.testing.assert_array_equal(scan.array, array)
+
+
+def test_world_voxel_round_trip_on_written_mhd(tmp_path):
+    """coords.py agrees with ITK's own index<->physical mapping on a real oblique file."""
+    geom = _geometry(OBLIQUE)
+    write_scan(tmp_path / "o.mhd", _volume(), geom)
+    scan = read_scan(tmp_path / "o.mhd")
+    image = sitk.ReadImage(str(tmp_path / "o.mhd"))
+    rng = np.random.default_rng(0)
+    voxels = rng.uniform(-2, 8, size=(20, 3))  # (z, y, x), some outside the grid
+    world = voxel_to_world(voxels, scan.geometry)
+    for v, w in zip(voxels, world):
+        itk = image.TransformContinuousIndexToPhysicalPoint([float(t) for t in v[::-1]])
+        np.testing.assert_allclose(w, itk, atol=1e-6)
+    np.testing.assert_allclose(world_to_voxel(world, scan.geometry), voxels, atol=1e-9)
+    # The array voxel (z, y, x) really holds the value at that world point.
+    z, y, x = 3, 1, 4
+    idx = image.TransformPhysicalPointToIndex(
+        [float(t) for t in voxel_to_world(np.array([z, y, x]), scan.geometry)])
+    assert idx == (x, y, z)
+    assert scan.array[z, y, x] == image[x, y, z]
+
+
+def test_dicom_series(tmp_path):
+    array, spacing = _volume((4, 6, 5)), (0.7, 0.7, 2.0)
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(array.shape[0]):
+        sl = sitk.GetImageFromArray(array[k])
+        sl.SetSpacing(spacing[:2])
+        for tag, value in (("0008|0060", "CT"), ("0020|000e", "1.2.826.0.1.3680043.2.1125.1"),
+                           ("0020|0037", "1\\0\\0\\0\\1\\0"),
+                           ("0020|0032", f"-10\\20\\{-100 + spacing[2] * k}"),
+                           ("0020|0013", str(k + 1)), ("0028|0030", "0.7\\0.7")):
+            sl.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"s{k:03d}.dcm"))
+        writer.Execute(sl)
+    scan = read_scan(folder)
+    np.testing.assert_array_equal(scan.array, array)
+    np.testing.assert_allclose(scan.geometry.spacing, spacing, atol=1e-4)
+    np.testing.assert_allclose(scan.geometry.origin, (-10, 20, -100), atol=1e-4)
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(ScanReadError, match="empty_dir: no DICOM series"):
+        read_scan(tmp_path / "empty_dir")
+
+
+# ---------------------------------------------------------------------------
+# Bad input: each error names the file and the problem.
+# ---------------------------------------------------------------------------
+
+def _edit_header(path, key, value):
+    lines = path.read_text().splitlines()
+    lines = [f"{key} = {value}" if ln.startswith(key + " ") else ln for ln in lines]
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def mhd(tmp_path):
+    path = tmp_path / "scan.mhd"
+    write_scan(path, _volume(), _geometry())
+    return path
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ScanReadError, match=r"nope\.mhd: no such file"):
+        read_scan(tmp_path / "nope.mhd")
+
+
+def test_missing_raw(mhd):
+    os.remove(mhd.with_suffix(".raw"))
+    with pytest.raises(ScanReadError, match=r"scan\.mhd: ElementDataFile points to 'scan\.raw'"):
+        read_scan(mhd)
+
+
+def test_header_pointing_nowhere(mhd):
+    _edit_header(mhd, "ElementDataFile", "elsewhere/missing.raw")
+    with pytest.raises(ScanReadError, match=r"scan\.mhd: ElementDataFile .*missing\.raw.* not exist"):
+        read_scan(mhd)
+
+
+def test_truncated_raw(mhd):
+    raw = mhd.with_suffix(".raw")
+    raw.write_bytes(raw.read_bytes()[:-10])
+    with pytest.raises(ScanReadError, match=r"scan\.raw: truncated pixel data: 410 bytes, "
+                                            r"expected 420"):
+        read_scan(mhd)
+
+
+def test_truncated_mha(tmp_path):
+    path = tmp_path / "t.mha"
+    write_scan(path, _volume(), _geometry())
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(ScanReadError, match="truncated pixel data"):
+        read_scan(path)
+
+
+def test_nan_voxels(tmp_path):
+    array = _volume(dtype=np.float32)
+    array[2, 3, 4] = np.nan
+    write_scan(tmp_path / "n.mhd", array, _geometry())
+    with pytest.raises(ScanReadError, match=r"n\.mhd: 1 NaN/inf voxel\(s\), first at \(z, y, x\) "
+                                            r"= \(2, 3, 4\)"):
+        read_scan(tmp_path / "n.mhd")
+
+
+@pytest.mark.parametrize("spacing", ["0.7 0 1.25", "0.7 0.8 -1.25"])
+def test_bad_spacing_mhd(mhd, spacing):
+    _edit_header(mhd, "ElementSpacing", spacing)
+    with pytest.raises(ScanReadError, match=r"scan\.mhd: ElementSpacing must be positive"):
+        read_scan(mhd)
+
+
+def test_bad_spacing_nifti(tmp_path):
+    path = tmp_path / "z.nii"
+    write_scan(path, _volume(), _geometry())
+    data = bytearray(path.read_bytes())
+    data[80:84] = np.float32(0.0).tobytes()  # pixdim[1]
+    path.write_bytes(bytes(data))
+    with pytest.raises(ScanReadError, match=r"z\.nii: pixdim must be positive"):
+        read_scan(path)
+
+
+def test_not_3d(tmp_path):
+    image = sitk.GetImageFromArray(np.zeros((4, 5), np.int16))
+    sitk.WriteImage(image, str(tmp_path / "flat.mhd"))
+    with pytest.raises(ScanReadError, match=r"flat\.mhd: expected a 3-D image"):
+        read_scan(tmp_path / "flat.mhd")
+    sitk.WriteImage(image, str(tmp_path / "flat.nii.gz"))
+    with pytest.raises(ScanReadError, match=r"flat\.nii\.gz: expected a 3-D image"):
+        read_scan(tmp_path / "flat.nii.gz")
+
+
+def test_unsupported_suffix(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"")
+    with pytest.raises(ScanReadError, match="unsupported scan format"):
+        read_scan(tmp_path / "x.png")
