@@ -1,9 +1,21 @@
 """Shared layers. Every lungjax model builds its convolutions through ``Conv`` /
-``ConvTranspose`` here, so the implementation (XLA native or a CPU-fast formulation)
-is chosen in one place.
+``ConvTranspose`` here, so the implementation (XLA's native convolution or a CPU-fast
+formulation built from matmuls) is chosen in one place.
 
-NOTE: provisional implementation that delegates to ``flax.linen``; the signature is
-the contract other modules code against.
+Parameters are created directly in these modules with ``flax.linen.Conv`` /
+``flax.linen.ConvTranspose``'s names, shapes and initialisers ("kernel": (*kernel_size,
+C_in, C_out), "bias": (C_out,)), so a checkpoint trained with one formulation loads in any
+other, and in plain ``flax.linen`` models.
+
+Choosing the formulation (see ``lungjax.models.conv_select``):
+
+* ``impl="auto"`` (default): XLA's native convolution on GPU/TPU; on CPU the formulation
+  measured fastest for the nearest layer shape in ``lungjax/models/conv_table.json``
+  (regenerate with ``python bench/conv_autotune.py``), or tuned on first use and cached on
+  disk when ``LUNGJAX_CONV_AUTOTUNE=1``.
+* ``impl="xla" | "im2col" | "matmul" | "hybrid"`` forces one for that layer.
+* ``set_conv_impl(name)`` (from a config) or ``LUNGJAX_CONV_IMPL=name`` forces one for all
+  layers traced afterwards, overriding the layer attribute.
 """
 
 from __future__ import annotations
@@ -11,13 +23,52 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax.numpy as jnp
+
+from lungjax.models import conv_ops
+from lungjax.models.conv_select import (ConvKey, conv_impl, get_conv_impl_override, resolve,
+                                        set_conv_impl)
+
+__all__ = ["Conv", "ConvTranspose", "set_conv_impl", "get_conv_impl_override", "conv_impl"]
+
+
+def _flatten_batch(x, rank: int, name: str):
+    """(*batch, *spatial, C) -> (B, *spatial, C) and the batch shape to restore."""
+    nb = x.ndim - (rank + 1)
+    if nb < 0:
+        raise ValueError(f"{name}: input of shape {x.shape} has fewer than {rank} spatial axes + "
+                         "channels; expected channels-last (*batch, *spatial, C)")
+    if nb == 1:
+        return x, None
+    batch_shape = x.shape[:nb]
+    return x.reshape((-1,) + x.shape[nb:]), batch_shape
+
+
+def _restore_batch(y, batch_shape):
+    if batch_shape is None:
+        return y
+    return y.reshape(batch_shape + y.shape[1:])
 
 
 class Conv(nn.Module):
     """N-d convolution on channels-last inputs (2D: (B, H, W, C); 3D: (B, D, H, W, C)).
 
-    Parameters are named and shaped exactly as ``flax.linen.Conv`` ("kernel":
-    (*kernel_size, C_in, C_out), "bias": (C_out,)), whatever ``impl`` is.
+    Same semantics as ``flax.linen.Conv`` (no groups, no input dilation): any number of
+    leading batch axes (none means a single example); output (B, *out, features) where out
+    follows the padding ("SAME": ceil(n / stride); "VALID": floor((n - dilated_k) / s) + 1;
+    ints or (low, high) pairs per axis as in ``lax.conv_general_dilated``).
+
+    Attributes:
+      features: C_out.
+      kernel_size: one int per spatial axis (the rank of the convolution).
+      strides, kernel_dilation: int or one per spatial axis.
+      padding: "SAME", "VALID", an int, or one int / (low, high) pair per spatial axis.
+      use_bias: add a learned (C_out,) bias.
+      impl: "auto", "xla", "im2col", "matmul" or "hybrid" (module docstring).
+      dtype: computation dtype (inputs and parameters are promoted to it, e.g. bfloat16);
+        None -> promoted dtype of input and parameters.
+      param_dtype: parameter dtype (default float32).
+      kernel_init, bias_init: initialisers (flax's defaults).
     """
 
     features: int
@@ -34,22 +85,55 @@ class Conv(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        import jax.numpy as jnp
-
-        return nn.Conv(
-            self.features, tuple(self.kernel_size), strides=self.strides, padding=self.padding,
-            kernel_dilation=self.kernel_dilation, use_bias=self.use_bias, dtype=self.dtype,
-            param_dtype=self.param_dtype or jnp.float32, kernel_init=self.kernel_init,
-            bias_init=self.bias_init, name="conv")(x)
+        if isinstance(self.kernel_size, int):
+            raise TypeError("Conv.kernel_size must be a sequence (one int per spatial axis), "
+                            f"got {self.kernel_size!r}")
+        ks = tuple(int(k) for k in self.kernel_size)
+        rank = len(ks)
+        x, batch_shape = _flatten_batch(x, rank, "Conv")
+        strides = conv_ops.as_tuple(self.strides, rank, "Conv.strides")
+        dilation = conv_ops.as_tuple(self.kernel_dilation, rank, "Conv.kernel_dilation")
+        pads = conv_ops.canonical_padding(self.padding, ks, strides, dilation, x.shape[1:-1])
+        param_dtype = self.param_dtype or jnp.float32
+        kernel = self.param("kernel", self.kernel_init, ks + (x.shape[-1], self.features),
+                            param_dtype)
+        bias = (self.param("bias", self.bias_init, (self.features,), param_dtype)
+                if self.use_bias else None)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        key = ConvKey("conv", x.shape[0], tuple(x.shape[1:-1]), x.shape[-1], self.features, ks,
+                      strides, dilation, pads, jnp.dtype(x.dtype).name)
+        impl = resolve(self.impl, key)
+        y = conv_ops.conv(x, kernel, strides=strides, pads=pads, dilation=dilation, impl=impl)
+        if bias is not None:
+            y = y + bias
+        return _restore_batch(y, batch_shape)
 
 
 class ConvTranspose(nn.Module):
-    """N-d transposed convolution (decoder up-sampling), channels-last."""
+    """N-d transposed convolution (decoder up-sampling), channels-last.
+
+    Same semantics and parameters as ``flax.linen.ConvTranspose`` with
+    ``transpose_kernel=False`` ("kernel": (*kernel_size, C_in, C_out)): with "SAME" padding
+    the output is input * stride per axis; with "VALID" (n - 1) * s + dilated_k. The
+    kernel == stride case (2x2(x2) stride 2 up-convolutions) runs on CPU as one per-pixel
+    matmul + depth-to-space; other kernels as a matmul + overlap-add of the taps.
+
+    Attributes:
+      features: C_out.
+      kernel_size: one int per spatial axis.
+      strides: int or one per spatial axis (None -> 1).
+      padding: "SAME", "VALID", an int, or one int / (low, high) pair per axis (explicit
+        pads of the lhs-dilated convolution, as in ``lax.conv_transpose``).
+      kernel_dilation: int or one per spatial axis.
+      use_bias, impl ("auto", "xla", "matmul", "im2col"), dtype, param_dtype, kernel_init,
+      bias_init: as in ``Conv``.
+    """
 
     features: int
     kernel_size: Sequence[int]
-    strides: Sequence[int] | None = None
+    strides: int | Sequence[int] | None = None
     padding: Any = "SAME"
+    kernel_dilation: int | Sequence[int] = 1
     use_bias: bool = True
     impl: str = "auto"
     dtype: Any = None
@@ -59,9 +143,26 @@ class ConvTranspose(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        import jax.numpy as jnp
-
-        return nn.ConvTranspose(
-            self.features, tuple(self.kernel_size), strides=self.strides, padding=self.padding,
-            use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype or jnp.float32,
-            kernel_init=self.kernel_init, bias_init=self.bias_init, name="conv")(x)
+        if isinstance(self.kernel_size, int):
+            raise TypeError("ConvTranspose.kernel_size must be a sequence (one int per spatial "
+                            f"axis), got {self.kernel_size!r}")
+        ks = tuple(int(k) for k in self.kernel_size)
+        rank = len(ks)
+        x, batch_shape = _flatten_batch(x, rank, "ConvTranspose")
+        strides = conv_ops.as_tuple(self.strides, rank, "ConvTranspose.strides")
+        dilation = conv_ops.as_tuple(self.kernel_dilation, rank, "ConvTranspose.kernel_dilation")
+        pads = conv_ops.transpose_padding(self.padding, ks, strides, dilation)
+        param_dtype = self.param_dtype or jnp.float32
+        kernel = self.param("kernel", self.kernel_init, ks + (x.shape[-1], self.features),
+                            param_dtype)
+        bias = (self.param("bias", self.bias_init, (self.features,), param_dtype)
+                if self.use_bias else None)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        key = ConvKey("conv_transpose", x.shape[0], tuple(x.shape[1:-1]), x.shape[-1],
+                      self.features, ks, strides, dilation, pads, jnp.dtype(x.dtype).name)
+        impl = resolve(self.impl, key)
+        y = conv_ops.conv_transpose(x, kernel, strides=strides, pads=pads, dilation=dilation,
+                                    impl=impl)
+        if bias is not None:
+            y = y + bias
+        return _restore_batch(y, batch_shape)

@@ -1,0 +1,126 @@
+"""The four benchmark networks of ``bench/conv_vs_torch.py`` in Flax, built on
+``lungjax.models.layers`` (twins of ``bench/nets_torch.py``: same layers, same parameter
+counts). Channels-last; inputs (B, D, H, W, 1) or (B, H, W, 1) float32.
+
+* ``fcn``: dou2017-like stage-1 3D FCN on 10x30x30 patches: conv64 (3,5,5), max-pool (1,2,2),
+  conv64 (3,5,5), conv150 (3,5,5), conv150 (4,5,5), conv2 (1,1,1); ReLU; -> (B,1,1,1,2).
+* ``fpr``: 3D residual false-positive-reduction net on 24x60x60: conv32 stem, six
+  pre-activation residual units 32, 32, 64/2, 64, 128/2, 128 (BN-ReLU-conv3-BN-ReLU-conv3,
+  1x1x1 projection when shape changes), BN-ReLU, global average pool, dense 2.
+* ``det``: 3D ResNet+FPN detector on 96^3: conv24/2 stem, residual units 32/2 (C2), 64/2
+  (C3), 128/2 (C4); FPN laterals to 64, 2x2x2 stride-2 transposed-conv up-sampling, heads
+  (conv64 3^3, ReLU, conv 9 anchors x 5) on P2 (24^3) and P3 (12^3).
+* ``unet``: 2D U-Net on 256^2, 64..1024 channels, double conv3x3+BN+ReLU, max-pool 2,
+  2x2 stride-2 up-convolutions, concatenation skips, 1x1 conv to 2 classes.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from lungjax.models.layers import Conv, ConvTranspose
+
+N_ANCHORS = 9
+
+
+class FCN(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        x = nn.relu(Conv(64, (3, 5, 5), padding="VALID")(x))
+        x = nn.max_pool(x, (1, 2, 2), (1, 2, 2))
+        x = nn.relu(Conv(64, (3, 5, 5), padding="VALID")(x))
+        x = nn.relu(Conv(150, (3, 5, 5), padding="VALID")(x))
+        x = nn.relu(Conv(150, (4, 5, 5), padding="VALID")(x))
+        return Conv(2, (1, 1, 1))(x)
+
+
+def _bn(train):
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+
+
+class ResUnit(nn.Module):
+    """Pre-activation residual unit (3D)."""
+
+    features: int
+    stride: int = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        h = nn.relu(_bn(train)(x))
+        shortcut = x
+        if self.stride != 1 or x.shape[-1] != self.features:
+            shortcut = Conv(self.features, (1, 1, 1), strides=self.stride, use_bias=False)(h)
+        h = Conv(self.features, (3, 3, 3), strides=self.stride, use_bias=False)(h)
+        h = nn.relu(_bn(train)(h))
+        h = Conv(self.features, (3, 3, 3), use_bias=False)(h)
+        return h + shortcut
+
+
+class FPR(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        x = Conv(32, (3, 3, 3), use_bias=False)(x)
+        for f, s in ((32, 1), (32, 1), (64, 2), (64, 1), (128, 2), (128, 1)):
+            x = ResUnit(f, s)(x, train)
+        x = nn.relu(_bn(train)(x))
+        x = jnp.mean(x, axis=(1, 2, 3))
+        return nn.Dense(2)(x)
+
+
+class Detector(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        x = nn.relu(_bn(train)(Conv(24, (3, 3, 3), strides=2, use_bias=False)(x)))  # 48^3
+        c2 = ResUnit(32, 2)(x, train)  # 24^3
+        c3 = ResUnit(64, 2)(c2, train)  # 12^3
+        c4 = ResUnit(128, 2)(c3, train)  # 6^3
+        p4 = Conv(64, (1, 1, 1))(c4)
+        p3 = Conv(64, (1, 1, 1))(c3) + ConvTranspose(64, (2, 2, 2), strides=2)(p4)
+        p2 = Conv(64, (1, 1, 1))(c2) + ConvTranspose(64, (2, 2, 2), strides=2)(p3)
+        outs = []
+        for p in (p2, p3):
+            h = nn.relu(Conv(64, (3, 3, 3))(p))
+            outs.append(Conv(N_ANCHORS * 5, (1, 1, 1))(h))
+        return outs
+
+
+class DoubleConv(nn.Module):
+    features: int
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        for _ in range(2):
+            x = nn.relu(_bn(train)(Conv(self.features, (3, 3), use_bias=False)(x)))
+        return x
+
+
+class UNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        skips = []
+        for f in (64, 128, 256, 512):
+            x = DoubleConv(f)(x, train)
+            skips.append(x)
+            x = nn.max_pool(x, (2, 2), (2, 2))
+        x = DoubleConv(1024)(x, train)
+        for f, skip in zip((512, 256, 128, 64), reversed(skips)):
+            x = ConvTranspose(f, (2, 2), strides=2)(x)
+            x = DoubleConv(f)(jnp.concatenate([skip, x], axis=-1), train)
+        return Conv(2, (1, 1))(x)
+
+
+# name -> (module factory, input shape (channels-last), batch)
+NETS = {
+    "fcn": (FCN, (10, 30, 30, 1), 64),
+    "fpr": (FPR, (24, 60, 60, 1), 16),
+    "det": (Detector, (96, 96, 96, 1), 2),
+    "unet": (UNet, (256, 256, 1), 2),
+}
+
+
+def loss_fn(name: str, out, target):
+    """Same loss as the torch twin: mean squared error against a fixed random target."""
+    if isinstance(out, (list, tuple)):
+        return sum(jnp.mean((o - t) ** 2) for o, t in zip(out, target))
+    return jnp.mean((out - target) ** 2)

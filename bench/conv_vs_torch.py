@@ -1,0 +1,213 @@
+"""Full train step (forward + backward + Adam) of four networks in JAX (native XLA
+convolutions and the CPU-fast formulations) and PyTorch eager (float32, channels-last), same
+process, same thread count; plus full-scan inference of the detector-like net.
+
+Usage:
+  python bench/conv_vs_torch.py [--nets fcn,fpr,det,unet] [--steps 10] [--threads 2]
+                                [--jax-impls xla,auto] [--scan 300 | --small | --scan 0]
+
+``--jax-impls`` lists global overrides (``lungjax.models.layers.set_conv_impl``): "xla" is
+XLA's native convolution, "auto" the per-layer choice from ``lungjax/models/conv_table.json``,
+"im2col"/"matmul"/"hybrid" force one formulation everywhere. Prints a table of median step
+seconds and the ratio JAX / PyTorch (<= 1.0: JAX no slower). Timings on a shared machine
+are noisy: medians of ``--steps`` steps after ``--warmup`` steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+
+def _parse():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--nets", default="fcn,fpr,det,unet")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--jax-impls", default="xla,auto")
+    p.add_argument("--scan", type=int, default=300, help="full-scan edge (voxels); 0 = skip")
+    p.add_argument("--small", action="store_true", help="full-scan edge 128 instead of --scan")
+    p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--batch", type=str, default="", help="override batch sizes: fcn=8,det=1")
+    return p.parse_args()
+
+
+ARGS = _parse()
+# Same cores for both frameworks: XLA and torch size their pools from the affinity mask.
+os.sched_setaffinity(0, list(sorted(os.sched_getaffinity(0)))[:ARGS.threads])
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import conv_nets  # noqa: E402
+from lungjax.models.layers import set_conv_impl  # noqa: E402
+
+
+def _median_time(fn, steps, warmup):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _count(tree):
+    return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
+
+
+def jax_train_step_seconds(name, impl, batch, steps, warmup):
+    """Median seconds of one jitted train step, its compile seconds, and the param count."""
+    factory, shape, _ = conv_nets.NETS[name]
+    model = factory()
+    set_conv_impl(impl)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((batch, *shape)), jnp.float32)
+    variables = model.init(jax.random.key(0), x, train=False)
+    params = variables["params"]
+    stats = variables.get("batch_stats", {})
+    out = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
+    target = jax.tree.map(lambda o: jnp.asarray(rng.standard_normal(o.shape), jnp.float32), out)
+    tx = optax.adam(1e-3)
+    opt_state = tx.init(params)
+
+    def step(params, stats, opt_state, x, target):
+        def loss(p):
+            out, upd = model.apply({"params": p, "batch_stats": stats}, x, train=True,
+                                   mutable=["batch_stats"])
+            return conv_nets.loss_fn(name, out, target), upd.get("batch_stats", {})
+        (l, stats), g = jax.value_and_grad(loss, has_aux=True)(params)
+        updates, opt_state = tx.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), stats, opt_state, l
+
+    jstep = jax.jit(step, donate_argnums=(0, 1, 2))
+    t0 = time.perf_counter()
+    compiled = jstep.lower(params, stats, opt_state, x, target).compile()
+    compile_s = time.perf_counter() - t0
+    state = [params, stats, opt_state]
+
+    def run():
+        state[0], state[1], state[2], l = compiled(*state, x, target)
+        l.block_until_ready()
+
+    sec = _median_time(run, steps, warmup)
+    set_conv_impl(None)
+    return sec, compile_s, _count(params)
+
+
+def torch_train_step_seconds(name, batch, steps, warmup):
+    import nets_torch
+    import torch
+
+    _, shape, _ = conv_nets.NETS[name]
+    torch.manual_seed(0)
+    model = nets_torch.NETS[name]()
+    fmt = torch.channels_last_3d if len(shape) == 4 else torch.channels_last
+    model = model.to(memory_format=fmt).train()
+    x = torch.randn(batch, shape[-1], *shape[:-1]).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        out = model(x)
+    target = ([torch.randn_like(o) for o in out] if isinstance(out, list)
+              else torch.randn_like(out))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        loss = nets_torch.loss_fn(model(x), target)
+        loss.backward()
+        opt.step()
+
+    sec = _median_time(run, steps, warmup)
+    return sec, sum(p.numel() for p in model.parameters())
+
+
+def jax_scan_seconds(impl, edge):
+    """Seconds of one fully-convolutional forward pass of the detector over edge^3 (eval)."""
+    model = conv_nets.Detector()
+    set_conv_impl(impl)
+    x = jnp.zeros((1, edge, edge, edge, 1), jnp.float32)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 16, 1)), train=False)
+    f = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    t0 = time.perf_counter()
+    compiled = f.lower(variables, x).compile()
+    compile_s = time.perf_counter() - t0
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(x.shape), jnp.float32)
+    sec = _median_time(lambda: jax.block_until_ready(compiled(variables, x)), 2, 1)
+    set_conv_impl(None)
+    return sec, compile_s
+
+
+def torch_scan_seconds(edge):
+    import nets_torch
+    import torch
+
+    model = nets_torch.Detector().to(memory_format=torch.channels_last_3d).eval()
+    x = torch.randn(1, 1, edge, edge, edge).contiguous(memory_format=torch.channels_last_3d)
+
+    def run():
+        with torch.no_grad():
+            model(x)
+    return _median_time(run, 2, 1)
+
+
+def main():
+    impls = [i for i in ARGS.jax_impls.split(",") if i]
+    batches = dict(kv.split("=") for kv in ARGS.batch.split(",") if kv)
+    if not ARGS.no_torch:
+        import torch
+        torch.set_num_threads(ARGS.threads)
+        print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    cores = sorted(os.sched_getaffinity(0))
+    print(f"jax {jax.__version__} on {jax.default_backend()}, cores {cores}")
+    rows = []
+    for name in [n for n in ARGS.nets.split(",") if n]:
+        _, shape, batch = conv_nets.NETS[name]
+        batch = int(batches.get(name, batch))
+        row = {"net": f"{name} {'x'.join(map(str, shape[:-1]))} ({batch})"}
+        counts = set()
+        for impl in impls:
+            sec, comp, n = jax_train_step_seconds(name, impl, batch, ARGS.steps, ARGS.warmup)
+            row[impl] = sec
+            counts.add(n)
+            print(f"  {name:5s} jax[{impl}] {sec:.3f} s/step (compile {comp:.1f} s, {n} params)",
+                  flush=True)
+        if not ARGS.no_torch:
+            sec, n = torch_train_step_seconds(name, batch, ARGS.steps, ARGS.warmup)
+            row["torch"] = sec
+            counts.add(n)
+            print(f"  {name:5s} torch      {sec:.3f} s/step ({n} params)", flush=True)
+        if len(counts) != 1:
+            raise SystemExit(f"parameter counts differ for {name}: {sorted(counts)}")
+        rows.append(row)
+
+    cols = impls + ([] if ARGS.no_torch else ["torch"])
+    print("\n| network (batch) | " + " | ".join(f"{c} s" for c in cols)
+          + ("" if ARGS.no_torch else " | " + " | ".join(f"{i}/torch" for i in impls)) + " |")
+    print("|---" * (1 + len(cols) + (0 if ARGS.no_torch else len(impls))) + "|")
+    for r in rows:
+        cells = [f"{r[c]:.3f}" for c in cols]
+        if not ARGS.no_torch:
+            cells += [f"{r[i] / r['torch']:.2f}" for i in impls]
+        print(f"| {r['net']} | " + " | ".join(cells) + " |")
+
+    edge = 128 if ARGS.small else ARGS.scan
+    if edge:
+        print(f"\nfull-scan inference, detector, one pass over {edge}^3 (1 mm):")
+        for impl in impls:
+            sec, comp = jax_scan_seconds(impl, edge)
+            print(f"  jax[{impl}] {sec:.2f} s (compile {comp:.1f} s)", flush=True)
+        if not ARGS.no_torch:
+            print(f"  torch      {torch_scan_seconds(edge):.2f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

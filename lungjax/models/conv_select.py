@@ -1,0 +1,245 @@
+"""Which convolution formulation a layer runs: overrides, platform, per-shape measurements.
+
+Resolution, done once per layer when it is traced:
+
+1. a global override: ``set_conv_impl(name)`` (what a config calls), else the environment
+   variable ``LUNGJAX_CONV_IMPL``; "auto" or unset means no override;
+2. the layer's own ``impl`` attribute when it is not "auto";
+3. "auto": off CPU (GPU/TPU) always ``"xla"``; on CPU the formulation measured fastest for
+   the nearest layer shape in the committed table ``conv_table.json`` (produced by
+   ``python bench/conv_autotune.py``: forward + backward of every layer shape of the
+   benchmark networks and a grid around them, each formulation timed on this project's
+   2-core CPU machine), merged with the on-disk cache of shapes tuned on first use when
+   ``LUNGJAX_CONV_AUTOTUNE=1`` (``~/.cache/lungjax/conv_autotune.json``, or
+   ``LUNGJAX_CONV_CACHE``). A committed table keeps "auto" deterministic and free of
+   timing at trace time by default (tests, CI, exports); first-use tuning is there for a
+   machine whose CPU differs from the one the table was measured on.
+
+An override is read at trace time: functions already jitted keep the formulation they were
+traced with (convolutions of every formulation share parameters, so switching is safe).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import os
+import pathlib
+import threading
+
+import jax
+
+from lungjax.models import conv_ops
+
+ENV_IMPL = "LUNGJAX_CONV_IMPL"
+ENV_AUTOTUNE = "LUNGJAX_CONV_AUTOTUNE"
+ENV_CACHE = "LUNGJAX_CONV_CACHE"
+TABLE_PATH = pathlib.Path(__file__).with_name("conv_table.json")
+ALL_IMPLS = ("auto",) + tuple(dict.fromkeys(conv_ops.CONV_IMPLS + conv_ops.CONV_TRANSPOSE_IMPLS))
+# Used on CPU when neither the table nor the cache has an entry of this rank.
+DEFAULT_CPU = {"conv": "matmul", "conv_transpose": "matmul"}
+
+class _State:
+    override: str | None = None  # process-wide: tracing may happen on any thread
+    cache: tuple | None = None
+    recorded: list | None = None  # keys seen by resolve() inside record_keys()
+
+
+_state = _State()
+_lock = threading.Lock()
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvKey:
+    """Everything about a convolution call that its speed depends on.
+
+    ``kind`` is "conv" or "conv_transpose"; shapes are channels-last, spatial tuples in
+    array axis order.
+    """
+
+    kind: str
+    batch: int
+    spatial: tuple[int, ...]
+    cin: int
+    cout: int
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilation: tuple[int, ...]
+    pads: tuple[tuple[int, int], ...]
+    dtype: str
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: (list(map(list, v)) if k == "pads" else list(v) if isinstance(v, tuple) else v)
+                for k, v in d.items()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ConvKey":
+        return cls(kind=d["kind"], batch=int(d["batch"]), spatial=tuple(d["spatial"]),
+                   cin=int(d["cin"]), cout=int(d["cout"]), kernel=tuple(d["kernel"]),
+                   strides=tuple(d["strides"]), dilation=tuple(d["dilation"]),
+                   pads=tuple(tuple(p) for p in d["pads"]), dtype=str(d["dtype"]))
+
+    def features(self) -> tuple[float, ...]:
+        """Log-scale descriptors used for nearest-shape lookup."""
+        kvol = math.prod(self.kernel)
+        rows = self.batch * math.prod(max(1, n // s) for n, s in zip(self.spatial, self.strides))
+        return (math.log2(rows), math.log2(self.cin * kvol), math.log2(self.cout), math.log2(kvol),
+                4.0 * float(any(s > 1 for s in self.strides)), 4.0 * float(self.dtype != "float32"))
+
+
+# ----------------------------------------------------------------------------------------
+# Overrides
+# ----------------------------------------------------------------------------------------
+
+
+def _check(impl: str | None, where: str) -> str | None:
+    if impl is None:
+        return None
+    impl = str(impl).strip().lower()
+    if impl not in ALL_IMPLS:
+        raise ValueError(f"{where}: convolution impl {impl!r} unknown; expected one of {ALL_IMPLS}")
+    return impl
+
+
+def set_conv_impl(impl: str | None) -> None:
+    """Forces one formulation for every ``Conv``/``ConvTranspose`` traced from now on.
+
+    Args:
+      impl: "xla", "im2col", "matmul", "hybrid" (a transposed convolution, which has no
+        hybrid form, then runs "matmul"), "auto" (per-layer choice) or None (clear the
+        override, falling back to ``LUNGJAX_CONV_IMPL``).
+    """
+    _state.override = _check(impl, "set_conv_impl")
+
+
+def get_conv_impl_override() -> str | None:
+    """The active global override ("auto" counts as none), or None."""
+    impl = _state.override
+    if impl is None:
+        impl = _check(os.environ.get(ENV_IMPL) or None, f"environment variable {ENV_IMPL}")
+    return None if impl in (None, "auto") else impl
+
+
+@contextlib.contextmanager
+def conv_impl(impl: str | None):
+    """Context manager form of ``set_conv_impl`` (restores the previous override)."""
+    prev = _state.override
+    set_conv_impl(impl)
+    try:
+        yield
+    finally:
+        _state.override = prev
+
+
+# ----------------------------------------------------------------------------------------
+# Measurements
+# ----------------------------------------------------------------------------------------
+
+
+def cache_path() -> pathlib.Path:
+    return pathlib.Path(os.environ.get(ENV_CACHE) or
+                        pathlib.Path.home() / ".cache" / "lungjax" / "conv_autotune.json")
+
+
+def _read_entries(path: pathlib.Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text())
+        entries = data["entries"]
+        for e in entries:
+            ConvKey.from_json(e["key"]), str(e["best"]), dict(e["ms"])
+        return entries
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a convolution timing table ({err})") from err
+
+
+@functools.lru_cache(maxsize=1)
+def _table() -> tuple[tuple[ConvKey, str], ...]:
+    return tuple((ConvKey.from_json(e["key"]), e["best"]) for e in _read_entries(TABLE_PATH))
+
+
+def _cache() -> dict[ConvKey, str]:
+    cached = _state.cache
+    path = cache_path()
+    if cached is None or cached[0] != path:
+        cached = (path, {ConvKey.from_json(e["key"]): e["best"] for e in _read_entries(path)})
+        _state.cache = cached
+    return cached[1]
+
+
+def lookup(key: ConvKey) -> tuple[str, str]:
+    """Best measured formulation for ``key``: (impl, how) with how in
+    {"exact", "nearest", "default"}."""
+    entries = dict(_table())
+    entries.update(_cache())
+    if key in entries:
+        return entries[key], "exact"
+    same = [(k, b) for k, b in entries.items()
+            if k.kind == key.kind and len(k.kernel) == len(key.kernel)]
+    if not same:
+        return DEFAULT_CPU[key.kind], "default"
+    f = key.features()
+    best = min(same, key=lambda kb: sum((a - b) ** 2 for a, b in zip(kb[0].features(), f)))
+    return best[1], "nearest"
+
+
+def record(key: ConvKey, ms: dict[str, float]) -> str:
+    """Adds a measurement to the on-disk cache (atomic rewrite); returns the best impl."""
+    from lungjax.data.tables import atomic_write_text
+
+    best = min(ms, key=ms.get)
+    with _lock:
+        path = cache_path()
+        entries = [e for e in _read_entries(path) if ConvKey.from_json(e["key"]) != key]
+        entries.append({"key": key.to_json(), "ms": ms, "best": best})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({"entries": entries}, indent=1))
+        _state.cache = None
+    return best
+
+
+def _autotune(key: ConvKey) -> str:
+    from lungjax.models import conv_tune
+
+    impls = conv_ops.CONV_IMPLS if key.kind == "conv" else conv_ops.CONV_TRANSPOSE_IMPLS
+    return record(key, conv_tune.time_key(key, impls))
+
+
+@contextlib.contextmanager
+def record_keys():
+    """Collects the ``ConvKey`` of every layer traced inside (for ``bench/conv_autotune.py``).
+
+    Yields:
+      a list that fills with keys, in trace order, duplicates included.
+    """
+    prev, _state.recorded = _state.recorded, []
+    try:
+        yield _state.recorded
+    finally:
+        _state.recorded = prev
+
+
+def resolve(layer_impl: str, key: ConvKey) -> str:
+    """The formulation a layer with attribute ``impl=layer_impl`` runs for ``key``."""
+    if _state.recorded is not None:
+        _state.recorded.append(key)
+    impl = get_conv_impl_override() or _check(layer_impl, "Conv.impl")
+    if impl == "auto":
+        if jax.default_backend() != "cpu":
+            return "xla"
+        impl, how = lookup(key)
+        if how != "exact" and os.environ.get(ENV_AUTOTUNE, "") not in ("", "0"):
+            impl = _autotune(key)
+    if key.kind == "conv_transpose" and impl == "hybrid":
+        impl = "matmul"
+    if key.kind == "conv" and impl not in conv_ops.CONV_IMPLS:
+        raise ValueError(f"Conv.impl={impl!r}: expected one of {conv_ops.CONV_IMPLS} or 'auto'")
+    if key.kind == "conv_transpose" and impl not in conv_ops.CONV_TRANSPOSE_IMPLS:
+        raise ValueError(f"ConvTranspose.impl={impl!r}: expected one of "
+                         f"{conv_ops.CONV_TRANSPOSE_IMPLS}, 'hybrid' or 'auto'")
+    return impl

@@ -1,0 +1,207 @@
+"""Conv / ConvTranspose: every formulation equals flax.linen's native layer (forward, input-
+and kernel-gradients), parameters are interchangeable, and the impl choice is controllable."""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lungjax.models import conv_ops, conv_select
+from lungjax.models.layers import (Conv, ConvTranspose, conv_impl, get_conv_impl_override,
+                                  set_conv_impl)
+
+# (kernel, strides, padding, dilation, spatial): 2D and 3D, odd sizes, strides, explicit and
+# asymmetric pads, dilation. Few cases: compile time dominates.
+CONV_CASES = [
+    ((3, 3, 3), 1, "SAME", 1, (5, 6, 7)),
+    ((2, 3, 3), (1, 2, 2), "VALID", 1, (4, 9, 8)),
+    ((1, 1), 2, "VALID", 1, (5, 6)),
+    ((3, 3), 2, "SAME", (1, 2), (9, 10)),
+    ((4, 3), (2, 3), ((1, 2), (0, 3)), 1, (9, 10)),
+]
+TRANSPOSE_CASES = [
+    ((2, 2), 2, "SAME", 1, (4, 5)),
+    ((2, 2, 2), 2, "VALID", 1, (3, 4, 5)),
+    ((3, 4), (2, 3), "VALID", (1, 2), (4, 5)),
+    ((3, 3), 2, ((1, 2), (2, 0)), 1, (4, 5)),
+]
+
+
+def _perturbed_params(ref, x):
+    """flax params with a non-zero bias so the bias path is exercised too."""
+    p = ref.init(jax.random.key(0), x)
+    return jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(1), a.shape), p)
+
+
+def _value_and_grads(module, params, x):
+    def loss(p, xx):
+        return jnp.sum(jnp.sin(module.apply(p, xx)))
+    y = module.apply(params, x)
+    gp, gx = jax.grad(loss, argnums=(0, 1))(params, x)
+    return y, gp, gx
+
+
+def _all_value_and_grads(modules, params, x):
+    """One jitted computation for all modules (one compile per test case, not per op)."""
+    return jax.jit(lambda p, xx: [_value_and_grads(m, p, xx) for m in modules])(params, x)
+
+
+def _assert_equivalent(ref, ours_by_impl, x, atol=5e-5):
+    params = _perturbed_params(ref, x)
+    impls = list(ours_by_impl)
+    (y_ref, gp_ref, gx_ref), *results = _all_value_and_grads(
+        [ref] + [ours_by_impl[i] for i in impls], params, x)
+    for impl, (y, gp, gx) in zip(impls, results):
+        ours = ours_by_impl[impl]
+        # Same parameter tree (names, shapes, dtypes) as flax: checkpoints interchange.
+        shapes = jax.eval_shape(ours.init, jax.random.key(0), x)
+        assert (jax.tree.map(lambda a: (a.shape, a.dtype), shapes)
+                == jax.tree.map(lambda a: (a.shape, a.dtype), params)), impl
+        assert y.shape == y_ref.shape and y.dtype == y_ref.dtype, impl
+        np.testing.assert_allclose(y, y_ref, atol=atol, rtol=1e-5, err_msg=f"forward {impl}")
+        np.testing.assert_allclose(gx, gx_ref, atol=atol, rtol=1e-4, err_msg=f"d/dx {impl}")
+        for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(gp_ref)):
+            np.testing.assert_allclose(a, b, atol=atol * 10, rtol=1e-4, err_msg=f"d/dparams {impl}")
+
+
+@pytest.mark.parametrize("ks,strides,padding,dil,spatial", CONV_CASES)
+def test_conv_matches_flax(ks, strides, padding, dil, spatial):
+    rng = np.random.default_rng(len(spatial))
+    x = jnp.asarray(rng.standard_normal((2, *spatial, 3)), jnp.float32)
+    kw = dict(strides=strides, padding=padding, kernel_dilation=dil)
+    ref = nn.Conv(4, ks, **kw)
+    _assert_equivalent(ref, {i: Conv(4, ks, impl=i, **kw) for i in conv_ops.CONV_IMPLS}, x)
+
+
+@pytest.mark.parametrize("ks,strides,padding,dil,spatial", TRANSPOSE_CASES)
+def test_conv_transpose_matches_flax(ks, strides, padding, dil, spatial):
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, *spatial, 3)), jnp.float32)
+    kw = dict(strides=strides, padding=padding, kernel_dilation=dil)
+    ref = nn.ConvTranspose(4, ks, **kw)
+    ours = {i: ConvTranspose(4, ks, impl=i, **kw) for i in conv_ops.CONV_TRANSPOSE_IMPLS}
+    _assert_equivalent(ref, ours, x)
+
+
+@pytest.mark.parametrize("layer", ["conv", "transpose"])
+def test_bfloat16_compute_with_float32_params(layer):
+    """bfloat16 compute, float32 parameters: matches flax's own bfloat16 layer to bfloat16
+    rounding, and the float32 layer to bfloat16 precision (forward)."""
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 6, 6, 8)), jnp.float32)
+    if layer == "conv":
+        refs = [nn.Conv(16, (3, 3)), nn.Conv(16, (3, 3), dtype=jnp.bfloat16)]
+        impls = conv_ops.CONV_IMPLS
+        ours = [Conv(16, (3, 3), impl=i, dtype=jnp.bfloat16) for i in impls]
+    else:
+        kw = dict(strides=2, dtype=jnp.bfloat16)
+        refs = [nn.ConvTranspose(16, (2, 2), strides=2), nn.ConvTranspose(16, (2, 2), **kw)]
+        impls = conv_ops.CONV_TRANSPOSE_IMPLS
+        ours = [ConvTranspose(16, (2, 2), impl=i, **kw) for i in impls]
+    params = _perturbed_params(refs[0], x)
+    (y32, _, _), (y16, gp16, _), *results = _all_value_and_grads(refs + ours, params, x)
+    scale = float(jnp.max(jnp.abs(y32)))
+    for impl, (y, gp, _) in zip(impls, results):
+        assert y.dtype == jnp.bfloat16, impl
+        assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(gp)), impl
+        np.testing.assert_allclose(np.float32(y), y32, atol=2e-2 * scale, err_msg=impl)
+        np.testing.assert_allclose(np.float32(y), np.float32(y16), atol=2e-2 * scale, err_msg=impl)
+        for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(gp16)):
+            np.testing.assert_allclose(a, b, atol=3e-2 * float(jnp.max(jnp.abs(b))), err_msg=impl)
+
+
+def test_batch_axes_and_bias_free():
+    m = Conv(5, (3, 3), use_bias=False, impl="matmul")
+    x = jnp.ones((2, 3, 7, 7, 2))
+    params = m.init(jax.random.key(0), x)
+    assert set(params["params"]) == {"kernel"}
+    y = m.apply(params, x)
+    assert y.shape == (2, 3, 7, 7, 5)
+    np.testing.assert_allclose(m.apply(params, x[0, 0]), y[0, 0], rtol=1e-6)  # unbatched input
+    np.testing.assert_allclose(y, Conv(5, (3, 3), use_bias=False, impl="xla").apply(params, x),
+                               atol=1e-5)
+
+
+def _ops_of(module, x):
+    params = module.init(jax.random.key(0), x)
+    return str(jax.make_jaxpr(lambda p: module.apply(p, x))(params))
+
+
+def test_global_override_and_env(monkeypatch):
+    x = jnp.ones((1, 6, 6, 2))
+    m = Conv(3, (3, 3), impl="xla")
+    assert "conv_general_dilated" in _ops_of(m, x)
+    with conv_impl("im2col"):
+        assert get_conv_impl_override() == "im2col"
+        assert "conv_general_dilated" not in _ops_of(m, x)  # override beats the attribute
+    assert get_conv_impl_override() is None
+    monkeypatch.setenv(conv_select.ENV_IMPL, "matmul")
+    assert "conv_general_dilated" not in _ops_of(m, x)
+    set_conv_impl("xla")  # the function beats the environment
+    try:
+        assert "conv_general_dilated" in _ops_of(Conv(3, (3, 3), impl="matmul"), x)
+    finally:
+        set_conv_impl(None)
+    monkeypatch.setenv(conv_select.ENV_IMPL, "fastest")
+    with pytest.raises(ValueError, match=conv_select.ENV_IMPL):
+        _ops_of(m, x)
+    with pytest.raises(ValueError, match="set_conv_impl"):
+        set_conv_impl("cudnn")
+
+
+def test_bad_inputs_have_clear_errors():
+    with pytest.raises(ValueError, match="spatial axes"):
+        Conv(3, (3, 3, 3)).init(jax.random.key(0), jnp.ones((4, 4, 2)))
+    with pytest.raises(ValueError, match="padding"):
+        Conv(3, (3, 3), padding="CIRCULAR").init(jax.random.key(0), jnp.ones((1, 4, 4, 2)))
+    with pytest.raises(ValueError, match="strides"):
+        Conv(3, (3, 3), strides=(1, 2, 2)).init(jax.random.key(0), jnp.ones((1, 4, 4, 2)))
+    with pytest.raises(TypeError, match="kernel_size"):
+        Conv(3, 3).init(jax.random.key(0), jnp.ones((1, 4, 4, 2)))
+    with pytest.raises(ValueError, match="window"):
+        Conv(3, (5, 5), padding="VALID").init(jax.random.key(0), jnp.ones((1, 4, 4, 2)))
+
+
+def test_committed_table_is_valid_and_drives_auto():
+    table = json.loads(conv_select.TABLE_PATH.read_text())
+    assert table["entries"], "conv_table.json has no measurements"
+    for e in table["entries"]:
+        key = conv_select.ConvKey.from_json(e["key"])
+        impls = conv_ops.CONV_IMPLS if key.kind == "conv" else conv_ops.CONV_TRANSPOSE_IMPLS
+        assert e["best"] == min(e["ms"], key=e["ms"].get) and e["best"] in impls
+        assert conv_select.lookup(key) == (e["best"], "exact")
+    # A shape not in the table resolves to the nearest measured one of the same kind/rank.
+    key = conv_select.ConvKey("conv", 3, (7, 9, 11), 5, 6, (3, 3, 3), (1, 1, 1), (1, 1, 1),
+                              ((1, 1),) * 3, "float32")
+    impl, how = conv_select.lookup(key)
+    assert how == "nearest" and impl in conv_ops.CONV_IMPLS
+    assert conv_select.resolve("auto", key) == impl  # tests run on CPU
+
+
+def test_first_use_autotune_caches_on_disk(tmp_path, monkeypatch):
+    cache = tmp_path / "tune.json"
+    monkeypatch.setenv(conv_select.ENV_AUTOTUNE, "1")
+    monkeypatch.setenv(conv_select.ENV_CACHE, str(cache))
+    x = jnp.ones((1, 5, 5, 2))
+    y = Conv(2, (3, 3)).init_with_output(jax.random.key(0), x)[0]
+    assert y.shape == (1, 5, 5, 2)
+    entries = json.loads(cache.read_text())["entries"]
+    assert len(entries) == 1 and set(entries[0]["ms"]) == set(conv_ops.CONV_IMPLS)
+    key = conv_select.ConvKey.from_json(entries[0]["key"])
+    assert key.spatial == (5, 5) and key.cin == 2 and key.cout == 2
+    assert conv_select.lookup(key) == (entries[0]["best"], "exact")
+
+
+def test_sharded_batch_matches_single_device():
+    devices = jax.devices()
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((len(devices), 4, 5, 6, 2)),
+                    jnp.float32)
+    m = Conv(3, (3, 3, 3), impl="matmul")
+    params = m.init(jax.random.key(0), x)
+    grad = jax.jit(jax.grad(lambda p, xx: jnp.sum(m.apply(p, xx) ** 2)))
+    xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    g1, g8 = grad(params, x), grad(params, xs)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g8)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
