@@ -1,0 +1,118 @@
+"""Every configuration field lungjax knows, with defaults.
+
+Method files (``configs/<firstauthor><year>.py``) start from ``get_config()`` here and set
+what they need. Fields a method must choose are *required placeholders*: reading one left
+unset raises ``RequiredValueError`` (``lungjax.train.validate_config`` lists them all up
+front). Field
+types are fixed here, so ``--config.train.batch_size=abc`` is rejected by the command line.
+"""
+
+from __future__ import annotations
+
+from ml_collections import config_dict
+
+REQUIRED = config_dict.required_placeholder
+OPTIONAL = config_dict.placeholder
+
+
+def get_config():
+    c = config_dict.ConfigDict()
+    c.name = REQUIRED(str)  # method name, e.g. "dou2017"; default workdir runs/<name>
+    c.seed = 0
+    # PRNG implementation: "rbg" compiles in a fraction of threefry's time on XLA:CPU.
+    c.rng_impl = "rbg"
+
+    # --- data -----------------------------------------------------------------------
+    c.data = config_dict.ConfigDict()
+    c.data.source = "store"  # "store": LUNA16-layout data through the patch store
+    c.data.root = OPTIONAL(str)  # LUNA16-layout directory; unset = generated dataset
+    c.data.store = OPTIONAL(str)  # prepared patch store; unset = <cache_dir>/<name>/store
+    c.data.cache_dir = "data_cache"
+    c.data.synthetic_preset = "default"  # generated dataset when data.root is unset
+    c.data.synthetic_seed = 0
+    c.data.spacing_zyx = (1.0, 1.0, 1.0)
+    c.data.hu_window = (-1200.0, 600.0)
+    c.data.prepare_workers = 1
+    c.data.patch_size_zyx = REQUIRED(tuple)
+    c.data.spatial_dims = 3
+    c.data.num_folds = 10  # LUNA16 subsets
+    c.data.fold = 0  # held-out fold in --mode=train/evaluate
+    c.data.val_fraction_of_train = 0.0  # extra validation split carved from training folds
+    c.data.positive_fraction = 0.5  # share of positives in a training batch
+    c.data.negatives_per_round = 0  # 0 = pool size decided by the pipeline
+    c.data.workers = 0  # Grain multiprocess prefetch workers (0 = in-process)
+    c.data.prefetch_buffer = 2
+    c.data.eval_patches = 512  # held-out patches for the patch-level eval hook
+
+    # --- augmentation (lungjax.data.augment.AugmentConfig fields) ---------------------
+    c.augment = config_dict.ConfigDict()
+    c.augment.positive = config_dict.ConfigDict(dict(
+        flip_axes=(), rot90=False, scale_range=(1.0, 1.0), translate_mm=0.0,
+        translate_nodule_fraction=0.0))
+    c.augment.negative = config_dict.ConfigDict(dict(
+        flip_axes=(), rot90=False, scale_range=(1.0, 1.0), translate_mm=0.0,
+        translate_nodule_fraction=0.0))
+
+    # --- host-side sampler ----------------------------------------------------------
+    c.sampler = config_dict.ConfigDict()
+    c.sampler.name = "balanced"
+    c.sampler.steps_per_round = 0  # 0 = one round for the whole run
+    c.sampler.hard_negative_fraction = 0.0  # of negatives drawn from high-loss ones
+
+    # --- model / task ---------------------------------------------------------------
+    c.model = config_dict.ConfigDict()
+    c.model.name = REQUIRED(str)  # a lungjax.registry.MODELS key
+    c.task = config_dict.ConfigDict()
+    c.task.name = "classification"  # a lungjax.registry.TASKS key
+
+    # --- optimisation ---------------------------------------------------------------
+    c.optimizer = config_dict.ConfigDict()
+    c.optimizer.name = "adam"
+    c.optimizer.learning_rate = REQUIRED(float)
+    c.optimizer.schedule = "constant"
+    c.optimizer.warmup_steps = 0
+    c.optimizer.decay_steps = ()
+    c.optimizer.decay_factor = 0.1
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.momentum = 0.9
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.grad_clip_norm = 0.0
+
+    c.train = config_dict.ConfigDict()
+    c.train.batch_size = REQUIRED(int)  # global batch (all hosts, all devices)
+    c.train.num_steps = REQUIRED(int)
+    c.train.log_every = 50
+    c.train.checkpoint_every = 500
+    c.train.keep_checkpoints = 3
+    c.train.async_checkpoint = True
+    c.train.compute_dtype = "float32"  # or "bfloat16" (params stay float32)
+    c.train.progress_bar = True
+    c.train.osf = config_dict.ConfigDict(dict(enabled=False, hard_fraction=0.5, easy_keep=0.5))
+    # Initialise this run's params from another run's checkpoint (two-stage methods):
+    # pairs "src/path:dst/path" of module paths.
+    c.train.init_from = OPTIONAL(str)
+    c.train.init_paths = ()
+
+    # --- evaluation hooks: name -> dict(type=<EVALUATORS key>, every_steps=N, ...) ---------
+    c.evals = config_dict.ConfigDict()
+
+    # --- detection (full-scan screening in --mode=evaluate) --------------------------
+    c.detection = config_dict.ConfigDict()
+    c.detection.threshold = 0.5
+    c.detection.nms_distance_mm = 6.0
+    c.detection.max_candidates_per_scan = 100
+    c.detection.tile_zyx = (64, 128, 128)
+    c.detection.max_scans = 0  # 0 = every held-out scan
+    # Convolution formulation for whole-scan scoring and export: the CPU-fast im2col
+    # formulations materialise patch matrices that do not fit in memory at scan size.
+    c.detection.conv_impl = "xla"
+
+    # --- cross-validation -----------------------------------------------------------
+    c.cv = config_dict.ConfigDict()
+    c.cv.folds = ()  # empty = range(data.num_folds)
+
+    # --- export ---------------------------------------------------------------------
+    c.export = config_dict.ConfigDict()
+    c.export.input_size_zyx = ()  # empty = data.patch_size_zyx; batch size is symbolic
+    return c

@@ -1,0 +1,152 @@
+"""Serialized inference artifact: params tree + ``jax.export`` predict fn + JSON sidecar.
+
+Layout of an export directory::
+
+    params.msgpack     the Flax variables ({"params": ..., other collections}) as msgpack
+    predict.jax        serialized ``jax.export.Exported`` of ``predict(variables, image)``
+                       with a symbolic batch size ("b"); image (b, *input_size_zyx, 1) float32,
+                       where spatial sizes may be symbolic too ("d", "h", "w") for fully
+                       convolutional models (any size at least the receptive field)
+    export.json        metadata: preprocessing (spacing, HU window, intensity scaling), input
+                       size and axis order, output mapping, model/task names, versions
+
+``load_predictor(dir)`` rebuilds a callable ``predict(image) -> probabilities`` with no
+model code (only jax and flax serialization are needed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization
+
+from lungjax.data.tables import atomic_write_text
+
+FORMAT_VERSION = 1
+
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+_SPATIAL_NAMES = ("d", "h", "w")
+
+
+def export_predictor(out_dir: str, predict_fn: Callable, variables: Any,
+                     input_size_zyx, metadata: dict, channels: int = 1,
+                     min_size_zyx=None) -> dict:
+    """Writes the artifact; returns the sidecar dict.
+
+    Args:
+      out_dir: directory to create / overwrite (files are written atomically).
+      predict_fn: pure ``(variables, image) -> probabilities``
+        (``lungjax.steps.make_predict_fn``).
+      variables: the Flax variables (numpy or jax arrays).
+      input_size_zyx: spatial input size the function is exported for (e.g. (10, 30, 30));
+        an entry None makes that axis symbolic. The batch size is always symbolic.
+      min_size_zyx: lower bounds of symbolic axes (e.g. the receptive field).
+      metadata: extra sidecar fields (preprocessing, model name, ...).
+      channels: input channels (channels-last).
+    """
+    variables = jax.tree_util.tree_map(lambda x: np.asarray(x), flax.core.unfreeze(variables))
+    var_spec = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables)
+    names = _SPATIAL_NAMES[-len(input_size_zyx):]
+    sym = [n for n, s in zip(names, input_size_zyx) if s is None]
+    mins = min_size_zyx or (1,) * len(input_size_zyx)
+    constraints = [f"{n} >= {int(m)}" for n, s, m in zip(names, input_size_zyx, mins)
+                   if s is None]
+    dims = jax.export.symbolic_shape(", ".join(["b", *sym]), constraints=constraints)
+    b, sym_dims = dims[0], iter(dims[1:])
+    spatial = [next(sym_dims) if s is None else int(s) for s in input_size_zyx]
+    img_spec = jax.ShapeDtypeStruct((b, *spatial, channels), jnp.float32)
+    exported = jax.export.export(jax.jit(predict_fn), platforms=("cpu", "cuda"))(
+        var_spec, img_spec)
+    out_shape = [str(d) for d in exported.out_avals[0].shape]
+    sidecar = {
+        "format_version": FORMAT_VERSION,
+        "input": {"shape": ["b", *[str(d) if s is None else int(s)
+                                   for d, s in zip(spatial, input_size_zyx)], channels],
+                  "dtype": "float32", "axis_order": "batch, z, y, x, channel",
+                  "layout": "channels-last"},
+        "output": {"shape": out_shape, "dtype": str(exported.out_avals[0].dtype),
+                   "meaning": "probability of the positive class per output cell"},
+        "versions": {"jax": jax.__version__, "flax": flax.__version__,
+                     "numpy": np.__version__, "python": platform.python_version(),
+                     "lungjax": _lungjax_version()},
+        **metadata,
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    _atomic_write_bytes(os.path.join(out_dir, "params.msgpack"),
+                        serialization.msgpack_serialize(variables))
+    _atomic_write_bytes(os.path.join(out_dir, "predict.jax"), exported.serialize())
+    atomic_write_text(os.path.join(out_dir, "export.json"),
+                      json.dumps(sidecar, indent=2, sort_keys=True, default=_json_default) + "\n")
+    return sidecar
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON serializable: {type(o)}")
+
+
+def _lungjax_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("lungjax")
+    except Exception:  # not installed as a distribution (source checkout)
+        return "unknown"
+
+
+def load_predictor(export_dir: str) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
+    """Loads an export directory.
+
+    Returns:
+      (predict, sidecar): ``predict(image)`` takes (B, *input_size_zyx[, 1]) float32 in the
+      sidecar's preprocessing and returns the exported probabilities as numpy.
+    """
+    for name in ("params.msgpack", "predict.jax", "export.json"):
+        if not os.path.isfile(os.path.join(export_dir, name)):
+            raise FileNotFoundError(f"export directory {export_dir} lacks {name}")
+    with open(os.path.join(export_dir, "export.json"), encoding="utf-8") as f:
+        sidecar = json.load(f)
+    if sidecar.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{export_dir}/export.json: format_version "
+                         f"{sidecar.get('format_version')} != {FORMAT_VERSION}")
+    with open(os.path.join(export_dir, "params.msgpack"), "rb") as f:
+        variables = serialization.msgpack_restore(f.read())
+    with open(os.path.join(export_dir, "predict.jax"), "rb") as f:
+        exported = jax.export.deserialize(bytearray(f.read()))
+
+    def predict(image):
+        x = np.asarray(image, np.float32)
+        if x.ndim == len(sidecar["input"]["shape"]) - 1:
+            x = x[..., None]
+        return np.asarray(exported.call(variables, x))
+
+    return predict, sidecar

@@ -1,0 +1,107 @@
+"""Metric logging: JSON lines + TensorBoard event files (no TensorFlow), and banners.
+
+``MetricWriter(workdir)`` appends one JSON object per call to ``<workdir>/metrics.jsonl``
+(``{"step": int, "split": "train"|..., "<name>": float, ...}``) and writes the same scalars
+as TensorBoard summaries under ``<workdir>/tb/<split>/``. Only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Mapping
+
+import numpy as np
+
+
+def banner(title: str, width: int = 72) -> str:
+    """Prints and returns a section banner for the log."""
+    line = "=" * width
+    text = f"{line}\n== {title}\n{line}"
+    print(text, flush=True)
+    return text
+
+
+def _to_float(v) -> float:
+    f = float(np.asarray(v))
+    return f
+
+
+class MetricWriter:
+    """Scalars to ``metrics.jsonl`` and TensorBoard event files.
+
+    Args:
+      workdir: run directory.
+      enabled: False on non-zero processes of a multi-host run.
+      tensorboard: also write event files.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, enabled: bool = True,
+                 tensorboard: bool = True):
+        self.workdir = os.fspath(workdir)
+        self.enabled = enabled
+        self._tb = {}
+        self._use_tb = tensorboard
+        self._jsonl = None
+        if enabled:
+            os.makedirs(self.workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(self.workdir, "metrics.jsonl"), "a",
+                               encoding="utf-8")
+
+    def _tb_writer(self, split: str):
+        if split not in self._tb:
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+            self._tb[split] = EventFileWriter(os.path.join(self.workdir, "tb", split))
+        return self._tb[split]
+
+    def write(self, step: int, scalars: Mapping[str, float], split: str = "train") -> None:
+        """Writes scalars for ``step``; non-finite values are kept in JSON as strings."""
+        if not self.enabled:
+            return
+        values = {k: _to_float(v) for k, v in scalars.items()}
+        record = {"step": int(step), "split": split, "time": time.time()}
+        for k, v in values.items():
+            record[k] = v if math.isfinite(v) else repr(v)
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._use_tb:
+            from tensorboard.compat.proto import event_pb2, summary_pb2
+
+            summary = summary_pb2.Summary(value=[
+                summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()])
+            w = self._tb_writer(split)
+            w.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+            w.flush()
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        for w in self._tb.values():
+            w.close()
+        self._tb = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Reads a ``metrics.jsonl`` file; a torn last line (killed writer) is skipped."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out

@@ -1,0 +1,172 @@
+"""Training state as a plain pytree, its creation, and the optimizer built from a config.
+
+``TrainState`` holds only arrays (no functions), so it shards, donates and checkpoints
+without adapters. The optimizer (an ``optax.GradientTransformation``) lives beside it in
+the step factory. Methods with several networks (e.g. a segmenter and its adversary, each
+with its own optimizer) keep a ``dict`` of ``TrainState``s, which is a pytree too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training.
+
+    Attributes:
+      step: () int32, number of optimizer updates applied.
+      params: the "params" collection.
+      model_state: the other mutable collections (e.g. {"batch_stats": ...}); {} if none.
+      opt_state: the optax state.
+      rng: uint32 raw PRNG key data (``jax.random.key_data``; shape set by the PRNG
+        implementation, (4,) for "rbg"); each step derives its keys with
+        ``fold_in(key, step)`` so a resumed run draws exactly the same randomness.
+    """
+
+    step: jax.Array
+    params: Any
+    model_state: Any
+    opt_state: Any
+    rng: jax.Array
+
+    def variables(self) -> dict:
+        """The Flax variables dict for ``model.apply``."""
+        return {"params": self.params, **self.model_state}
+
+
+def make_schedule(cfg: Mapping[str, Any], num_steps: int) -> optax.Schedule:
+    """Learning-rate schedule from ``config.optimizer``.
+
+    Fields: ``learning_rate``, ``schedule`` ("constant" | "cosine" | "step"),
+    ``warmup_steps``, ``decay_steps`` (step schedule: list of step numbers), ``decay_factor``.
+    """
+    lr = float(cfg["learning_rate"])
+    name = cfg.get("schedule", "constant")
+    warmup = int(cfg.get("warmup_steps", 0) or 0)
+    if name == "constant":
+        sched = optax.constant_schedule(lr)
+    elif name == "cosine":
+        sched = optax.cosine_decay_schedule(lr, max(1, num_steps - warmup))
+    elif name == "step":
+        bounds = {int(s) - warmup: float(cfg.get("decay_factor", 0.1))
+                  for s in (cfg.get("decay_steps") or ())}
+        sched = optax.piecewise_constant_schedule(lr, bounds)
+    else:
+        raise ValueError(f"config.optimizer.schedule: unknown schedule {name!r} "
+                         "(constant | cosine | step)")
+    if warmup:
+        sched = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), sched], [warmup])
+    return sched
+
+
+def make_optimizer(cfg: Mapping[str, Any], num_steps: int) -> optax.GradientTransformation:
+    """optax transformation from ``config.optimizer``.
+
+    Fields: ``name`` ("adam" | "adamw" | "sgd" | "momentum"), ``momentum``, ``b1``, ``b2``,
+    ``weight_decay`` (L2 added to the gradient for adam/sgd, decoupled for adamw: the
+    paper's ``beta * ||W||^2`` term), ``grad_clip_norm`` (0 = off), plus the schedule fields.
+    """
+    cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    sched = make_schedule(cfg, num_steps)
+    name = cfg.get("name", "adam")
+    wd = float(cfg.get("weight_decay", 0.0) or 0.0)
+    parts = []
+    if cfg.get("grad_clip_norm"):
+        parts.append(optax.clip_by_global_norm(float(cfg["grad_clip_norm"])))
+    if name == "adamw":
+        parts.append(optax.adamw(sched, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999),
+                                 weight_decay=wd))
+    else:
+        if wd:
+            parts.append(optax.add_decayed_weights(wd))
+        if name == "adam":
+            parts.append(optax.adam(sched, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999)))
+        elif name in ("sgd", "momentum"):
+            parts.append(optax.sgd(sched, momentum=cfg.get("momentum") or None,
+                                   nesterov=bool(cfg.get("nesterov", False))))
+        else:
+            raise ValueError(f"config.optimizer.name: unknown optimizer {name!r} "
+                             "(adam | adamw | sgd | momentum)")
+    return optax.chain(*parts)
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
+                       sample_input: jax.Array, rng: jax.Array,
+                       init_params: Any | None = None) -> TrainState:
+    """Initialises a ``TrainState``; pure, so it can be jitted with ``out_shardings``.
+
+    Args:
+      model: the Flax module.
+      tx: its optimizer.
+      sample_input: an input of the training shape, e.g. (1, 10, 30, 30, 1) float32;
+        only its shape/dtype matter.
+      rng: a typed PRNG key (``jax.random.key(seed, impl=...)``); split into init and
+        step keys. "rbg" is the engine's default: XLA:CPU compiles threefry-based
+        initialisers very slowly (seconds per initialiser).
+      init_params: optional params overriding the random ones (two-stage methods pass
+        a transferred tree from ``transfer_params``).
+    """
+    init_rng, state_rng, dropout_rng = jax.random.split(rng, 3)
+    variables = model.init({"params": init_rng, "dropout": dropout_rng}, sample_input,
+                           train=False)
+    params = variables["params"]
+    if init_params is not None:
+        params = init_params
+    model_state = {k: v for k, v in variables.items() if k != "params"}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                      opt_state=tx.init(params), rng=jax.random.key_data(state_rng))
+
+
+def transfer_params(dst: Any, src: Any, paths: Sequence[tuple[str, str]]) -> Any:
+    """Copies sub-trees of ``src`` params into ``dst`` (initialise a stage from another).
+
+    Args:
+      dst: params of the network being initialised (nested dict).
+      src: params of the trained network.
+      paths: ("src/path", "dst/path") pairs of "/"-separated module paths, e.g.
+        [("conv1", "stem/conv1")]; shapes must match exactly.
+
+    Returns:
+      A new params tree (``dst`` is not modified).
+    """
+    out = jax.tree_util.tree_map(lambda x: x, flax.core.unfreeze(dst))
+
+    def _get(tree, path):
+        for k in path.split("/"):
+            if k not in tree:
+                raise KeyError(f"parameter path {path!r} not found (at {k!r})")
+            tree = tree[k]
+        return tree
+
+    for s, d in paths:
+        sv = _get(src, s)
+        *parent, leaf = d.split("/")
+        node = _get(out, "/".join(parent)) if parent else out
+        if leaf not in node:
+            raise KeyError(f"parameter path {d!r} not found in the destination")
+        shapes_s = jax.tree_util.tree_map(jnp.shape, sv)
+        shapes_d = jax.tree_util.tree_map(jnp.shape, node[leaf])
+        if shapes_s != shapes_d:
+            raise ValueError(f"cannot transfer {s!r} -> {d!r}: shapes {shapes_s} vs {shapes_d}")
+        node[leaf] = sv
+    return out
+
+
+def step_key(state: TrainState, impl: str = "rbg") -> jax.Array:
+    """The typed PRNG key of this step: ``fold_in(key(state.rng), state.step)``."""
+    return jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl=impl), state.step)
+
+
+def param_count(params: Any) -> int:
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
+
+
+InitFn = Callable[[jax.Array], TrainState]

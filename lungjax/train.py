@@ -1,0 +1,367 @@
+"""The training loop: ``train_and_evaluate(config, workdir)``.
+
+Sections: setup (mesh, model, state, data, restore) -> train (jitted sharded steps, one-
+step-late host outputs, logging, eval hooks, checkpoints) -> final evaluation. The same
+``workdir`` resumes from its latest checkpoint; SIGTERM saves and stops cleanly; a non-
+finite loss stops the run naming the step, leaving the last good checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lungjax import sharding as shd
+from lungjax.checkpointing import Checkpointer, PreemptionGuard, restore_params
+from lungjax.metrics_log import MetricWriter, banner
+from lungjax.registry import EVALUATORS, MODELS, TASKS
+from lungjax.state import create_train_state, make_optimizer, param_count, transfer_params
+from lungjax.steps import make_eval_step, make_train_step
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when a training step produced a NaN/inf loss."""
+
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def config_dict(cfg) -> dict:
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+
+
+def missing_required(config) -> list[str]:
+    """Dotted names of required placeholders (configs/base.py) still unset."""
+    from ml_collections.config_dict import ConfigDict, RequiredValueError
+
+    out = []
+
+    def _walk(node, prefix):
+        for key in node.keys():
+            try:
+                value = node[key]
+            except RequiredValueError:
+                out.append(prefix + key)
+                continue
+            if isinstance(value, ConfigDict):
+                _walk(value, prefix + key + ".")
+
+    _walk(config, "")
+    return out
+
+
+def validate_config(config) -> None:
+    """Raises ValueError naming every required field left unset."""
+    missing = missing_required(config)
+    if missing:
+        raise ValueError("config fields must be set (required placeholders in "
+                         "configs/base.py): " + ", ".join(missing))
+
+
+def build_model(config):
+    """The Flax module named by ``config.model.name`` at ``config.train.compute_dtype``."""
+    dtype = config.train.compute_dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"config.train.compute_dtype: {dtype!r} not in {sorted(_DTYPES)}")
+    extra = {} if dtype == "float32" else {"dtype": _DTYPES[dtype]}
+    return MODELS.build(config.model, **extra)
+
+
+def build_task(config):
+    return TASKS.build(config.task)
+
+
+def sample_input(config, batch: int = 1) -> jax.Array:
+    """A zero input of the training patch shape: (batch, *patch, 1) float32."""
+    return jnp.zeros((batch, *config.data.patch_size_zyx, 1), jnp.float32)
+
+
+@dataclasses.dataclass
+class Engine:
+    """Everything built from a config before the first step."""
+
+    config: Any
+    mesh: Any
+    model: Any
+    task: Any
+    tx: Any
+    init_state: Callable[[], Any]  # a fresh sharded initial state (compiled once)
+    state_shardings: Any
+    abstract_state: Any
+    train_step: Callable
+    eval_step: Callable
+
+    @property
+    def state(self):
+        """A fresh initial state (the train step donates its input, so never reuse one)."""
+        return self.init_state()
+
+
+def build_engine(config, mesh=None) -> Engine:
+    """Mesh, model, task, optimizer, sharded initial state and the jitted steps."""
+    mesh = mesh or shd.make_mesh()
+    shd.check_batch_size(config.train.batch_size, mesh)
+    model = build_model(config)
+    task = build_task(config)
+    tx = make_optimizer(config.optimizer, config.train.num_steps)
+    init_params = None
+    if config.train.init_from:
+        src = restore_params(os.path.join(config.train.init_from, "checkpoints"))["params"]
+        pairs = [tuple(p.split(":", 1)) for p in config.train.init_paths]
+        base = jax.jit(model.init)(jax.random.key(config.seed, impl=config.rng_impl),
+                                   sample_input(config))["params"]
+        init_params = transfer_params(base, src, pairs)
+    init_fn = functools.partial(create_train_state, model, tx, sample_input(config),
+                                init_params=init_params)
+    rng = jax.random.key(config.seed, impl=config.rng_impl)
+    init, shardings, abstract = shd.make_sharded_init(init_fn, rng, mesh)
+    osf = config_dict(config.train.osf)
+    dims = config.data.spatial_dims
+    train_step = make_train_step(model, task, tx, spatial_dims=dims, osf=osf,
+                                 rng_impl=config.rng_impl,
+                                 state_shardings=shardings, mesh=mesh)
+    eval_step = make_eval_step(model, task, spatial_dims=dims, state_shardings=shardings,
+                               mesh=mesh)
+    return Engine(config, mesh, model, task, tx, functools.partial(init, rng), shardings,
+                  abstract, train_step, eval_step)
+
+
+# ----------------------------------------------------------------------------------
+# Evaluators (eval hooks chosen by config.evals.<name>.type)
+# ----------------------------------------------------------------------------------
+
+
+@EVALUATORS.register("patch_classification")
+class PatchClassificationEvaluator:
+    """Loss / accuracy / ROC AUC of the held-out patches of ``data.eval_batches()``."""
+
+    def __init__(self, every_steps: int = 0, name: str = "patches"):
+        self.every_steps = every_steps
+        self.name = name
+
+    def __call__(self, engine: Engine, state, data) -> dict[str, float]:
+        sums: dict[str, float] = {}
+        scores, labels = [], []
+        for batch in data.eval_batches():
+            gb = shd.to_global_batch(batch, engine.mesh)
+            _, m, host = engine.eval_step(state, gb)
+            for k, v in shd.fetch_to_host(m).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            h = shd.fetch_to_host(host)
+            keep = h["weight"] > 0
+            scores.append(h["score"][keep])
+            labels.append(h["label"][keep])
+        if not sums:
+            return {}
+        n = max(sums.pop("weight"), 1e-8)
+        out = {k: v / n for k, v in sums.items()}
+        out["count"] = n
+        y, s = np.concatenate(labels), np.concatenate(scores)
+        if 0 < y.sum() < len(y):
+            try:
+                from lungjax.evaluation.classification import roc_auc
+            except ImportError:  # evaluation package not present: rank-based AUC
+                roc_auc = _rank_auc
+            out["auc"] = float(roc_auc(y, s))
+        return out
+
+
+def _rank_auc(y, s) -> float:
+    from scipy.stats import rankdata
+
+    r = rankdata(s)
+    npos = int(y.sum())
+    nneg = len(y) - npos
+    return float((r[y == 1].sum() - npos * (npos + 1) / 2) / (npos * nneg))
+
+
+def build_evaluators(config) -> list:
+    out = []
+    for name, cfg in config_dict(config.evals).items():
+        cfg = dict(cfg)
+        kind = cfg.pop("type", None)
+        if not kind:
+            raise ValueError(f"config.evals.{name}: missing 'type' (one of {EVALUATORS.names()})")
+        out.append(EVALUATORS.get(kind)(name=name, **cfg))
+    return out
+
+
+# ----------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------
+
+
+def _write_config(config, workdir: str) -> None:
+    from lungjax.data.tables import atomic_write_text
+
+    atomic_write_text(os.path.join(workdir, "config.json"),
+                      config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+
+
+def train_and_evaluate(config, workdir: str, data=None, mesh=None,
+                       engine: Engine | None = None) -> dict:
+    """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints).
+
+    Args:
+      config: a validated ml_collections ConfigDict (see configs/base.py).
+      workdir: run directory: config.json, checkpoints/, metrics.jsonl, tb/.
+      data: a ``lungjax.train_data.TrainData``; default built from the config.
+      mesh: device mesh; default all devices.
+      engine: a prebuilt ``Engine`` of the same config (reuses its compiled steps, e.g.
+        across cross-validation folds); default built here.
+
+    Returns:
+      dict with "step", the last logged train metrics under "train", eval metrics under
+      "eval/<name>", and "preempted" (bool).
+    """
+    primary = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    banner(f"setup: {config.name} in {workdir}")
+    if primary:
+        _write_config(config, workdir)
+    engine = engine or build_engine(config, mesh)
+    state = engine.init_state()
+    print(f"devices: {jax.device_count()} ({jax.process_count()} process(es)); "
+          f"params: {param_count(state.params):,}", flush=True)
+    if data is None:
+        from lungjax.train_data import build_train_data
+
+        data = build_train_data(config, workdir)
+    evaluators = build_evaluators(config)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints,
+                        config.train.async_checkpoint)
+    num_steps = config.train.num_steps
+    spr = data.steps_per_round or num_steps
+
+    step, round_index = 0, 0
+    host = ckpt.restore_host()
+    if host is not None:
+        data.load_state_dict(host["sampler"])
+        round_index = int(host["round"])
+        it = data.iterator(round_index)
+        step, state, _ = ckpt.restore(engine.abstract_state, it)
+        print(f"resumed from step {step} (round {round_index})", flush=True)
+    else:
+        it = data.iterator(round_index)
+
+    writer = MetricWriter(workdir, enabled=primary)
+    result: dict[str, Any] = {"preempted": False}
+    pending: list = []
+    acc: dict[str, float] = {}
+    acc_n = 0
+    last_logged: dict[str, float] = {}
+
+    def consume(item):
+        nonlocal acc_n
+        s, metrics, host_out = item
+        m = shd.fetch_to_host(metrics)
+        loss = float(m["loss"])
+        if not np.isfinite(loss):
+            ckpt.wait()
+            raise NonFiniteLossError(
+                f"non-finite training loss {loss} at step {s}; stopping. The last good "
+                f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+        data.update(shd.fetch_to_host(host_out))
+        for k, v in m.items():
+            acc[k] = acc.get(k, 0.0) + float(v)
+        acc_n += 1
+
+    def flush():
+        while pending:
+            consume(pending.pop(0))
+
+    def save(s):
+        flush()
+        ckpt.save(s, state, it, {"sampler": data.state_dict(), "round": round_index})
+
+    banner(f"train: steps {step} -> {num_steps}, global batch {config.train.batch_size}")
+    from tqdm import tqdm
+
+    bar = tqdm(total=num_steps, initial=step, unit="step", dynamic_ncols=True,
+               disable=not (config.train.progress_bar and primary))
+    t_log, n_log = time.perf_counter(), 0
+    try:
+        with PreemptionGuard() as guard:
+            while step < num_steps:
+                r = step // spr
+                if r != round_index:
+                    flush()  # the next round's index sees every update of this round
+                    round_index = r
+                    it = data.iterator(round_index)
+                batch = next(it)
+                state, metrics, host_out = engine.train_step(
+                    state, shd.to_global_batch(batch, engine.mesh))
+                step += 1
+                n_log += 1
+                pending.append((step, metrics, host_out))
+                if len(pending) > 1:  # fetch one step late: keeps dispatch async
+                    consume(pending.pop(0))
+                bar.update(1)
+                if step % config.train.log_every == 0 or step == num_steps:
+                    flush()
+                    dt = time.perf_counter() - t_log
+                    last_logged = {k: v / max(acc_n, 1) for k, v in acc.items()}
+                    last_logged["steps_per_sec"] = n_log / max(dt, 1e-9)
+                    last_logged["examples_per_sec"] = (
+                        last_logged["steps_per_sec"] * config.train.batch_size)
+                    writer.write(step, last_logged, "train")
+                    bar.set_postfix(loss=f"{last_logged['loss']:.4f}")
+                    acc.clear()
+                    acc_n = 0
+                    t_log, n_log = time.perf_counter(), 0
+                for ev in evaluators:
+                    if ev.every_steps and step % ev.every_steps == 0 and step < num_steps:
+                        flush()
+                        _run_eval(ev, engine, state, data, step, writer, result)
+                preempted = shd.sync_flag(guard.requested)
+                if step % config.train.checkpoint_every == 0 or step == num_steps or preempted:
+                    save(step)
+                if preempted:
+                    tqdm.write(f"preemption signal: saved step {step}, stopping")
+                    result["preempted"] = True
+                    break
+        flush()
+    except BaseException:
+        writer.close()
+        ckpt.close()  # waits for a save in flight: the last good checkpoint is complete
+        raise
+    finally:
+        bar.close()
+    ckpt.wait()
+    result["step"] = step
+    result["train"] = last_logged
+    if not result["preempted"]:
+        banner("final evaluation")
+        for ev in evaluators:
+            _run_eval(ev, engine, state, data, step, writer, result)
+    ckpt.close()
+    writer.close()
+    result["state"] = state
+    return result
+
+
+def _run_eval(ev, engine, state, data, step, writer, result) -> None:
+    t = time.perf_counter()
+    metrics = ev(engine, state, data)
+    if metrics:
+        writer.write(step, metrics, f"eval_{ev.name}")
+        result[f"eval/{ev.name}"] = metrics
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        from tqdm import tqdm
+
+        # tqdm.write keeps the line apart from a progress bar on the same terminal.
+        tqdm.write(f"[eval {ev.name} @ step {step}] {shown} ({time.perf_counter() - t:.1f}s)")
+
+
+def summarize(result: dict) -> str:
+    """JSON-able summary of a ``train_and_evaluate`` result (drops the state)."""
+    return json.dumps({k: v for k, v in result.items() if k != "state"}, indent=2,
+                      sort_keys=True, default=float)
