@@ -1,13 +1,23 @@
-"""Measures every convolution formulation on the layer shapes of the benchmark networks
-(forward + input- and weight-gradient, median ms) and writes the table that
-``impl="auto"`` reads on CPU: ``lungjax/models/conv_table.json``.
+"""Measures every convolution formulation on the layer shapes of the benchmark networks and
+of the lungjax models, and writes the table that ``impl="auto"`` reads on CPU:
+``lungjax/models/conv_table.json``.
+
+Per convolution shape: each pass (forward, input-gradient, weight-gradient) alone in each of
+its ``split`` choices (``lungjax.models.conv_split``), the fastest per pass composed into one
+``"split_FIW"`` plan, then the full forward + backward of that plan and of the reference
+formulations (``--full``, default "matmul,xla"); the fastest full timing is the entry's
+"best". Transposed convolutions: the full timing of each of their formulations.
 
 Usage:
-  python bench/conv_autotune.py [--nets fcn,fpr,det,unet] [--reps 3] [--out PATH] [--merge]
+  python bench/conv_autotune.py [--nets fcn,fpr,det,unet,model_fcn,model_fpr,model_fpn]
+                                [--reps 2] [--out PATH] [--merge] [--malloc keep|default]
 
 The table is rewritten (atomically) after every shape, so an interrupted run leaves a valid
 partial table; ``--merge`` keeps entries of shapes not measured in this run. Run it on the
-CPU the table is meant for; timings on a shared machine are noisy (medians of --reps).
+CPU the table is meant for, with the allocator setting the programs will use (``--malloc
+keep`` = ``lungjax.models.conv_malloc.keep_freed_memory``, the default: with it, large column
+buffers stop page-faulting and the choice shifts toward im2col). Timings on a shared machine
+are noisy (medians of --reps).
 """
 
 from __future__ import annotations
@@ -20,53 +30,84 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from lungjax.models import conv_malloc  # noqa: E402
+
+
+def _parse():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--nets", default="fcn,fpr,det,unet,model_fcn,model_fpr,model_fpn")
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--full", default="matmul,xla", help="formulations timed in full besides "
+                   "the per-pass plan")
+    p.add_argument("--out", default=None, help="default: lungjax/models/conv_table.json")
+    p.add_argument("--merge", action="store_true")
+    p.add_argument("--malloc", choices=("keep", "default"), default="keep")
+    return p.parse_args()
+
+
+ARGS = _parse()
+if ARGS.malloc == "keep":
+    conv_malloc.keep_freed_memory()  # before JAX starts its threads
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import conv_nets  # noqa: E402
 from lungjax.data.tables import atomic_write_text  # noqa: E402
-from lungjax.models import conv_ops, conv_select, conv_tune  # noqa: E402
+from lungjax.models import conv_select, conv_tune  # noqa: E402
+
+
+def _model_nets():
+    """The lungjax models at their training patch sizes: name -> (factory, shape, batch)."""
+    from lungjax.models.fcn import Dou2017FCN
+    from lungjax.models.fpn import XieFPN
+    from lungjax.models.fpr import Dou2017FPR
+    return {"model_fcn": (Dou2017FCN, (10, 30, 30, 1), 64),
+            "model_fpr": (Dou2017FPR, (24, 60, 60, 1), 16),
+            "model_fpn": (XieFPN, (96, 96, 96, 1), 2)}
 
 
 def net_keys(names):
     """Unique ConvKeys of the networks' layers, in first-seen order."""
+    nets = dict(conv_nets.NETS)
+    nets.update(_model_nets())
     keys = []
     for name in names:
-        factory, shape, batch = conv_nets.NETS[name]
+        if name not in nets:
+            raise SystemExit(f"--nets: unknown network {name!r}; expected some of {sorted(nets)}")
+        factory, shape, batch = nets[name]
         model = factory()
         x = jax.ShapeDtypeStruct((batch, *shape), jnp.float32)
         with conv_select.record_keys() as seen:
             jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
-        keys += [k for k in seen if k not in keys]
-    return keys
+        keys += seen
+    return list(dict.fromkeys(keys))
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--nets", default="fcn,fpr,det,unet")
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--out", default=str(conv_select.TABLE_PATH))
-    p.add_argument("--merge", action="store_true")
-    args = p.parse_args()
+    args = ARGS
+    args.out = args.out or str(conv_select.TABLE_PATH)
     keys = net_keys([n for n in args.nets.split(",") if n])
     entries = []
     if args.merge and os.path.isfile(args.out):
         entries = json.loads(open(args.out).read())["entries"]
-    entries = [e for e in entries if conv_select.ConvKey.from_json(e["key"]) not in keys]
+    full = [i for i in args.full.split(",") if i]
+    machine = f"{os.cpu_count()} cores; jax {jax.__version__}; malloc {args.malloc}"
     print(f"{len(keys)} layer shapes", flush=True)
     for i, key in enumerate(keys):
-        impls = conv_ops.CONV_IMPLS if key.kind == "conv" else conv_ops.CONV_TRANSPOSE_IMPLS
         t0 = time.perf_counter()
-        ms = conv_tune.time_key(key, impls, reps=args.reps)
-        best = min(ms, key=ms.get)
-        entries.append({"key": key.to_json(), "ms": ms, "best": best})
-        atomic_write_text(args.out, json.dumps(
-            {"machine": f"{os.cpu_count()} cores; {jax.__version__}", "entries": entries},
-            indent=1))
+        entry = conv_tune.tune_key(key, args.reps, full)
+        # Replace this shape's old entry only now: an interrupted run keeps the rest.
+        entries = [e for e in entries if conv_select.ConvKey.from_json(e["key"]) != key]
+        entries.append(entry)
+        atomic_write_text(args.out, json.dumps({"machine": machine, "entries": entries},
+                                               indent=1))
         desc = (f"{key.kind} b{key.batch} {key.spatial} {key.cin}->{key.cout} k{key.kernel} "
                 f"s{key.strides}")
-        print(f"[{i + 1}/{len(keys)}] {desc}: " + ", ".join(f"{k} {v:.1f}" for k, v in ms.items())
-              + f" -> {best} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        passes = "".join(f" {p}={ms}" for p, ms in entry.get("passes", {}).items())
+        print(f"[{i + 1}/{len(keys)}] {desc}:{passes} full: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in entry["ms"].items())
+              + f" -> {entry['best']} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -33,10 +33,19 @@ def _parse():
     p.add_argument("--small", action="store_true", help="full-scan edge 128 instead of --scan")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--batch", type=str, default="", help="override batch sizes: fcn=8,det=1")
+    p.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                   help="keep: glibc keeps freed memory (lungjax.models.conv_malloc), for "
+                   "both frameworks; default: glibc's defaults")
     return p.parse_args()
 
 
 ARGS = _parse()
+if ARGS.malloc == "keep":
+    from lungjax.models import conv_malloc
+
+    # Before JAX or torch start their threads. Restarting with the environment form also
+    # switches on transparent huge pages for malloc, which a running process cannot.
+    conv_malloc.reexec_with_malloc_env()
 # Same cores for both frameworks: XLA and torch size their pools from the affinity mask.
 os.sched_setaffinity(0, list(sorted(os.sched_getaffinity(0)))[:ARGS.threads])
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -167,7 +176,8 @@ def main():
         torch.set_num_threads(ARGS.threads)
         print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     cores = sorted(os.sched_getaffinity(0))
-    print(f"jax {jax.__version__} on {jax.default_backend()}, cores {cores}")
+    print(f"jax {jax.__version__} on {jax.default_backend()}, cores {cores}, malloc {ARGS.malloc}"
+          f" (GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r})")
     rows = []
     for name in [n for n in ARGS.nets.split(",") if n]:
         _, shape, batch = conv_nets.NETS[name]

@@ -20,6 +20,8 @@ Formulations of ``conv`` (``CONV_IMPLS``):
   whichever has the smaller intermediate (it differs by C_out/C_in and in/out sizes).
 * ``"hybrid"``: native forward and input-gradient, matmul weight-gradient (custom VJP); the
   lowest peak memory of the CPU formulations.
+* ``"split_FIW"``: one formulation per pass (forward, input-gradient, weight-gradient),
+  including partial im2col and shifted-slice accumulation; see ``conv_split``.
 
 Formulations of ``conv_transpose`` (``CONV_TRANSPOSE_IMPLS``): ``"xla"``
 (``lax.conv_transpose``), ``"matmul"`` (a per-pixel matmul C_in -> K*C_out followed by
@@ -281,17 +283,23 @@ def conv(x, w, *, strides: Sequence[int], pads: Pads, dilation: Sequence[int], i
       x: (N, *spatial, C_in) any float dtype (same as ``w`` after promotion).
       w: (*kernel, C_in, C_out).
       strides, dilation: ints per spatial axis; pads: explicit (low, high) per axis.
-      impl: one of ``CONV_IMPLS``.
+      impl: one of ``CONV_IMPLS``, or ``"split_FIW"`` (a formulation per pass, see
+        ``lungjax.models.conv_split``).
 
     Returns:
       (N, *out, C_out) in ``x``'s dtype; identical (to rounding) across ``impl``.
     """
-    if impl not in _CONV_FNS:
-        raise ValueError(f"conv impl={impl!r}; expected one of {CONV_IMPLS}")
     if x.ndim != w.ndim or x.shape[-1] != w.shape[-2]:
         raise ValueError(f"conv: input {x.shape} does not match kernel {w.shape} "
                          "(expected (N, *spatial, C_in) and (*kernel, C_in, C_out))")
-    return _CONV_FNS[impl](x, w, tuple(strides), tuple(tuple(p) for p in pads), tuple(dilation))
+    args = (x, w, tuple(strides), tuple(tuple(p) for p in pads), tuple(dilation))
+    if isinstance(impl, str) and impl.startswith("split_"):
+        from lungjax.models import conv_split  # imports this module
+
+        return conv_split.conv(*args, impl)
+    if impl not in _CONV_FNS:
+        raise ValueError(f"conv impl={impl!r}; expected one of {CONV_IMPLS} or 'split_FIW'")
+    return _CONV_FNS[impl](*args)
 
 
 # ----------------------------------------------------------------------------------------

@@ -7,9 +7,11 @@ Resolution, done once per layer when it is traced:
 2. the layer's own ``impl`` attribute when it is not "auto";
 3. "auto": off CPU (GPU/TPU) always ``"xla"``; on CPU the formulation measured fastest for
    the nearest layer shape in the committed table ``conv_table.json`` (produced by
-   ``python bench/conv_autotune.py``: forward + backward of every layer shape of the
-   benchmark networks and a grid around them, each formulation timed on this project's
-   2-core CPU machine), merged with the on-disk cache of shapes tuned on first use when
+   ``python bench/conv_autotune.py``: for every layer shape of the benchmark networks and
+   the lungjax models, each pass (forward, input-gradient, weight-gradient) timed alone in
+   each of its formulations, the fastest per pass composed into a ``"split_FIW"`` plan
+   (``conv_split``), and that plan's full forward + backward timed against the reference
+   formulations, on this project's 2-core CPU machine), merged with the on-disk cache of shapes tuned on first use when
    ``LUNGJAX_CONV_AUTOTUNE=1`` (``~/.cache/lungjax/conv_autotune.json``, or
    ``LUNGJAX_CONV_CACHE``). A committed table keeps "auto" deterministic and free of
    timing at trace time by default (tests, CI, exports); first-use tuning is there for a
@@ -32,7 +34,7 @@ import threading
 
 import jax
 
-from lungjax.models import conv_ops
+from lungjax.models import conv_ops, conv_split
 
 ENV_IMPL = "LUNGJAX_CONV_IMPL"
 ENV_AUTOTUNE = "LUNGJAX_CONV_AUTOTUNE"
@@ -100,17 +102,22 @@ def _check(impl: str | None, where: str) -> str | None:
     if impl is None:
         return None
     impl = str(impl).strip().lower()
-    if impl not in ALL_IMPLS:
-        raise ValueError(f"{where}: convolution impl {impl!r} unknown; expected one of {ALL_IMPLS}")
-    return impl
+    if impl in ALL_IMPLS:
+        return impl
+    if impl.startswith(conv_split.PREFIX):
+        conv_split.parse(impl, 3)  # a clear error for a malformed plan
+        return impl
+    raise ValueError(f"{where}: convolution impl {impl!r} unknown; expected one of {ALL_IMPLS} "
+                     "or 'split_FIW' (see lungjax.models.conv_split)")
 
 
 def set_conv_impl(impl: str | None) -> None:
     """Forces one formulation for every ``Conv``/``ConvTranspose`` traced from now on.
 
     Args:
-      impl: "xla", "im2col", "matmul", "hybrid" (a transposed convolution, which has no
-        hybrid form, then runs "matmul"), "auto" (per-layer choice) or None (clear the
+      impl: "xla", "im2col", "matmul", "hybrid", "split_FIW" (see ``conv_split``; a
+        transposed convolution, which has no hybrid or split form, then runs "matmul"),
+        "auto" (per-layer choice) or None (clear the
         override, falling back to ``LUNGJAX_CONV_IMPL``).
     """
     _state.override = _check(impl, "set_conv_impl")
@@ -192,7 +199,9 @@ def record(key: ConvKey, ms: dict[str, float]) -> str:
     """Adds a measurement to the on-disk cache (atomic rewrite); returns the best impl."""
     from lungjax.data.tables import atomic_write_text
 
-    best = min(ms, key=ms.get)
+    from lungjax.models.conv_tune import pick_best
+
+    best = pick_best(ms)
     with _lock:
         path = cache_path()
         entries = [e for e in _read_entries(path) if ConvKey.from_json(e["key"]) != key]
@@ -206,8 +215,7 @@ def record(key: ConvKey, ms: dict[str, float]) -> str:
 def _autotune(key: ConvKey) -> str:
     from lungjax.models import conv_tune
 
-    impls = conv_ops.CONV_IMPLS if key.kind == "conv" else conv_ops.CONV_TRANSPOSE_IMPLS
-    return record(key, conv_tune.time_key(key, impls))
+    return record(key, conv_tune.tune_key(key)["ms"])
 
 
 @contextlib.contextmanager
@@ -235,10 +243,13 @@ def resolve(layer_impl: str, key: ConvKey) -> str:
         impl, how = lookup(key)
         if how != "exact" and os.environ.get(ENV_AUTOTUNE, "") not in ("", "0"):
             impl = _autotune(key)
-    if key.kind == "conv_transpose" and impl == "hybrid":
+    if key.kind == "conv_transpose" and (impl == "hybrid" or conv_split.is_split(impl)):
         impl = "matmul"
-    if key.kind == "conv" and impl not in conv_ops.CONV_IMPLS:
-        raise ValueError(f"Conv.impl={impl!r}: expected one of {conv_ops.CONV_IMPLS} or 'auto'")
+    if key.kind == "conv" and conv_split.is_split(impl):
+        conv_split.parse(impl, len(key.kernel))
+    elif key.kind == "conv" and impl not in conv_ops.CONV_IMPLS:
+        raise ValueError(f"Conv.impl={impl!r}: expected one of {conv_ops.CONV_IMPLS}, "
+                         "'split_FIW' or 'auto'")
     if key.kind == "conv_transpose" and impl not in conv_ops.CONV_TRANSPOSE_IMPLS:
         raise ValueError(f"ConvTranspose.impl={impl!r}: expected one of "
                          f"{conv_ops.CONV_TRANSPOSE_IMPLS}, 'hybrid' or 'auto'")

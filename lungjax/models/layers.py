@@ -13,9 +13,15 @@ Choosing the formulation (see ``lungjax.models.conv_select``):
   measured fastest for the nearest layer shape in ``lungjax/models/conv_table.json``
   (regenerate with ``python bench/conv_autotune.py``), or tuned on first use and cached on
   disk when ``LUNGJAX_CONV_AUTOTUNE=1``.
-* ``impl="xla" | "im2col" | "matmul" | "hybrid"`` forces one for that layer.
+* ``impl="xla" | "im2col" | "matmul" | "hybrid"`` forces one for that layer;
+  ``impl="split_FIW"`` picks a formulation per pass (forward, input-gradient,
+  weight-gradient; see ``lungjax.models.conv_split``), which is what the table mostly holds.
 * ``set_conv_impl(name)`` (from a config) or ``LUNGJAX_CONV_IMPL=name`` forces one for all
   layers traced afterwards, overriding the layer attribute.
+
+On CPU, large convolution buffers are cheaper when freed memory stays in the process
+(``lungjax.models.conv_malloc.keep_freed_memory()``, called early by a training or inference
+program).
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ class Conv(nn.Module):
       strides, kernel_dilation: int or one per spatial axis.
       padding: "SAME", "VALID", an int, or one int / (low, high) pair per spatial axis.
       use_bias: add a learned (C_out,) bias.
-      impl: "auto", "xla", "im2col", "matmul" or "hybrid" (module docstring).
+      impl: "auto", "xla", "im2col", "matmul", "hybrid" or "split_FIW" (module docstring).
       dtype: computation dtype (inputs and parameters are promoted to it, e.g. bfloat16);
         None -> promoted dtype of input and parameters.
       param_dtype: parameter dtype (default float32).

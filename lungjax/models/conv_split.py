@@ -1,0 +1,241 @@
+"""Convolution with a separately chosen formulation for each of its three passes.
+
+A convolution's forward, input-gradient and weight-gradient are three different
+computations, and on XLA:CPU the fastest way to run each depends on the layer shape. The
+``"split_FIW"`` formulations (a ``jax.custom_vjp``) pick one per pass:
+
+* ``F`` (forward) and ``W`` (weight-gradient): ``"x"`` = XLA's native convolution (or its
+  autodiff weight-gradient), or a digit ``m`` = *partial im2col*: the shifted slices of the
+  last ``m`` spatial axes are concatenated on the channel axis (columns
+  (N, D_pad.., *out_inner, K_inner*C_in)), and the taps of the remaining (outer) axes are
+  accumulated as one matmul per outer tap on a shifted (strided) view of those columns.
+  ``m = rank`` is full im2col (one matmul, the largest buffer); ``m = 0`` is shifted-slice
+  accumulation (``prod(kernel)`` matmuls, no column buffer at all).
+* ``I`` (input-gradient): ``"x"`` (native), ``"c"`` ((dy @ W^T) scattered back through the
+  transposed slices: col2im), or a digit ``m``: the correlation of the (stride-dilated)
+  output gradient with the flipped kernel, run as the partial-im2col forward above.
+
+For example ``"split_2cx"``: partial im2col over (H, W) with accumulation over the D taps in
+the forward, col2im input-gradient and XLA's weight-gradient. ``bench/conv_autotune.py``
+times every choice of each pass separately per layer shape and writes the winner into
+``conv_table.json`` for ``impl="auto"``.
+
+Only ``x`` and ``w`` are kept for the backward pass (columns are rebuilt), so the peak
+memory is at most that of the full im2col forward.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from lungjax.models import conv_ops
+
+PREFIX = "split_"
+_PATTERN = re.compile(r"^split_([x0-3])([xc0-3])([x0-3])$")
+FWD_CHOICES = ("x", "0", "1", "2", "3")
+IGRAD_CHOICES = ("x", "c", "0", "1", "2", "3")
+WGRAD_CHOICES = FWD_CHOICES
+
+
+def is_split(impl: str) -> bool:
+    return isinstance(impl, str) and impl.startswith(PREFIX)
+
+
+def parse(impl: str, rank: int) -> tuple[str, str, str]:
+    """``"split_FIW"`` -> (F, I, W); checks the digits against the convolution rank."""
+    m = _PATTERN.match(impl)
+    if m is None:
+        raise ValueError(f"conv impl={impl!r}: a split formulation is 'split_FIW' with F, W in "
+                         "x/0-3 and I in x/c/0-3 (x: native, c: col2im, digit: im2col axes)")
+    plan = m.groups()
+    for c in plan:
+        if c.isdigit() and int(c) > rank:
+            raise ValueError(f"conv impl={impl!r}: im2col over {c} axes, but the convolution "
+                             f"has {rank} spatial axes")
+    return plan
+
+
+def choices(rank: int, kernel=None) -> dict[str, tuple[str, ...]]:
+    """Valid choices per pass for a convolution of this rank (a 1x..x1 kernel: im2col over
+    any number of axes is the same single matmul, so only ``rank`` is offered)."""
+    single = kernel is not None and all(int(k) == 1 for k in kernel)
+    ok = lambda cs: tuple(c for c in cs if not c.isdigit()  # noqa: E731
+                          or (int(c) == rank if single else int(c) <= rank))
+    return {"fwd": ok(FWD_CHOICES), "igrad": ok(IGRAD_CHOICES), "wgrad": ok(WGRAD_CHOICES)}
+
+
+def buffer_bytes(pass_name: str, choice: str, batch: int, in_spatial, out_spatial, kernel,
+                 cin: int, cout: int, itemsize: int = 4) -> int:
+    """Approximate size of the largest column buffer a pass builds with ``choice``.
+
+    For skipping choices that cannot fit in memory (an im2col input-gradient of a layer with
+    C_in = 1 and 64 outputs is ~11 GB at 64x10x30x30) before timing them. "x": 0.
+    """
+    if choice == "x":
+        return 0
+    rank = len(kernel)
+    if choice == "c":  # (N, *out, K*C_in)
+        return batch * int(np.prod(out_spatial)) * int(np.prod(kernel)) * cin * itemsize
+    inner = int(choice)
+    n_outer = rank - inner
+    # Columns span the (padded) input on the outer axes and the output on the inner ones;
+    # the input-gradient runs the same on dy (input-sized, C_out channels).
+    span = list(in_spatial[:n_outer]) + list(out_spatial[n_outer:])
+    if pass_name == "igrad":
+        span, cin = list(in_spatial), cout
+    return batch * int(np.prod(span)) * int(np.prod(kernel[n_outer:])) * cin * itemsize
+
+
+def contraction_size(pass_name: str, choice: str, kernel, cin: int, cout: int) -> int:
+    """Length of the contracted axis of the matmuls a digit choice runs (K_inner * C)."""
+    inner = int(choice)
+    k_inner = int(np.prod(kernel[len(kernel) - inner:])) if inner else 1
+    return k_inner * (cout if pass_name == "igrad" else cin)
+
+
+def _acc_dtype(dtype):
+    return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else None
+
+
+def _outer_views(x, ks, strides, pads, dilation, inner, lhs_dilation=None):
+    """Yields (outer tap index, view (N, *out, K_inner*C)) of partial-im2col columns.
+
+    The last ``inner`` spatial axes are gathered into the channel axis (``conv_ops.patches``
+    with unit kernel on the outer axes, which leaves them padded at full length); each outer
+    tap is then a strided slice of those columns.
+    """
+    rank = len(ks)
+    n_outer = rank - inner
+    ks_in = (1,) * n_outer + tuple(ks[n_outer:])
+    st_in = (1,) * n_outer + tuple(strides[n_outer:])
+    cols = conv_ops.patches(x, ks_in, st_in, pads, dilation, lhs_dilation)
+    out = conv_ops.conv_out_shape(cols.shape[1:1 + n_outer], ks[:n_outer], strides[:n_outer],
+                                  ((0, 0),) * n_outer, dilation[:n_outer])
+    for taps in itertools.product(*[range(k) for k in ks[:n_outer]]):
+        if n_outer == 0:
+            yield taps, cols
+            continue
+        start = [0] * cols.ndim
+        limit = list(cols.shape)
+        step = [1] * cols.ndim
+        for a, (t, s, d, o) in enumerate(zip(taps, strides, dilation, out)):
+            start[1 + a], limit[1 + a], step[1 + a] = t * d, t * d + (o - 1) * s + 1, s
+        yield taps, lax.slice(cols, start, limit, step)
+
+
+def conv_forward(x, w, strides, pads, dilation, inner: int, lhs_dilation=None):
+    """Convolution as partial im2col over the last ``inner`` axes + accumulated matmuls.
+
+    Args:
+      x: (N, *spatial, C_in); w: (*kernel, C_in, C_out); strides, dilation per axis;
+        pads (low, high) per axis; lhs_dilation: input dilation (for gradients of strided
+        convolutions); inner: 0..rank.
+
+    Returns:
+      (N, *out, C_out) in x's dtype, equal to ``lax.conv_general_dilated``.
+    """
+    ks = w.shape[:-2]
+    acc = _acc_dtype(x.dtype)
+    y = None
+    for taps, view in _outer_views(x, ks, strides, pads, dilation, inner, lhs_dilation):
+        wt = w[taps].reshape(-1, w.shape[-1])
+        part = lax.dot_general(view, wt, (((view.ndim - 1,), (0,)), ((), ())),
+                               preferred_element_type=acc)
+        y = part if y is None else y + part
+    return y.astype(x.dtype)
+
+
+def weight_grad(x, dy, w_shape, w_dtype, strides, pads, dilation, inner: int):
+    """dW (*kernel, C_in, C_out) = sum over rows of columns^T @ dy, one matmul per outer tap."""
+    ks = w_shape[:-2]
+    n_outer = len(ks) - inner
+    acc = _acc_dtype(x.dtype)
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    parts = []
+    for _, view in _outer_views(x, ks, strides, pads, dilation, inner):
+        v2 = view.reshape(-1, view.shape[-1])
+        # (C_out, K_inner*C_in): contracting the long row axis with dy as the left operand
+        # measured faster on XLA:CPU than the (K*C_in, C_out) orientation.
+        parts.append(lax.dot_general(dy2, v2, (((0,), (0,)), ((), ())),
+                                     preferred_element_type=acc))
+    dw = jnp.stack(parts) if len(parts) > 1 else parts[0][None]
+    dw = dw.reshape(int(np.prod(ks[:n_outer], dtype=int)), w_shape[-1], -1, w_shape[-2])
+    return dw.transpose(0, 2, 3, 1).reshape(w_shape).astype(w_dtype)
+
+
+def input_grad(dy, w, in_spatial, strides, pads, dilation, inner: int):
+    """dx as the correlation of the stride-dilated dy with the flipped kernel (partial im2col)."""
+    ks = w.shape[:-2]
+    rank = len(ks)
+    new_pads = []
+    for n, k, s, (lo, _), d, o in zip(in_spatial, ks, strides, pads, dilation, dy.shape[1:-1]):
+        new_pads.append(((k - 1) * d - lo, n + lo - ((o - 1) * s + 1)))
+    w_t = jnp.flip(w, axis=tuple(range(rank))).swapaxes(-1, -2)
+    return conv_forward(dy, w_t, (1,) * rank, tuple(new_pads), dilation, inner,
+                        lhs_dilation=strides)
+
+
+def _fwd(x, w, strides, pads, dilation, f):
+    if f == "x":
+        return conv_ops.conv_xla(x, w, strides, pads, dilation)
+    return conv_forward(x, w, strides, pads, dilation, int(f))
+
+
+def _igrad(x, w, dy, strides, pads, dilation, i):
+    if i == "x":
+        _, vjp = jax.vjp(lambda xx: conv_ops.conv_xla(xx, w, strides, pads, dilation), x)
+        return vjp(dy)[0]
+    if i == "c":
+        return conv_ops._input_grad_col2im(x, dy, w, strides, pads, dilation)
+    return input_grad(dy, w, x.shape[1:-1], strides, pads, dilation, int(i))
+
+
+def _wgrad(x, w, dy, strides, pads, dilation, wc):
+    if wc == "x":
+        _, vjp = jax.vjp(lambda ww: conv_ops.conv_xla(x, ww, strides, pads, dilation), w)
+        return vjp(dy)[0]
+    return weight_grad(x, dy, w.shape, w.dtype, strides, pads, dilation, int(wc))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def conv_split(x, w, strides, pads, dilation, plan):
+    """Convolution whose forward / input-gradient / weight-gradient follow ``plan`` (F, I, W)."""
+    return _fwd(x, w, strides, pads, dilation, plan[0])
+
+
+def _conv_split_fwd(x, w, strides, pads, dilation, plan):
+    return _fwd(x, w, strides, pads, dilation, plan[0]), (x, w)
+
+
+def _conv_split_bwd(strides, pads, dilation, plan, res, dy):
+    x, w = res
+    dx = _igrad(x, w, dy, strides, pads, dilation, plan[1]).astype(x.dtype)
+    dw = _wgrad(x, w, dy, strides, pads, dilation, plan[2]).astype(w.dtype)
+    return dx, dw
+
+
+conv_split.defvjp(_conv_split_fwd, _conv_split_bwd)
+
+
+def conv(x, w, strides, pads, dilation, impl: str):
+    """``conv_ops.conv`` for a ``"split_FIW"`` impl (see module docstring)."""
+    plan = parse(impl, w.ndim - 2)
+    return conv_split(x, w, strides, pads, dilation, plan)
+
+
+def pass_fn(pass_name: str, choice: str, strides, pads, dilation):
+    """One pass alone, for timing: fwd (x, w) -> y; igrad (x, w, dy) -> dx; wgrad -> dw."""
+    if pass_name == "fwd":
+        return lambda x, w, dy: _fwd(x, w, strides, pads, dilation, choice)
+    if pass_name == "igrad":
+        return lambda x, w, dy: _igrad(x, w, dy, strides, pads, dilation, choice)
+    if pass_name == "wgrad":
+        return lambda x, w, dy: _wgrad(x, w, dy, strides, pads, dilation, choice)
+    raise ValueError(f"pass {pass_name!r}: expected fwd, igrad or wgrad")
