@@ -46,6 +46,10 @@ def _default(o):
 
 
 def run(mode: str, config, workdir: str) -> dict:
+    if config.get("method"):  # a registered multi-stage method runs every mode itself
+        from lungjax.registry import METHODS
+
+        return METHODS.get(config.method)(mode, config, workdir)
     if mode == "train":
         return train(config, workdir)
     if mode == "evaluate":
@@ -73,7 +77,15 @@ def train(config, workdir: str, data=None, engine=None) -> dict:
 
 def _can_screen(config) -> bool:
     model = train_lib.build_model(config)
-    return hasattr(model, "layer_specs")
+    return hasattr(model, "layer_specs") or _scan_detector(config) is not None
+
+
+def _scan_detector(config):
+    """The whole-scan detector registered for ``config.task.name`` (e.g. anchor-based
+    detection, which decodes boxes instead of a score volume), or None."""
+    from lungjax.registry import DETECTORS
+
+    return DETECTORS.get(config.task.name) if config.task.name in DETECTORS else None
 
 
 def _store_preprocessing(config) -> dict:
@@ -118,7 +130,8 @@ def evaluate(config, workdir: str) -> dict:
     banner(f"evaluate: {config.name} fold {config.data.fold}")
     model = _scan_model(config)
     task = train_lib.build_task(config)
-    if not hasattr(model, "layer_specs"):
+    detector = _scan_detector(config)
+    if detector is None and not hasattr(model, "layer_specs"):
         raise ValueError(f"model {config.model.name!r} cannot screen whole scans (no "
                          "layer_specs); --mode=evaluate needs a fully convolutional model")
     variables, step = _variables(workdir)
@@ -126,11 +139,14 @@ def evaluate(config, workdir: str) -> dict:
     uids = held_out_uids(config, store)
     if config.detection.max_scans:
         uids = uids[:config.detection.max_scans]
-    mapping = output_mapping(model.layer_specs(), center="patch")
-    settings = DetectionSettings.from_config(config.detection.to_dict())
-    run = run_detection(make_predict_fn(model, task, config.data.spatial_dims), store, uids,
-                        mapping, settings, variables=variables,
-                        progress=jax.process_index() == 0)
+    if detector is not None:  # returns a DetectionRun-like (marks, mean_seconds_per_scan)
+        run = detector(config, model, task, variables, store, uids)
+    else:
+        mapping = output_mapping(model.layer_specs(), center="patch")
+        settings = DetectionSettings.from_config(config.detection.to_dict())
+        run = run_detection(make_predict_fn(model, task, config.data.spatial_dims), store,
+                            uids, mapping, settings, variables=variables,
+                            progress=jax.process_index() == 0)
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     sub = os.path.join(out_dir, "submission.csv")
@@ -182,6 +198,10 @@ def cross_validate(config, workdir: str) -> dict:
     report = cv_report(results, out, title=f"{config.name}: {len(folds)}-fold cross-validation",
                        pooled=_pooled_froc(config, workdir, folds))
     print(f"cross-validation report: {report.get('files', out)}", flush=True)
+    if config.cv.get("report"):  # a method's own comparison (e.g. ablations, ensembles)
+        from lungjax.registry import CV_REPORTS
+
+        report = CV_REPORTS.get(config.cv.report)(config, workdir, report)
     return report
 
 

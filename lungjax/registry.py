@@ -52,7 +52,7 @@ class Registry:
                 except ModuleNotFoundError as e:
                     # A module that does not exist yet (a method not built) only hides its
                     # own entries; a module that exists but fails to import is a real error.
-                    if e.name != m:
+                    if not (e.name == m or m.startswith(f"{e.name}.")):
                         raise
 
     def get(self, name: str) -> Callable[..., Any]:
@@ -89,3 +89,13 @@ TASKS = Registry("task", ("lungjax.tasks.classification", "lungjax.tasks.hybrid"
 LOSSES = Registry("loss", ("lungjax.tasks.classification",))
 EVALUATORS = Registry("evaluator", ("lungjax.train",))
 TRANSFORMS = Registry("transform", ("lungjax.data.augment",))
+# Multi-stage methods chosen by ``config.method``: ``run(mode, config, workdir)`` replaces
+# the single-network modes of ``lungjax.modes`` (e.g. dou2017: screening FCN + FP reduction).
+METHODS = Registry("method", ("lungjax.methods.dou2017",))
+# Training-data sources chosen by ``config.sampler.name`` ("balanced" = the plain
+# ``lungjax.data.pipeline.StoreTrainData``), whole-scan detectors chosen by
+# ``config.task.name`` (tasks without a ``layer_specs`` screening network), and extra
+# cross-validation reports chosen by ``config.cv.report``.
+SAMPLERS = Registry("sampler", ("lungjax.methods.xie2018",))
+DETECTORS = Registry("detector", ("lungjax.methods.xie2018",))
+CV_REPORTS = Registry("cv_report", ("lungjax.methods.xie2018",))

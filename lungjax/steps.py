@@ -124,7 +124,10 @@ def make_train_step(model, task, tx: optax.GradientTransformation, *, spatial_di
 
         def loss_fn(params):
             outputs, new_model_state = _apply(model, None, params, state.model_state, image,
-                                              True, {"dropout": dropout_rng})
+                                              True, {"dropout": dropout_rng,
+                                                     # RReLU slopes (xie2018) draw apart
+                                                     "rrelu": jax.random.fold_in(
+                                                         dropout_rng, 1)})
             losses = task.per_sample_loss(outputs, batch)
             sel = w
             if use_osf:

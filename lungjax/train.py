@@ -295,6 +295,8 @@ def train_and_evaluate(config, workdir: str, data=None, mesh=None,
                 if r != round_index:
                     flush()  # the next round's index sees every update of this round
                     round_index = r
+                    if hasattr(data, "begin_round"):  # e.g. xie2018's provisional test
+                        data.begin_round(round_index, engine, state)
                     it = data.iterator(round_index)
                 batch = next(it)
                 state, metrics, host_out = engine.train_step(

@@ -204,6 +204,10 @@ def build_train_data(config, workdir: str | None = None):
     if not train_uids:
         raise ValueError("no training scans: every scan of the store is in the held-out fold "
                          f"{config.data.fold}")
-    return StoreTrainData(config, store, train_uids, held, seed=config.seed,
-                          process_index=jax.process_index(),
-                          process_count=jax.process_count())
+    cls = StoreTrainData
+    if config.sampler.name != "balanced":  # a method's own source (e.g. provisional tests)
+        from lungjax.registry import SAMPLERS
+
+        cls = SAMPLERS.get(config.sampler.name)
+    return cls(config, store, train_uids, held, seed=config.seed,
+               process_index=jax.process_index(), process_count=jax.process_count())

@@ -27,6 +27,9 @@ process_count):
                    ((S - 1) / 2), in voxels of the augmented patch
     "diameter_mm": (B,) float32, nodule diameter times the zoom factor (0 for negatives)
     "position":    (B,) int64, epoch * len(index) + row of the slot in the index
+    with data.max_nodules_per_patch = M > 0 also "nodules_zyx" (B, M, 3) float32 patch
+    voxels of every nodule reaching into the patch, "nodules_diameter_mm" (B, M)
+    (0 = padding) and "excluded_zyx" / "excluded_diameter_mm" likewise
 
 Randomness: each sample's augmentation comes from a generator seeded by (seed,
 round, position in the full index), so batches do not depend on the number of
@@ -60,6 +63,8 @@ class PipelineConfig:
       worker_buffer_size: batches buffered per worker [data.prefetch_buffer].
       read_threads: threads per process reading patches [data.read_threads, default 2].
       prefetch_batches: batches those threads read ahead [data.prefetch_batches, default 4].
+      max_nodules: findings per patch listed in the batch, 0 = none
+        [data.max_nodules_per_patch, default 0].
       augment_positive / augment_negative: [augment.positive / augment.negative],
         ``augment.AugmentConfig`` fields.
     """
@@ -71,6 +76,7 @@ class PipelineConfig:
     worker_buffer_size: int = 2
     read_threads: int = 2
     prefetch_batches: int = 4
+    max_nodules: int = 0
     augment_positive: aug.AugmentConfig = aug.AugmentConfig()
     augment_negative: aug.AugmentConfig = aug.AugmentConfig()
 
@@ -98,12 +104,16 @@ class PipelineConfig:
                 "num_workers": ("data.workers", data.get("workers", 0), 0),
                 "worker_buffer_size": ("data.prefetch_buffer", data.get("prefetch_buffer", 2), 1),
                 "read_threads": ("data.read_threads", data.get("read_threads", 2), 1),
-                "prefetch_batches": ("data.prefetch_batches", data.get("prefetch_batches", 4), 0)}
+                "prefetch_batches": ("data.prefetch_batches", data.get("prefetch_batches", 4), 0),
+                "max_nodules": ("data.max_nodules_per_patch",
+                                data.get("max_nodules_per_patch", 0), 0)}
         ints = {}
         for k, (name, v, lo) in vals.items():
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
                 raise ValueError(f"config.{name} must be an integer >= {lo}, got {v!r}")
             ints[k] = int(v)
+        if ints["max_nodules"] and is_2d:
+            raise ValueError("config.data.max_nodules_per_patch is for 3D patches only")
         unknown = sorted(set(augd) - {"positive", "negative"})
         if unknown:
             raise ValueError(f"config.augment: unknown field(s) {unknown}; known: positive, "
@@ -146,6 +156,7 @@ class PatchTransform(grain.transforms.MapWithIndex):
         self.host = int(process_index)
         self.n_local = len(index) // process_count
         self._spacing: dict[int, np.ndarray] = {}
+        self._findings: dict[int, tuple] = {}
         self._perm: tuple[int, np.ndarray | None] = (0, None)
 
     def _spacing_of(self, scan: int) -> np.ndarray:
@@ -201,7 +212,9 @@ class PatchTransform(grain.transforms.MapWithIndex):
         target = np.asarray(row["target_zyx"], np.float64) - center + np.asarray(size) // 2
         offset = aug.relative_to_center(aug.map_point(target, size, out, params, cfg.is_2d), out)
         image = image[0] if cfg.is_2d else image
-        return {
+        extra = (self._patch_findings(int(row["scan"]), center, size, params)
+                 if cfg.max_nodules else {})
+        return {**extra,
             "image": image[..., None],
             "label": np.int32(label),
             self.id_key: np.int64(row["sample_id"]),
@@ -211,6 +224,44 @@ class PatchTransform(grain.transforms.MapWithIndex):
             "diameter_mm": np.float32(row["diameter_mm"] * params.scale),
             "position": np.int64(position),
         }
+
+
+    def _patch_findings(self, scan: int, center, size, params) -> dict[str, np.ndarray]:
+        """Every nodule / excluded finding of the scan whose sphere reaches into the
+        augmented patch, nearest to the patch centre first, padded to
+        ``cfg.max_nodules`` rows with diameter 0: "nodules_zyx" (M, 3) float32 absolute
+        patch voxels, "nodules_diameter_mm" (M,) float32 (times the zoom), and likewise
+        "excluded_zyx" / "excluded_diameter_mm" (unknown diameters count as 10 mm, the
+        LUNA16 rule). Anchor-based detectors need them so that a second nodule inside a
+        patch is not trained as background."""
+        found = self._findings.get(scan)
+        if found is None:
+            rec = self.store.scan(self.uids[scan])
+            ex_d = np.asarray(rec.excluded_diameter_mm, np.float64).reshape(-1)
+            found = (np.asarray(rec.nodules_zyx, np.float64).reshape(-1, 3),
+                     np.asarray(rec.nodule_diameter_mm, np.float64).reshape(-1),
+                     np.asarray(rec.excluded_zyx, np.float64).reshape(-1, 3),
+                     np.where(ex_d > 0, ex_d, 10.0))
+            self._findings[scan] = found
+        out_shape = np.asarray(self.cfg.patch_size_zyx, np.float64)
+        mm = self._spacing_of(scan) / params.scale  # mm per augmented-patch voxel
+        m = self.cfg.max_nodules
+        result = {}
+        for name, zyx, diam in (("nodules", found[0], found[1]), ("excluded", found[2], found[3])):
+            pts = np.zeros((m, 3), np.float32)
+            dm = np.zeros((m,), np.float32)
+            if len(zyx):
+                p = aug.map_point(zyx - center + np.asarray(size) // 2, size, out_shape, params,
+                                  self.cfg.is_2d)
+                d = diam * params.scale
+                # Distance from the patch box, in mm of the scan, against the true radius.
+                gap = np.linalg.norm((p - np.clip(p, 0, out_shape - 1)) * mm, axis=1)
+                keep = np.flatnonzero(gap < diam / 2)
+                dist = np.linalg.norm((p[keep] - (out_shape - 1) / 2) * mm, axis=1)
+                keep = keep[np.argsort(dist, kind="stable")][:m]
+                pts[:len(keep)], dm[:len(keep)] = p[keep], d[keep]
+            result[f"{name}_zyx"], result[f"{name}_diameter_mm"] = pts, dm
+        return result
 
 
 def build_train_dataset(config, store, index: SampleIndex, *, seed: int, process_index: int = 0,

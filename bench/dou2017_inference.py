@@ -1,0 +1,86 @@
+"""Per-scan inference seconds of dou2017 (stage-1 screening + stage-2 FP reduction) on a
+1 mm scan of 300^3 voxels, with the default (CPU schedule) or paper widths and random
+weights (timing does not depend on the weights; the candidate count is fixed instead).
+
+    python bench/dou2017_inference.py [--variant=default|paper] [--size=300] [--candidates=100]
+        [--repeats=2]
+
+Prints the seconds of the whole-scan FCN pass (tiled as ``detection.tile_zyx``), of
+scoring the candidates' 24x60x60 patches with ResNet+HL, and their sum; the first run
+includes compilation and is reported apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import time
+
+import jax
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(variant: str):
+    spec = importlib.util.spec_from_file_location("dou2017_cfg",
+                                                  os.path.join(ROOT, "configs", "dou2017.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(variant)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variant", default="default", choices=("default", "paper"))
+    p.add_argument("--size", type=int, default=300)
+    p.add_argument("--candidates", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args()
+
+    from lungjax import train as train_lib
+    from lungjax.data.coords import Geometry
+    from lungjax.detect import DetectionSettings, detect_volume
+    from lungjax.methods import dou2017_stages as st
+    from lungjax.steps import make_predict_fn
+    from lungjax.tasks.screening import output_mapping
+
+    c = _config(args.variant)
+    fcn = train_lib.build_model(c).clone(conv_impl=c.detection.conv_impl)
+    task1 = train_lib.build_task(c)
+    v1 = jax.jit(fcn.init)(jax.random.key(0), train_lib.sample_input(c))
+    mapping = output_mapping(fcn.layer_specs(), center="patch")
+    # Threshold 0: every NMS peak is a candidate, capped at --candidates.
+    settings = DetectionSettings.from_config({**c.detection.to_dict(), "threshold": 0.0,
+                                              "max_candidates_per_scan": args.candidates})
+    predict1 = make_predict_fn(fcn, task1)
+    n = args.size
+    rng = np.random.default_rng(0)
+    volume = rng.random((n, n, n), dtype=np.float32)
+    geom = Geometry(np.ones(3), np.zeros(3), np.eye(3))
+
+    c2 = st.stage2_config(c, "resnet_hl", None)
+    model2, task2 = train_lib.build_model(c2), train_lib.build_task(c2)
+    x2 = np.zeros((1, *c2.data.patch_size_zyx, 1), np.float32)
+    v2 = jax.jit(model2.init)(jax.random.key(1), x2)
+    clf = st.CandidateClassifier(model2, task2, v2, c2.data.patch_size_zyx,
+                                 int(c.stage2.inference_batch))
+
+    print(f"dou2017 {args.variant}: {n}^3 scan at 1 mm, FCN tiles {tuple(c.detection.tile_zyx)}, "
+          f"{args.candidates} candidates, devices {jax.devices()[0].platform} x "
+          f"{jax.device_count()}", flush=True)
+    for r in range(args.repeats):
+        t0 = time.perf_counter()
+        cands = detect_volume(predict1, volume, geom, mapping, settings, variables=v1)
+        t1 = time.perf_counter()
+        out = clf(volume, cands.voxel_zyx)
+        t2 = time.perf_counter()
+        tag = "first run (with compilation)" if r == 0 else f"run {r + 1}"
+        print(f"{tag}: screening {t1 - t0:.1f} s ({len(cands)} candidates), "
+              f"FP reduction {t2 - t1:.1f} s ({len(out['score'])} patches), "
+              f"total {t2 - t0:.1f} s per scan", flush=True)
+
+
+if __name__ == "__main__":
+    main()

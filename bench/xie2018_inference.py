@@ -1,0 +1,112 @@
+"""Seconds per scan of xie2018 detection: preprocessing of the raw scan (read, resample to
+1 mm, lung mask, crop, window) and whole-scan inference (tiled network + decoding + NMS
+across both heads), the two parts the paper reports (20 s + 15 s on a Titan Xp).
+
+Uses the latest checkpoint of ``--workdir`` when given (else a freshly initialised network
+of the same config: the cost does not depend on the weights, except the NMS share, which
+depends on how many anchors pass the threshold). Runs on the scans of the config's
+prepared store (generated default data unless ``--config.data.root`` says otherwise).
+On a shared machine the numbers are noisy.
+
+    python bench/xie2018_inference.py --scans=3
+    python bench/xie2018_inference.py --workdir=runs/xie2018 --scans=5 --arg=default
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from lungjax import modes, train as train_lib  # noqa: E402
+from lungjax.methods.xie2018 import detect_scans  # noqa: E402
+
+
+def _config(arg: str):
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs",
+                        "xie2018.py")
+    spec = importlib.util.spec_from_file_location("xie2018_cfg", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arg", default="default", help="config variant of configs/xie2018.py")
+    p.add_argument("--workdir", default=None, help="run whose latest checkpoint to use")
+    p.add_argument("--scans", type=int, default=3, help="scans to time (after one warm-up)")
+    p.add_argument("--cache_dir", default=None, help="config.data.cache_dir")
+    p.add_argument("--threshold", type=float, default=None, help="detection.threshold")
+    p.add_argument("--tile", default=None,
+                   help="detection.tile_zyx as z,y,x ('none' = whole scan in one pass)")
+    args = p.parse_args(argv)
+
+    c = _config(args.arg)
+    if args.cache_dir:
+        c.data.cache_dir = args.cache_dir
+    if args.threshold is not None:
+        c.detection.threshold = args.threshold
+    if args.tile is not None:
+        c.detection.tile_zyx = () if args.tile == "none" else tuple(
+            int(v) for v in args.tile.split(","))
+    from lungjax.data.io import read_scan
+    from lungjax.data.luna16 import Luna16Dataset
+    from lungjax.data.preprocess import preprocess_scan
+    from lungjax.data.store import PatchStore, read_manifest
+    from lungjax.train_data import prepare_data
+
+    store_path = prepare_data(c)
+    store = PatchStore.open(store_path)
+    model = modes._scan_model(c)
+    task = train_lib.build_task(c)
+    if args.workdir:
+        variables, step = modes._variables(args.workdir)
+    else:
+        x = np.zeros((1, *c.data.patch_size_zyx, 1), np.float32)
+        variables, step = jax.jit(model.init)(jax.random.key(0), x), 0
+    uids = store.uids()[:args.scans + 1]
+    manifest = read_manifest(store_path) or {}
+    root = manifest.get("source_root") or manifest.get("root")
+
+    rows = []
+    for i, uid in enumerate(uids):
+        pre = None
+        if root and os.path.isdir(root):
+            ds = Luna16Dataset.open(root)
+            t0 = time.perf_counter()
+            scan = read_scan(ds.scan_path(uid))
+            lung = ds.lung_mask_path(uid)
+            seg = read_scan(lung).array if lung else None
+            preprocess_scan(scan.array, scan.geometry, spacing_zyx=tuple(c.data.spacing_zyx),
+                            hu_window=tuple(c.data.hu_window), lung_seg=seg, name=uid)
+            pre = time.perf_counter() - t0
+        run = detect_scans(c, model, task, variables, store, [uid])
+        s = run.seconds[uid]
+        rec = {"uid": uid[-8:], "shape_zyx": list(store.scan(uid).shape_zyx),
+               "preprocess_s": pre, "read_s": s["read"], "detect_s": s["detect"],
+               "marks": int(len(run.marks.uid))}
+        if i == 0:
+            print(f"warm-up (compiles): {json.dumps(rec)}", flush=True)
+            continue
+        rows.append(rec)
+        print(json.dumps(rec), flush=True)
+    det = float(np.mean([r["detect_s"] + r["read_s"] for r in rows]))
+    pres = [r["preprocess_s"] for r in rows if r["preprocess_s"] is not None]
+    print(f"xie2018 ({c.name}, checkpoint step {step}, tile {tuple(c.detection.tile_zyx)}, "
+          f"{jax.devices()[0].platform}): detection {det:.1f} s/scan"
+          + (f", preprocessing {np.mean(pres):.1f} s/scan" if pres else "")
+          + f" over {len(rows)} scans")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

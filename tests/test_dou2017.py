@@ -1,0 +1,152 @@
+"""dou2017 end to end (lungjax.methods.dou2017): stage configs, candidate patches, and the
+``tiny`` variant through every mode: generate -> prepare -> train the FCN (OSF) -> screen
+training and held-out scans -> train ResNet+HL on nodules + stage-1 false positives ->
+score held-out candidates -> FROC -> export -> cross-validation report with ablations."""
+
+import importlib.util
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from lungjax import modes
+from lungjax.data.tables import read_marks_csv
+from lungjax.methods import dou2017_stages as st
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _config(arg="tiny", path="configs/dou2017.py"):
+    spec = importlib.util.spec_from_file_location("cfg_dou2017", ROOT / path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)
+
+
+def test_stage2_config_is_the_papers_stage2_on_the_fcn_trunk():
+    c = _config("")
+    c2 = st.stage2_config(c, "resnet_hl", "/runs/x/stage1")
+    assert c2.model.name == "dou2017_fpr_resnet_hl" and c2.task.name == "hybrid"
+    assert tuple(c2.model.trunk_features) == tuple(c.model.features[:3])
+    assert [tuple(k) for k in c2.model.trunk_kernels] == [tuple(k) for k in c.model.kernels[:3]]
+    assert tuple(c2.data.patch_size_zyx) == (24, 60, 60) == tuple(c2.task.patch_size_zyx)
+    assert c2.task.lam == 0.5 and c2.optimizer.weight_decay == pytest.approx(2e-4)
+    assert c2.train.init_from == "/runs/x/stage1"
+    assert tuple(c2.train.init_paths) == ("conv1:conv1", "conv2:conv2", "conv3:conv3")
+    assert not c2.train.osf.enabled and c.train.osf.enabled
+    assert dict(c2.sampler.negative_mix) == {"hard": 1.0}
+    # stage-1 fields the stage-2 network does not take are gone, merged ones kept
+    assert "features" not in c2.model and c2.data.fold == c.data.fold
+    assert c2.augment.positive.translate_nodule_fraction == 1.0
+    assert c2.augment.positive.rot90 and tuple(c2.augment.positive.scale_range) == (0.9, 1.1)
+    assert st.stage1_config(c, False).train.osf.enabled is False
+    with pytest.raises(ValueError, match="unknown network 'vgg'"):
+        st.stage2_config(c, "vgg", None)
+    paper = _config("paper")
+    assert tuple(paper.model.features) == (64, 64, 150, 150)
+    assert paper.detection.threshold == 0.85
+    assert tuple(paper.stage2.model.stage_features) == (64, 128)
+
+
+def test_baseline_configs_change_one_thing():
+    base = _config("tiny")
+    for net in ("deepnet", "resnet", "resnet_hl"):
+        c = _config("tiny", f"configs/baselines/dou2017_{net}.py")
+        assert tuple(c.stage2.networks) == (net,) and c.train.osf.enabled
+        assert c.name == f"dou2017_{net}_tiny"
+    c = _config("tiny", "configs/baselines/dou2017_fcn_no_osf.py")
+    assert not c.train.osf.enabled and tuple(c.stage2.networks) == tuple(base.stage2.networks)
+
+
+def test_crop_matches_store_read_patch_convention():
+    vol = np.arange(5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7)
+    p = st.crop(vol, (2, 3, 3), (3, 4, 4))  # start = center - size // 2 = (1, 1, 1)
+    np.testing.assert_array_equal(p, vol[1:4, 1:5, 1:5])
+    edge = st.crop(vol, (0, 0, 6), (2, 2, 2))  # start (-1, -1, 5): outside is 0
+    expect = np.zeros((2, 2, 2), np.float32)
+    expect[1, 1, :] = vol[0, 0, 5:7]
+    np.testing.assert_array_equal(edge, expect)
+
+
+def test_candidates_round_trip(tmp_path):
+    from lungjax.tasks.screening import Candidates
+
+    a = Candidates(np.zeros((2, 3), np.int64), np.array([[1., 2, 3], [4, 5, 6]]),
+                   np.array([[-1., 0, 1], [2, 3, 4]]), np.array([0.9, 0.7]))
+    b = Candidates(np.zeros((0, 3), np.int64), np.zeros((0, 3)), np.zeros((0, 3)), np.zeros(0))
+    path = str(tmp_path / "c.npz")
+    st.save_candidates(path, {"u1": a, "u2": b}, {"u1": {"total": 1.5}, "u2": {"total": 2.0}})
+    back = st.load_candidates(path)
+    assert list(back) == ["u1", "u2"] and back["u2"]["score"].shape == (0,)
+    np.testing.assert_array_equal(back["u1"]["voxel_zyx"], a.voxel_zyx)
+    np.testing.assert_array_equal(back["u1"]["world_xyz"], a.world_xyz)
+    assert back["u1"]["seconds"] == 1.5
+    marks = st.candidate_marks(back)
+    assert list(marks.uid) == ["u1", "u1"] and np.allclose(marks.probability, [0.9, 0.7])
+
+
+@pytest.mark.slow
+def test_tiny_end_to_end_train_export_cv(tmp_path):
+    pytest.importorskip("lungjax.data.synthetic")
+    c = _config("tiny")
+    c.data.cache_dir = str(tmp_path / "data_cache")
+    c.detection.max_scans = 1
+    c.cv.folds = (0,)
+    fold_dir = tmp_path / "cv" / "fold_0"
+
+    rec = modes.run("train", c, str(fold_dir))
+    assert 0.0 <= rec["cpm"] <= 1.0 and len(rec["sensitivities"]) == 7
+    s1 = rec["stage1"]["osf"]
+    assert s1["n_scans"] == 1 and s1["n_nodules"] >= 1 and s1["fps_per_scan"] >= 0
+    # stage 2 scored every held-out stage-1 candidate, with a regressed diameter
+    cands = st.load_candidates(str(fold_dir / "stage1" / "candidates_test.npz"))
+    sub = read_marks_csv(rec["submission_csv"])
+    assert len(sub) == sum(len(v["score"]) for v in cands.values()) > 0
+    header = pathlib.Path(rec["submission_csv"]).read_text().splitlines()[0].split(",")
+    assert header[-1] == "diameter_mm"
+    assert set(np.unique(sub.uid)) <= set(rec["uids"])
+    u = rec["uids"][0]
+    secs = rec["stage2"]["resnet_hl"]["seconds_per_scan"][u]
+    assert secs["total"] == pytest.approx(secs["stage1"] + secs["stage2"])
+    # stage 2 trained on the training scans' stage-1 candidates: the training-scan
+    # candidates exist and none of them is a held-out scan
+    train_c = st.load_candidates(str(fold_dir / "stage1" / "candidates_train.npz"))
+    assert train_c and not set(train_c) & set(rec["uids"])
+    assert json.loads((fold_dir / "dou2017.json").read_text())["cpm"] == rec["cpm"]
+
+    # export: stage 2 gives (probability, diameter) per candidate patch, as the checkpoint
+    out = modes.run("export", c, str(fold_dir))
+    assert out["stage1"]["output_mapping"]["stride_zyx"] == [1, 2, 2]
+    from lungjax import train
+    from lungjax.checkpointing import restore_params
+    from lungjax.export import load_predictor
+
+    predict, sidecar = load_predictor(str(fold_dir / "export" / "stage2"))
+    x = np.random.default_rng(0).random((3, 24, 60, 60, 1), dtype=np.float32)
+    y = np.asarray(predict(x))
+    assert y.shape == (3, 2) and np.all((y[:, 0] >= 0) & (y[:, 0] <= 1)) and np.all(y[:, 1] > 0)
+    c2 = st.stage2_config(c, "resnet_hl", None)
+    ck = restore_params(str(fold_dir / "stage2_resnet_hl" / "checkpoints"))
+    model, task = train.build_model(c2), train.build_task(c2)
+    ref = jax.jit(lambda v, x: task.decode(model.apply(v, x, train=False)))(
+        {"params": ck["params"], **ck["model_state"]}, x)
+    np.testing.assert_allclose(y[:, 0], np.asarray(ref["score"]), rtol=1e-4, atol=1e-6)
+
+    # cv: fold 0's method is done (reused); the ablations train (few steps) and the
+    # paper's three tables + FROC curves are written
+    c.train.num_steps = 4
+    c.stage2.train.num_steps = 2
+    report = modes.run("cv", c, str(tmp_path / "cv"))
+    tables = (tmp_path / "cv" / "cv" / "dou2017_tables.md").read_text()
+    assert "without OSF" in tables and "with OSF" in tables
+    for name in ("DeepNet", "ResNet", "ResNet+HL"):
+        assert f"| {name} |" in tables
+    assert "paper (Dou et al. 2017)" in tables
+    assert (tmp_path / "cv" / "cv" / "froc_cv.png").is_file()
+    assert (tmp_path / "cv" / "cv" / "froc_systems.png").is_file()
+    assert report["pooled"] is not None and "stage1_no_osf_sensitivity" in report["metrics"]
+    fold = json.loads((fold_dir / "dou2017.json").read_text())
+    assert set(fold["stage2"]) == {"deepnet", "resnet", "resnet_hl"}
+    assert fold["stage2"]["resnet_hl"]["cpm"] == rec["cpm"]  # the trained fold was reused
