@@ -72,7 +72,7 @@ def read_nodule_table(path: str | os.PathLike) -> list[dict[str, str]]:
       TableError: missing file or columns (message names the file and column).
     """
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             missing = [c for c in NODULE_COLUMNS if c not in (reader.fieldnames or ())]
             if missing:

@@ -67,7 +67,7 @@ def read_candidates_csv(path: str | os.PathLike) -> Candidates:
       TableError: missing column or non-numeric value (naming file, row and column).
     """
     path = os.fspath(path)
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
         try:
             header = [h.strip() for h in next(reader)]

@@ -105,7 +105,7 @@ def read_manifest(path_or_url, context: ts.Context | None = None) -> dict | None
         p = os.path.join(_local_path(path_or_url), MANIFEST)
         if not os.path.isfile(p):
             return None
-        with open(p) as f:
+        with open(p, encoding="utf-8") as f:
             text = f.read()
         where = p
     else:

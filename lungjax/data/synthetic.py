@@ -155,7 +155,7 @@ def read_malignancy_csv(path: str | os.PathLike) -> dict[str, np.ndarray]:
     import csv
 
     path = os.fspath(path)
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     if not rows:
         return {}
@@ -245,7 +245,7 @@ def generate_dataset(out_dir: str | os.PathLike, preset: str = "tiny", seed: int
     params = _params(preset, seed, cfg.n_scans)
     marker = os.path.join(out_dir, MARKER)
     if os.path.isfile(marker):
-        with open(marker) as f:
+        with open(marker, encoding="utf-8") as f:
             done = json.load(f)
         if done.get("params") != params:
             raise ValueError(f"{out_dir} already holds a generated dataset made with "
@@ -258,7 +258,7 @@ def generate_dataset(out_dir: str | os.PathLike, preset: str = "tiny", seed: int
     for i, uid in enumerate(uids):
         path = _record_path(out_dir, uid)
         if os.path.isfile(path):
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 records[i] = json.load(f)
         else:
             todo.append(i)

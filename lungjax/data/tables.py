@@ -100,7 +100,7 @@ def _read_rows(path: str | os.PathLike, required: Sequence[str]) -> tuple[list[s
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
         try:
             header = [h.strip() for h in next(reader)]
@@ -155,7 +155,7 @@ def read_uid_list(path: str | os.PathLike) -> list[str]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         uids = [line.strip().split(",")[0] for line in f if line.strip()]
     return [u for u in uids if u != "seriesuid"]
 
@@ -168,7 +168,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
     try:
-        with os.fdopen(fd, "w", newline="") as f:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
