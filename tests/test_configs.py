@@ -96,5 +96,5 @@ def test_unknown_registry_names_are_errors():
 def test_resolved_config_is_json(tmp_path):
     c = _load("dou2017").get_config("tiny")
     train._write_config(c, str(tmp_path))
-    d = json.loads((tmp_path / "config.json").read_text())
+    d = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
     assert d["model"]["name"] == "dou2017_fcn" and d["data"]["patch_size_zyx"] == [10, 30, 30]

@@ -123,7 +123,7 @@ def test_detect_store_finds_every_sphere_in_world_mm(store, tmp_path):
     back = read_marks_csv(path)
     np.testing.assert_array_equal(back.uid, run.marks.uid)
     np.testing.assert_allclose(back.xyz, run.marks.xyz, atol=1e-6)
-    assert path.read_text().splitlines()[0].endswith("probability,diameter_mm")
+    assert path.read_text(encoding="utf-8").splitlines()[0].endswith("probability,diameter_mm")
     with pytest.raises(ValueError, match="diameters"):
         write_submission(path, run.marks, diameter_mm=[1.0])
 

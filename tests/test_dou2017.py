@@ -104,7 +104,7 @@ def test_tiny_end_to_end_train_export_cv(tmp_path):
     cands = st.load_candidates(str(fold_dir / "stage1" / "candidates_test.npz"))
     sub = read_marks_csv(rec["submission_csv"])
     assert len(sub) == sum(len(v["score"]) for v in cands.values()) > 0
-    header = pathlib.Path(rec["submission_csv"]).read_text().splitlines()[0].split(",")
+    header = pathlib.Path(rec["submission_csv"]).read_text(encoding="utf-8").splitlines()[0].split(",")
     assert header[-1] == "diameter_mm"
     assert set(np.unique(sub.uid)) <= set(rec["uids"])
     u = rec["uids"][0]
@@ -114,7 +114,7 @@ def test_tiny_end_to_end_train_export_cv(tmp_path):
     # candidates exist and none of them is a held-out scan
     train_c = st.load_candidates(str(fold_dir / "stage1" / "candidates_train.npz"))
     assert train_c and not set(train_c) & set(rec["uids"])
-    assert json.loads((fold_dir / "dou2017.json").read_text())["cpm"] == rec["cpm"]
+    assert json.loads((fold_dir / "dou2017.json").read_text(encoding="utf-8"))["cpm"] == rec["cpm"]
 
     # export: stage 2 gives (probability, diameter) per candidate patch, as the checkpoint
     out = modes.run("export", c, str(fold_dir))
@@ -139,7 +139,7 @@ def test_tiny_end_to_end_train_export_cv(tmp_path):
     c.train.num_steps = 4
     c.stage2.train.num_steps = 2
     report = modes.run("cv", c, str(tmp_path / "cv"))
-    tables = (tmp_path / "cv" / "cv" / "dou2017_tables.md").read_text()
+    tables = (tmp_path / "cv" / "cv" / "dou2017_tables.md").read_text(encoding="utf-8")
     assert "without OSF" in tables and "with OSF" in tables
     for name in ("DeepNet", "ResNet", "ResNet+HL"):
         assert f"| {name} |" in tables
@@ -147,6 +147,6 @@ def test_tiny_end_to_end_train_export_cv(tmp_path):
     assert (tmp_path / "cv" / "cv" / "froc_cv.png").is_file()
     assert (tmp_path / "cv" / "cv" / "froc_systems.png").is_file()
     assert report["pooled"] is not None and "stage1_no_osf_sensitivity" in report["metrics"]
-    fold = json.loads((fold_dir / "dou2017.json").read_text())
+    fold = json.loads((fold_dir / "dou2017.json").read_text(encoding="utf-8"))
     assert set(fold["stage2"]) == {"deepnet", "resnet", "resnet_hl"}
     assert fold["stage2"]["resnet_hl"]["cpm"] == rec["cpm"]  # the trained fold was reused

@@ -36,9 +36,9 @@ def test_tiny_train_evaluate_export_cv(tmp_path, cache_dir):
     det = summary["detection"]
     assert 0.0 <= det["cpm"] <= 1.0 and det["scans"] >= 1
     assert (workdir / "eval" / "submission.csv").is_file()
-    record = json.loads((workdir / "eval" / "froc.json").read_text())
+    record = json.loads((workdir / "eval" / "froc.json").read_text(encoding="utf-8"))
     assert record["cpm"] == pytest.approx(det["cpm"])
-    assert json.loads((workdir / modes.DONE_FILE).read_text())["step"] == c.train.num_steps
+    assert json.loads((workdir / modes.DONE_FILE).read_text(encoding="utf-8"))["step"] == c.train.num_steps
 
     # export reproduces the checkpoint's predictions
     sidecar = modes.export(c, str(workdir))

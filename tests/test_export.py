@@ -48,7 +48,7 @@ def test_export_round_trip_in_fresh_process(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(np.load(tmp_path / "y1.npy"), expected[:1], rtol=1e-6, atol=1e-7)
 
-    meta = json.loads((out / "export.json").read_text())
+    meta = json.loads((out / "export.json").read_text(encoding="utf-8"))
     assert meta["preprocessing"]["hu_window"] == [-1200, 600]
     assert meta["versions"]["jax"] == jax.__version__
 

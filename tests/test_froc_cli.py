@@ -42,8 +42,8 @@ def test_cli_writes_all_outputs(tables, capsys):
     out = tables / "out"
     printed = capsys.readouterr().out
     assert "CPM" in printed and printed.startswith("FROC analysis: sub")
-    assert (out / "summary.txt").read_text() in printed
-    summary = json.loads((out / "summary.json").read_text())
+    assert (out / "summary.txt").read_text(encoding="utf-8") in printed
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     # 2 of 3 nodules found; FPs .8 and .4 over 3 scans, the .99 mark is on an excluded
     # finding: curve (0,0) (0,1/3) (1/3,1/3) (1/3,2/3) (2/3,2/3).
     assert summary["n_detected"] == 2 and summary["n_ignored_excluded"] == 1
@@ -66,7 +66,7 @@ def test_cli_without_bootstrap_writes_no_bootstrap_csv(tables):
     write_marks_csv(sub, Marks(["1.2.3.1"], [[0, 0, 0]], [0.5]))
     assert main(_args(tables, sub, "--bootstrap", "0")) == 0
     assert not (tables / "out" / "bootstrap.csv").exists()
-    assert json.loads((tables / "out" / "summary.json").read_text())["bootstrap"] is None
+    assert json.loads((tables / "out" / "summary.json").read_text(encoding="utf-8"))["bootstrap"] is None
 
 
 @pytest.mark.parametrize("text, message", [
@@ -94,7 +94,7 @@ def test_cli_unknown_uids_warn_and_list(tables, capsys):
     assert main(_args(tables, sub, "--bootstrap", "0")) == 0
     err = capsys.readouterr().err
     assert "2 UID(s)" in err and "  8.8.8" in err and "  9.9.9" in err
-    summary = json.loads((tables / "out" / "summary.json").read_text())
+    summary = json.loads((tables / "out" / "summary.json").read_text(encoding="utf-8"))
     assert summary["unknown_uids"] == ["8.8.8", "9.9.9"]
 
 

@@ -101,7 +101,7 @@ def test_dicom_series(tmp_path):
 # ---------------------------------------------------------------------------
 
 def _edit_header(path, key, value):
-    lines = path.read_text().splitlines()
+    lines = path.read_text(encoding="utf-8").splitlines()
     lines = [f"{key} = {value}" if ln.startswith(key + " ") else ln for ln in lines]
     path.write_text("\n".join(lines) + "\n")
 

@@ -225,7 +225,7 @@ def test_bad_inputs_have_clear_errors():
 
 
 def test_committed_table_is_valid_and_drives_auto():
-    table = json.loads(conv_select.TABLE_PATH.read_text())
+    table = json.loads(conv_select.TABLE_PATH.read_text(encoding="utf-8"))
     assert table["entries"], "conv_table.json has no measurements"
     for e in table["entries"]:
         key = conv_select.ConvKey.from_json(e["key"])
@@ -251,7 +251,7 @@ def test_first_use_autotune_caches_on_disk(tmp_path, monkeypatch):
     x = jnp.ones((1, 5, 5, 2))
     y = Conv(2, (3, 3)).init_with_output(jax.random.key(0), x)[0]
     assert y.shape == (1, 5, 5, 2)
-    entries = json.loads(cache.read_text())["entries"]
+    entries = json.loads(cache.read_text(encoding="utf-8"))["entries"]
     assert len(entries) == 1
     ms = entries[0]["ms"]
     assert {"matmul", "xla"} <= set(ms) and any(conv_split.is_split(i) for i in ms)

@@ -116,7 +116,7 @@ def test_bad_inputs_are_skipped_with_reasons(prepared):
     assert "3 scan(s) prepared" in text and "7 skipped" in text
     assert "lies outside the scanned volume" in text
     assert "annotations.csv rows whose UID has no scan: 1 UID(s): 9.no_scan" in text
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     assert set(manifest["skipped"]) == set(BAD) and set(manifest["scans"]) == set(GOOD)
 
 
@@ -174,7 +174,7 @@ def test_interrupted_then_resumed(luna_root, tmp_path, monkeypatch):
     monkeypatch.setattr(prepare_lib, "prepare_scan", flaky)
     with pytest.raises(KeyboardInterrupt):
         prepare_dataset(luna_root, out, subsets=[0, 1, 2], progress=False)
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     assert list(manifest["scans"]) == ["1.1"]  # flushed on interruption
     monkeypatch.setattr(prepare_lib, "prepare_scan", real)
     report = prepare_dataset(luna_root, out, subsets=[0, 1, 2], progress=False)

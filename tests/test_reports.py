@@ -71,12 +71,12 @@ def test_cv_report_files(tmp_path):
     files = rep["files"]
     for k in ("json", "markdown", "froc_png", "systems_png"):
         assert (tmp_path / "cv" / files[k].split("/")[-1]).exists()
-    data = json.loads((tmp_path / "cv" / "cv_report.json").read_text())
+    data = json.loads((tmp_path / "cv" / "cv_report.json").read_text(encoding="utf-8"))
     assert data["title"] == "toy 2-fold" and data["folds"] == ["0", "1"]
     assert data["metrics"]["loss"]["mean"] == pytest.approx(0.15)
     assert data["metrics"]["cpm"]["per_fold"] == [folds[0]["froc"].cpm, folds[1]["froc"].cpm]
     assert data["pooled"]["cpm"] == pytest.approx(pooled.cpm)
-    md = (tmp_path / "cv" / "cv_report.md").read_text()
+    md = (tmp_path / "cv" / "cv_report.md").read_text(encoding="utf-8")
     assert md.startswith("# toy 2-fold") and "| **pooled (all folds)** |" in md
     assert "| mean ± std |" in md and "bootstrap interval" in md and "## Systems" in md
     with pytest.raises(ValueError, match="no fold results"):
@@ -87,7 +87,7 @@ def test_cv_report_without_froc(tmp_path):
     rep = cv_report([{"dice": 0.9, "hd95_mm": float("inf")}, {"dice": 0.8, "hd95_mm": 3.0}],
                     tmp_path, "seg")
     assert set(rep["files"]) == {"json", "markdown"}
-    data = json.loads((tmp_path / "cv_report.json").read_text())
+    data = json.loads((tmp_path / "cv_report.json").read_text(encoding="utf-8"))
     assert data["metrics"]["hd95_mm"]["per_fold"] == ["inf", 3.0]
 
 

@@ -61,7 +61,7 @@ def test_layout_reads_with_the_luna16_loader(tiny):
     assert np.all(ds.annotations.diameter_mm >= 2.0)
     assert np.any(ds.excluded.diameter_mm == -1)
     assert set(np.unique(ds.candidates.label).tolist()) == {0, 1}
-    readme = open(os.path.join(tiny, "README.md")).read()
+    readme = open(os.path.join(tiny, "README.md"), encoding="utf-8").read()
     assert "synthetic" in readme.lower() and "NOT real CT" in readme
 
 
@@ -181,7 +181,7 @@ def test_complete_dataset_is_reused_and_mismatch_rejected(tiny):
         generate_dataset(tiny, preset="tiny", seed=1)
     with pytest.raises(ValueError, match="unknown preset"):
         generate_dataset(tiny, preset="huge")
-    marker = json.load(open(os.path.join(tiny, MARKER)))
+    marker = json.load(open(os.path.join(tiny, MARKER), encoding="utf-8"))
     assert marker["params"]["seed"] == 0 and len(marker["uids"]) == N_TINY
 
 

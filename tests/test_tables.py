@@ -17,7 +17,7 @@ def test_findings_round_trip(tmp_path):
 def test_marks_round_trip_with_extra_column(tmp_path):
     m = tables.Marks(["u"] * 3, np.arange(9).reshape(3, 3), [0.1, 0.5, 0.9])
     tables.write_marks_csv(tmp_path / "sub.csv", m, extra={"diameter_mm": [3, 4, 5]})
-    header = (tmp_path / "sub.csv").read_text().splitlines()[0]
+    header = (tmp_path / "sub.csv").read_text(encoding="utf-8").splitlines()[0]
     assert header == "seriesuid,coordX,coordY,coordZ,probability,diameter_mm"
     r = tables.read_marks_csv(tmp_path / "sub.csv")
     np.testing.assert_allclose(r.probability, [0.1, 0.5, 0.9])
@@ -55,5 +55,5 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
     monkeypatch.setattr(tables.os, "replace", boom)
     with pytest.raises(OSError):
         tables.atomic_write_text(p, "new")
-    assert p.read_text() == "old"
+    assert p.read_text(encoding="utf-8") == "old"
     assert sorted(x.name for x in tmp_path.iterdir()) == ["out.txt"]

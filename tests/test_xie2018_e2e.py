@@ -91,9 +91,9 @@ def test_tiny_anchor_rounds_resume_evaluate_table1(tmp_path, cache_dir):
     # Whole-scan detection of the held-out fold through the anchor-detector branch.
     det = summary["detection"]
     assert 0.0 <= det["cpm"] <= 1.0 and det["scans"] == 1 and det["marks"] > 0
-    record = json.loads((run_a / "eval" / "froc.json").read_text())
+    record = json.loads((run_a / "eval" / "froc.json").read_text(encoding="utf-8"))
     assert record["cpm"] == pytest.approx(det["cpm"]) and len(record["sensitivities"]) == 7
-    sub = (run_a / "eval" / "submission.csv").read_text().splitlines()
+    sub = (run_a / "eval" / "submission.csv").read_text(encoding="utf-8").splitlines()
     assert sub[0].startswith("seriesuid,coordX,coordY,coordZ,probability")
 
     # Table 1 over fold 0. The fold runs are done already (a finished fold is skipped), so
@@ -104,8 +104,8 @@ def test_tiny_anchor_rounds_resume_evaluate_table1(tmp_path, cache_dir):
     report = modes.cross_validate(c, str(tmp_path / "cv"))
     assert set(report["systems"]) == {"single model", "fixed anchors", "ensemble"}
     table = tmp_path / "cv" / "table1" / "cv_report.md"
-    assert table.is_file() and "ensemble" in table.read_text()
-    ens = (tmp_path / "cv" / "ensemble" / "fold_0" / "submission.csv").read_text().splitlines()
+    assert table.is_file() and "ensemble" in table.read_text(encoding="utf-8")
+    ens = (tmp_path / "cv" / "ensemble" / "fold_0" / "submission.csv").read_text(encoding="utf-8").splitlines()
     single_rows = sorted(sub[1:])
     assert len(ens) - 1 == len(single_rows)
     s_single = sorted(float(r.split(",")[-1]) for r in sub[1:])
