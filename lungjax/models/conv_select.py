@@ -156,7 +156,7 @@ def _read_entries(path: pathlib.Path) -> list[dict]:
     if not path.is_file():
         return []
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
         entries = data["entries"]
         for e in entries:
             ConvKey.from_json(e["key"]), str(e["best"]), dict(e["ms"])
