@@ -26,7 +26,7 @@ Variants (``:arg``):
     *size only*: both networks are narrower (FCN channels 32-32-64-64 instead of
     64-64-150-150; stage-2 residual stages 32/64 instead of 64/128), stage 1 trains 240
     steps of 64 patches and stage 2 60 steps of 16 patches (a stage-2 step
-    costs ~9 s at 32 patches on this CPU), and the stage-1 threshold is
+    takes several seconds on this CPU: see the run's progress bar), and the stage-1 threshold is
     0.5 (a network trained this briefly is not calibrated to the paper's 0.85), and
     stage-2 hard negatives come from 6 of the 36 training scans
     (``dou2017.train_scans_screened``; whole-scan screening dominates the CPU time);
@@ -178,8 +178,9 @@ def get_config(arg: str | None = None):
     c.detection.threshold = 0.5  # CPU schedule; the paper's grid-searched 0.85 in :paper
     c.detection.nms_distance_mm = 6.0
     c.detection.max_candidates_per_scan = 100
-    # Generated scans are ~3 M voxels after cropping: one pass per scan is ~4x faster than
-    # halo-overlapping tiles, whose padding multiplies the work (bench/dou2017_inference.py).
+    # Generated scans are ~3 M voxels after cropping: one pass per scan is much faster than
+    # halo-overlapping tiles, whose padding multiplies the work (the same holds for xie2018:
+    # python bench/xie2018_inference.py --scans=1 [--tile=none]).
     c.detection.tile_zyx = ()
     c.cv.folds = ()
 
