@@ -16,8 +16,10 @@ anchor-based patch sampling with provisional tests every t epochs
 Variants (``:arg``; ``key=value`` pairs may follow after commas, e.g. ``:tiny,fold=2``):
   * ``tiny``: seconds on CPU (generated "tiny" data, 32^3 patches, tiny widths, two rounds);
     what the tests run end to end, one anchor update and a resume included;
-  * default: the paper's network, targets and sampling at a CPU budget on the generated
-    default dataset (64^3 patches, a few hundred steps, an anchor update every 100 steps);
+  * default: the paper's targets and sampling at a CPU budget on the generated default
+    dataset: a narrower, shallower network (stem 8, stages 16-32-32-48 of 1-2-2-2 blocks,
+    FPN / heads 32 wide, 0.7M parameters instead of 3.6M), 48^3 patches, 400 steps of 4,
+    an anchor update every 100 steps with provisional tests on 8 of the training scans;
   * ``paper``: the paper's schedule: 96^3 patches, 500 epochs, t = 100 epochs per round,
     lr 1e-3 divided by 10 three times.
 
@@ -36,8 +38,15 @@ Decisions where the paper is silent (switchable by flags):
   * provisional test: detections with noduleness >= ``sampler.provisional_threshold``,
     at most ``sampler.max_fp_per_scan`` per scan; false positives closer than
     ``sampler.fp_merge_distance_mm`` merge;
-  * "decayed x0.1 three times on plateau": the engine has fixed-step schedules, so the
-    ``paper`` variant divides at 50%, 75% and 90% of training;
+  * "decayed x0.1 three times on plateau": the ``paper`` variant uses
+    ``optimizer.schedule="plateau"`` (optax's ``reduce_on_plateau``) on the training loss
+    averaged over one epoch (``plateau_accumulation_steps`` = steps per epoch); the paper
+    gives no patience, so: x0.1 after 10 epochs without a 0.1% improvement of that mean
+    (``plateau_patience`` = 10, ``plateau_rtol`` = 1e-3, counted in epoch means), then 5
+    epochs' cooldown, floored at 1e-3 of the initial rate (``plateau_min_scale``: three
+    decays). The loss compared is the one each round trains on, so the harder batches of a
+    new round (false-positive anchors added) also count as no improvement. The default and
+    ``tiny`` variants keep fixed-step schedules;
   * every nodule and excluded finding reaching into a patch gets targets / is ignored
     (``data.max_nodules_per_patch``), not only the anchor's own nodule;
   * augmentation: flips on all axes, 90-degree rotations in the transverse plane, zoom
@@ -115,6 +124,7 @@ def get_config(arg=None):
     c.sampler.max_fp_per_scan = 20
     c.sampler.min_positive_fraction = 0.25
     c.sampler.epochs_per_round = 100
+    c.sampler.provisional_scans = 0  # 0 = every training scan (paper)
 
     # --- network and targets --------------------------------------------------------
     c.model.name = "xie2018_fpn"
@@ -162,7 +172,22 @@ def get_config(arg=None):
     c.cv.folds = (0, 1, 2, 3, 4)  # paper: 5-fold CV
     c.cv.report = "xie2018_table1"  # single model, fixed-anchor ablation, ensemble
 
-    if variant == "paper":
+    if variant == "default":
+        # CPU budget on the generated data (module docstring): a narrower, shallower net on
+        # 48^3 patches, and provisional tests on a fixed subset of the training scans.
+        c.data.patch_size_zyx = (48, 48, 48)
+        for aug in (c.augment.positive, c.augment.negative):
+            aug.translate_mm = 12.0
+        c.model.stem_features = 8
+        c.model.stage_features = (16, 32, 32, 48)
+        c.model.stage_blocks = (1, 2, 2, 2)
+        c.model.fpn_features = 32
+        c.model.head_features = 32
+        c.sampler.provisional_scans = 8
+        c.train.batch_size = 4
+        _set_schedule(c, epochs=8, epochs_per_round=2, samples_per_epoch=200)
+        c.optimizer.decay_steps = (int(0.75 * c.train.num_steps),)
+    elif variant == "paper":
         c.data.patch_size_zyx = (96, 96, 96)
         for aug in (c.augment.positive, c.augment.negative):
             aug.translate_mm = 24.0
@@ -174,8 +199,15 @@ def get_config(arg=None):
         c.train.log_every = 100
         c.train.checkpoint_every = 1000
         _set_schedule(c, epochs=500, epochs_per_round=100, samples_per_epoch=1200)
-        n = c.train.num_steps
-        c.optimizer.decay_steps = (n // 2, (3 * n) // 4, (9 * n) // 10)
+        # Plateau counters are in epochs (module docstring): one comparison per epoch mean.
+        c.optimizer.schedule = "plateau"
+        c.optimizer.decay_steps = ()
+        c.optimizer.plateau_accumulation_steps = c.sampler.samples_per_round // c.train.batch_size
+        c.optimizer.plateau_patience = 10
+        c.optimizer.plateau_cooldown = 5
+        c.optimizer.plateau_rtol = 1e-3
+        c.optimizer.plateau_atol = 0.0
+        c.optimizer.plateau_min_scale = 1e-3
         c.detection.threshold = 0.5
         c.detection.tile_zyx = (128, 192, 192)  # real CT: ~40M voxels after cropping
     elif variant == "tiny":

@@ -9,6 +9,8 @@ Without ``--workdir`` the run goes to ``runs/<config.name>``. Multi-host: pass
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
 
 from absl import app, flags, logging
@@ -25,6 +27,44 @@ flags.DEFINE_integer("process_id", None, "Multi-host: this process's id.")
 flags.mark_flags_as_required(["config"])
 
 
+def _runs_on_cpu() -> bool:
+    """Whether JAX will compute on the CPU, decided without starting a backend.
+
+    ``jax_platforms`` (``JAX_PLATFORMS``) decides when set; unset, JAX prefers an
+    accelerator whose plugin is installed (GPU: a ``jax_plugins`` package or entry point;
+    TPU: ``libtpu``), so such an install counts as not CPU even on a machine without the
+    device (the malloc setting is then left alone).
+    """
+    import jax
+
+    platforms = jax.config.jax_platforms
+    if platforms:
+        return platforms.split(",")[0].strip().lower() == "cpu"
+    if importlib.metadata.entry_points(group="jax_plugins"):
+        return False
+    return not any(importlib.util.find_spec(m) for m in ("jax_plugins", "libtpu"))
+
+
+def _configure_malloc(config) -> None:
+    """Applies ``config.runtime.keep_freed_memory``; must run before JAX starts a backend.
+
+    XLA:CPU allocates its buffers afresh at every call and glibc maps and unmaps the large
+    ones, so each step page-faults its whole working set again
+    (``lungjax.models.conv_malloc``). The setting only reaches XLA's worker threads if made
+    before they exist (set after the backend started, it leaves the faults as they were).
+    """
+    if not config.runtime.keep_freed_memory or not _runs_on_cpu():
+        return
+    from lungjax.models.conv_malloc import keep_freed_memory
+
+    if keep_freed_memory():
+        print("runtime.keep_freed_memory: glibc malloc keeps freed memory (fewer page faults "
+              "per step; resident memory stays at its peak)", flush=True)
+    else:
+        print("runtime.keep_freed_memory: no glibc malloc here; allocator left as it is",
+              flush=True)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -32,10 +72,11 @@ def main(argv):
         # Orbax and Grain log every save/restore at INFO; keep the run's own output
         # readable unless -v/--verbosity asks for more.
         logging.set_verbosity(logging.WARNING)
+    config = FLAGS.config
+    _configure_malloc(config)  # first: before anything can start a JAX backend
     from lungjax import modes, sharding, train
 
     sharding.initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
-    config = FLAGS.config
     train.validate_config(config)
     workdir = FLAGS.workdir or os.path.join("runs", config.name)
     try:

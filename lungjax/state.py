@@ -42,16 +42,21 @@ class TrainState:
         return {"params": self.params, **self.model_state}
 
 
+SCHEDULES = ("constant", "cosine", "step", "plateau")
+
+
 def make_schedule(cfg: Mapping[str, Any], num_steps: int) -> optax.Schedule:
     """Learning-rate schedule from ``config.optimizer``.
 
-    Fields: ``learning_rate``, ``schedule`` ("constant" | "cosine" | "step"),
+    Fields: ``learning_rate``, ``schedule`` ("constant" | "cosine" | "step" | "plateau"),
     ``warmup_steps``, ``decay_steps`` (step schedule: list of step numbers), ``decay_factor``.
+    "plateau" is constant here: its decays are a separate transformation that reads the
+    training loss (``make_plateau``), chained by ``make_optimizer``.
     """
     lr = float(cfg["learning_rate"])
     name = cfg.get("schedule", "constant")
     warmup = int(cfg.get("warmup_steps", 0) or 0)
-    if name == "constant":
+    if name in ("constant", "plateau"):
         sched = optax.constant_schedule(lr)
     elif name == "cosine":
         sched = optax.cosine_decay_schedule(lr, max(1, num_steps - warmup))
@@ -61,10 +66,58 @@ def make_schedule(cfg: Mapping[str, Any], num_steps: int) -> optax.Schedule:
         sched = optax.piecewise_constant_schedule(lr, bounds)
     else:
         raise ValueError(f"config.optimizer.schedule: unknown schedule {name!r} "
-                         "(constant | cosine | step)")
+                         f"({' | '.join(SCHEDULES)})")
     if warmup:
         sched = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), sched], [warmup])
     return sched
+
+
+def make_plateau(cfg: Mapping[str, Any]) -> optax.GradientTransformationExtraArgs:
+    """``optax.contrib.reduce_on_plateau`` from ``config.optimizer``'s plateau fields.
+
+    It multiplies the updates by a scale (1 at the start) that drops by ``decay_factor``
+    each time the training loss, averaged over ``plateau_accumulation_steps`` steps, has
+    not improved for ``plateau_patience`` such averages in a row (improved = below
+    ``(1 - plateau_rtol) * best - plateau_atol``), then waits ``plateau_cooldown`` averages
+    before counting again; it never goes below ``plateau_min_scale`` (0 = no floor). Its
+    ``update`` needs ``value=`` (the step's loss, a () float32). Its state (best average,
+    counters, scale) is part of ``opt_state``, so checkpoints carry it.
+    """
+
+    def num(key, kind, ok, what):
+        try:
+            v = kind(cfg[key])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"config.optimizer.{key}: {what} is required by "
+                             f"schedule='plateau', got {cfg.get(key)!r}") from None
+        if not ok(v):
+            raise ValueError(f"config.optimizer.{key}: must be {what}, got {v!r}")
+        return v
+
+    factor = num("decay_factor", float, lambda v: 0.0 < v < 1.0, "a number in (0, 1)")
+    patience = num("plateau_patience", int, lambda v: v >= 1, "an integer >= 1")
+    cooldown = num("plateau_cooldown", int, lambda v: v >= 0, "an integer >= 0")
+    accumulation = num("plateau_accumulation_steps", int, lambda v: v >= 1, "an integer >= 1")
+    rtol = num("plateau_rtol", float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+    atol = num("plateau_atol", float, lambda v: v >= 0.0, "a number >= 0")
+    min_scale = num("plateau_min_scale", float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+    if rtol == 0.0 and atol == 0.0:
+        raise ValueError("config.optimizer.plateau_rtol / plateau_atol: at least one must be "
+                         "> 0 (else any change counts as an improvement)")
+    return optax.contrib.reduce_on_plateau(
+        factor=factor, patience=patience, rtol=rtol, atol=atol, cooldown=cooldown,
+        accumulation_size=accumulation, min_scale=min_scale)
+
+
+def plateau_scale(opt_state: Any) -> jax.Array | None:
+    """The current () learning-rate scale of a plateau schedule in ``opt_state``, else None."""
+
+    def is_plateau(x):
+        return isinstance(x, optax.contrib.ReduceLROnPlateauState)
+
+    found = [x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=is_plateau)
+             if is_plateau(x)]
+    return found[0].scale if found else None
 
 
 def make_optimizer(cfg: Mapping[str, Any], num_steps: int) -> optax.GradientTransformation:
@@ -72,7 +125,12 @@ def make_optimizer(cfg: Mapping[str, Any], num_steps: int) -> optax.GradientTran
 
     Fields: ``name`` ("adam" | "adamw" | "sgd" | "momentum"), ``momentum``, ``b1``, ``b2``,
     ``weight_decay`` (L2 added to the gradient for adam/sgd, decoupled for adamw: the
-    paper's ``beta * ||W||^2`` term), ``grad_clip_norm`` (0 = off), plus the schedule fields.
+    paper's ``beta * ||W||^2`` term), ``grad_clip_norm`` (0 = off), plus the schedule fields
+    (``make_schedule``, ``make_plateau``).
+
+    With ``schedule="plateau"`` the result's ``update`` must be given ``value=`` (the
+    training loss); the steps of ``lungjax.steps`` always pass it, through optax's
+    extra-args support, which every other optimizer ignores.
     """
     cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
     sched = make_schedule(cfg, num_steps)
@@ -95,6 +153,9 @@ def make_optimizer(cfg: Mapping[str, Any], num_steps: int) -> optax.GradientTran
         else:
             raise ValueError(f"config.optimizer.name: unknown optimizer {name!r} "
                              "(adam | adamw | sgd | momentum)")
+    if cfg.get("schedule", "constant") == "plateau":
+        # Last in the chain, so the scale multiplies the final updates like a learning rate.
+        parts.append(make_plateau(cfg))
     return optax.chain(*parts)
 
 

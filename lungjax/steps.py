@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lungjax.state import TrainState, step_key
+from lungjax.state import TrainState, plateau_scale, step_key
 
 
 def _image(batch: Mapping[str, jax.Array], spatial_dims: int) -> jax.Array:
@@ -113,8 +113,14 @@ def make_train_step(model, task, tx: optax.GradientTransformation, *, spatial_di
         plain ``jax.jit``.
       donate: donate the input state (its buffers are reused for the output).
       rng_impl: PRNG implementation of ``state.rng`` (dropout and other model noise).
+
+    The optimizer's ``update`` receives ``value=`` the batch's mean loss over every
+    weighted sample (``loss_all``: with OSF the selected samples change from step to step,
+    so their mean is a poorer progress signal), read by a plateau schedule and ignored by
+    other optimizers. With a plateau schedule the metrics include ``lr_scale``.
     """
     use_osf = bool(osf and osf.get("enabled", True))
+    tx = optax.with_extra_args_support(tx)
 
     def train_step(state: TrainState, batch):
         dropout_rng = step_key(state, rng_impl)
@@ -138,18 +144,22 @@ def make_train_step(model, task, tx: optax.GradientTransformation, *, spatial_di
 
         (loss, (outputs, losses, sel, new_ms)), grads = jax.value_and_grad(
             loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        wsum = jnp.maximum(jnp.sum(w), 1e-8)
+        loss_all = jnp.sum(w * losses) / wsum
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss_all)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, model_state=new_ms,
                                   opt_state=opt_state)
-        wsum = jnp.maximum(jnp.sum(w), 1e-8)
         metrics = {
             "loss": loss,
-            "loss_all": jnp.sum(w * losses) / wsum,
+            "loss_all": loss_all,
             "grad_norm": optax.tree.norm(grads),
             "param_norm": optax.tree.norm(params),
             "selected_fraction": jnp.sum(sel) / wsum,
         }
+        scale = plateau_scale(opt_state)
+        if scale is not None:
+            metrics["lr_scale"] = scale.astype(jnp.float32)
         for k, v in task.per_sample_metrics(outputs, batch).items():
             metrics[k] = jnp.sum(w * v) / wsum
         host = {"loss": losses, "selected": sel, **task.host_outputs(outputs, batch)}
@@ -161,9 +171,15 @@ def make_train_step(model, task, tx: optax.GradientTransformation, *, spatial_di
 
 
 def apply_gradients(state: TrainState, tx: optax.GradientTransformation, grads,
-                    model_state=None) -> TrainState:
-    """One optimizer update of ``state`` (for hand-written steps, e.g. adversarial ones)."""
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+                    model_state=None, value: jax.Array | None = None) -> TrainState:
+    """One optimizer update of ``state`` (for hand-written steps, e.g. adversarial ones).
+
+    ``value``: the () training loss, required by a plateau schedule (``make_plateau``),
+    ignored by other optimizers.
+    """
+    extra = {} if value is None else {"value": value}
+    updates, opt_state = optax.with_extra_args_support(tx).update(
+        grads, state.opt_state, state.params, **extra)
     return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                          opt_state=opt_state,
                          model_state=state.model_state if model_state is None else model_state)

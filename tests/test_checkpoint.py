@@ -54,58 +54,11 @@ def reference(tmp_path_factory, engine):
     return _params(result), data.state_dict()
 
 
-KILLED_RUN = textwrap.dedent("""
-    import os, signal, sys
-    sys.path.insert(0, {tests!r})
-    from test_checkpoint import _config, _data
-    from lungjax import train
+class SignalAt:
+    """Wraps a TrainData; sends ``sig`` to this process when batch number ``at`` is asked."""
 
-    class KillAt:
-        # SIGKILL this process when batch number `at` is requested.
-        def __init__(self, data, at):
-            self.data, self.at, self.n = data, at, 0
-            self.steps_per_round = data.steps_per_round
-        def iterator(self, r):
-            self.it = self.data.iterator(r)
-            return self
-        def __next__(self):
-            self.n += 1
-            if self.n == self.at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return next(self.it)
-        def get_state(self):
-            return self.it.get_state()
-        def set_state(self, s):
-            self.it.set_state(s)
-        def __getattr__(self, name):
-            return getattr(self.data, name)
-
-    train.train_and_evaluate(_config(), sys.argv[1], data=KillAt(_data(), 8))
-""")
-
-
-def test_sigkill_then_resume_equals_uninterrupted(tmp_path, reference, engine):
-    ref_params, ref_sampler = reference
-    workdir = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", KILLED_RUN.format(tests=str(TESTS)),
-                           str(workdir)], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    steps = Checkpointer(workdir / "checkpoints").all_steps()
-    assert steps and 3 <= max(steps) < NUM_STEPS, steps
-
-    data = _data()
-    result = train.train_and_evaluate(_config(), str(workdir), data=data, engine=engine)
-    assert result["step"] == NUM_STEPS
-    jax.tree_util.tree_map(np.testing.assert_array_equal, _params(result), ref_params)
-    np.testing.assert_array_equal(data.state_dict()["last_loss"], ref_sampler["last_loss"])
-
-
-class _TermAt:
-    """Sends SIGTERM to this process when batch number ``at`` is requested."""
-
-    def __init__(self, data, at):
-        self.data, self.at, self.n = data, at, 0
+    def __init__(self, data, at, sig):
+        self.data, self.at, self.sig, self.n = data, at, sig, 0
         self.steps_per_round = data.steps_per_round
 
     def iterator(self, r):
@@ -115,7 +68,7 @@ class _TermAt:
     def __next__(self):
         self.n += 1
         if self.n == self.at:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), self.sig)
         return next(self.it)
 
     def get_state(self):
@@ -128,15 +81,49 @@ class _TermAt:
         return getattr(self.data, name)
 
 
-def test_sigterm_saves_and_stops_then_resumes(tmp_path, reference, engine):
-    ref_params, _ = reference
-    result = train.train_and_evaluate(_config(), str(tmp_path), data=_TermAt(_data(), 3),
-                                      engine=engine)
-    assert result["preempted"] and result["step"] == 3
-    assert Checkpointer(tmp_path / "checkpoints").latest_step() == 3
-    result = train.train_and_evaluate(_config(), str(tmp_path), data=_data(), engine=engine)
+KILLED_RUN = textwrap.dedent("""
+    import signal, sys
+    sys.path.insert(0, {tests!r})
+    from test_checkpoint import SignalAt, _config, _data
+    from lungjax import train
+
+    train.train_and_evaluate(_config(), sys.argv[1], data=SignalAt(_data(), 8, signal.SIGKILL))
+""")
+
+
+def _resume_equals_reference(workdir, engine, ref_params):
+    """Resumes the run in ``workdir`` to the end; its params must equal the reference's.
+
+    Returns the run's training data (its sampler state, for further checks).
+    """
+    data = _data()
+    result = train.train_and_evaluate(_config(), str(workdir), data=data, engine=engine)
     assert result["step"] == NUM_STEPS and not result["preempted"]
     jax.tree_util.tree_map(np.testing.assert_array_equal, _params(result), ref_params)
+    return data
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, reference, engine):
+    ref_params, ref_sampler = reference
+    workdir = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", KILLED_RUN.format(tests=str(TESTS)),
+                           str(workdir)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    steps = Checkpointer(workdir / "checkpoints").all_steps()
+    assert steps and 3 <= max(steps) < NUM_STEPS, steps
+
+    data = _resume_equals_reference(workdir, engine, ref_params)
+    np.testing.assert_array_equal(data.state_dict()["last_loss"], ref_sampler["last_loss"])
+
+
+def test_sigterm_saves_and_stops_then_resumes(tmp_path, reference, engine):
+    ref_params, _ = reference
+    result = train.train_and_evaluate(_config(), str(tmp_path),
+                                      data=SignalAt(_data(), 3, signal.SIGTERM), engine=engine)
+    assert result["preempted"] and result["step"] == 3
+    assert Checkpointer(tmp_path / "checkpoints").latest_step() == 3
+    _resume_equals_reference(tmp_path, engine, ref_params)
 
 
 def test_host_state_tree_round_trip():

@@ -14,6 +14,7 @@ from lungjax.data import augment as aug
 from lungjax.data.pipeline import PatchTransform, PipelineConfig
 from lungjax.data.sampler import NODULE, SAMPLE_DTYPE, SampleIndex
 from lungjax.models.fpn import XieFPN
+from lungjax.state import make_optimizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -49,8 +50,12 @@ def test_config_variants(variant):
         steps_per_epoch = c.sampler.samples_per_round // c.train.batch_size
         assert tuple(c.data.patch_size_zyx) == (96, 96, 96)
         assert n == 500 * steps_per_epoch and spr == 100 * steps_per_epoch  # t = 100
-        assert c.optimizer.learning_rate == 1e-3 and len(c.optimizer.decay_steps) == 3
+        assert c.optimizer.learning_rate == 1e-3 and c.optimizer.schedule == "plateau"
         assert c.optimizer.decay_factor == 0.1 and c.cv.folds == (0, 1, 2, 3, 4)
+        # x0.1 three times on plateau: epoch-mean losses compared, floor after 3 decays.
+        assert c.optimizer.plateau_accumulation_steps == steps_per_epoch
+        assert c.optimizer.plateau_min_scale == pytest.approx(0.1 ** 3)
+        make_optimizer(c.optimizer, n)  # every plateau field valid
 
 
 def test_fixed_anchor_baseline_differs_only_in_sampling():

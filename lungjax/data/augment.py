@@ -29,6 +29,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
+from lungjax.configcheck import dataclass_from_mapping
+
 _AXES = (0, 1, 2)
 
 
@@ -73,14 +75,7 @@ class AugmentConfig:
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any] | None, name: str = "augment") -> "AugmentConfig":
         """Builds from a dict / ConfigDict, rejecting unknown fields by name."""
-        if d is None:
-            return cls()
-        d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{name}: unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_mapping(cls, d, name)
 
 
 @dataclasses.dataclass(frozen=True)

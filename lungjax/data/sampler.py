@@ -33,6 +33,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from lungjax.configcheck import dataclass_from_mapping
+
 NODULE, CANDIDATE_POS, CANDIDATE_NEG, RANDOM_NEG, HARD_NEG = range(5)
 KIND_NAMES = ("nodule", "candidate_pos", "candidate_neg", "random_neg", "hard_neg")
 _NEGATIVE_SOURCES = {"candidate": CANDIDATE_NEG, "random": RANDOM_NEG, "hard": HARD_NEG}
@@ -140,14 +142,7 @@ class SamplerConfig:
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any] | None) -> "SamplerConfig":
         """From a dict / ConfigDict (this class's field names); unknown fields fail by name."""
-        if d is None:
-            return cls()
-        d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"data.sampler: unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_mapping(cls, d, "data.sampler")
 
 
 @dataclasses.dataclass(frozen=True)

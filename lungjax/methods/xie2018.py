@@ -142,7 +142,9 @@ class AnchorSamplingData(StoreTrainData):
     Config fields read (besides ``StoreTrainData``'s): ``sampler.update_anchors`` (False:
     fixed anchors = ground truth only, the ablation), ``sampler.provisional_threshold``
     (noduleness above which a provisional detection counts), ``sampler.max_fp_per_scan``
-    (detections per scan kept, highest first), ``sampler.min_positive_fraction`` (floor of
+    (detections per scan kept, highest first), ``sampler.provisional_scans`` (how many
+    training scans the provisional test covers, evenly spread over the sorted list; 0 =
+    all, as the paper), ``sampler.min_positive_fraction`` (floor of
     the positives' share of a batch once false positives exist; 0 = the anchors' own
     ratio |S_gt| / |S_gt U S_fp|), and the ``detection`` section for tiling and NMS.
 
@@ -157,6 +159,10 @@ class AnchorSamplingData(StoreTrainData):
         self.update_anchors = bool(s.get("update_anchors", True))
         self.provisional_threshold = float(s.get("provisional_threshold", 0.5))
         self.max_fp_per_scan = int(s.get("max_fp_per_scan", 20))
+        self.provisional_scans = int(s.get("provisional_scans", 0))
+        if self.provisional_scans < 0:
+            raise ValueError(f"config.sampler.provisional_scans: must be >= 0 (0 = every "
+                             f"training scan), got {self.provisional_scans}")
         self.min_positive_fraction = float(s.get("min_positive_fraction", 0.0))
         self.base_positive_fraction = float(self.sampler.cfg.positive_fraction)
         self.provisional: dict[int, dict[str, Any]] = {}
@@ -170,9 +176,20 @@ class AnchorSamplingData(StoreTrainData):
             return  # fixed anchors, or this round's anchors are already in place
         self.provisional_test(round_index, engine.model, engine.task, state.variables())
 
+    def provisional_scan_indices(self) -> np.ndarray:
+        """(K,) int: indices into the training uids the provisional test runs on, every
+        scan unless ``sampler.provisional_scans`` caps it (evenly spread, deterministic, so
+        every host and a resumed run test the same scans)."""
+        n = len(self.sampler.uids)
+        k = self.provisional_scans
+        if k == 0 or k >= n:
+            return np.arange(n)
+        return np.unique(np.round(np.linspace(0, n - 1, k)).astype(np.int64))
+
     def provisional_test(self, round_index: int, model, task, variables) -> dict[str, Any]:
-        """Detects on every training scan and makes the false positives the new hard
-        anchors (replacing the previous ones). Returns and keeps the round's record."""
+        """Detects on the training scans (:meth:`provisional_scan_indices`) and makes the
+        false positives the new hard anchors (replacing the previous ones). Returns and
+        keeps the round's record."""
         from lungjax.tasks.anchors_decode import detect_volume
 
         cfg = self.config
@@ -185,7 +202,9 @@ class AnchorSamplingData(StoreTrainData):
         t0 = time.perf_counter()
         scan_ids, centres, scores = [], [], []
         hit = n_nod = 0
-        for s, uid in enumerate(self.sampler.uids):
+        tested = self.provisional_scan_indices()
+        for s in tested:
+            uid = self.sampler.uids[s]
             det = detect_volume(fn, self.store.read_volume(uid), task.cfg, variables=variables,
                                 **kw)
             scan_ids.append(np.full(len(det), s, np.int32))
@@ -205,7 +224,7 @@ class AnchorSamplingData(StoreTrainData):
                   "nodules_hit": int(hit), "nodules": int(n_nod),
                   "seconds": float(time.perf_counter() - t0)}
         self.provisional[int(round_index)] = record
-        print(f"[round {round_index}] provisional test on {len(self.sampler.uids)} training "
+        print(f"[round {round_index}] provisional test on {len(tested)} training "
               f"scans: {len(scores)} detections, {hit}/{n_nod} nodules hit, {added} false "
               f"positives -> sampling anchors ({record['seconds']:.1f} s)", flush=True)
         return record
