@@ -3,11 +3,13 @@
 weights (timing does not depend on the weights; the candidate count is fixed instead).
 
     python bench/dou2017_inference.py [--variant=default|paper] [--size=300] [--candidates=100]
-        [--repeats=2]
+        [--repeats=2] [--tile=z,y,x|none] [--conv_impl=xla|auto|...]
 
-Prints the seconds of the whole-scan FCN pass (tiled as ``detection.tile_zyx``), of
-scoring the candidates' 24x60x60 patches with ResNet+HL, and their sum; the first run
-includes compilation and is reported apart.
+Prints the seconds of the whole-scan FCN pass (one pass, or tiles of at most ``--tile``
+voxels per core, default the config's ``detection.tile_zyx``), of scoring the candidates'
+24x60x60 patches with ResNet+HL, and their sum; the first run includes compilation and is
+reported apart. Ends with the process's peak resident memory (run one setting per process
+to compare peaks). On a shared machine the numbers are noisy.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import resource
 import time
 
 import jax
@@ -37,6 +40,11 @@ def main() -> None:
     p.add_argument("--size", type=int, default=300)
     p.add_argument("--candidates", type=int, default=100)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--tile", default=None,
+                   help="detection.tile_zyx as z,y,x (most voxels per tile core); 'none' or "
+                        "'' = whole scan in one pass; default: the config's")
+    p.add_argument("--conv_impl", default=None,
+                   help="detection.conv_impl of the FCN (default: the config's)")
     args = p.parse_args()
 
     from lungjax import train as train_lib
@@ -47,6 +55,11 @@ def main() -> None:
     from lungjax.tasks.screening import output_mapping
 
     c = _config(args.variant)
+    if args.tile is not None:
+        c.detection.tile_zyx = (() if args.tile.strip().lower() in ("", "none") else
+                                tuple(int(v) for v in args.tile.split(",")))
+    if args.conv_impl is not None:
+        c.detection.conv_impl = args.conv_impl
     fcn = train_lib.build_model(c).clone(conv_impl=c.detection.conv_impl)
     task1 = train_lib.build_task(c)
     v1 = jax.jit(fcn.init)(jax.random.key(0), train_lib.sample_input(c))
@@ -67,9 +80,10 @@ def main() -> None:
     clf = st.CandidateClassifier(model2, task2, v2, c2.data.patch_size_zyx,
                                  int(c.stage2.inference_batch))
 
-    print(f"dou2017 {args.variant}: {n}^3 scan at 1 mm, FCN tiles {tuple(c.detection.tile_zyx)}, "
-          f"{args.candidates} candidates, devices {jax.devices()[0].platform} x "
-          f"{jax.device_count()}", flush=True)
+    print(f"dou2017 {args.variant}: {n}^3 scan at 1 mm, FCN tiles "
+          f"{tuple(c.detection.tile_zyx) or 'none (one pass)'}, conv_impl "
+          f"{c.detection.conv_impl!r}, {args.candidates} candidates, devices "
+          f"{jax.devices()[0].platform} x {jax.device_count()}", flush=True)
     for r in range(args.repeats):
         t0 = time.perf_counter()
         cands = detect_volume(predict1, volume, geom, mapping, settings, variables=v1)
@@ -80,6 +94,9 @@ def main() -> None:
         print(f"{tag}: screening {t1 - t0:.1f} s ({len(cands)} candidates), "
               f"FP reduction {t2 - t1:.1f} s ({len(out['score'])} patches), "
               f"total {t2 - t0:.1f} s per scan", flush=True)
+    # ru_maxrss is in KiB on Linux.
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB",
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ depends on how many anchors pass the threshold). Runs on the scans of the config
 prepared store (generated default data unless ``--config.data.root`` says otherwise).
 On a shared machine the numbers are noisy.
 
-    python bench/xie2018_inference.py --scans=3
+    python bench/xie2018_inference.py --scans=3 [--tile=z,y,x|none] [--conv_impl=auto]
     python bench/xie2018_inference.py --workdir=runs/xie2018 --scans=5 --arg=default
 """
 
@@ -18,6 +18,7 @@ import argparse
 import importlib.util
 import json
 import os
+import resource
 import sys
 import time
 
@@ -48,6 +49,8 @@ def main(argv=None) -> int:
     p.add_argument("--threshold", type=float, default=None, help="detection.threshold")
     p.add_argument("--tile", default=None,
                    help="detection.tile_zyx as z,y,x ('none' = whole scan in one pass)")
+    p.add_argument("--conv_impl", default=None,
+                   help="detection.conv_impl (default: the config's)")
     args = p.parse_args(argv)
 
     c = _config(args.arg)
@@ -56,8 +59,10 @@ def main(argv=None) -> int:
     if args.threshold is not None:
         c.detection.threshold = args.threshold
     if args.tile is not None:
-        c.detection.tile_zyx = () if args.tile == "none" else tuple(
+        c.detection.tile_zyx = () if args.tile.strip().lower() in ("", "none") else tuple(
             int(v) for v in args.tile.split(","))
+    if args.conv_impl is not None:
+        c.detection.conv_impl = args.conv_impl
     from lungjax.data.io import read_scan
     from lungjax.data.luna16 import Luna16Dataset
     from lungjax.data.preprocess import preprocess_scan
@@ -102,9 +107,11 @@ def main(argv=None) -> int:
     det = float(np.mean([r["detect_s"] + r["read_s"] for r in rows]))
     pres = [r["preprocess_s"] for r in rows if r["preprocess_s"] is not None]
     print(f"xie2018 ({c.name}, checkpoint step {step}, tile {tuple(c.detection.tile_zyx)}, "
+          f"conv_impl {c.detection.conv_impl!r}, "
           f"{jax.devices()[0].platform}): detection {det:.1f} s/scan"
           + (f", preprocessing {np.mean(pres):.1f} s/scan" if pres else "")
-          + f" over {len(rows)} scans")
+          + f" over {len(rows)} scans; peak RSS "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB")
     return 0
 
 

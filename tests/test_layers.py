@@ -272,3 +272,78 @@ def test_sharded_batch_matches_single_device():
     g1, g8 = grad(params, x), grad(params, xs)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g8)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def _scan_key(batch=1):
+    """dou2017's conv2 (64 -> 64, 3x5x5) applied to a whole 300^3 scan."""
+    return conv_select.ConvKey("conv", batch, (296, 146, 146), 64, 64, (3, 5, 5), (1, 1, 1),
+                               (1, 1, 1), ((0, 0),) * 3, "float32")
+
+
+def test_auto_falls_back_to_xla_over_the_buffer_budget(tmp_path, monkeypatch):
+    monkeypatch.delenv(conv_select.ENV_BUDGET, raising=False)
+    key = _scan_key()
+    # A measurement saying im2col is fastest at this shape (an on-disk cache entry).
+    cache = tmp_path / "tune.json"
+    small = conv_select.ConvKey("conv", 1, (6, 6), 2, 3, (3, 3), (1, 1), (1, 1),
+                                ((1, 1),) * 2, "float32")
+    cache.write_text(json.dumps({"entries": [
+        {"key": k.to_json(), "best": "im2col", "ms": {"im2col": 1.0, "xla": 2.0}}
+        for k in (key, small)]}), encoding="utf-8")
+    monkeypatch.setenv(conv_select.ENV_CACHE, str(cache))
+    patches = 1 * 294 * 142 * 142 * 75 * 64 * 4  # batch * out voxels * K * C_in * 4 bytes
+    assert conv_select.buffer_bytes("im2col", key) == patches > conv_select.BUFFER_BUDGET_BYTES
+    assert conv_select.buffer_bytes("matmul", key) == patches
+    assert conv_select.buffer_bytes("xla", key) == 0
+    # A split plan: its largest pass; "x" passes build nothing.
+    assert conv_select.buffer_bytes("split_xxx", key) == 0
+    assert 0 < conv_select.buffer_bytes("split_1xx", key) < patches
+    assert conv_select.lookup(key) == ("im2col", "exact")
+    assert conv_select.resolve("auto", key) == "xla"
+    assert conv_select.resolve("im2col", key) == "im2col"  # a forced choice is kept
+    monkeypatch.setenv(conv_select.ENV_BUDGET, "0")  # disabled
+    assert conv_select.resolve("auto", key) == "im2col"
+    # A tiny layer under a tiny budget runs XLA's native convolution.
+    x = jnp.ones((1, 6, 6, 2))
+    monkeypatch.setenv(conv_select.ENV_BUDGET, "64")
+    assert "conv_general_dilated" in _ops_of(Conv(3, (3, 3), impl="auto"), x)
+    monkeypatch.setenv(conv_select.ENV_BUDGET, str(2 ** 40))
+    assert "conv_general_dilated" not in _ops_of(Conv(3, (3, 3), impl="auto"), x)
+    monkeypatch.setenv(conv_select.ENV_BUDGET, "1GiB")
+    with pytest.raises(ValueError, match=conv_select.ENV_BUDGET):
+        conv_select.resolve("auto", key)
+    # Transposed: a 2x2x2 stride-2 up-convolution's matmul form builds only its output.
+    up = conv_select.ConvKey("conv_transpose", 1, (75, 75, 75), 64, 64, (2, 2, 2), (2, 2, 2),
+                             (1, 1, 1), ((1, 1),) * 3, "float32")
+    assert conv_select.buffer_bytes("matmul", up) == 0
+
+
+def test_export_with_auto_convolutions_and_symbolic_batch(tmp_path):
+    from lungjax.export import export_predictor, load_predictor
+    from lungjax.models.fcn import Dou2017FCN
+    from lungjax.steps import make_predict_fn
+    from lungjax.tasks.classification import ClassificationTask
+
+    model = Dou2017FCN(features=(4, 4, 8, 8), conv_impl="auto")
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 10, 30, 30, 1)))
+    rng = np.random.default_rng(5)
+    variables = jax.tree.map(lambda s: (0.2 * rng.standard_normal(s.shape)).astype(s.dtype),
+                             shapes)
+    predict = make_predict_fn(model, ClassificationTask())
+    # A symbolic batch: the layers are looked up per example (batch 1).
+    b = jax.export.symbolic_shape("b")[0]
+    key = conv_select.ConvKey("conv", b, (10, 30, 30), 1, 4, (3, 5, 5), (1, 1, 1), (1, 1, 1),
+                              ((0, 0),) * 3, "float32")
+    assert conv_select.concrete_key(key).batch == 1
+    assert conv_select.resolve("auto", key) == conv_select.resolve(
+        "auto", dataclasses.replace(key, batch=1))
+    sidecar = export_predictor(str(tmp_path), predict, variables, (10, 30, 30), {})
+    assert sidecar["input"]["shape"] == ["b", 10, 30, 30, 1]
+    loaded, _ = load_predictor(str(tmp_path))
+    x = rng.random((3, 10, 30, 30, 1), dtype=np.float32)
+    np.testing.assert_allclose(loaded(x), np.asarray(jax.jit(predict)(variables, x)),
+                               rtol=1e-5, atol=1e-6)
+    # Symbolic spatial sizes too: no bound on the buffers, so XLA's convolution.
+    d = jax.export.symbolic_shape("d")[0]
+    assert conv_select.concrete_key(dataclasses.replace(key, spatial=(d, 30, 30))) is None
+    assert conv_select.resolve("auto", dataclasses.replace(key, spatial=(d, 30, 30))) == "xla"

@@ -253,3 +253,14 @@ def test_config_errors(store):
     s = smp.Sampler.from_store(store, data_config(), uids=["1.3"])
     with pytest.raises(ValueError, match="no positives"):
         s.freeze_index(seed=0)
+
+
+def test_spread_subset_is_even_deterministic_and_total_when_uncapped():
+    from lungjax.data.sampler import spread_subset
+
+    assert spread_subset(36, 8).tolist() == [0, 5, 10, 15, 20, 25, 30, 35]
+    assert spread_subset(5, 0).tolist() == [0, 1, 2, 3, 4]
+    assert spread_subset(5, 9).tolist() == [0, 1, 2, 3, 4]
+    assert spread_subset(10, 1).tolist() == [0]
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        spread_subset(10, -1)

@@ -42,6 +42,18 @@ _POSITIVE_SOURCES = {"nodules": NODULE, "candidates": CANDIDATE_POS}
 _EXCLUDED_UNKNOWN_DIAMETER_MM = 10.0  # LUNA16's rule for excluded findings with d = -1
 STATE_VERSION = 1
 
+def spread_subset(n: int, k: int) -> np.ndarray:
+    """(min(k, n),) int64 indices of ``k`` items evenly spread over ``range(n)``, first and
+    last included; ``k`` = 0 or ``k`` >= ``n``: all. Deterministic, so every host and a
+    resumed run pick the same scans (stage-2 hard negatives, provisional tests)."""
+    n, k = int(n), int(k)
+    if k < 0:
+        raise ValueError(f"spread_subset: k must be >= 0, got {k}")
+    if k == 0 or k >= n:
+        return np.arange(n, dtype=np.int64)
+    return np.unique(np.round(np.linspace(0, n - 1, k)).astype(np.int64))
+
+
 SAMPLE_DTYPE = np.dtype([
     ("sample_id", np.int64),      # stable id of the pool entry (never reused); -1 = padding
     ("scan", np.int32),           # index into SampleIndex.uids / Sampler.uids

@@ -34,6 +34,7 @@ import jax
 import numpy as np
 
 from lungjax import train as train_lib
+from lungjax.data.sampler import spread_subset
 from lungjax.data.tables import Marks
 from lungjax.methods import dou2017_stages as st
 from lungjax.metrics_log import banner
@@ -105,7 +106,7 @@ def _stage1(config, fold_dir, store, train_uids, test_uids, osf: bool, *,
     out = {"dir": run_dir, "config": cfg}
     n = int(config.dou2017.train_scans_screened or 0)
     if n and n < len(train_uids):  # CPU schedule: hard negatives from a spread subset
-        train_uids = [train_uids[i] for i in np.linspace(0, len(train_uids) - 1, n).astype(int)]
+        train_uids = [train_uids[i] for i in spread_subset(len(train_uids), n)]
     parts = [("test", test_uids)] + ([("train", train_uids)] if need_train_candidates else [])
     for part, uids in parts:
         path = os.path.join(run_dir, f"candidates_{part}.npz")

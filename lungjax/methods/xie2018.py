@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lungjax.data.pipeline import StoreTrainData
-from lungjax.data.sampler import HARD_NEG, NODULE
+from lungjax.data.sampler import HARD_NEG, NODULE, spread_subset
 from lungjax.registry import CV_REPORTS, DETECTORS, SAMPLERS
 
 # ----------------------------------------------------------------------------------
@@ -78,7 +78,8 @@ def detection_kwargs(config, model) -> dict:
 
     Fields: threshold, nms ("iou" | "soft" | "distance"), nms_iou, soft_nms_sigma,
     nms_distance_mm, max_candidates_per_scan (0 = no cap), tile_zyx (empty = one pass),
-    halo (voxels of context around each tile; a multiple of the coarsest stride).
+    halo (voxels of context around each tile; rounded up to a multiple of the coarsest
+    stride).
     """
     d = config.detection
     cap = int(d.max_candidates_per_scan or 0)
@@ -180,11 +181,7 @@ class AnchorSamplingData(StoreTrainData):
         """(K,) int: indices into the training uids the provisional test runs on, every
         scan unless ``sampler.provisional_scans`` caps it (evenly spread, deterministic, so
         every host and a resumed run test the same scans)."""
-        n = len(self.sampler.uids)
-        k = self.provisional_scans
-        if k == 0 or k >= n:
-            return np.arange(n)
-        return np.unique(np.round(np.linspace(0, n - 1, k)).astype(np.int64))
+        return spread_subset(len(self.sampler.uids), self.provisional_scans)
 
     def provisional_test(self, round_index: int, model, task, variables) -> dict[str, Any]:
         """Detects on the training scans (:meth:`provisional_scan_indices`) and makes the

@@ -17,6 +17,17 @@ Resolution, done once per layer when it is traced:
    timing at trace time by default (tests, CI, exports); first-use tuning is there for a
    machine whose CPU differs from the one the table was measured on.
 
+Memory: "auto" never picks a formulation whose largest temporary buffer (the im2col
+patches, ``batch * out_voxels * kernel_volume * C_in * itemsize`` bytes, or a split plan's
+largest column buffer, :func:`buffer_bytes`) exceeds ``BUFFER_BUDGET_BYTES`` (1 GiB; the
+environment variable ``LUNGJAX_CONV_BUFFER_BYTES`` overrides it, <= 0 disables the check);
+such a layer runs "xla", whose convolutions need no such buffer. This is what a layer
+applied to a whole scan meets: the timing table holds training shapes, whose nearest entry
+may be an im2col formulation whose patches at scan size would exhaust memory. A layer
+with a symbolic batch size (``jax.export``) is looked up and budgeted per example (batch
+1); one with symbolic spatial sizes runs "xla" (its buffers have no bound). A formulation
+forced by a config, the environment or the layer attribute is used as given.
+
 An override is read at trace time: functions already jitted keep the formulation they were
 traced with (convolutions of every formulation share parameters, so switching is safe).
 """
@@ -33,12 +44,17 @@ import pathlib
 import threading
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from lungjax.models import conv_ops, conv_split
 
 ENV_IMPL = "LUNGJAX_CONV_IMPL"
 ENV_AUTOTUNE = "LUNGJAX_CONV_AUTOTUNE"
 ENV_CACHE = "LUNGJAX_CONV_CACHE"
+ENV_BUDGET = "LUNGJAX_CONV_BUFFER_BYTES"
+#: Largest temporary buffer (bytes) a formulation picked by "auto" may build per layer.
+BUFFER_BUDGET_BYTES = 1 << 30
 TABLE_PATH = pathlib.Path(__file__).with_name("conv_table.json")
 ALL_IMPLS = ("auto",) + tuple(dict.fromkeys(conv_ops.CONV_IMPLS + conv_ops.CONV_TRANSPOSE_IMPLS))
 # Used on CPU when neither the table nor the cache has an entry of this rank.
@@ -86,7 +102,8 @@ class ConvKey:
                    pads=tuple(tuple(p) for p in d["pads"]), dtype=str(d["dtype"]))
 
     def features(self) -> tuple[float, ...]:
-        """Log-scale descriptors used for nearest-shape lookup."""
+        """Log-scale descriptors used for nearest-shape lookup (needs concrete sizes:
+        see :func:`concrete_key`)."""
         kvol = math.prod(self.kernel)
         rows = self.batch * math.prod(max(1, n // s) for n, s in zip(self.spatial, self.strides))
         return (math.log2(rows), math.log2(self.cin * kvol), math.log2(self.cout), math.log2(kvol),
@@ -232,19 +249,87 @@ def record_keys():
         _state.recorded = prev
 
 
+# ----------------------------------------------------------------------------------------
+# Memory
+# ----------------------------------------------------------------------------------------
+
+
+def _is_int(d) -> bool:
+    return isinstance(d, (int, np.integer))
+
+
+def concrete_key(key: ConvKey) -> ConvKey | None:
+    """``key`` with a symbolic batch size (``jax.export``) replaced by 1 (per example);
+    None when a spatial size is symbolic."""
+    if not all(_is_int(n) for n in key.spatial):
+        return None
+    return key if _is_int(key.batch) else dataclasses.replace(key, batch=1)
+
+
+def buffer_budget() -> int | None:
+    """The buffer budget in bytes (``LUNGJAX_CONV_BUFFER_BYTES`` or
+    ``BUFFER_BUDGET_BYTES``); None when disabled (a value <= 0)."""
+    raw = os.environ.get(ENV_BUDGET, "").strip()
+    try:
+        budget = int(float(raw)) if raw else BUFFER_BUDGET_BYTES
+    except ValueError:
+        raise ValueError(f"environment variable {ENV_BUDGET}={raw!r}: expected a number of "
+                         "bytes (<= 0 disables the budget)") from None
+    return budget if budget > 0 else None
+
+
+def buffer_bytes(impl: str, key: ConvKey) -> int:
+    """Largest temporary buffer (bytes) formulation ``impl`` builds for ``key`` in any of
+    its passes (forward, input-gradient, weight-gradient); 0 for "xla".
+
+    im2col, matmul and hybrid build the patches ``(B, *out, K * C_in)`` (forward or
+    weight-gradient; matmul's input-gradient the smaller of that and ``(B, *in, K * C_out)``,
+    never more); a split plan its passes' column buffers (``conv_split.buffer_bytes``). A
+    transposed convolution's matmul form builds ``(B, *in, K * C_out)`` tap outputs unless
+    kernel == stride (then that is the output itself, reordered).
+    """
+    if impl == "xla":
+        return 0
+    item = int(jnp.dtype(key.dtype).itemsize)
+    kvol = math.prod(key.kernel)
+    if key.kind == "conv_transpose":
+        if impl == "matmul":
+            if tuple(key.kernel) == tuple(key.strides) and set(key.dilation) == {1}:
+                return 0
+            return key.batch * math.prod(key.spatial) * kvol * key.cout * item
+        out = [(n - 1) * s + 1 + lo + hi - (k - 1) * d for n, s, (lo, hi), k, d in
+               zip(key.spatial, key.strides, key.pads, key.kernel, key.dilation)]
+        return key.batch * math.prod(out) * kvol * key.cin * item
+    out = conv_ops.conv_out_shape(key.spatial, key.kernel, key.strides, key.pads, key.dilation)
+    if conv_split.is_split(impl):
+        plan = conv_split.parse(impl, len(key.kernel))
+        return max(conv_split.buffer_bytes(p, c, key.batch, key.spatial, out, key.kernel,
+                                           key.cin, key.cout, item)
+                   for p, c in zip(("fwd", "igrad", "wgrad"), plan))
+    return key.batch * math.prod(out) * kvol * key.cin * item
+
+
 def resolve(layer_impl: str, key: ConvKey) -> str:
     """The formulation a layer with attribute ``impl=layer_impl`` runs for ``key``."""
     if _state.recorded is not None:
         _state.recorded.append(key)
     impl = get_conv_impl_override() or _check(layer_impl, "Conv.impl")
-    if impl == "auto":
+    auto = impl == "auto"
+    if auto:
         if jax.default_backend() != "cpu":
+            return "xla"
+        key = concrete_key(key)
+        if key is None:
             return "xla"
         impl, how = lookup(key)
         if how != "exact" and os.environ.get(ENV_AUTOTUNE, "") not in ("", "0"):
             impl = _autotune(key)
     if key.kind == "conv_transpose" and (impl == "hybrid" or conv_split.is_split(impl)):
         impl = "matmul"
+    if auto:
+        budget = buffer_budget()
+        if budget is not None and buffer_bytes(impl, key) > budget:
+            return "xla"
     if key.kind == "conv" and conv_split.is_split(impl):
         conv_split.parse(impl, len(key.kernel))
     elif key.kind == "conv" and impl not in conv_ops.CONV_IMPLS:

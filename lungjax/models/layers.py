@@ -12,7 +12,10 @@ Choosing the formulation (see ``lungjax.models.conv_select``):
 * ``impl="auto"`` (default): XLA's native convolution on GPU/TPU; on CPU the formulation
   measured fastest for the nearest layer shape in ``lungjax/models/conv_table.json``
   (regenerate with ``python bench/conv_autotune.py``), or tuned on first use and cached on
-  disk when ``LUNGJAX_CONV_AUTOTUNE=1``.
+  disk when ``LUNGJAX_CONV_AUTOTUNE=1``; a choice whose temporary buffers (im2col patches)
+  would exceed ``conv_select.BUFFER_BUDGET_BYTES`` (1 GiB, env ``LUNGJAX_CONV_BUFFER_BYTES``)
+  runs "xla" instead, so "auto" is safe on whole scans. A symbolic batch size
+  (``jax.export``) is budgeted per example; symbolic spatial sizes run "xla".
 * ``impl="xla" | "im2col" | "matmul" | "hybrid"`` forces one for that layer;
   ``impl="split_FIW"`` picks a formulation per pass (forward, input-gradient,
   weight-gradient; see ``lungjax.models.conv_split``), which is what the table mostly holds.

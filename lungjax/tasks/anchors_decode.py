@@ -9,7 +9,9 @@ network saw (patch or whole preprocessed volume), diameters in voxels, outputs p
   ``"iou"``: greedy NMS with the sphere IoU (:func:`sphere_nms`, the default),
   ``"soft"``: Gaussian soft-NMS (Bodla et al. 2017; the paper's option for dense nodules),
   ``"distance"``: ``lungjax.tasks.nms.nms_points`` (suppression within a radius);
-* :func:`detect_volume`: a whole volume, in one pass or in overlapping tiles;
+* :func:`decode_volume`: every anchor of a whole volume, in one pass or in overlapping
+  tiles (the tiling of ``lungjax.tasks.screening.plan_axis_tiles``);
+  :func:`detect_volume`: that + selection;
 * :func:`to_marks`: detections of a stored scan -> LUNA16 marks in world mm;
   :func:`detect_store`: that for scans of a prepared store (the evaluate mode's loop).
 """
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
+import itertools
 import time
 from typing import Any, Callable, Sequence
 
@@ -30,6 +32,7 @@ from lungjax.data.coords import Geometry, voxel_to_world
 from lungjax.data.tables import Marks
 from lungjax.tasks.anchors import (AnchorConfig, anchor_table, decode, flatten_outputs,
                                    sphere_iou)
+from lungjax.tasks import screening
 from lungjax.tasks.nms import nms_points
 
 
@@ -208,65 +211,100 @@ def _decoder(apply_fn: Callable, cfg: AnchorConfig, with_variables: bool, jit: b
 def detect_volume(apply_fn: Callable, volume_zyx: np.ndarray, cfg: AnchorConfig, *,
                   multiple: int = 16, tile_zyx: Sequence[int] | None = None, halo: int = 32,
                   variables: Any = None, jit: bool = True, **select_kw) -> Detections:
-    """Detections of a whole volume (a preprocessed, lung-cropped scan).
+    """Detections of a whole volume (a preprocessed, lung-cropped scan):
+    :func:`decode_volume` then :func:`select_candidates`.
 
-    The volume is zero-padded (0 = air after windowing) to a multiple of ``multiple``
-    (the network's coarsest stride). Without ``tile_zyx`` it runs in one pass. With it,
-    the volume is cut into cores of ``tile_zyx`` voxels (multiples of ``multiple``), each
-    run with ``halo`` voxels of context on every side (all tiles one shape: one
-    compilation); a cell belongs to the tile whose core holds its anchor centre, so
-    every cell is scored exactly once. Tiling changes the result only through context
-    beyond the halo (zero padding instead of image).
+    Args:
+      apply_fn, volume_zyx, cfg, multiple, tile_zyx, halo, variables, jit: see
+        :func:`decode_volume`.
+      **select_kw: :func:`select_candidates` arguments (threshold, method, ...).
+
+    Returns:
+      :class:`Detections` in the volume's voxels; centres outside the volume are dropped.
+    """
+    sc, ce, di = decode_volume(apply_fn, volume_zyx, cfg, multiple=multiple, tile_zyx=tile_zyx,
+                               halo=halo, variables=variables, jit=jit,
+                               threshold=float(select_kw.get("threshold", 0.5)))
+    return select_candidates(sc, ce, di, **select_kw)
+
+
+def decode_volume(apply_fn: Callable, volume_zyx: np.ndarray, cfg: AnchorConfig, *,
+                  multiple: int = 16, tile_zyx: Sequence[int] | None = None, halo: int = 32,
+                  variables: Any = None, jit: bool = True,
+                  threshold: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every decoded anchor of a whole volume, in one pass or tile by tile.
+
+    The volume is zero-padded at its far end (0 = air after windowing) to a multiple of
+    ``multiple`` (the network's coarsest stride). Without ``tile_zyx`` it runs in one pass.
+    With it, the padded volume is cut by ``lungjax.tasks.screening.plan_axis_tiles`` (the
+    tiling the screening stage uses): per axis ``ceil(extent / tile)`` tiles, each owning
+    a core of whole ``multiple``-voxel blocks and run on one window of the same shape for
+    every tile (one compilation) that holds its core plus ``halo`` voxels of context where
+    the volume has them; windows never leave the padded volume. A cell belongs to the tile
+    whose core holds its anchor centre, so every cell is scored exactly once. Tiled
+    results equal the one-pass results (to float rounding) whenever ``halo`` covers the
+    receptive field of the network's outputs (beyond it, context is cut) and the network
+    is local (no group norm over the whole input). Peak memory is that of one window,
+    about ``(tile + 2 * halo)^3`` voxels of activations.
 
     Args:
       apply_fn: (1, D, H, W, 1) float32 -> per-head outputs; with ``variables``,
         ``apply_fn(variables, x)``.
       volume_zyx: (D, H, W) float32 in the training range ([0, 1]).
       cfg: the anchors.
-      multiple, tile_zyx, halo: padding and tiling (see above).
+      multiple: the coarsest stride; windows start and end on multiples of it.
+      tile_zyx: most voxels of a tile's core per axis (None: one pass).
+      halo: voxels of context on each side of a core (rounded up to a multiple of
+        ``multiple``).
       jit: jit ``apply_fn`` + decoding (compiled once per function, anchors and tile
         shape: pass the same function object for every scan).
-      **select_kw: :func:`select_candidates` arguments (threshold, method, ...).
+      threshold: drop anchors scoring below it, tile by tile (what selection would drop;
+        keeps the host memory of a tiled pass bounded by the candidates); None keeps all.
 
     Returns:
-      :class:`Detections` in the volume's voxels; centres outside the volume are dropped.
+      scores: (N,) float32 noduleness; centres: (N, 3) float64 decoded centres, voxels of
+      the volume (z, y, x); diameters: (N,) float32 voxels. Anchors are grouped by tile
+      (one pass: :func:`anchor_table` order); those whose centre decodes outside the
+      volume are dropped.
     """
     vol = np.asarray(volume_zyx, np.float32)
     if vol.ndim != 3:
-        raise ValueError(f"detect_volume expects a (D, H, W) volume, got shape {vol.shape}")
+        raise ValueError(f"decode_volume expects a (D, H, W) volume, got shape {vol.shape}")
+    multiple, halo = int(multiple), int(halo)
+    if multiple < 1 or halo < 0:
+        raise ValueError(f"decode_volume: multiple {multiple} must be >= 1 and halo {halo} >= 0")
+    if tile_zyx is not None and len(tile_zyx) != 3:
+        raise ValueError(f"tile_zyx must be 3 values (z, y, x), got {tuple(tile_zyx)}")
     run = _decoder(apply_fn, cfg, variables is not None, jit)
     if variables is not None:
         run = functools.partial(run, variables)
     shape = np.asarray(vol.shape)
-    up = lambda n: int(math.ceil(n / multiple) * multiple)  # noqa: E731
-    if tile_zyx is None:
-        core, halo = [up(n) for n in shape], 0
-    else:
-        core = [min(up(int(t)), up(n)) for t, n in zip(tile_zyx, shape)]
-        if any(int(t) % multiple for t in tile_zyx) or halo % multiple:
-            raise ValueError(f"tile_zyx {tuple(tile_zyx)} and halo {halo} must be multiples "
-                             f"of {multiple}")
-    starts = [list(range(0, int(n), c)) for n, c in zip(shape, core)]
-    span = [s[-1] + c + 2 * halo for s, c in zip(starts, core)]
-    padded = np.zeros(span, np.float32)
-    padded[halo:halo + shape[0], halo:halo + shape[1], halo:halo + shape[2]] = vol
-    tile_in = [c + 2 * halo for c in core]
-    anc_c, _ = anchor_table(cfg, tile_in)
-    own = np.all((anc_c >= halo) & (anc_c < halo + np.asarray(core)), axis=1)
+    blocks = [-(-int(n) // multiple) for n in shape]
+    halo = -(-halo // multiple) * multiple
+    axes = [screening.plan_axis_tiles(b, b * multiple, multiple, -halo, multiple + halo,
+                                      None if tile_zyx is None else int(t))
+            for b, t in zip(blocks, tile_zyx if tile_zyx is not None else (None,) * 3)]
+    padded = np.zeros([b * multiple for b in blocks], np.float32)
+    padded[:shape[0], :shape[1], :shape[2]] = vol
+    window = [ax[0][3] - ax[0][2] for ax in axes]
+    anc_c, _ = anchor_table(cfg, window)
+    floor = -np.inf if threshold is None else float(threshold)
     parts = []
-    for z in starts[0]:
-        for y in starts[1]:
-            for x in starts[2]:
-                t = padded[z:z + tile_in[0], y:y + tile_in[1], x:x + tile_in[2]]
-                sc, ce, di = run(t[None, ..., None])
-                sc, ce, di = (np.asarray(v)[0] for v in (sc, ce, di))
-                off = np.asarray([z, y, x], np.float64) - halo
-                parts.append((sc[own], ce[own] + off, di[own]))
+    for tile in itertools.product(*axes):
+        lo = np.asarray([t[2] for t in tile])
+        core_lo = np.asarray([t[0] for t in tile]) * multiple
+        core_hi = np.asarray([t[1] for t in tile]) * multiple
+        x = padded[tuple(slice(t[2], t[3]) for t in tile)]
+        sc, ce, di = (np.asarray(v)[0] for v in run(x[None, ..., None]))
+        # Cores are whole blocks, so a cell lies in a core iff its anchor centre does.
+        pos = anc_c + lo
+        keep = np.all((pos >= core_lo) & (pos < core_hi), axis=1) & (sc >= floor)
+        parts.append((sc[keep], ce[keep].astype(np.float64) + lo, di[keep]))
     sc = np.concatenate([p[0] for p in parts])
     ce = np.concatenate([p[1] for p in parts])
     di = np.concatenate([p[2] for p in parts])
     inside = np.all((ce >= -0.5) & (ce < shape - 0.5), axis=1)
-    return select_candidates(sc[inside], ce[inside], di[inside], **select_kw)
+    return sc[inside], ce[inside], di[inside]
 
 
 def to_marks(uid: str, det: Detections, geometry: Geometry) -> tuple[Marks, np.ndarray]:

@@ -296,23 +296,72 @@ def _check_output(shape: tuple, nd: int) -> None:
                          "axes[, per-cell axes...])")
 
 
-def _axis_tiles(m: int | None, n_pad: int, stride: int, rf: int, start: int, tile: int | None):
-    """Per-axis tiles: (cell0, cell1, in_lo, in_hi) with in_lo a multiple of the stride so
-    the tile's cell grid lines up with the whole volume's (m None: not known yet, one
-    tile)."""
-    if tile is None:
-        return [(0, m, 0, n_pad)]
-    per = max(1, int(tile) // stride)
-    out = []
-    for k in range(-(-m // per)):
-        # The last tile is moved back to end at m, so all tiles have one shape (one
-        # compilation) whenever the network does not pad.
-        c0 = min(k * per, max(m - per, 0))
-        c1 = min(c0 + per, m)
-        lo = max(0, ((start + stride * c0) // stride) * stride)
-        hi = min(n_pad, start + stride * (c1 - 1) + rf)
-        out.append((c0, c1, lo, hi))
-    return out
+def plan_axis_tiles(cells: int, extent: int, stride: int, need_lo: int, need_hi: int,
+                    max_tile: int | None) -> list[tuple[int, int, int, int]]:
+    """Tiles of one axis, sized to the volume: the fewest the tile cap allows, each as
+    small as they can be.
+
+    Cell ``c`` of the output grid reads input voxels ``[stride*c + need_lo,
+    stride*c + need_hi)`` clipped to ``[0, extent)`` (its receptive field, or its block plus
+    a halo). With ``max_tile`` the axis gets ``n = ceil(cells / (max_tile // stride))``
+    tiles, and the smallest input window ``W`` (a multiple of ``stride``) for which ``n``
+    windows cover every cell's needs: windows overlap by just the context the cells at
+    their seams need, so a 300-voxel axis with cap 128 runs 3 windows of ~100 + halo
+    rather than 3 of 128 + halo. Every window has the same width (one compilation) and
+    lies inside ``[0, extent)``, so a window at the volume's edge sees the same border as
+    one pass does (what makes padded, "SAME", networks tile exactly); a window starts at a
+    multiple of ``stride`` so its cell grid lines up with the whole volume's.
+
+    Args:
+      cells: output cells along the axis (>= 1).
+      extent: input voxels along the axis (the padded volume).
+      stride: input voxels between neighbouring cells (the alignment of windows).
+      need_lo, need_hi: the input a cell reads, relative to ``stride * c``; ``need_lo`` is
+        rounded down to a multiple of ``stride``.
+      max_tile: the most input voxels of cells (core, without context) per tile; None:
+        one window over the whole axis.
+
+    Returns:
+      per tile ``(cell_lo, cell_hi, in_lo, in_hi)``: the tile owns cells
+      ``[cell_lo, cell_hi)`` (tiles partition ``[0, cells)``) and reads input voxels
+      ``[in_lo, in_hi)``; its output cell ``k`` is cell ``in_lo // stride + k``.
+
+    Raises:
+      ValueError: non-positive sizes.
+    """
+    cells, extent, stride = int(cells), int(extent), int(stride)
+    if cells < 1 or extent < 1 or stride < 1:
+        raise ValueError(f"plan_axis_tiles: cells {cells}, extent {extent} and stride {stride} "
+                         "must be >= 1")
+    if max_tile is not None and int(max_tile) < 1:
+        raise ValueError(f"tile size must be >= 1 voxel, got {max_tile}")
+    n = 1 if max_tile is None else -(-cells // max(1, int(max_tile) // stride))
+    if n <= 1:
+        return [(0, cells, 0, extent)]
+    need_lo = (int(need_lo) // stride) * stride
+    need_hi = int(need_hi)
+
+    def cover(width):
+        tiles, c = [], 0
+        while c < cells:
+            lo = max(0, stride * c + need_lo)
+            lo = min(lo, ((extent - width) // stride) * stride)
+            hi = lo + width
+            # Cells whose needs (clipped to the volume) end inside the window.
+            c1 = cells if hi >= extent else min(cells, (hi - need_hi) // stride + 1)
+            if c1 <= c or len(tiles) == n:
+                return None
+            tiles.append((c, c1, lo, hi))
+            c = c1
+        return tiles
+
+    width = stride * -(-cells // n)
+    while width < extent:
+        tiles = cover(width)
+        if tiles is not None:
+            return tiles
+        width += stride
+    return [(0, cells, 0, extent)]
 
 
 def score_volume(apply_fn: Callable, volume_zyx: np.ndarray, mapping: OutputMapping,
@@ -325,9 +374,10 @@ def score_volume(apply_fn: Callable, volume_zyx: np.ndarray, mapping: OutputMapp
     With ``pad`` the volume is first padded with ``pad_value`` (0 = air after the store's
     windowing, what ``PatchStore.read_patch`` fills outside a scan with) so that the score
     cells cover every input voxel: cell 0 sits at voxel ``(-1, 0]`` and the last within half
-    a stride of the last voxel. Tiles split the score grid into blocks of about
-    ``tile_zyx // stride`` cells; each is computed from its input block plus the halo its
-    receptive field needs, so tiled and untiled results are identical: bit for bit for
+    a stride of the last voxel. Tiles (:func:`plan_axis_tiles`: ``ceil(cells / (tile_zyx //
+    stride))`` per axis, each as small as that count allows, all one shape) split the score
+    grid into blocks; each is computed from its input block plus the halo its receptive
+    field needs, so tiled and untiled results are identical: bit for bit for
     any network whose cells depend only on their receptive field (VALID padding, or SAME
     padding whose low pad does not depend on the input size) and whose arithmetic does
     not change with the input shape; to float rounding when it does (``impl="auto"`` in
@@ -342,7 +392,8 @@ def score_volume(apply_fn: Callable, volume_zyx: np.ndarray, mapping: OutputMapp
         compiled function rather than constants folded into it.
       volume_zyx: (D, H, W) float volume (e.g. ``PatchStore.read_volume``).
       mapping: the network's :class:`OutputMapping` (with its receptive field).
-      tile_zyx: input voxels per tile core (int or per axis); None scores in one pass.
+      tile_zyx: most input voxels per tile core, halo excluded (int or per axis); bounds
+        the peak memory of a pass. None scores in one pass.
       batch: tiles per call (tiles of the same shape are batched; a short last batch is
         padded by repetition so it reuses the compiled shape).
       pad: pad the volume as above; False scores it as given.
@@ -383,6 +434,8 @@ def score_volume(apply_fn: Callable, volume_zyx: np.ndarray, mapping: OutputMapp
         first = offset - pad_lo  # cell 0 in unpadded voxels, in (-1, 0] when offset > 0
         m = np.maximum(1, np.ceil((n - 1 - stride / 2 - first) / stride - 1e-9).astype(int) + 1)
         n_pad = np.maximum(n + pad_lo, start + stride * (m - 1) + rf)
+        # A whole number of strides: tiles then line up with the volume's far edge too.
+        n_pad = -(-n_pad // stride) * stride
         vol = np.pad(vol, [(int(a), int(b)) for a, b in zip(pad_lo, n_pad - n - pad_lo)],
                      constant_values=np.float32(pad_value))
     else:
@@ -435,11 +488,10 @@ def score_volume(apply_fn: Callable, volume_zyx: np.ndarray, mapping: OutputMapp
         tile = _per_axis(tile_zyx, nd, "tile_zyx")
         rf = mapping.receptive_field_zyx
         start = mapping.rf_start_zyx
-        axes = [_axis_tiles(int(m[a]), int(n_pad[a]), int(stride[a]), rf[a], start[a], tile[a])
-                for a in range(nd)]
+        axes = [plan_axis_tiles(int(m[a]), int(n_pad[a]), int(stride[a]), start[a],
+                                start[a] + rf[a], tile[a]) for a in range(nd)]
     else:
-        axes = [_axis_tiles(None if m is None else int(m[a]), int(n_pad[a]), 1, 1, 0, None)
-                for a in range(nd)]
+        axes = [[(0, None if m is None else int(m[a]), 0, int(n_pad[a]))] for a in range(nd)]
 
     tiles = list(itertools.product(*axes))
     groups: dict[tuple, list] = {}
