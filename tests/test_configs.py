@@ -98,3 +98,23 @@ def test_resolved_config_is_json(tmp_path):
     train._write_config(c, str(tmp_path))
     d = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
     assert d["model"]["name"] == "dou2017_fcn" and d["data"]["patch_size_zyx"] == [10, 30, 30]
+
+
+def test_malloc_setting_applies_only_when_asked_and_on_cpu(monkeypatch):
+    from ml_collections import config_dict
+
+    from lungjax import main as cli
+    from lungjax.models import conv_malloc
+
+    calls = []
+    monkeypatch.setattr(conv_malloc, "keep_freed_memory", lambda: calls.append(1) or True)
+    cfg = config_dict.ConfigDict({"runtime": {"keep_freed_memory": False}})
+    cli._configure_malloc(cfg)
+    assert calls == []  # off by default: it raises peak memory (configs/base.py)
+    cfg.runtime.keep_freed_memory = True
+    monkeypatch.setattr(cli, "_runs_on_cpu", lambda: True)
+    cli._configure_malloc(cfg)
+    assert calls == [1]
+    monkeypatch.setattr(cli, "_runs_on_cpu", lambda: False)
+    cli._configure_malloc(cfg)
+    assert calls == [1]  # not on an accelerator
