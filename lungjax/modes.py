@@ -122,7 +122,7 @@ def evaluate(config, workdir: str) -> dict:
     from lungjax.data.store import PatchStore
     from lungjax.detect import DetectionSettings, run_detection, store_screening_stats, \
         write_submission
-    from lungjax.evaluation.froc import compute_froc
+    from lungjax.evaluation.froc import FP_RATES, compute_froc
     from lungjax.steps import make_predict_fn
     from lungjax.tasks.screening import output_mapping
     from lungjax.train_data import held_out_uids, prepare_data
@@ -165,10 +165,19 @@ def evaluate(config, workdir: str) -> dict:
         "submission_csv": sub, "froc": froc.to_json(),
     }
     _write_json(os.path.join(out_dir, "froc.json"), record)
-    print(f"CPM (FROC[luna]) = {froc.cpm:.4f} on {len(uids)} held-out scans, "
-          f"{froc.n_detected}/{froc.n_nodules} nodules hit; {len(run.marks.uid)} marks; "
-          f"{record['seconds_per_scan']:.1f} s/scan\n"
-          f"submission: {sub}\nFROC record: {os.path.join(out_dir, 'froc.json')}", flush=True)
+    png = os.path.join(out_dir, "froc.png")
+    if jax.process_index() == 0:
+        from lungjax.evaluation.plots import plot_froc
+
+        plot_froc(froc, png, label=config.name, title=f"FROC: {config.name}, fold "
+                  f"{config.data.fold} ({len(uids)} held-out scans)")
+    points = ", ".join(f"{r:g}: {s:.3f}" for r, s in zip(FP_RATES, froc.sensitivities))
+    print(f"CPM (FROC[luna]) = {froc.cpm:.4f}, FROC[new] = {froc.froc_new:.4f} on "
+          f"{len(uids)} held-out scans, {froc.n_detected}/{froc.n_nodules} nodules hit; "
+          f"{len(run.marks.uid)} marks; {record['seconds_per_scan']:.1f} s/scan\n"
+          f"sensitivity at FPs/scan {points}\n"
+          f"submission: {sub}\nFROC record: {os.path.join(out_dir, 'froc.json')}\n"
+          f"FROC curve: {png}", flush=True)
     record["froc_result"] = froc
     return record
 
