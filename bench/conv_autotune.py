@@ -10,10 +10,17 @@ formulations (``--full``, default "matmul,xla"); the fastest full timing is the 
 
 Usage:
   python bench/conv_autotune.py [--nets fcn,fpr,det,unet,model_fcn,model_fpr,model_fpn]
-                                [--reps 2] [--out PATH] [--merge] [--malloc keep|default]
+                                [--reps 2] [--out PATH] [--merge] [--missing]
+                                [--order net|flops] [--limit N] [--max-buffer-gb 2]
+                                [--malloc keep|default]
 
 The table is rewritten (atomically) after every shape, so an interrupted run leaves a valid
-partial table; ``--merge`` keeps entries of shapes not measured in this run. Run it on the
+partial table; ``--merge`` keeps entries of shapes not measured in this run; ``--missing``
+(implies ``--merge``) measures only the shapes the table lacks, so an interrupted run resumes
+where it stopped; ``--order flops`` measures the shapes with the most arithmetic first (the
+ones that matter most when time is short). ``--max-buffer-gb`` bounds each formulation's
+temporary memory as XLA compiled it (``conv_tune.temp_bytes``): per-pass choices over it run
+over the batch in chunks (``"split_FIWbK"``, see ``conv_split``). Run it on the
 CPU the table is meant for, with the allocator setting the programs will use (``--malloc
 keep`` = ``lungjax.models.conv_malloc.keep_freed_memory``, the default: with it, large column
 buffers stop page-faulting and the choice shifts toward im2col). Timings on a shared machine
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -41,6 +49,16 @@ def _parse():
                    "the per-pass plan")
     p.add_argument("--out", default=None, help="default: lungjax/models/conv_table.json")
     p.add_argument("--merge", action="store_true")
+    p.add_argument("--missing", action="store_true", help="only shapes absent from the table "
+                   "(implies --merge)")
+    p.add_argument("--order", choices=("net", "flops"), default="net",
+                   help="net: first-seen order; flops: largest forward + backward first")
+    p.add_argument("--limit", type=int, default=0, help="measure only the first N shapes "
+                   "(after --missing and --order); 0: all")
+    p.add_argument("--max-buffer-gb", type=float, default=2.0,
+                   help="memory limit (GB) on a formulation's column buffer or compiled "
+                   "temporary memory: a pass over it runs in batch chunks (split_FIWbK), a "
+                   "full formulation over it is skipped; the native one always runs")
     p.add_argument("--malloc", choices=("keep", "default"), default="keep")
     return p.parse_args()
 
@@ -54,7 +72,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import conv_nets  # noqa: E402
 from lungjax.data.tables import atomic_write_text  # noqa: E402
-from lungjax.models import conv_select, conv_tune  # noqa: E402
+from lungjax.models import conv_ops, conv_select, conv_tune  # noqa: E402
 
 
 def _model_nets():
@@ -84,26 +102,44 @@ def net_keys(names):
     return list(dict.fromkeys(keys))
 
 
+def key_flops(key) -> int:
+    """Multiply-adds x 2 of the forward of ``key`` (the two gradients cost the same each)."""
+    if key.kind == "conv":
+        out = conv_ops.conv_out_shape(key.spatial, key.kernel, key.strides, key.pads,
+                                      key.dilation)
+    else:  # every input sample meets every tap once
+        out = key.spatial
+    return 2 * key.batch * math.prod(out) * math.prod(key.kernel) * key.cin * key.cout
+
+
 def main():
     args = ARGS
     args.out = args.out or str(conv_select.TABLE_PATH)
     keys = net_keys([n for n in args.nets.split(",") if n])
     entries = []
-    if args.merge and os.path.isfile(args.out):
-        entries = json.loads(open(args.out).read())["entries"]
+    if (args.merge or args.missing) and os.path.isfile(args.out):
+        entries = json.loads(open(args.out, encoding="utf-8").read())["entries"]
+    if args.missing:
+        have = {conv_select.ConvKey.from_json(e["key"]) for e in entries}
+        keys = [k for k in keys if k not in have]
+    if args.order == "flops":
+        keys = sorted(keys, key=key_flops, reverse=True)
+    if args.limit:
+        keys = keys[:args.limit]
+    max_buffer = int(args.max_buffer_gb * 2 ** 30)
     full = [i for i in args.full.split(",") if i]
     machine = f"{os.cpu_count()} cores; jax {jax.__version__}; malloc {args.malloc}"
     print(f"{len(keys)} layer shapes", flush=True)
     for i, key in enumerate(keys):
         t0 = time.perf_counter()
-        entry = conv_tune.tune_key(key, args.reps, full)
+        entry = conv_tune.tune_key(key, args.reps, full, max_buffer_bytes=max_buffer)
         # Replace this shape's old entry only now: an interrupted run keeps the rest.
         entries = [e for e in entries if conv_select.ConvKey.from_json(e["key"]) != key]
         entries.append(entry)
         atomic_write_text(args.out, json.dumps({"machine": machine, "entries": entries},
                                                indent=1))
         desc = (f"{key.kind} b{key.batch} {key.spatial} {key.cin}->{key.cout} k{key.kernel} "
-                f"s{key.strides}")
+                f"s{key.strides} ({3 * key_flops(key) / 1e9:.1f} GFLOP)")
         passes = "".join(f" {p}={ms}" for p, ms in entry.get("passes", {}).items())
         print(f"[{i + 1}/{len(keys)}] {desc}:{passes} full: "
               + ", ".join(f"{k} {v:.1f}" for k, v in entry["ms"].items())

@@ -21,7 +21,8 @@ Formulations of ``conv`` (``CONV_IMPLS``):
 * ``"hybrid"``: native forward and input-gradient, matmul weight-gradient (custom VJP); the
   lowest peak memory of the CPU formulations.
 * ``"split_FIW"``: one formulation per pass (forward, input-gradient, weight-gradient),
-  including partial im2col and shifted-slice accumulation; see ``conv_split``.
+  including partial im2col and shifted-slice accumulation; ``"split_FIWbK"`` runs those
+  passes over the batch in K sequential chunks to bound their memory; see ``conv_split``.
 
 Formulations of ``conv_transpose`` (``CONV_TRANSPOSE_IMPLS``): ``"xla"``
 (``lax.conv_transpose``), ``"matmul"`` (a per-pixel matmul C_in -> K*C_out followed by
@@ -283,8 +284,8 @@ def conv(x, w, *, strides: Sequence[int], pads: Pads, dilation: Sequence[int], i
       x: (N, *spatial, C_in) any float dtype (same as ``w`` after promotion).
       w: (*kernel, C_in, C_out).
       strides, dilation: ints per spatial axis; pads: explicit (low, high) per axis.
-      impl: one of ``CONV_IMPLS``, or ``"split_FIW"`` (a formulation per pass, see
-        ``lungjax.models.conv_split``).
+      impl: one of ``CONV_IMPLS``, or ``"split_FIW[bK]"`` (a formulation per pass, K batch
+        chunks; see ``lungjax.models.conv_split``).
 
     Returns:
       (N, *out, C_out) in ``x``'s dtype; identical (to rounding) across ``impl``.

@@ -20,8 +20,14 @@ the forward, col2im input-gradient and XLA's weight-gradient. ``bench/conv_autot
 times every choice of each pass separately per layer shape and writes the winner into
 ``conv_table.json`` for ``impl="auto"``.
 
+A suffix ``b<K>`` (``"split_2c1b4"``) runs every non-native pass over the batch in ``K``
+chunks, one after another (``lax.map``): XLA:CPU keeps all shifted slices of a pass alive
+at once (4.6 GB for the 27 slices of a 16x24x60x60x32 input), so large-volume layers fit in
+memory only chunk by chunk. ``K`` must divide the batch; a batch it does not divide runs
+unchunked.
+
 Only ``x`` and ``w`` are kept for the backward pass (columns are rebuilt), so the peak
-memory is at most that of the full im2col forward.
+memory is at most that of the full im2col forward (of one chunk).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from jax import lax
 from lungjax.models import conv_ops
 
 PREFIX = "split_"
-_PATTERN = re.compile(r"^split_([x0-3])([xc0-3])([x0-3])$")
+_PATTERN = re.compile(r"^split_([x0-3])([xc0-3])([x0-3])(?:b([1-9][0-9]*))?$")
 FWD_CHOICES = ("x", "0", "1", "2", "3")
 IGRAD_CHOICES = ("x", "c", "0", "1", "2", "3")
 WGRAD_CHOICES = FWD_CHOICES
@@ -52,14 +58,62 @@ def parse(impl: str, rank: int) -> tuple[str, str, str]:
     """``"split_FIW"`` -> (F, I, W); checks the digits against the convolution rank."""
     m = _PATTERN.match(impl)
     if m is None:
-        raise ValueError(f"conv impl={impl!r}: a split formulation is 'split_FIW' with F, W in "
-                         "x/0-3 and I in x/c/0-3 (x: native, c: col2im, digit: im2col axes)")
-    plan = m.groups()
+        raise ValueError(f"conv impl={impl!r}: a split formulation is 'split_FIW[bK]' with F, "
+                         "W in x/0-3 and I in x/c/0-3 (x: native, c: col2im, digit: im2col "
+                         "axes) and K batch chunks")
+    plan = m.groups()[:3]
     for c in plan:
         if c.isdigit() and int(c) > rank:
             raise ValueError(f"conv impl={impl!r}: im2col over {c} axes, but the convolution "
                              f"has {rank} spatial axes")
     return plan
+
+
+def batch_chunks(impl: str) -> int:
+    """The ``K`` of a ``"split_FIWbK"`` formulation (1 without the suffix)."""
+    m = _PATTERN.match(impl)
+    if m is None:
+        raise ValueError(f"conv impl={impl!r} is not a split formulation")
+    return int(m.group(4) or 1)
+
+
+def split_choice(choice: str) -> tuple[str, int]:
+    """A per-pass choice with optional chunk count, ``"2b4"`` -> ("2", 4); ``"x"`` -> ("x", 1)."""
+    base, _, k = choice.partition("b")
+    return base, int(k or 1)
+
+
+def _chunked(fn, chunks: int, *batched):
+    """``fn(*batched)`` computed over ``chunks`` equal batch slices in sequence (``lax.map``).
+
+    Args:
+      fn: maps arrays with leading batch axis B/chunks to one array with the same leading
+        axis.
+      batched: arrays (B, ...), B divisible by ``chunks``.
+
+    Returns:
+      (B, ...) outputs concatenated in batch order.
+    """
+    if chunks == 1:
+        return fn(*batched)
+    split = [a.reshape(chunks, a.shape[0] // chunks, *a.shape[1:]) for a in batched]
+    out = lax.map(lambda args: fn(*args), tuple(split))
+    return out.reshape(out.shape[0] * out.shape[1], *out.shape[2:])
+
+
+def _chunked_sum(fn, chunks: int, *batched):
+    """Sum over ``chunks`` equal batch slices of ``fn(*slices)`` (weight-gradients),
+    accumulated in at least float32 in a ``lax.scan`` carry (one chunk live at a time)."""
+    if chunks == 1:
+        return fn(*batched)
+    split = [a.reshape(chunks, a.shape[0] // chunks, *a.shape[1:]) for a in batched]
+
+    def body(acc, args):
+        return acc + fn(*args).astype(acc.dtype), None
+
+    first = jax.eval_shape(fn, *[a[0] for a in split])
+    acc = jnp.zeros(first.shape, jnp.promote_types(first.dtype, jnp.float32))
+    return lax.scan(body, acc, tuple(split))[0].astype(first.dtype)
 
 
 def choices(rank: int, kernel=None) -> dict[str, tuple[str, ...]]:
@@ -182,42 +236,56 @@ def input_grad(dy, w, in_spatial, strides, pads, dilation, inner: int):
                         lhs_dilation=strides)
 
 
-def _fwd(x, w, strides, pads, dilation, f):
+def _chunks_for(x, f: str, chunks: int) -> int:
+    """Chunks a pass with choice ``f`` runs in: native passes and batches that ``chunks``
+    does not divide run whole."""
+    return chunks if f != "x" and chunks > 1 and x.shape[0] % chunks == 0 else 1
+
+
+def _fwd(x, w, strides, pads, dilation, f, chunks=1):
     if f == "x":
         return conv_ops.conv_xla(x, w, strides, pads, dilation)
-    return conv_forward(x, w, strides, pads, dilation, int(f))
+    return _chunked(lambda xc: conv_forward(xc, w, strides, pads, dilation, int(f)),
+                    _chunks_for(x, f, chunks), x)
 
 
-def _igrad(x, w, dy, strides, pads, dilation, i):
+def _igrad(x, w, dy, strides, pads, dilation, i, chunks=1):
     if i == "x":
         _, vjp = jax.vjp(lambda xx: conv_ops.conv_xla(xx, w, strides, pads, dilation), x)
         return vjp(dy)[0]
     if i == "c":
-        return conv_ops._input_grad_col2im(x, dy, w, strides, pads, dilation)
-    return input_grad(dy, w, x.shape[1:-1], strides, pads, dilation, int(i))
+        fn = lambda xc, dyc: conv_ops._input_grad_col2im(  # noqa: E731
+            xc, dyc, w, strides, pads, dilation)
+    else:
+        fn = lambda xc, dyc: input_grad(  # noqa: E731
+            dyc, w, xc.shape[1:-1], strides, pads, dilation, int(i))
+    return _chunked(fn, _chunks_for(x, i, chunks), x, dy)
 
 
-def _wgrad(x, w, dy, strides, pads, dilation, wc):
+def _wgrad(x, w, dy, strides, pads, dilation, wc, chunks=1):
     if wc == "x":
         _, vjp = jax.vjp(lambda ww: conv_ops.conv_xla(x, ww, strides, pads, dilation), w)
         return vjp(dy)[0]
-    return weight_grad(x, dy, w.shape, w.dtype, strides, pads, dilation, int(wc))
+    return _chunked_sum(lambda xc, dyc: weight_grad(xc, dyc, w.shape, w.dtype, strides, pads,
+                                                    dilation, int(wc)),
+                        _chunks_for(x, wc, chunks), x, dy)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def conv_split(x, w, strides, pads, dilation, plan):
-    """Convolution whose forward / input-gradient / weight-gradient follow ``plan`` (F, I, W)."""
-    return _fwd(x, w, strides, pads, dilation, plan[0])
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def conv_split(x, w, strides, pads, dilation, plan, chunks=1):
+    """Convolution whose forward / input-gradient / weight-gradient follow ``plan`` (F, I, W),
+    non-native passes over ``chunks`` batch slices in sequence."""
+    return _fwd(x, w, strides, pads, dilation, plan[0], chunks)
 
 
-def _conv_split_fwd(x, w, strides, pads, dilation, plan):
-    return _fwd(x, w, strides, pads, dilation, plan[0]), (x, w)
+def _conv_split_fwd(x, w, strides, pads, dilation, plan, chunks):
+    return _fwd(x, w, strides, pads, dilation, plan[0], chunks), (x, w)
 
 
-def _conv_split_bwd(strides, pads, dilation, plan, res, dy):
+def _conv_split_bwd(strides, pads, dilation, plan, chunks, res, dy):
     x, w = res
-    dx = _igrad(x, w, dy, strides, pads, dilation, plan[1]).astype(x.dtype)
-    dw = _wgrad(x, w, dy, strides, pads, dilation, plan[2]).astype(w.dtype)
+    dx = _igrad(x, w, dy, strides, pads, dilation, plan[1], chunks).astype(x.dtype)
+    dw = _wgrad(x, w, dy, strides, pads, dilation, plan[2], chunks).astype(w.dtype)
     return dx, dw
 
 
@@ -225,17 +293,20 @@ conv_split.defvjp(_conv_split_fwd, _conv_split_bwd)
 
 
 def conv(x, w, strides, pads, dilation, impl: str):
-    """``conv_ops.conv`` for a ``"split_FIW"`` impl (see module docstring)."""
+    """``conv_ops.conv`` for a ``"split_FIW[bK]"`` impl (see module docstring)."""
     plan = parse(impl, w.ndim - 2)
-    return conv_split(x, w, strides, pads, dilation, plan)
+    return conv_split(x, w, strides, pads, dilation, plan, batch_chunks(impl))
 
 
 def pass_fn(pass_name: str, choice: str, strides, pads, dilation):
-    """One pass alone, for timing: fwd (x, w) -> y; igrad (x, w, dy) -> dx; wgrad -> dw."""
+    """One pass alone, for timing: fwd (x, w) -> y; igrad (x, w, dy) -> dx; wgrad -> dw.
+
+    ``choice`` as in ``choices``, optionally with a chunk count (``"2b4"``)."""
+    c, k = split_choice(choice)
     if pass_name == "fwd":
-        return lambda x, w, dy: _fwd(x, w, strides, pads, dilation, choice)
+        return lambda x, w, dy: _fwd(x, w, strides, pads, dilation, c, k)
     if pass_name == "igrad":
-        return lambda x, w, dy: _igrad(x, w, dy, strides, pads, dilation, choice)
+        return lambda x, w, dy: _igrad(x, w, dy, strides, pads, dilation, c, k)
     if pass_name == "wgrad":
-        return lambda x, w, dy: _wgrad(x, w, dy, strides, pads, dilation, choice)
+        return lambda x, w, dy: _wgrad(x, w, dy, strides, pads, dilation, c, k)
     raise ValueError(f"pass {pass_name!r}: expected fwd, igrad or wgrad")

@@ -62,19 +62,46 @@ def _median_ms(compiled, args, reps, warmup, give_up_ms):
     return round(1e3 * statistics.median(times), 3)
 
 
+def temp_bytes(compiled) -> int:
+    """Temporary + output bytes XLA allocates per call of ``compiled`` (0 if unknown).
+
+    XLA:CPU keeps every shifted slice of an im2col or shifted-slice formulation alive at
+    once (e.g. 4.6 GB for the 27 slices of a 16x24x60x60x32 input), so the column-buffer
+    estimate of ``conv_split.buffer_bytes`` alone underestimates the peak.
+    """
+    m = compiled.memory_analysis()
+    if m is None:
+        return 0
+    return int(m.temp_size_in_bytes) + int(m.output_size_in_bytes)
+
+
+def _chunk_count(need_bytes: int, max_bytes: int, batch: int, start: int = 1) -> int | None:
+    """Smallest power-of-two multiple of ``start`` dividing ``batch`` that brings
+    ``need_bytes / chunks`` within ``max_bytes``; None if there is none."""
+    k = start
+    while need_bytes / k > max_bytes:
+        k *= 2
+        if k > batch or batch % k:
+            return None
+    return k
+
+
 def time_passes(key, reps: int = 3, warmup: int = 1,
                 max_buffer_bytes: int = 2 << 30) -> dict[str, dict[str, float]]:
     """Median ms of each pass of a convolution alone, in each of its split choices.
 
-    A choice already 2x slower than the best one of its pass is timed once only; one whose
-    column buffer would exceed ``max_buffer_bytes`` is not run (absent from the result).
+    A choice already 2x slower than the best one of its pass is timed once only. A choice
+    whose column buffer (``conv_split.buffer_bytes``) or compiled temporary memory
+    (``temp_bytes``) would exceed ``max_buffer_bytes`` runs over the batch in the fewest
+    power-of-two chunks that fit (recorded as e.g. ``"2b4"``), or not at all (absent from
+    the result) when no chunking fits; "x" always runs whole.
 
     Args:
       key: a ``conv_select.ConvKey`` of kind "conv".
 
     Returns:
       {"fwd": {choice: ms}, "igrad": {...}, "wgrad": {...}} (choices as in
-      ``conv_split.choices``; "x" is always there).
+      ``conv_split.choices``, possibly with a ``b<chunks>`` suffix; "x" is always there).
     """
     x, w, g = _inputs(key)
     dy = g.astype(x.dtype)
@@ -88,41 +115,74 @@ def time_passes(key, reps: int = 3, warmup: int = 1,
         # the layer's consumers: fast alone, far slower inside a network. Not offered.
         options = [c for c in options if not c.isdigit() or conv_split.contraction_size(
             pass_name, c, key.kernel, key.cin, key.cout) >= 8]
-        options = [c for c in options if conv_split.buffer_bytes(
-            pass_name, c, key.batch, key.spatial, dy.shape[1:-1], key.kernel, key.cin,
-            key.cout, itemsize) <= max_buffer_bytes]
         ms = {}
         for choice in options:
-            fn = conv_split.pass_fn(pass_name, choice, key.strides, key.pads, key.dilation)
-            compiled = jax.jit(fn).lower(x, w, dy).compile()
-            ms[choice] = _median_ms(compiled, (x, w, dy), reps, warmup,
-                                    2 * min(ms.values()) if ms else float("inf"))
+            chunks = _chunk_count(conv_split.buffer_bytes(
+                pass_name, choice, key.batch, key.spatial, dy.shape[1:-1], key.kernel,
+                key.cin, key.cout, itemsize), max_buffer_bytes, key.batch)
+            compiled = None
+            while chunks is not None:
+                name = choice if chunks == 1 else f"{choice}b{chunks}"
+                fn = conv_split.pass_fn(pass_name, name, key.strides, key.pads, key.dilation)
+                compiled = jax.jit(fn).lower(x, w, dy).compile()
+                need = temp_bytes(compiled)
+                if choice == "x" or need <= max_buffer_bytes:
+                    break
+                # The compiled program needs more than the estimate: more chunks.
+                chunks = _chunk_count(need * chunks, max_buffer_bytes, key.batch, 2 * chunks)
+            if chunks is None:
+                continue
+            ms[name] = _median_ms(compiled, (x, w, dy), reps, warmup,
+                                  2 * min(ms.values()) if ms else float("inf"))
         out[pass_name] = ms
     return out
 
 
 def best_plan(passes: dict[str, dict[str, float]]) -> str:
-    """The ``"split_FIW"`` impl made of the fastest choice of each pass."""
-    pick = {p: min(ms, key=ms.get) for p, ms in passes.items()}
-    return conv_split.PREFIX + pick["fwd"] + pick["igrad"] + pick["wgrad"]
+    """The ``"split_FIW[bK]"`` impl made of the fastest choice of each pass (K: the largest
+    chunk count among them, so every pass stays within the memory it was timed in)."""
+    pick = {p: conv_split.split_choice(min(ms, key=ms.get)) for p, ms in passes.items()}
+    chunks = max(k for _, k in pick.values())
+    return (conv_split.PREFIX + pick["fwd"][0] + pick["igrad"][0] + pick["wgrad"][0]
+            + (f"b{chunks}" if chunks > 1 else ""))
 
 
-def time_key(key, impls: Sequence[str], reps: int = 5, warmup: int = 1) -> dict[str, float]:
+def full_buffer_bytes(key, impl: str) -> int:
+    """Size of the full im2col column buffer (N, *out, K*C_in) that ``impl`` builds for
+    ``key`` (the forward of "im2col"/"matmul", the weight-gradient of "hybrid"); 0 for the
+    native and the ``split`` formulations (whose passes are checked one by one)."""
+    if key.kind != "conv" or impl not in ("im2col", "matmul", "hybrid"):
+        return 0
+    out = conv_ops.conv_out_shape(key.spatial, key.kernel, key.strides, key.pads, key.dilation)
+    return (key.batch * int(np.prod(out)) * int(np.prod(key.kernel)) * key.cin
+            * jnp.dtype(key.dtype).itemsize)
+
+
+def time_key(key, impls: Sequence[str], reps: int = 5, warmup: int = 1,
+             max_buffer_bytes: int | None = None) -> dict[str, float]:
     """Median milliseconds of forward + input- and weight-gradient of ``key`` per impl.
 
     Args:
       key: a ``conv_select.ConvKey``.
       impls: formulations to time.
       reps: timed repetitions after ``warmup`` (compile excluded).
+      max_buffer_bytes: formulations other than "xla" whose full column buffer
+        (``full_buffer_bytes``) or compiled temporary memory (``temp_bytes``) is larger are
+        not run (absent from the result); None: no limit.
 
     Returns:
       {impl: median ms}.
     """
     x, w, g = _inputs(key)
     out = {}
+    if max_buffer_bytes is not None:
+        impls = [i for i in impls if full_buffer_bytes(key, i) <= max_buffer_bytes]
     for impl in impls:
         step = jax.jit(jax.grad(_loss_fn(key, impl), argnums=(0, 1)))
         step = step.lower(x, w, g).compile()  # compile outside the timed runs
+        if (max_buffer_bytes is not None and impl != "xla"
+                and temp_bytes(step) > max_buffer_bytes):
+            continue
         # A formulation already 2x slower than the best one cannot win: stop timing it.
         out[impl] = _median_ms(step, (x, w, g), reps, warmup,
                                2 * min(out.values()) if out else float("inf"))
@@ -140,18 +200,21 @@ def pick_best(ms: dict[str, float], margin: float = 0.9) -> str:
     return best
 
 
-def tune_key(key, reps: int = 2, full: Sequence[str] = ("matmul", "xla")) -> dict:
+def tune_key(key, reps: int = 2, full: Sequence[str] = ("matmul", "xla"),
+             max_buffer_bytes: int = 2 << 30) -> dict:
     """A table entry for ``key``: {"key", "ms", "best"[, "passes"]}.
 
     Convolutions: each pass timed alone in each split choice (``time_passes``), the fastest
     per pass composed into a ``"split_FIW"`` plan, then the full forward + backward of the
-    plan and of ``full``; "best" is the fastest full timing (``pick_best``). Transposed convolutions: the full
-    timing of each of their formulations.
+    plan and of ``full``; "best" is the fastest full timing (``pick_best``). Transposed
+    convolutions: the full timing of each of their formulations. Formulations whose column
+    buffers exceed ``max_buffer_bytes`` are left out (memory, and they would not win).
     """
     if key.kind != "conv":
         ms = time_key(key, conv_ops.CONV_TRANSPOSE_IMPLS, reps=reps)
         return {"key": key.to_json(), "ms": ms, "best": pick_best(ms)}
-    passes = time_passes(key, reps=reps)
+    passes = time_passes(key, reps=reps, max_buffer_bytes=max_buffer_bytes)
     plan = best_plan(passes)
-    ms = time_key(key, [plan] + [i for i in full if i != plan], reps=reps)
+    ms = time_key(key, [plan] + [i for i in full if i != plan], reps=reps,
+                  max_buffer_bytes=max_buffer_bytes)
     return {"key": key.to_json(), "ms": ms, "best": pick_best(ms), "passes": passes}

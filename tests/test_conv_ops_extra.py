@@ -1,0 +1,89 @@
+"""Batch-chunked split formulations (``"split_FIWbK"``) and memory-bounded tuning."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lungjax.models import conv_ops, conv_select, conv_split, conv_tune
+from lungjax.models.layers import Conv
+
+
+def _grads(impl, x, w, strides, pads):
+    def f(x, w):
+        y = conv_ops.conv(x, w, strides=strides, pads=pads, dilation=(1,) * (w.ndim - 2),
+                          impl=impl)
+        return jnp.sum(y * jnp.cos(y)), y
+    (_, y), (dx, dw) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(x, w)
+    return y, dx, dw
+
+
+@pytest.mark.parametrize("impl,strides", [
+    ("split_2c1b2", (1, 1, 1)),
+    ("split_10x", (1, 1, 1)),    # no suffix: chunk count 1
+    ("split_x22b4", (1, 2, 2)),  # native forward stays whole, gradients chunked
+    ("split_0c3b4", (2, 1, 2)),
+])
+def test_chunked_split_equals_native_3d(impl, strides):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((4, 5, 6, 7, 3)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 2, 3, 5)) * 0.3, jnp.float32)
+    pads = ((1, 1), (1, 0), (0, 1))
+    ref = _grads("xla", x, w, strides, pads)
+    got = jax.jit(lambda x, w: _grads(impl, x, w, strides, pads))(x, w)
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_chunked_split_2d_and_indivisible_batch_runs_whole():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((3, 8, 9, 4)), jnp.float32)  # 3 % 2 != 0
+    w = jnp.asarray(rng.standard_normal((3, 3, 4, 6)) * 0.3, jnp.float32)
+    pads = ((1, 1), (1, 1))
+    ref = _grads("xla", x, w, (1, 1), pads)
+    for impl in ("split_2c1b2", "split_21xb3"):
+        got = _grads(impl, x, w, (1, 1), pads)
+        for a, b in zip(got, ref):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_parse_and_batch_chunks():
+    assert conv_split.parse("split_2c1b8", 3) == ("2", "c", "1")
+    assert conv_split.batch_chunks("split_2c1b8") == 8
+    assert conv_split.batch_chunks("split_2c1") == 1
+    assert conv_split.split_choice("1b4") == ("1", 4)
+    assert conv_split.split_choice("x") == ("x", 1)
+    for bad in ("split_2c1b0", "split_2c1b", "split_2c1x4"):
+        with pytest.raises(ValueError):
+            conv_split.parse(bad, 3)
+
+
+def test_layer_accepts_chunked_plan():
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((4, 6, 6, 6, 2)), jnp.float32)
+    ref = Conv(3, (3, 3, 3), impl="xla")
+    params = ref.init(jax.random.key(0), x)
+    got = Conv(3, (3, 3, 3), impl="split_3c2b2").apply(params, x)
+    np.testing.assert_allclose(got, ref.apply(params, x), rtol=1e-4, atol=1e-4)
+    key = conv_select.ConvKey("conv", 4, (6, 6, 6), 2, 3, (3, 3, 3), (1, 1, 1), (1, 1, 1),
+                              ((1, 1),) * 3, "float32")
+    assert conv_select.resolve("split_3c2b2", key) == "split_3c2b2"
+
+
+def test_tuning_chunks_passes_that_exceed_the_memory_limit():
+    key = conv_select.ConvKey("conv", 8, (4, 6, 6), 8, 8, (3, 3, 3), (1, 1, 1), (1, 1, 1),
+                              ((1, 1),) * 3, "float32")
+    whole = conv_tune.time_passes(key, reps=1)
+    assert all("b" not in c for ms in whole.values() for c in ms)
+    # The full im2col forward builds 8*4*6*6*27*8*4 B = 995 KB of columns (more with the
+    # slices XLA keeps): a 300 KB limit must split it into chunks of the batch.
+    limit = 300_000
+    small = conv_tune.time_passes(key, reps=1, max_buffer_bytes=limit)
+    chunked = [c for ms in small.values() for c in ms if "b" in c]
+    assert chunked, small
+    for c in chunked:
+        base, k = conv_split.split_choice(c)
+        assert k > 1 and key.batch % k == 0 and base != "x"
+    plan = conv_tune.best_plan(small)
+    conv_split.parse(plan, 3)
+    picks = [conv_split.split_choice(min(ms, key=ms.get)) for ms in small.values()]
+    assert conv_split.batch_chunks(plan) == max(k for _, k in picks)
