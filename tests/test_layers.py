@@ -298,6 +298,12 @@ def test_auto_falls_back_to_xla_over_the_buffer_budget(tmp_path, monkeypatch):
     # A split plan: its largest pass; "x" passes build nothing.
     assert conv_select.buffer_bytes("split_xxx", key) == 0
     assert 0 < conv_select.buffer_bytes("split_1xx", key) < patches
+    # A batch-chunked plan builds one chunk's buffers at a time.
+    batch4 = dataclasses.replace(key, batch=4)
+    assert conv_select.buffer_bytes("split_1xxb4", batch4) == \
+        conv_select.buffer_bytes("split_1xx", batch4) // 4
+    assert conv_select.buffer_bytes("split_1xxb3", batch4) == \
+        conv_select.buffer_bytes("split_1xx", batch4)  # 3 does not divide 4: unchunked
     assert conv_select.lookup(key) == ("im2col", "exact")
     assert conv_select.resolve("auto", key) == "xla"
     assert conv_select.resolve("im2col", key) == "im2col"  # a forced choice is kept

@@ -303,7 +303,10 @@ def buffer_bytes(impl: str, key: ConvKey) -> int:
     out = conv_ops.conv_out_shape(key.spatial, key.kernel, key.strides, key.pads, key.dilation)
     if conv_split.is_split(impl):
         plan = conv_split.parse(impl, len(key.kernel))
-        return max(conv_split.buffer_bytes(p, c, key.batch, key.spatial, out, key.kernel,
+        # A "bK" plan builds one batch chunk's buffers at a time (when K divides the batch).
+        chunks = conv_split.batch_chunks(impl)
+        batch = key.batch // chunks if key.batch % chunks == 0 else key.batch
+        return max(conv_split.buffer_bytes(p, c, batch, key.spatial, out, key.kernel,
                                            key.cin, key.cout, item)
                    for p, c in zip(("fwd", "igrad", "wgrad"), plan))
     return key.batch * math.prod(out) * kvol * key.cin * item
