@@ -106,6 +106,8 @@ def test_tiny_end_to_end_train_export_cv(tmp_path):
     assert len(sub) == sum(len(v["score"]) for v in cands.values()) > 0
     header = pathlib.Path(rec["submission_csv"]).read_text(encoding="utf-8").splitlines()[0].split(",")
     assert header[-1] == "diameter_mm"
+    png = pathlib.Path(rec["submission_csv"]).with_name("froc.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(np.unique(sub.uid)) <= set(rec["uids"])
     u = rec["uids"][0]
     secs = rec["stage2"]["resnet_hl"]["seconds_per_scan"][u]

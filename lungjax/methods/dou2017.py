@@ -177,6 +177,12 @@ def _evaluate_network(config, cfg2, run_dir, store, test_uids, stage1_test, stag
         "submission_csv": sub, "froc": froc.to_json(),
     }
     st.write_json(os.path.join(out_dir, "froc.json"), record)
+    if jax.process_index() == 0:
+        from lungjax.evaluation.plots import plot_froc
+
+        plot_froc(froc, os.path.join(out_dir, "froc.png"), label=cfg2.model.name,
+                  title=f"FROC: dou2017 {cfg2.model.name}, fold {int(config.data.fold)} "
+                  f"({len(test_uids)} held-out scans)")
     return record
 
 
@@ -261,6 +267,7 @@ def _print_fold(record: dict, fold_dir: str) -> None:
                      f"{m['sensitivity_at_1fp']:.3f}, {m['mean_seconds_per_scan']:.1f} s/scan")
     lines += [f"CPM (FROC[luna]) = {record['cpm']:.4f} ({record['network']})",
               f"submission: {record['submission_csv']}",
+              f"FROC curve: {os.path.join(os.path.dirname(record['submission_csv']), 'froc.png')}",
               f"record: {os.path.join(fold_dir, FOLD_RECORD)}"]
     print("\n".join(lines), flush=True)
 
