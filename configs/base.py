@@ -135,3 +135,25 @@ def get_config():
     c.export = config_dict.ConfigDict()
     c.export.input_size_zyx = ()  # empty = data.patch_size_zyx; batch size is symbolic
     return c
+
+
+def parse_variant(arg: str | None, variants: tuple[str, ...], where: str) -> tuple[str, dict]:
+    """A method config's ``:arg``: ``"tiny,fold=3"`` -> ``("tiny", {"fold": "3"})``.
+
+    The variant name is optional (the first of ``variants``, "default", when absent);
+    ``key=value`` pairs are returned as strings for the config to interpret. ``where``
+    (the config file) names the source of an error.
+    """
+    variant, kv = "", {}
+    for p in [p for p in (arg or "").split(",") if p]:
+        if "=" in p:
+            k, v = p.split("=", 1)
+            kv[k.strip()] = v.strip()
+        elif not variant:
+            variant = p.strip()
+        else:
+            raise ValueError(f"config arg {arg!r}: more than one variant name")
+    variant = variant or variants[0]
+    if variant not in variants:
+        raise ValueError(f"{where}: unknown variant {variant!r} ({' | '.join(variants)})")
+    return variant, kv

@@ -74,25 +74,6 @@ def _base():
     return mod
 
 
-def parse_arg(arg: str | None) -> tuple[str, dict]:
-    """"tiny,fold=3" -> ("tiny", {"fold": "3"})."""
-    parts = [p for p in (arg or "").split(",") if p]
-    variant = ""
-    kv = {}
-    for p in parts:
-        if "=" in p:
-            k, v = p.split("=", 1)
-            kv[k.strip()] = v.strip()
-        elif not variant:
-            variant = p.strip()
-        else:
-            raise ValueError(f"config arg {arg!r}: more than one variant name")
-    if variant not in ("",) + VARIANTS:
-        raise ValueError(f"configs/dou2017.py: unknown variant {variant!r} "
-                         f"({' | '.join(VARIANTS)})")
-    return variant or "default", kv
-
-
 def _stage2(c):
     """Stage-2 sections: merged over the run config for the FP-reduction network
     (``lungjax.methods.dou2017.stage2_config``); ``model`` and ``task`` replace the
@@ -133,8 +114,9 @@ def _stage2(c):
 
 
 def get_config(arg: str | None = None):
-    variant, kv = parse_arg(arg)
-    c = _base().get_config()
+    base = _base()
+    variant, kv = base.parse_variant(arg, VARIANTS, "configs/dou2017.py")
+    c = base.get_config()
     c.name = "dou2017" if variant == "default" else f"dou2017_{variant}"
     c.method = "dou2017"  # lungjax.registry.METHODS: the two-stage orchestration
 

@@ -71,23 +71,6 @@ def _base():
     return mod
 
 
-def parse_arg(arg):
-    """"tiny,fold=3" -> ("tiny", {"fold": "3"})."""
-    variant, kv = "", {}
-    for p in [p for p in (arg or "").split(",") if p]:
-        if "=" in p:
-            k, v = p.split("=", 1)
-            kv[k.strip()] = v.strip()
-        elif not variant:
-            variant = p.strip()
-        else:
-            raise ValueError(f"config arg {arg!r}: more than one variant name")
-    variant = variant or "default"
-    if variant not in VARIANTS:
-        raise ValueError(f"configs/xie2018.py: unknown variant {variant!r} ({' | '.join(VARIANTS)})")
-    return variant, kv
-
-
 def _set_schedule(c, epochs, epochs_per_round, samples_per_epoch):
     """Steps from epochs: one epoch = ``samples_per_epoch`` patches."""
     steps_per_epoch = max(1, samples_per_epoch // c.train.batch_size)
@@ -97,8 +80,9 @@ def _set_schedule(c, epochs, epochs_per_round, samples_per_epoch):
 
 
 def get_config(arg=None):
-    variant, kv = parse_arg(arg)
-    c = _base().get_config()
+    base = _base()
+    variant, kv = base.parse_variant(arg, VARIANTS, "configs/xie2018.py")
+    c = base.get_config()
     c.name = "xie2018" if variant == "default" else f"xie2018_{variant}"
 
     # --- data: 1 mm isotropic, lung-cropped, [0, 1] (the store's preprocessing) ---------

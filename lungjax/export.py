@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 from typing import Any, Callable
 
 import flax
@@ -28,25 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from lungjax.data.tables import atomic_write_text
+from lungjax.data.tables import atomic_write_bytes, atomic_write_text
 
 FORMAT_VERSION = 1
-
-
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 _SPATIAL_NAMES = ("d", "h", "w")
@@ -96,9 +79,9 @@ def export_predictor(out_dir: str, predict_fn: Callable, variables: Any,
         **metadata,
     }
     os.makedirs(out_dir, exist_ok=True)
-    _atomic_write_bytes(os.path.join(out_dir, "params.msgpack"),
+    atomic_write_bytes(os.path.join(out_dir, "params.msgpack"),
                         serialization.msgpack_serialize(variables))
-    _atomic_write_bytes(os.path.join(out_dir, "predict.jax"), exported.serialize())
+    atomic_write_bytes(os.path.join(out_dir, "predict.jax"), exported.serialize())
     atomic_write_text(os.path.join(out_dir, "export.json"),
                       json.dumps(sidecar, indent=2, sort_keys=True, default=_json_default) + "\n")
     return sidecar

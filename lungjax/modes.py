@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from lungjax import train as train_lib
-from lungjax.data.tables import atomic_write_text
+from lungjax.data.tables import atomic_write_json
 from lungjax.metrics_log import banner
 
 DONE_FILE = "train_summary.json"
@@ -31,18 +31,7 @@ DONE_FILE = "train_summary.json"
 
 def _write_json(path: str, obj: Any) -> None:
     if jax.process_index() == 0:
-        atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_default)
-                          + "\n")
-
-
-def _default(o):
-    if isinstance(o, (np.integer, np.floating)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if hasattr(o, "to_json"):
-        return o.to_json()
-    return str(o)
+        atomic_write_json(path, obj)
 
 
 def run(mode: str, config, workdir: str) -> dict:

@@ -18,7 +18,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from lungjax import train as train_lib
-from lungjax.data.tables import Marks, atomic_write_text
+from lungjax.data.tables import Marks, atomic_write_json
 from lungjax.models.fpr import FCN_TRANSFER_PATHS
 
 NETWORKS = ("deepnet", "resnet", "resnet_hl")
@@ -85,8 +85,7 @@ def stage2_config(config, network: str, stage1_dir: str | None):
 
 def write_json(path: str, obj: Any) -> None:
     if jax.process_index() == 0:
-        atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_plain)
-                          + "\n")
+        atomic_write_json(path, obj)
 
 
 def read_json(path: str) -> dict | None:
@@ -94,16 +93,6 @@ def read_json(path: str) -> dict | None:
         return None
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-def _plain(o):
-    if isinstance(o, (np.integer, np.floating)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if hasattr(o, "to_json"):
-        return o.to_json()
-    return str(o)
 
 
 def save_candidates(path: str, cands: Mapping[str, Any], seconds: Mapping[str, dict]) -> None:
