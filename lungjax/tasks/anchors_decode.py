@@ -210,22 +210,24 @@ def _decoder(apply_fn: Callable, cfg: AnchorConfig, with_variables: bool, jit: b
 
 def detect_volume(apply_fn: Callable, volume_zyx: np.ndarray, cfg: AnchorConfig, *,
                   multiple: int = 16, tile_zyx: Sequence[int] | None = None, halo: int = 32,
-                  variables: Any = None, jit: bool = True, **select_kw) -> Detections:
+                  variables: Any = None, jit: bool = True, threshold: float = 0.5,
+                  **select_kw) -> Detections:
     """Detections of a whole volume (a preprocessed, lung-cropped scan):
     :func:`decode_volume` then :func:`select_candidates`.
 
     Args:
       apply_fn, volume_zyx, cfg, multiple, tile_zyx, halo, variables, jit: see
         :func:`decode_volume`.
-      **select_kw: :func:`select_candidates` arguments (threshold, method, ...).
+      threshold: noduleness a detection needs; anchors below it are already dropped
+        tile by tile.
+      **select_kw: the other :func:`select_candidates` arguments (method, ...).
 
     Returns:
       :class:`Detections` in the volume's voxels; centres outside the volume are dropped.
     """
     sc, ce, di = decode_volume(apply_fn, volume_zyx, cfg, multiple=multiple, tile_zyx=tile_zyx,
-                               halo=halo, variables=variables, jit=jit,
-                               threshold=float(select_kw.get("threshold", 0.5)))
-    return select_candidates(sc, ce, di, **select_kw)
+                               halo=halo, variables=variables, jit=jit, threshold=threshold)
+    return select_candidates(sc, ce, di, threshold=threshold, **select_kw)
 
 
 def decode_volume(apply_fn: Callable, volume_zyx: np.ndarray, cfg: AnchorConfig, *,
