@@ -22,6 +22,8 @@ CONV_CASES = [
     ((1, 1), 2, "VALID", 1, (5, 6)),
     ((3, 3), 2, "SAME", (1, 2), (9, 10)),
     ((4, 3), (2, 3), ((1, 2), (0, 3)), 1, (9, 10)),
+    # depth stride, dilation and uneven pads: the depth-folded (f) passes handle depth alone
+    ((3, 2, 3), (2, 1, 2), ((2, 1), (0, 1), (1, 1)), (2, 1, 1), (9, 6, 7)),
 ]
 TRANSPOSE_CASES = [
     ((2, 2), 2, "SAME", 1, (4, 5)),
@@ -91,6 +93,12 @@ def test_conv_matches_flax(ks, strides, padding, dil, spatial):
 def test_split_plan_names():
     assert conv_split.parse("split_2c1", 3) == ("2", "c", "1")
     assert set(conv_split.choices(2)["igrad"]) == {"x", "c", "0", "1", "2"}
+    # Depth folding runs a 3-D convolution as a 2-D one: 3-D kernels only.
+    assert set(conv_split.choices(3)["igrad"]) == {"x", "c", "f", "0", "1", "2", "3"}
+    assert "f" not in conv_split.choices(3, (3, 1, 1))["fwd"]
+    assert conv_split.parse("split_ffx", 3) == ("f", "f", "x")
+    with pytest.raises(ValueError, match="needs a 3-D convolution"):
+        conv_split.parse("split_fxx", 2)
     # A 1x1x1 kernel: im2col over any axes is one matmul, offered once.
     assert conv_split.choices(3, (1, 1, 1))["fwd"] == ("x", "3")
     with pytest.raises(ValueError, match="over 3 axes"):
@@ -240,7 +248,8 @@ def test_committed_table_is_valid_and_drives_auto():
     key = conv_select.ConvKey("conv", 3, (7, 9, 11), 5, 6, (3, 3, 3), (1, 1, 1), (1, 1, 1),
                               ((1, 1),) * 3, "float32")
     impl, how = conv_select.lookup(key)
-    assert how == "nearest" and impl in conv_ops.CONV_IMPLS
+    assert how == "nearest"
+    assert impl in conv_ops.CONV_IMPLS or conv_split.parse(impl, 3)
     assert conv_select.resolve("auto", key) == impl  # tests run on CPU
 
 

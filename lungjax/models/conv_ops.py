@@ -169,7 +169,10 @@ def patches(x, kernel_size: Sequence[int], strides: Sequence[int], pads: Pads,
             step = [1] * x.ndim
             step[1 + ax] = s
             cols.append(lax.slice(x, start, limit, step))
-        x = cols[0] if k == 1 else jnp.concatenate(cols, axis=-1)
+        # stack + reshape, not concatenate: XLA:CPU fuses the slices into one loop that
+        # writes the columns once; a concatenate runs as a copy of separately
+        # materialised slices (3x slower on a 2x26^3x64 input).
+        x = cols[0] if k == 1 else jnp.stack(cols, axis=-2).reshape(*cols[0].shape[:-1], -1)
     return x
 
 

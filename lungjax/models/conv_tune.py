@@ -109,7 +109,7 @@ def time_passes(key, reps: int = 3, warmup: int = 1,
     out = {}
     for pass_name, options in conv_split.choices(len(key.kernel), key.kernel).items():
         # Largest im2col first: usually the fastest, so the slow ones stop early.
-        options = sorted(options, key=lambda c: -int(c) if c.isdigit() else 10)
+        options = sorted(options, key=lambda c: -int(c) if c.isdigit() else (-9 if c == "f" else 10))
         # A matmul contracting fewer than 8 numbers (im2col over few taps of a 1-channel
         # input) is lowered as broadcast-multiplies that XLA fuses into, and recomputes in,
         # the layer's consumers: fast alone, far slower inside a network. Not offered.
@@ -120,6 +120,8 @@ def time_passes(key, reps: int = 3, warmup: int = 1,
             chunks = _chunk_count(conv_split.buffer_bytes(
                 pass_name, choice, key.batch, key.spatial, dy.shape[1:-1], key.kernel,
                 key.cin, key.cout, itemsize), max_buffer_bytes, key.batch)
+            if choice == "f" and chunks != 1:  # depth folding runs whole or not at all
+                chunks = None
             compiled = None
             while chunks is not None:
                 name = choice if chunks == 1 else f"{choice}b{chunks}"
@@ -127,6 +129,9 @@ def time_passes(key, reps: int = 3, warmup: int = 1,
                 compiled = jax.jit(fn).lower(x, w, dy).compile()
                 need = temp_bytes(compiled)
                 if choice == "x" or need <= max_buffer_bytes:
+                    break
+                if choice == "f":  # runs whole (conv_split._chunks_for): over the limit
+                    chunks = None
                     break
                 # The compiled program needs more than the estimate: more chunks.
                 chunks = _chunk_count(need * chunks, max_buffer_bytes, key.batch, 2 * chunks)
