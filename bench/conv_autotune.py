@@ -11,14 +11,16 @@ formulations (``--full``, default "matmul,xla"); the fastest full timing is the 
 Usage:
   python bench/conv_autotune.py [--nets fcn,fpr,det,unet,model_fcn,model_fpr,model_fpn]
                                 [--reps 2] [--out PATH] [--merge] [--missing]
-                                [--order net|flops] [--limit N] [--max-buffer-gb 2]
+                                [--order net|flops] [--limit N] [--strided]
+                                [--max-buffer-gb 2]
                                 [--malloc keep|default]
 
 The table is rewritten (atomically) after every shape, so an interrupted run leaves a valid
 partial table; ``--merge`` keeps entries of shapes not measured in this run; ``--missing``
 (implies ``--merge``) measures only the shapes the table lacks, so an interrupted run resumes
 where it stopped; ``--order flops`` measures the shapes with the most arithmetic first (the
-ones that matter most when time is short). ``--max-buffer-gb`` bounds each formulation's
+ones that matter most when time is short); ``--strided`` (implies ``--merge``) measures
+only the strided convolutions (after a change to how those are computed). ``--max-buffer-gb`` bounds each formulation's
 temporary memory as XLA compiled it (``conv_tune.temp_bytes``): per-pass choices over it run
 over the batch in chunks (``"split_FIWbK"``, see ``conv_split``). Run it on the
 CPU the table is meant for, with the allocator setting the programs will use (``--malloc
@@ -51,6 +53,8 @@ def _parse():
     p.add_argument("--merge", action="store_true")
     p.add_argument("--missing", action="store_true", help="only shapes absent from the table "
                    "(implies --merge)")
+    p.add_argument("--strided", action="store_true", help="only convolutions with a stride "
+                   "> 1 (implies --merge)")
     p.add_argument("--order", choices=("net", "flops"), default="net",
                    help="net: first-seen order; flops: largest forward + backward first")
     p.add_argument("--limit", type=int, default=0, help="measure only the first N shapes "
@@ -117,11 +121,13 @@ def main():
     args.out = args.out or str(conv_select.TABLE_PATH)
     keys = net_keys([n for n in args.nets.split(",") if n])
     entries = []
-    if (args.merge or args.missing) and os.path.isfile(args.out):
+    if (args.merge or args.missing or args.strided) and os.path.isfile(args.out):
         entries = json.loads(open(args.out, encoding="utf-8").read())["entries"]
     if args.missing:
         have = {conv_select.ConvKey.from_json(e["key"]) for e in entries}
         keys = [k for k in keys if k not in have]
+    if args.strided:
+        keys = [k for k in keys if k.kind == "conv" and max(k.strides) > 1]
     if args.order == "flops":
         keys = sorted(keys, key=key_flops, reverse=True)
     if args.limit:

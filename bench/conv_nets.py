@@ -1,4 +1,4 @@
-"""The four benchmark networks of ``bench/conv_vs_torch.py`` in Flax, built on
+"""The benchmark networks of ``bench/conv_vs_torch.py`` in Flax, built on
 ``lungjax.models.layers`` (twins of ``bench/nets_torch.py``: same layers, same parameter
 counts). Channels-last; inputs (B, D, H, W, 1) or (B, H, W, 1) float32.
 
@@ -12,13 +12,18 @@ counts). Channels-last; inputs (B, D, H, W, 1) or (B, H, W, 1) float32.
   (conv64 3^3, ReLU, conv 9 anchors x 5) on P2 (24^3) and P3 (12^3).
 * ``unet``: 2D U-Net on 256^2, 64..1024 channels, double conv3x3+BN+ReLU, max-pool 2,
   2x2 stride-2 up-convolutions, concatenation skips, 1x1 conv to 2 classes.
+* ``dou2017_fpr``: lungjax's own stage-2 network, ``lungjax.models.fpr.Dou2017FPR`` as
+  ResNet+HL (the paper's trunk 64-64-150 with (3,5,5) kernels, two residual stages,
+  classification and regression heads) on 24x60x60; the loss sums both heads.
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
+from lungjax.models.fpr import Dou2017FPR
 from lungjax.models.layers import Conv, ConvTranspose
 
 N_ANCHORS = 9
@@ -116,11 +121,12 @@ NETS = {
     "fpr": (FPR, (24, 60, 60, 1), 16),
     "det": (Detector, (96, 96, 96, 1), 2),
     "unet": (UNet, (256, 256, 1), 2),
+    "dou2017_fpr": (lambda: Dou2017FPR(regression=True), (24, 60, 60, 1), 16),
 }
 
 
 def loss_fn(name: str, out, target):
-    """Same loss as the torch twin: mean squared error against a fixed random target."""
-    if isinstance(out, (list, tuple)):
-        return sum(jnp.mean((o - t) ** 2) for o, t in zip(out, target))
-    return jnp.mean((out - target) ** 2)
+    """Same loss as the torch twin: mean squared error against a fixed random target,
+    summed over the outputs of multi-output networks (lists, or dicts in key order)."""
+    outs, targets = jax.tree.leaves(out), jax.tree.leaves(target)
+    return sum(jnp.mean((o - t) ** 2) for o, t in zip(outs, targets))

@@ -1,9 +1,10 @@
-"""Full train step (forward + backward + Adam) of four networks in JAX (native XLA
-convolutions and the CPU-fast formulations) and PyTorch eager (float32, channels-last), same
-process, same thread count; plus full-scan inference of the detector-like net.
+"""Full train step (forward + backward + Adam) of the benchmark networks (``conv_nets``: four
+networks shaped like the methods' and lungjax's own dou2017 stage-2 network) in JAX (native
+XLA convolutions and the CPU-fast formulations) and PyTorch eager (float32, channels-last),
+same process, same thread count; plus full-scan inference of the detector-like net.
 
 Usage:
-  python bench/conv_vs_torch.py [--nets fcn,fpr,det,unet] [--steps 10] [--threads 2]
+  python bench/conv_vs_torch.py [--nets fcn,fpr,det,unet,dou2017_fpr] [--steps 10] [--threads 2]
                                 [--jax-impls xla,auto] [--scan 300 | --small | --scan 0]
 
 ``--jax-impls`` lists global overrides (``lungjax.models.layers.set_conv_impl``): "xla" is
@@ -24,7 +25,7 @@ import time
 
 def _parse():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--nets", default="fcn,fpr,det,unet")
+    p.add_argument("--nets", default="fcn,fpr,det,unet,dou2017_fpr")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)

@@ -129,7 +129,51 @@ class UNet(nn.Module):
         return self.out(x)
 
 
-NETS = {"fcn": FCN, "fpr": FPR, "det": Detector, "unet": UNet}
+class Dou2017FPR(nn.Module):
+    """``lungjax.models.fpr.Dou2017FPR`` (ResNet+HL): VALID trunk convolutions, pre-activation
+    residual units, classification and regression heads over flattened features."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv3d(1, 64, (3, 5, 5))
+        self.conv2 = nn.Conv3d(64, 64, (3, 5, 5))
+        self.conv3 = nn.Conv3d(64, 150, (3, 5, 5))
+        self.conv4 = nn.Conv3d(150, 64, 3)
+        self.res1 = _PreActUnit(64)
+        self.bn1 = nn.BatchNorm3d(64)
+        self.conv5 = nn.Conv3d(64, 128, 3, 2)
+        self.res2 = _PreActUnit(128)
+        self.bn2 = nn.BatchNorm3d(128)
+        self.cls = nn.Sequential(nn.Linear(128 * 3 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, 2))
+        self.reg_conv = nn.Conv3d(64, 32, 3, 2)
+        self.reg = nn.Sequential(nn.Linear(32 * 7 * 8 * 8, 128), nn.ReLU(), nn.Linear(128, 4))
+
+    def forward(self, x):
+        h = torch.max_pool3d(torch.relu(self.conv1(x)), (1, 2, 2))
+        h = torch.relu(self.conv3(torch.relu(self.conv2(h))))
+        shared = torch.relu(self.bn1(self.res1(self.conv4(h))))
+        c = torch.relu(self.bn2(self.res2(self.conv5(shared))))
+        logits = self.cls(torch.max_pool3d(c, 2).flatten(1))
+        r = torch.relu(self.reg_conv(shared))
+        return [logits, self.reg(r.flatten(1))]
+
+
+class _PreActUnit(nn.Module):
+    """x + conv(relu(bn(conv(relu(bn(x)))))), 3x3x3 SAME convolutions with bias."""
+
+    def __init__(self, features):
+        super().__init__()
+        self.bn1 = nn.BatchNorm3d(features)
+        self.conv1 = nn.Conv3d(features, features, 3, 1, 1)
+        self.bn2 = nn.BatchNorm3d(features)
+        self.conv2 = nn.Conv3d(features, features, 3, 1, 1)
+
+    def forward(self, x):
+        h = self.conv1(torch.relu(self.bn1(x)))
+        return x + self.conv2(torch.relu(self.bn2(h)))
+
+
+NETS = {"fcn": FCN, "fpr": FPR, "det": Detector, "unet": UNet, "dou2017_fpr": Dou2017FPR}
 
 
 def loss_fn(out, target):

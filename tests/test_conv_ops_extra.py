@@ -39,6 +39,8 @@ def test_chunked_split_equals_native_3d(impl, strides):
     ("split_fff", (1, 1, 1), (1, 1, 1)),
     ("split_fff", (2, 1, 2), (1, 2, 1)),   # depth stride, in-plane dilation
     ("split_fc2b2", (1, 2, 1), (2, 1, 1)),  # depth dilation; only the matmul pass chunked
+    ("split_fff", (2, 2, 2), (1, 1, 1)),   # strided in-plane: phase-decomposed dx
+    ("split_xfx", (1, 3, 2), (2, 1, 1)),
 ])
 def test_depth_folded_split_equals_native(impl, strides, dilation):
     rng = np.random.default_rng(2)
@@ -111,3 +113,33 @@ def test_tuning_chunks_passes_that_exceed_the_memory_limit():
     conv_split.parse(plan, 3)
     picks = [conv_split.split_choice(min(ms, key=ms.get)) for ms in small.values()]
     assert conv_split.batch_chunks(plan) == max(k for _, k in picks)
+
+
+def test_chunk_count_never_exceeds_or_misdivides_the_batch():
+    # Fits whole; needs 4 of 8; cannot fit even one sample at a time.
+    assert conv_tune._chunk_count(100, 200, 8) == 1
+    assert conv_tune._chunk_count(700, 200, 8) == 4
+    assert conv_tune._chunk_count(10_000, 200, 8) is None
+    # A retry that starts beyond the batch (or at a count that does not divide it) has no
+    # valid answer, even when that count would fit: a batch of 2 cannot run in 4 chunks.
+    assert conv_tune._chunk_count(700, 200, 2, start=4) is None
+    assert conv_tune._chunk_count(100, 200, 6, start=4) is None
+    assert conv_tune._chunk_count(700, 200, 8, start=2) == 4
+
+
+@pytest.mark.parametrize("ks,strides,pads,in_hw", [
+    ((3, 3), (2, 2), ((1, 1), (1, 1)), (9, 11)),
+    ((3, 4), (2, 2), ((1, 2), (0, 1)), (9, 9)),
+    ((5, 2), (3, 2), ((2, 2), (1, 0)), (7, 9)),
+    ((1, 1), (2, 2), ((0, 0), (0, 0)), (8, 7)),  # kernel smaller than the stride
+    ((2, 3), (1, 2), ((0, 0), (1, 1)), (6, 8)),  # one axis strided
+])
+def test_phase_decomposed_input_grad_equals_autodiff(ks, strides, pads, in_hw):
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, *in_hw, 3)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((*ks, 3, 4)), jnp.float32)
+    y, vjp = jax.vjp(lambda x: conv_ops.conv_xla(x, w, strides, pads, (1, 1)), x)
+    dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    got = conv_split.strided_input_grad_2d(dy, w, in_hw, strides, pads)
+    assert got.shape == x.shape
+    np.testing.assert_allclose(got, vjp(dy)[0], rtol=1e-5, atol=1e-5)

