@@ -20,7 +20,8 @@ partial table; ``--merge`` keeps entries of shapes not measured in this run; ``-
 (implies ``--merge``) measures only the shapes the table lacks, so an interrupted run resumes
 where it stopped; ``--order flops`` measures the shapes with the most arithmetic first (the
 ones that matter most when time is short); ``--strided`` (implies ``--merge``) measures
-only the strided convolutions (after a change to how those are computed). ``--max-buffer-gb`` bounds each formulation's
+only the strided convolutions (after a change to how those are computed).
+``--max-buffer-gb`` bounds each formulation's
 temporary memory as XLA compiled it (``conv_tune.temp_bytes``): per-pass choices over it run
 over the batch in chunks (``"split_FIWbK"``, see ``conv_split``). Run it on the
 CPU the table is meant for, with the allocator setting the programs will use (``--malloc

@@ -22,6 +22,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 
 from lungjax.models.fpr import Dou2017FPR
 from lungjax.models.layers import Conv, ConvTranspose
@@ -130,3 +132,34 @@ def loss_fn(name: str, out, target):
     summed over the outputs of multi-output networks (lists, or dicts in key order)."""
     outs, targets = jax.tree.leaves(out), jax.tree.leaves(target)
     return sum(jnp.mean((o - t) ** 2) for o, t in zip(outs, targets))
+
+
+def train_step(name: str, batch: int):
+    """The benchmarks' train step of network ``name``: forward + backward (MSE ``loss_fn``
+    against a fixed random target, batch statistics updated) + Adam, jitted with the
+    parameters, batch statistics and optimiser state donated.
+
+    Returns:
+      (jitted step, args): ``step(*args) -> (params, batch_stats, opt_state, loss)``, args a
+      list [params, batch_stats, opt_state, x (batch, *input shape) float32, target].
+    """
+    factory, shape, _ = NETS[name]
+    model = factory()
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((batch, *shape)), jnp.float32)
+    variables = model.init(jax.random.key(0), x, train=False)
+    params, stats = variables["params"], variables.get("batch_stats", {})
+    out = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
+    target = jax.tree.map(lambda o: jnp.asarray(rng.standard_normal(o.shape), jnp.float32), out)
+    tx = optax.adam(1e-3)
+
+    def step(params, stats, opt_state, x, target):
+        def loss(p):
+            out, upd = model.apply({"params": p, "batch_stats": stats}, x, train=True,
+                                   mutable=["batch_stats"])
+            return loss_fn(name, out, target), upd.get("batch_stats", {})
+        (l, stats), g = jax.value_and_grad(loss, has_aux=True)(params)
+        updates, opt_state = tx.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), stats, opt_state, l
+
+    return jax.jit(step, donate_argnums=(0, 1, 2)), [params, stats, tx.init(params), x, target]

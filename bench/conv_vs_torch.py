@@ -54,7 +54,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
 import conv_nets  # noqa: E402
 from lungjax.models.layers import set_conv_impl  # noqa: E402
@@ -77,41 +76,20 @@ def _count(tree):
 
 def jax_train_step_seconds(name, impl, batch, steps, warmup):
     """Median seconds of one jitted train step, its compile seconds, and the param count."""
-    factory, shape, _ = conv_nets.NETS[name]
-    model = factory()
     set_conv_impl(impl)
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((batch, *shape)), jnp.float32)
-    variables = model.init(jax.random.key(0), x, train=False)
-    params = variables["params"]
-    stats = variables.get("batch_stats", {})
-    out = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
-    target = jax.tree.map(lambda o: jnp.asarray(rng.standard_normal(o.shape), jnp.float32), out)
-    tx = optax.adam(1e-3)
-    opt_state = tx.init(params)
-
-    def step(params, stats, opt_state, x, target):
-        def loss(p):
-            out, upd = model.apply({"params": p, "batch_stats": stats}, x, train=True,
-                                   mutable=["batch_stats"])
-            return conv_nets.loss_fn(name, out, target), upd.get("batch_stats", {})
-        (l, stats), g = jax.value_and_grad(loss, has_aux=True)(params)
-        updates, opt_state = tx.update(g, opt_state, params)
-        return optax.apply_updates(params, updates), stats, opt_state, l
-
-    jstep = jax.jit(step, donate_argnums=(0, 1, 2))
+    jstep, args = conv_nets.train_step(name, batch)
+    n_params = _count(args[0])
     t0 = time.perf_counter()
-    compiled = jstep.lower(params, stats, opt_state, x, target).compile()
+    compiled = jstep.lower(*args).compile()
     compile_s = time.perf_counter() - t0
-    state = [params, stats, opt_state]
 
     def run():
-        state[0], state[1], state[2], l = compiled(*state, x, target)
+        args[0], args[1], args[2], l = compiled(*args)
         l.block_until_ready()
 
     sec = _median_time(run, steps, warmup)
     set_conv_impl(None)
-    return sec, compile_s, _count(params)
+    return sec, compile_s, n_params
 
 
 def torch_train_step_seconds(name, batch, steps, warmup):

@@ -40,38 +40,9 @@ conv_malloc.keep_freed_memory()  # as conv_vs_torch does, before JAX starts its 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
 import conv_nets  # noqa: E402
 from lungjax.models.layers import set_conv_impl  # noqa: E402
-
-
-def build_step(name, batch):
-    """(compiled step, its arguments as a mutable list) for network ``name``."""
-    factory, shape, default_batch = conv_nets.NETS[name]
-    batch = batch or default_batch
-    model = factory()
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((batch, *shape)), jnp.float32)
-    variables = model.init(jax.random.key(0), x, train=False)
-    params, stats = variables["params"], variables.get("batch_stats", {})
-    out = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
-    target = jax.tree.map(lambda o: jnp.asarray(rng.standard_normal(o.shape), jnp.float32), out)
-    tx = optax.adam(1e-3)
-
-    def step(params, stats, opt_state, x, target):
-        def loss(p):
-            out, upd = model.apply({"params": p, "batch_stats": stats}, x, train=True,
-                                   mutable=["batch_stats"])
-            return conv_nets.loss_fn(name, out, target), upd.get("batch_stats", {})
-        (l, stats), g = jax.value_and_grad(loss, has_aux=True)(params)
-        updates, opt_state = tx.update(g, opt_state, params)
-        return optax.apply_updates(params, updates), stats, opt_state, l
-
-    args = [params, stats, tx.init(params), x, target]
-    return jax.jit(step, donate_argnums=(0, 1, 2)).lower(*args).compile(), args
 
 
 def run(compiled, args):
@@ -84,7 +55,8 @@ def main():
         raise SystemExit(f"--net: unknown network {ARGS.net!r}; expected one of "
                          f"{sorted(conv_nets.NETS)}")
     set_conv_impl(ARGS.impl)
-    compiled, args = build_step(ARGS.net, ARGS.batch)
+    jstep, args = conv_nets.train_step(ARGS.net, ARGS.batch or conv_nets.NETS[ARGS.net][2])
+    compiled = jstep.lower(*args).compile()
     shapes = {}  # HLO instruction name -> result type, to label the trace's operations
     for line in compiled.as_text().split("\n"):
         m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (\S+) ", line)

@@ -346,14 +346,14 @@ def fold_input_grad(x, w, dy, strides, pads, dilation):
       (N, D, H, W, C_in) in x's dtype.
     """
     fold = lambda xx: _fold_columns(xx, w.shape[0], strides[0], pads[0], dilation[0])[0]  # noqa: E731
-    cols_shape, unfold = jax.vjp(fold, x)
+    cols, unfold = jax.vjp(fold, x)  # cols' values go unused (XLA drops them)
     wk = _fold_kernel(w)
     dy2 = dy.reshape(-1, *dy.shape[2:])
     if max(strides[1:]) > 1 and tuple(dilation[1:]) == (1, 1):
-        dcols = strided_input_grad_2d(dy2, wk, cols_shape.shape[1:3], strides[1:], pads[1:])
+        dcols = strided_input_grad_2d(dy2, wk, cols.shape[1:3], strides[1:], pads[1:])
     else:  # stride 1: XLA's input-gradient is itself a YNNPACK convolution
         _, vjp = jax.vjp(lambda c: conv_ops.conv_xla(c, wk, strides[1:], pads[1:],
-                                                     dilation[1:]), cols_shape)
+                                                     dilation[1:]), cols)
         dcols = vjp(dy2)[0]
     return unfold(dcols.astype(x.dtype))[0]
 
