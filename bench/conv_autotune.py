@@ -11,7 +11,7 @@ formulations (``--full``, default "matmul,xla"); the fastest full timing is the 
 Usage:
   python bench/conv_autotune.py [--nets fcn,fpr,det,unet,model_fcn,model_fpr,model_fpn]
                                 [--reps 2] [--out PATH] [--merge] [--missing]
-                                [--order net|flops] [--limit N] [--strided]
+                                [--order net|flops] [--limit N] [--strided] [--winograd]
                                 [--max-buffer-gb 2]
                                 [--malloc keep|default]
 
@@ -20,7 +20,8 @@ partial table; ``--merge`` keeps entries of shapes not measured in this run; ``-
 (implies ``--merge``) measures only the shapes the table lacks, so an interrupted run resumes
 where it stopped; ``--order flops`` measures the shapes with the most arithmetic first (the
 ones that matter most when time is short); ``--strided`` (implies ``--merge``) measures
-only the strided convolutions (after a change to how those are computed).
+only the strided convolutions (after a change to how those are computed), ``--winograd``
+(implies ``--merge``) only those the Winograd choice applies to (stride 1, undilated).
 ``--max-buffer-gb`` bounds each formulation's
 temporary memory as XLA compiled it (``conv_tune.temp_bytes``): per-pass choices over it run
 over the batch in chunks (``"split_FIWbK"``, see ``conv_split``). Run it on the
@@ -56,6 +57,8 @@ def _parse():
                    "(implies --merge)")
     p.add_argument("--strided", action="store_true", help="only convolutions with a stride "
                    "> 1 (implies --merge)")
+    p.add_argument("--winograd", action="store_true", help="only stride-1 undilated "
+                   "convolutions with a kernel > 1 (implies --merge)")
     p.add_argument("--order", choices=("net", "flops"), default="net",
                    help="net: first-seen order; flops: largest forward + backward first")
     p.add_argument("--limit", type=int, default=0, help="measure only the first N shapes "
@@ -77,7 +80,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import conv_nets  # noqa: E402
 from lungjax.data.tables import atomic_write_text  # noqa: E402
-from lungjax.models import conv_ops, conv_select, conv_tune  # noqa: E402
+from lungjax.models import conv_ops, conv_select, conv_split, conv_tune  # noqa: E402
 
 
 def _model_nets():
@@ -122,13 +125,16 @@ def main():
     args.out = args.out or str(conv_select.TABLE_PATH)
     keys = net_keys([n for n in args.nets.split(",") if n])
     entries = []
-    if (args.merge or args.missing or args.strided) and os.path.isfile(args.out):
+    if (args.merge or args.missing or args.strided or args.winograd) and os.path.isfile(args.out):
         entries = json.loads(open(args.out, encoding="utf-8").read())["entries"]
     if args.missing:
         have = {conv_select.ConvKey.from_json(e["key"]) for e in entries}
         keys = [k for k in keys if k not in have]
     if args.strided:
         keys = [k for k in keys if k.kind == "conv" and max(k.strides) > 1]
+    if args.winograd:
+        keys = [k for k in keys if k.kind == "conv"
+                and conv_split.winograd_ok(k.kernel, k.strides, k.dilation)]
     if args.order == "flops":
         keys = sorted(keys, key=key_flops, reverse=True)
     if args.limit:

@@ -123,7 +123,8 @@ def test_pass_timing_builds_a_valid_plan():
                               "float32")
     passes = conv_tune.time_passes(key, reps=1)
     assert {p: set(ms) for p, ms in passes.items()} == {
-        p: set(c) for p, c in conv_split.choices(2).items()}
+        p: set(c) for p, c in conv_split.choices(2, key.kernel, key.strides,
+                                                  key.dilation).items()}
     assert all(v > 0 for ms in passes.values() for v in ms.values())
     small = conv_tune.time_passes(key, reps=1, max_buffer_bytes=0)  # only native fits
     assert {p: set(ms) for p, ms in small.items()} == {p: {"x"} for p in passes}
@@ -356,8 +357,10 @@ def test_export_with_auto_convolutions_and_symbolic_batch(tmp_path):
     assert sidecar["input"]["shape"] == ["b", 10, 30, 30, 1]
     loaded, _ = load_predictor(str(tmp_path))
     x = rng.random((3, 10, 30, 30, 1), dtype=np.float32)
+    # The exported program looks its layers up at batch 1, the jitted one at batch 3: they
+    # may run different formulations (Winograd rounds to ~2e-5 of the magnitude).
     np.testing.assert_allclose(loaded(x), np.asarray(jax.jit(predict)(variables, x)),
-                               rtol=1e-5, atol=1e-6)
+                               rtol=1e-4, atol=1e-6)
     # Symbolic spatial sizes too: no bound on the buffers, so XLA's convolution.
     d = jax.export.symbolic_shape("d")[0]
     assert conv_select.concrete_key(dataclasses.replace(key, spatial=(d, 30, 30))) is None

@@ -21,7 +21,8 @@ Formulations of ``conv`` (``CONV_IMPLS``):
 * ``"hybrid"``: native forward and input-gradient, matmul weight-gradient (custom VJP); the
   lowest peak memory of the CPU formulations.
 * ``"split_FIW"``: one formulation per pass (forward, input-gradient, weight-gradient),
-  including partial im2col and shifted-slice accumulation; ``"split_FIWbK"`` runs those
+  including partial im2col, shifted-slice accumulation, depth folding and Winograd's
+  minimal filtering (``conv_winograd``); ``"split_FIWbK"`` runs those
   passes over the batch in K sequential chunks to bound their memory; see ``conv_split``.
 
 Formulations of ``conv_transpose`` (``CONV_TRANSPOSE_IMPLS``): ``"xla"``

@@ -1,0 +1,103 @@
+"""Winograd convolutions (``conv_winograd``, split choice ``w``): each pass equals XLA's
+native convolution to float32 rounding on random shapes, and the layer uses it only where
+it applies (stride 1, no dilation)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from lungjax.models import conv_split, conv_tune, conv_winograd, conv_select
+from lungjax.models.layers import Conv
+
+
+@pytest.mark.parametrize("m,r", [(1, 3), (2, 3), (4, 3), (6, 3), (4, 4), (4, 5), (3, 2)])
+def test_transforms_compute_a_correlation(m, r):
+    at, g, bt = conv_winograd.matrices(m, r)
+    rng = np.random.default_rng(m * 10 + r)
+    d, k = rng.standard_normal(m + r - 1), rng.standard_normal(r)
+    want = [d[o:o + r] @ k for o in range(m)]
+    np.testing.assert_allclose(at @ ((g @ k) * (bt @ d)), want, rtol=1e-10, atol=1e-10)
+
+
+def _native(x, w, pads):
+    rank = w.ndim - 2
+    dn = ("NDHWC", "DHWIO", "NDHWC") if rank == 3 else ("NHWC", "HWIO", "NHWC")
+    return lax.conv_general_dilated(x, w, (1,) * rank, pads, dimension_numbers=dn,
+                                    precision="highest")
+
+
+def _rel_err(a, b):
+    return float(jnp.abs(a - b).max() / jnp.abs(b).max())
+
+
+# (spatial, kernel, pads): 2-D and 3-D, the project's (3,5,5) and (4,5,5) kernels, kernels
+# with unit axes, asymmetric and negative pads, outputs shorter than a tile and not a
+# multiple of it.
+CASES = [
+    ((11, 13), (3, 3), ((1, 1), (1, 1))),
+    ((9, 7), (3, 2), ((0, 2), (1, 0))),
+    ((7, 12, 10), (3, 3, 3), ((1, 1), (1, 1), (1, 1))),
+    ((8, 13, 13), (3, 5, 5), ((0, 0), (0, 0), (0, 0))),
+    ((6, 9, 9), (4, 5, 5), ((0, 0), (2, 1), (0, 0))),
+    ((6, 7, 8), (3, 1, 1), ((1, 1), (0, 0), (0, 0))),
+    ((6, 9, 10), (3, 3, 3), ((-1, 2), (1, 1), (0, 0))),
+]
+
+
+@pytest.mark.parametrize("spatial,kernel,pads", CASES)
+def test_passes_match_native(spatial, kernel, pads):
+    rng = np.random.default_rng(len(spatial) + sum(kernel))
+    x = jnp.asarray(rng.standard_normal((2, *spatial, 5)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((*kernel, 5, 6)) * 0.2, jnp.float32)
+    y_ref, vjp = jax.vjp(lambda x, w: _native(x, w, pads), x, w)
+    dy = jnp.asarray(rng.standard_normal(y_ref.shape), jnp.float32)
+    dx_ref, dw_ref = vjp(dy)
+    y, dx, dw = jax.jit(lambda x, w, dy: (
+        conv_winograd.forward(x, w, pads),
+        conv_winograd.input_grad(dy, w, x.shape[1:-1], pads),
+        conv_winograd.weight_grad(x, dy, w.shape, w.dtype, pads)))(x, w, dy)
+    assert y.shape == y_ref.shape and dx.shape == x.shape and dw.shape == w.shape
+    # F(4, r) mixes values of different scales: ~1e-5 of the magnitude in float32.
+    assert _rel_err(y, y_ref) < 1e-4
+    assert _rel_err(dx, dx_ref) < 1e-4
+    assert _rel_err(dw, dw_ref) < 1e-4
+
+
+def test_layer_with_winograd_plan_matches_flax():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 6, 10, 9, 3)), jnp.float32)
+    ref = nn.Conv(4, (3, 3, 3), padding="SAME")
+    ours = Conv(4, (3, 3, 3), padding="SAME", impl="split_www")
+    params = ref.init(jax.random.key(0), x)
+
+    def loss(m):
+        return lambda p, xx: jnp.sum(jnp.sin(m.apply(p, xx)))
+    (l_ref, g_ref), (l, g) = [jax.value_and_grad(loss(m), argnums=(0, 1))(params, x)
+                              for m in (ref, ours)]
+    np.testing.assert_allclose(l, l_ref, rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        assert _rel_err(a, b) < 1e-4
+
+
+def test_winograd_only_for_stride_one_undilated():
+    assert "w" in conv_split.choices(3, (3, 3, 3), (1, 1, 1), (1, 1, 1))["wgrad"]
+    assert "w" not in conv_split.choices(3, (3, 3, 3), (1, 2, 2), (1, 1, 1))["fwd"]
+    assert "w" not in conv_split.choices(2, (3, 3), (1, 1), (2, 1))["igrad"]
+    assert "w" not in conv_split.choices(3, (1, 1, 1), (1, 1, 1), (1, 1, 1))["fwd"]
+    assert "w" not in conv_split.choices(3)["fwd"]  # strides unknown: not offered
+    x = jnp.ones((1, 8, 8, 2))
+    with pytest.raises(ValueError, match=r"Winograd \(w\) needs a stride-1"):
+        Conv(3, (3, 3), strides=2, impl="split_wxx").init(jax.random.key(0), x)
+
+
+def test_tuner_times_the_winograd_choice():
+    key = conv_select.ConvKey("conv", 1, (6, 8), 8, 8, (3, 3), (1, 1), (1, 1),
+                              ((1, 1),) * 2, "float32")
+    passes = conv_tune.time_passes(key, reps=1)
+    assert all("w" in ms and ms["w"] > 0 for ms in passes.values())
+    # buffer estimate: 2x2 tiles of 4 outputs, 6x6 transformed samples each, 8 channels
+    assert conv_split.buffer_bytes("fwd", "w", 1, (6, 8), (6, 8), (3, 3), 8, 8) == \
+        2 * 2 * 36 * 8 * 4
