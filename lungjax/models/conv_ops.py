@@ -205,21 +205,25 @@ def _weight_grad(x, dy, w_shape, w_dtype, strides, pads, dilation):
     return dw.reshape(w_shape).astype(w_dtype)
 
 
-def _input_grad_matmul(dy, w, in_spatial, strides, pads, dilation):
-    """dx of a convolution as an im2col correlation of dy with the flipped kernel.
+def transposed_correlation(w, in_spatial, out_spatial, strides, pads, dilation):
+    """The input-gradient of a convolution as a stride-1 correlation: (flipped kernel with
+    C_in and C_out swapped (*kernel, C_out, C_in), pads) to apply to dy (N, *out_spatial,
+    C_out) spread out by ``s - 1`` zeros between samples (``lhs_dilation=strides``):
+    pads' = ((k-1)d - lo, n + lo - len(dy_dilated)) per axis."""
+    rank = len(w.shape) - 2
+    new_pads = tuple(((k - 1) * d - lo, n + lo - ((o - 1) * s + 1)) for n, k, s, (lo, _), d, o
+                     in zip(in_spatial, w.shape[:rank], strides, pads, dilation, out_spatial))
+    return jnp.flip(w, axis=tuple(range(rank))).swapaxes(-1, -2), new_pads
 
-    A strided convolution's dy is first spread out by inserting ``s - 1`` zeros between
-    samples (``lax.pad`` interior padding), which turns the transpose into a stride-1
-    correlation: pads' = ((k-1)d - lo, n + lo - len(dy_dilated)) per axis.
-    """
+
+def _input_grad_matmul(dy, w, in_spatial, strides, pads, dilation):
+    """dx of a convolution as an im2col correlation of dy with the flipped kernel
+    (``transposed_correlation``)."""
     ks = w.shape[:-2]
     rank = len(ks)
-    new_pads = []
-    for n, k, s, (lo, _), d, o in zip(in_spatial, ks, strides, pads, dilation, dy.shape[1:-1]):
-        o_dil = (o - 1) * s + 1
-        new_pads.append(((k - 1) * d - lo, n + lo - o_dil))
-    w_t = jnp.flip(w, axis=tuple(range(rank))).swapaxes(-1, -2)
-    cols = patches(dy, ks, (1,) * rank, tuple(new_pads), dilation, lhs_dilation=strides)
+    w_t, new_pads = transposed_correlation(w, in_spatial, dy.shape[1:-1], strides, pads,
+                                           dilation)
+    cols = patches(dy, ks, (1,) * rank, new_pads, dilation, lhs_dilation=strides)
     return _dot_last(cols, w_t.reshape(-1, w_t.shape[-1]), dy.dtype)
 
 

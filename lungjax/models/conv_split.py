@@ -263,14 +263,10 @@ def weight_grad(x, dy, w_shape, w_dtype, strides, pads, dilation, inner: int):
 
 def input_grad(dy, w, in_spatial, strides, pads, dilation, inner: int):
     """dx as the correlation of the stride-dilated dy with the flipped kernel (partial im2col)."""
-    ks = w.shape[:-2]
-    rank = len(ks)
-    new_pads = []
-    for n, k, s, (lo, _), d, o in zip(in_spatial, ks, strides, pads, dilation, dy.shape[1:-1]):
-        new_pads.append(((k - 1) * d - lo, n + lo - ((o - 1) * s + 1)))
-    w_t = jnp.flip(w, axis=tuple(range(rank))).swapaxes(-1, -2)
-    return conv_forward(dy, w_t, (1,) * rank, tuple(new_pads), dilation, inner,
-                        lhs_dilation=strides)
+    rank = w.ndim - 2
+    w_t, new_pads = conv_ops.transposed_correlation(w, in_spatial, dy.shape[1:-1], strides,
+                                                    pads, dilation)
+    return conv_forward(dy, w_t, (1,) * rank, new_pads, dilation, inner, lhs_dilation=strides)
 
 
 def _fold_columns(x, kd, stride, pad, dilation):

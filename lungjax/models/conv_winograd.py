@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from lungjax.models import conv_ops
+
 # Interpolation points of the Toom-Cook construction (plus the point at infinity), in the
 # order that keeps the transforms' entries smallest (best float32 accuracy).
 _POINTS = (0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5, 3.0, -3.0, 1 / 3, -1 / 3)
@@ -152,12 +154,9 @@ def forward(x, w, pads):
 def input_grad(dy, w, in_spatial, pads):
     """dx (N, *in_spatial, C_in) of ``forward``: the correlation of dy (N, *out, C_out) with
     the flipped, transposed kernel, itself a stride-1 convolution."""
-    rank = w.ndim - 2
-    ks = w.shape[:rank]
-    new_pads = [(k - 1 - lo, n + lo - o) for n, k, (lo, _), o in
-                zip(in_spatial, ks, pads, dy.shape[1:-1])]
-    w_t = jnp.flip(w, axis=tuple(range(rank))).swapaxes(-1, -2)
-    return forward(dy, w_t, new_pads)
+    ones = (1,) * (w.ndim - 2)
+    return forward(dy, *conv_ops.transposed_correlation(w, in_spatial, dy.shape[1:-1], ones,
+                                                        pads, ones))
 
 
 def weight_grad(x, dy, w_shape, w_dtype, pads):
