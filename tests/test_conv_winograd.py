@@ -2,6 +2,8 @@
 native convolution to float32 rounding on random shapes, and the layer uses it only where
 it applies (stride 1, no dilation)."""
 
+import time
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -47,8 +49,10 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("spatial,kernel,pads", CASES)
-def test_passes_match_native(spatial, kernel, pads):
+@pytest.mark.parametrize("spatial,kernel,pads,tile",
+                         [c + (4,) for c in CASES]
+                         + [c + (6,) for c in CASES if max(c[1]) <= 3])  # choice v
+def test_passes_match_native(spatial, kernel, pads, tile):
     rng = np.random.default_rng(len(spatial) + sum(kernel))
     x = jnp.asarray(rng.standard_normal((2, *spatial, 5)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((*kernel, 5, 6)) * 0.2, jnp.float32)
@@ -56,11 +60,12 @@ def test_passes_match_native(spatial, kernel, pads):
     dy = jnp.asarray(rng.standard_normal(y_ref.shape), jnp.float32)
     dx_ref, dw_ref = vjp(dy)
     y, dx, dw = jax.jit(lambda x, w, dy: (
-        conv_winograd.forward(x, w, pads),
-        conv_winograd.input_grad(dy, w, x.shape[1:-1], pads),
-        conv_winograd.weight_grad(x, dy, w.shape, w.dtype, pads)))(x, w, dy)
+        conv_winograd.forward(x, w, pads, tile),
+        conv_winograd.input_grad(dy, w, x.shape[1:-1], pads, tile),
+        conv_winograd.weight_grad(x, dy, w.shape, w.dtype, pads, tile)))(x, w, dy)
     assert y.shape == y_ref.shape and dx.shape == x.shape and dw.shape == w.shape
-    # F(4, r) mixes values of different scales: ~1e-5 of the magnitude in float32.
+    # F(4, r) and F(6, r) mix values of different scales: ~1e-5 of the magnitude in
+    # float32.
     assert _rel_err(y, y_ref) < 1e-4
     assert _rel_err(dx, dx_ref) < 1e-4
     assert _rel_err(dw, dw_ref) < 1e-4
@@ -70,7 +75,7 @@ def test_layer_with_winograd_plan_matches_flax():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, 6, 10, 9, 3)), jnp.float32)
     ref = nn.Conv(4, (3, 3, 3), padding="SAME")
-    ours = Conv(4, (3, 3, 3), padding="SAME", impl="split_www")
+    ours = Conv(4, (3, 3, 3), padding="SAME", impl="split_wvw")
     params = ref.init(jax.random.key(0), x)
 
     def loss(m):
@@ -88,16 +93,47 @@ def test_winograd_only_for_stride_one_undilated():
     assert "w" not in conv_split.choices(2, (3, 3), (1, 1), (2, 1))["igrad"]
     assert "w" not in conv_split.choices(3, (1, 1, 1), (1, 1, 1), (1, 1, 1))["fwd"]
     assert "w" not in conv_split.choices(3)["fwd"]  # strides unknown: not offered
+    assert "v" in conv_split.choices(3, (3, 3, 3), (1, 1, 1), (1, 1, 1))["igrad"]
+    assert "v" not in conv_split.choices(3, (3, 5, 5), (1, 1, 1), (1, 1, 1))["fwd"]
+    assert "w" in conv_split.choices(3, (3, 5, 5), (1, 1, 1), (1, 1, 1))["fwd"]
     x = jnp.ones((1, 8, 8, 2))
     with pytest.raises(ValueError, match=r"Winograd \(w\) needs a stride-1"):
         Conv(3, (3, 3), strides=2, impl="split_wxx").init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"Winograd \(v\) .* at most 3 taps"):
+        Conv(3, (5, 5), impl="split_xvx").init(jax.random.key(0), x)
 
 
 def test_tuner_times_the_winograd_choice():
     key = conv_select.ConvKey("conv", 1, (6, 8), 8, 8, (3, 3), (1, 1), (1, 1),
                               ((1, 1),) * 2, "float32")
     passes = conv_tune.time_passes(key, reps=1)
-    assert all("w" in ms and ms["w"] > 0 for ms in passes.values())
+    assert all(ms.get("w", 0) > 0 and ms.get("v", 0) > 0 for ms in passes.values())
     # buffer estimate: 2x2 tiles of 4 outputs, 6x6 transformed samples each, 8 channels
     assert conv_split.buffer_bytes("fwd", "w", 1, (6, 8), (6, 8), (3, 3), 8, 8) == \
         2 * 2 * 36 * 8 * 4
+
+
+def test_tuner_does_not_time_the_warm_up():
+    calls = []
+
+    def program(*args):  # first call slow (heap growth), later ones fast
+        calls.append(1)
+        time.sleep(0.3 if len(calls) == 1 else 0.01)
+        return jnp.zeros(())
+    ms = conv_tune._median_ms(program, (), reps=2, warmup=1, give_up_ms=100.0)
+    assert ms < 100.0 and len(calls) == 3
+
+
+def test_tuner_chunks_a_plan_whose_full_step_is_over_the_memory_limit():
+    key = conv_select.ConvKey("conv", 4, (6, 8, 8), 8, 8, (3, 3, 3), (1, 1, 1), (1, 1, 1),
+                              ((1, 1),) * 3, "float32")
+    x, w, g = conv_tune._inputs(key)
+
+    def need(plan):
+        step = jax.jit(jax.grad(conv_tune._loss_fn(key, plan), argnums=(0, 1)))
+        return conv_tune.temp_bytes(step.lower(x, w, g).compile())
+    whole = need("split_www")
+    assert conv_tune.fit_plan(key, "split_www", whole) == "split_www"
+    plan = conv_tune.fit_plan(key, "split_www", whole // 2)
+    assert conv_split.batch_chunks(plan) > 1 and need(plan) <= whole // 2
+    assert conv_tune.fit_plan(key, "split_www", 1) == "split_www"  # nothing fits: unchanged

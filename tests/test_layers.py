@@ -252,6 +252,19 @@ def test_committed_table_is_valid_and_drives_auto():
     assert how == "nearest"
     assert impl in conv_ops.CONV_IMPLS or conv_split.parse(impl, 3)
     assert conv_select.resolve("auto", key) == impl  # tests run on CPU
+    # Nearest only among plans that can run the layer: no Winograd plan (measured on
+    # stride-1 layers, v only on kernels <= 3) for a (3, 5, 5), (4, 5, 5) or strided one.
+    for kernel, strides in (((3, 5, 5), (1, 1, 1)), ((4, 5, 5), (1, 1, 1)),
+                            ((3, 3, 3), (2, 2, 2)), ((3, 3, 3), (1, 1, 1))):
+        key = conv_select.ConvKey("conv", 3, (9, 17, 17), 7, 9, kernel, strides, (1, 1, 1),
+                                  ((1, 1),) * 3, "float32")
+        impl, how = conv_select.lookup(key)
+        assert how == "nearest"
+        if conv_split.is_split(impl):
+            assert conv_split.plan_applies(impl, kernel, strides, (1, 1, 1)), (kernel, impl)
+    assert not conv_split.plan_applies("split_wvv", (3, 5, 5), (1, 1, 1), (1, 1, 1))
+    assert conv_split.plan_applies("split_wvv", (3, 3, 3), (1, 1, 1), (1, 1, 1))
+    assert not conv_split.plan_applies("split_fwx", (3, 3, 3), (1, 2, 2), (1, 1, 1))
 
 
 def test_first_use_autotune_caches_on_disk(tmp_path, monkeypatch):

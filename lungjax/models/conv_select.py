@@ -203,8 +203,12 @@ def lookup(key: ConvKey) -> tuple[str, str]:
     entries.update(_cache())
     if key in entries:
         return entries[key], "exact"
+    # Nearest among the entries whose plan can run this layer: a Winograd plan measured on
+    # a 3x3x3 layer cannot run a (3, 5, 5) or strided one.
     same = [(k, b) for k, b in entries.items()
-            if k.kind == key.kind and len(k.kernel) == len(key.kernel)]
+            if k.kind == key.kind and len(k.kernel) == len(key.kernel)
+            and (k.kind != "conv" or not conv_split.is_split(b)
+                 or conv_split.plan_applies(b, key.kernel, key.strides, key.dilation))]
     if not same:
         return DEFAULT_CPU[key.kind], "default"
     f = key.features()

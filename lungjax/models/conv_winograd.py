@@ -20,8 +20,9 @@ matmuls contracting only C_in numbers are memory-bound, so this wins where the c
 counts are large enough (measured per layer shape by ``bench/conv_autotune.py``).
 
 The three passes of a convolution are all stride-1 correlations, so each has a Winograd
-form (``forward``, ``input_grad``, ``weight_grad``): the ``"w"`` choice of
-``conv_split``'s split plans.
+form (``forward``, ``input_grad``, ``weight_grad``): the ``"w"`` (F(4, k)) and ``"v"``
+(F(6, k): fewer multiplications and a (8/6)^rank instead of (6/4)^rank larger transformed
+buffer, twice the rounding error) choices of ``conv_split``'s split plans.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from lungjax.models import conv_ops
 # Interpolation points of the Toom-Cook construction (plus the point at infinity), in the
 # order that keeps the transforms' entries smallest (best float32 accuracy).
 _POINTS = (0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5, 3.0, -3.0, 1 / 3, -1 / 3)
-TILE = 4  # outputs per tile and axis: F(4, r) measured fastest on this project's layers
+TILE = 4  # default outputs per tile and axis (conv_split's choice w; v uses 6)
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,9 +76,10 @@ def matrices(m: int, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return at, g, bt
 
 
-def tiles(out_spatial: Sequence[int], kernel: Sequence[int]) -> tuple[int, ...]:
-    """Outputs per tile on each axis: ``TILE``, fewer on short axes, 1 where the kernel is."""
-    return tuple(1 if k == 1 else max(1, min(TILE, o)) for o, k in zip(out_spatial, kernel))
+def tiles(out_spatial: Sequence[int], kernel: Sequence[int], tile: int = TILE
+          ) -> tuple[int, ...]:
+    """Outputs per tile on each axis: ``tile``, fewer on short axes, 1 where the kernel is."""
+    return tuple(1 if k == 1 else max(1, min(tile, o)) for o, k in zip(out_spatial, kernel))
 
 
 def _weighted(parts, coef, dtype):
@@ -93,76 +95,142 @@ def _weighted(parts, coef, dtype):
 
 
 def buffer_bytes(batch: int, in_spatial, out_spatial, kernel, cin: int, cout: int,
-                 itemsize: int = 4) -> int:
+                 itemsize: int = 4, tile: int = TILE) -> int:
     """Size of the larger of the transformed input and transformed output buffers."""
-    ms = tiles(out_spatial, kernel)
+    ms = tiles(out_spatial, kernel, tile)
     n = batch * int(np.prod([-(-o // m) * (m + k - 1) for o, m, k in
                              zip(out_spatial, ms, kernel)]))
     return n * max(cin, cout) * itemsize
 
 
-def forward(x, w, pads):
+def _geometry(in_spatial, pads, ks, tile):
+    """Outputs per axis, outputs per tile ``m``, tiles per axis and ``a = m + k - 1``."""
+    out = [s + lo + hi - k + 1 for s, (lo, hi), k in zip(in_spatial, pads, ks)]
+    ms = tiles(out, ks, tile)
+    nt = [-(-o // m) for o, m in zip(out, ms)]
+    alphas = [m + k - 1 for m, k in zip(ms, ks)]
+    return out, ms, nt, alphas
+
+
+def _transform_tiles(x, pads, ks, tile):
+    """Input transform: x (N, *spatial, C) -> U (prod(a), N*prod(tiles), C).
+
+    Each axis in turn is cut into overlapping tiles (``a`` samples every ``m``) and
+    multiplied by ``BT``; the transformed index becomes a leading axis."""
+    rank = len(ks)
+    n, c = x.shape[0], x.shape[-1]
+    _, ms, nt, alphas = _geometry(x.shape[1:-1], pads, ks, tile)
+    # Pad so that every tile is whole: tiles * m + k - 1 samples per axis.
+    high = [t * m + k - 1 - s - lo for t, m, k, s, (lo, _) in zip(nt, ms, ks, x.shape[1:-1], pads)]
+    u = lax.pad(x, jnp.zeros((), x.dtype),
+                [(0, 0, 0)] + [(lo, h, 0) for (lo, _), h in zip(pads, high)] + [(0, 0, 0)])
+    for a in range(rank):  # a leading alpha axes, then N, then the spatial axes
+        ax = a + 1 + a
+        bt = matrices(ms[a], ks[a])[2]
+
+        def tap(i, u=u, ax=ax, a=a):
+            return lax.slice_in_dim(u, i, i + (nt[a] - 1) * ms[a] + 1, ms[a], axis=ax)
+
+        u = jnp.stack([_weighted(tap, bt[j], x.dtype) for j in range(alphas[a])], axis=a)
+    return u.reshape(int(np.prod(alphas)), n * int(np.prod(nt)), c)
+
+
+def _untransform_tiles(mm, n, out, ks, tile):
+    """Output transform: M (prod(a), N*prod(tiles), C) -> y (N, *out, C) by ``AT`` along
+    each axis, tiles interleaved back and cropped to ``out``."""
+    rank = len(ks)
+    ms = tiles(out, ks, tile)
+    nt = [-(-o // m) for o, m in zip(out, ms)]
+    mm = mm.reshape(*[m + k - 1 for m, k in zip(ms, ks)], n, *nt, mm.shape[-1])
+    for a in range(rank):  # AT along alpha axis a, replaced by the m outputs of a tile
+        at = matrices(ms[a], ks[a])[0]
+        mm = jnp.stack([_weighted(lambda j, mm=mm, a=a: lax.index_in_dim(mm, j, a, False),
+                                  at[o], mm.dtype) for o in range(ms[a])], axis=a)
+    # (m_1.., N, T_1.., C) -> (N, T_1, m_1, T_2, m_2, .., C) -> crop to the output size.
+    perm = [rank] + [v for a in range(rank) for v in (rank + 1 + a, a)] + [2 * rank + 1]
+    y = mm.transpose(perm).reshape(n, *[t * m for t, m in zip(nt, ms)], mm.shape[-1])
+    return y[(slice(None),) + tuple(slice(0, o) for o in out)]
+
+
+def _transform_output_grad(dy, ks, tile):
+    """Transpose of ``_untransform_tiles``: dy (N, *out, C) -> (prod(a), N*prod(tiles), C),
+    by ``AT^T`` along each axis. Written out rather than left to ``jax.linear_transpose``,
+    which zero-pads each tile position to the full alpha axis and adds: the weight-gradient
+    of a 16x24x60x60x32 -> 32 3x3x3 layer took 1.1-1.3 s that way, 0.6-0.7 s this way."""
+    rank = len(ks)
+    n, c = dy.shape[0], dy.shape[-1]
+    out = dy.shape[1:-1]
+    ms = tiles(out, ks, tile)
+    nt = [-(-o // m) for o, m in zip(out, ms)]
+    alphas = [m + k - 1 for m, k in zip(ms, ks)]
+    v = lax.pad(dy, jnp.zeros((), dy.dtype), [(0, 0, 0)]
+                + [(0, t * m - o, 0) for t, m, o in zip(nt, ms, out)] + [(0, 0, 0)])
+    # (N, T_1, m_1, T_2, m_2, .., C) -> (m_1.., N, T_1.., C)
+    v = v.reshape(n, *[d for t, m in zip(nt, ms) for d in (t, m)], c)
+    v = v.transpose([2 + 2 * a for a in range(rank)] + [0]
+                    + [1 + 2 * a for a in range(rank)] + [2 * rank + 1])
+    for a in range(rank):  # axis a: m tile outputs -> a transformed positions
+        at = matrices(ms[a], ks[a])[0]
+        v = jnp.stack([_weighted(lambda o, v=v, a=a: lax.index_in_dim(v, o, a, False),
+                                 at[:, j], dy.dtype) for j in range(alphas[a])], axis=a)
+    return v.reshape(int(np.prod(alphas)), n * int(np.prod(nt)), c)
+
+
+def _kernel_mats(ms, ks, dtype):
+    return [jnp.asarray(matrices(m, k)[1], jnp.promote_types(dtype, jnp.float32))
+            for m, k in zip(ms, ks)]
+
+
+def forward(x, w, pads, tile: int = TILE):
     """Stride-1, undilated convolution, equal (to float32 rounding) to
     ``lax.conv_general_dilated(x, w, 1, pads)``.
 
     Args:
       x: (N, *spatial, C_in) channels-last; w: (*kernel, C_in, C_out);
       pads: (low, high) per spatial axis (negative allowed, as XLA's).
+      tile: outputs per tile and axis, F(tile, k).
 
     Returns:
       (N, *out, C_out) in x's dtype.
     """
     rank = w.ndim - 2
     ks = w.shape[:rank]
-    n, cin, cout = x.shape[0], w.shape[-2], w.shape[-1]
-    out = [s + lo + hi - k + 1 for s, (lo, hi), k in zip(x.shape[1:-1], pads, ks)]
-    ms = tiles(out, ks)
-    nt = [-(-o // m) for o, m in zip(out, ms)]
-    alphas = [m + k - 1 for m, k in zip(ms, ks)]
-    mats = [matrices(m, k) for m, k in zip(ms, ks)]
-    # Pad so that every tile is whole: tiles * m + k - 1 samples per axis.
-    high = [t * m + k - 1 - s - lo for t, m, k, s, (lo, _) in zip(nt, ms, ks, x.shape[1:-1], pads)]
-    u = lax.pad(x, jnp.zeros((), x.dtype),
-                [(0, 0, 0)] + [(lo, h, 0) for (lo, _), h in zip(pads, high)] + [(0, 0, 0)])
-    for a in range(rank):  # BT along axis a; the transformed index becomes leading axis a
-        ax = a + 1 + a  # a leading alpha axes, then N, then the spatial axes
-        bt = mats[a][2]
-
-        def tap(i, u=u, ax=ax, a=a):
-            return lax.slice_in_dim(u, i, i + (nt[a] - 1) * ms[a] + 1, ms[a], axis=ax)
-
-        u = jnp.stack([_weighted(tap, bt[j], x.dtype) for j in range(alphas[a])], axis=a)
-    u = u.reshape(int(np.prod(alphas)), n * int(np.prod(nt)), cin)
+    cin, cout = w.shape[-2], w.shape[-1]
+    out, ms, _, alphas = _geometry(x.shape[1:-1], pads, ks, tile)
+    u = _transform_tiles(x, pads, ks, tile)
     wt = w
-    for a in range(rank):  # G w G^T (float32 at least: the kernel is small)
-        g = jnp.asarray(mats[a][1], jnp.promote_types(w.dtype, jnp.float32))
+    for a, g in enumerate(_kernel_mats(ms, ks, w.dtype)):  # G w G^T (small: float32 at least)
         wt = jnp.moveaxis(jnp.tensordot(g, wt, axes=([1], [a])), 0, a)
     wt = wt.reshape(int(np.prod(alphas)), cin, cout).astype(x.dtype)
     acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else None
     mm = lax.dot_general(u, wt, (((2,), (1,)), ((0,), (0,))), preferred_element_type=acc)
-    mm = mm.reshape(*alphas, n, *nt, cout)
-    for a in range(rank):  # AT along alpha axis a, replaced by the m outputs of a tile
-        at = mats[a][0]
-        mm = jnp.stack([_weighted(lambda j, mm=mm, a=a: lax.index_in_dim(mm, j, a, False),
-                                  at[o], mm.dtype) for o in range(ms[a])], axis=a)
-    # (m_1.., N, T_1.., C) -> (N, T_1, m_1, T_2, m_2, .., C) -> crop to the output size.
-    perm = [rank] + [v for a in range(rank) for v in (rank + 1 + a, a)] + [2 * rank + 1]
-    y = mm.transpose(perm).reshape(n, *[t * m for t, m in zip(nt, ms)], cout)
-    return y[(slice(None),) + tuple(slice(0, o) for o in out)].astype(x.dtype)
+    return _untransform_tiles(mm, x.shape[0], out, ks, tile).astype(x.dtype)
 
 
-def input_grad(dy, w, in_spatial, pads):
+def input_grad(dy, w, in_spatial, pads, tile: int = TILE):
     """dx (N, *in_spatial, C_in) of ``forward``: the correlation of dy (N, *out, C_out) with
     the flipped, transposed kernel, itself a stride-1 convolution."""
     ones = (1,) * (w.ndim - 2)
     return forward(dy, *conv_ops.transposed_correlation(w, in_spatial, dy.shape[1:-1], ones,
-                                                        pads, ones))
+                                                        pads, ones), tile)
 
 
-def weight_grad(x, dy, w_shape, w_dtype, pads):
-    """dW (*kernel, C_in, C_out) of ``forward``: its transpose in w (``forward`` is linear
-    in w): the transformed input and output gradient meet in one batched matmul per
-    transformed position, then ``G^T . G`` back to kernel taps."""
-    fn = jax.linear_transpose(lambda w: forward(x, w, pads),
-                              jax.ShapeDtypeStruct(tuple(w_shape), w_dtype))
-    return fn(dy.astype(x.dtype))[0]
+def weight_grad(x, dy, w_shape, w_dtype, pads, tile: int = TILE):
+    """dW (*kernel, C_in, C_out) of ``forward``: the transformed input and the transformed
+    output gradient meet in one batched matmul per transformed position (contracting the
+    long tile axis), then ``G^T . G`` back to kernel taps.
+
+    Args:
+      x: (N, *spatial, C_in); dy: (N, *out, C_out); pads as in ``forward``.
+    """
+    rank = len(w_shape) - 2
+    ks = tuple(w_shape[:rank])
+    _, ms, _, alphas = _geometry(x.shape[1:-1], pads, ks, tile)
+    u = _transform_tiles(x, pads, ks, tile)
+    v = _transform_output_grad(dy.astype(x.dtype), ks, tile)
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    dwt = lax.dot_general(u, v, (((1,), (1,)), ((0,), (0,))), preferred_element_type=acc)
+    dwt = dwt.reshape(*alphas, *w_shape[-2:])
+    for a, g in enumerate(_kernel_mats(ms, ks, w_dtype)):  # transpose of G w G^T
+        dwt = jnp.moveaxis(jnp.tensordot(g, dwt, axes=([0], [a])), 0, a)
+    return dwt.astype(w_dtype)

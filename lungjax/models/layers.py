@@ -20,8 +20,8 @@ Choosing the formulation (see ``lungjax.models.conv_select``):
   ``impl="split_FIW"`` picks a formulation per pass (forward, input-gradient,
   weight-gradient; see ``lungjax.models.conv_split``), which is what the table mostly holds:
   for 3-D layers often ``f``, the depth-folded form that runs a 3-D convolution as one
-  2-D convolution (which XLA:CPU hands to YNNPACK), or ``w``, Winograd's minimal filtering
-  (stride-1 layers with many channels).
+  2-D convolution (which XLA:CPU hands to YNNPACK), or ``w``/``v``, Winograd's minimal
+  filtering with 4 or 6 outputs per tile and axis (stride-1 layers).
 * ``set_conv_impl(name)`` (from a config) or ``LUNGJAX_CONV_IMPL=name`` forces one for all
   layers traced afterwards, overriding the layer attribute.
 
