@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from lungjax.models.fpr import Dou2017FPR
-from lungjax.models.layers import Conv, ConvTranspose
+from lungjax.models.layers import Conv, ConvTranspose, max_pool
 
 N_ANCHORS = 9
 
@@ -35,7 +35,7 @@ class FCN(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = True):
         x = nn.relu(Conv(64, (3, 5, 5), padding="VALID")(x))
-        x = nn.max_pool(x, (1, 2, 2), (1, 2, 2))
+        x = max_pool(x, (1, 2, 2))
         x = nn.relu(Conv(64, (3, 5, 5), padding="VALID")(x))
         x = nn.relu(Conv(150, (3, 5, 5), padding="VALID")(x))
         x = nn.relu(Conv(150, (4, 5, 5), padding="VALID")(x))
@@ -109,7 +109,7 @@ class UNet(nn.Module):
         for f in (64, 128, 256, 512):
             x = DoubleConv(f)(x, train)
             skips.append(x)
-            x = nn.max_pool(x, (2, 2), (2, 2))
+            x = max_pool(x, (2, 2))
         x = DoubleConv(1024)(x, train)
         for f, skip in zip((512, 256, 128, 64), reversed(skips)):
             x = ConvTranspose(f, (2, 2), strides=2)(x)

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lungjax.models.layers import Conv
+from lungjax.models.layers import Conv, max_pool
 from lungjax.registry import MODELS
 
 # Index mapping of the default layout, in array order (z, y, x).
@@ -123,7 +123,7 @@ class Dou2017FCN(nn.Module):
                         impl=self.conv_impl, name=name)(h)
 
         h = nn.relu(conv(x, self.features[0], self.kernels[0], "conv1"))
-        h = nn.max_pool(h, (1, 2, 2), strides=(1, 2, 2), padding="VALID")
+        h = max_pool(h, (1, 2, 2))
         h = nn.relu(conv(h, self.features[1], self.kernels[1], "conv2"))
         h = nn.relu(conv(h, self.features[2], self.kernels[2], "conv3"))
         h = nn.relu(conv(h, self.features[3], self.kernels[3], "conv4"))

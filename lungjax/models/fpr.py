@@ -76,7 +76,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lungjax.models.layers import Conv
+from lungjax.models.layers import Conv, max_pool
 from lungjax.registry import MODELS
 
 PATCH_SIZE_ZYX = (24, 60, 60)
@@ -207,7 +207,7 @@ class Dou2017FPR(nn.Module):
         s1, s2 = self.stage_features
         # Shared trunk = the stage-1 FCN's first layers (same names, same order).
         h = nn.relu(conv(x, f1, k1, "conv1", init=trunk_init))
-        h = nn.max_pool(h, (1, 2, 2), strides=(1, 2, 2), padding="VALID")
+        h = max_pool(h, (1, 2, 2))
         h = nn.relu(conv(h, f2, k2, "conv2", init=trunk_init))
         h = nn.relu(conv(h, f3, k3, "conv3", init=trunk_init))
         # No activation here: the pre-activation unit starts with BN-ReLU.
@@ -220,7 +220,7 @@ class Dou2017FPR(nn.Module):
         c = ResidualUnit3D(s2, self.residual, bn_momentum=self.bn_momentum, dtype=dtype,
                            conv_impl=self.conv_impl, name="res2")(c, train)
         c = bn_relu(c, "bn2")
-        c = nn.max_pool(c, (2, 2, 2), strides=(2, 2, 2), padding="VALID")
+        c = max_pool(c, (2, 2, 2))
         c = nn.relu(dense(c.reshape(c.shape[0], -1), self.fc_features, "cls_fc1"))
         logits = dense(c, self.num_classes, "cls_fc2").astype(jnp.float32)
         if not self.regression:

@@ -25,6 +25,9 @@ Choosing the formulation (see ``lungjax.models.conv_select``):
 * ``set_conv_impl(name)`` (from a config) or ``LUNGJAX_CONV_IMPL=name`` forces one for all
   layers traced afterwards, overriding the layer attribute.
 
+``max_pool`` is the non-overlapping max-pooling the models use (``flax.linen.max_pool``'s
+values and gradients, faster on CPU).
+
 On CPU, large convolution buffers are cheaper when freed memory stays in the process
 (``lungjax.models.conv_malloc.keep_freed_memory()``, called early by a training or inference
 program).
@@ -34,14 +37,87 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import functools
+import itertools
+
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from lungjax.models import conv_ops
 from lungjax.models.conv_select import (ConvKey, conv_impl, get_conv_impl_override, resolve,
                                         set_conv_impl)
 
-__all__ = ["Conv", "ConvTranspose", "set_conv_impl", "get_conv_impl_override", "conv_impl"]
+__all__ = ["Conv", "ConvTranspose", "max_pool", "set_conv_impl", "get_conv_impl_override",
+           "conv_impl"]
+
+
+def _window_views(x, window):
+    """The prod(window) strided views x[:, o_1::w_1, o_2::w_2, ..., :] (offsets in row-major
+    order), each cropped to the whole windows: (N, *spatial // window, C)."""
+    n_out = [s // w for s, w in zip(x.shape[1:-1], window)]
+    for offs in itertools.product(*[range(w) for w in window]):
+        yield x[(slice(None),) + tuple(slice(o, o + (m - 1) * w + 1, w) for o, m, w in
+                                       zip(offs, n_out, window)) + (slice(None),)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_pool(x, window):
+    n_out = [s // w for s, w in zip(x.shape[1:-1], window)]
+    crop = x[(slice(None),) + tuple(slice(0, m * w) for m, w in zip(n_out, window))]
+    shape = [x.shape[0]] + [v for m, w in zip(n_out, window) for v in (m, w)] + [x.shape[-1]]
+    return crop.reshape(shape).max(axis=tuple(2 + 2 * a for a in range(len(window))))
+
+
+def _max_pool_fwd(x, window):
+    y = _max_pool(x, window)
+    return y, (x, y)
+
+
+def _max_pool_bwd(window, res, g):
+    # The whole gradient to the first maximum of each window in row-major order, as XLA's
+    # select-and-scatter (flax.linen.max_pool's gradient) gives it; windows of ReLU
+    # outputs often tie at 0.
+    x, y = res
+    taken = jnp.zeros(y.shape, bool)
+    parts = []
+    for view in _window_views(x, window):
+        first = (view == y) & ~taken
+        taken = taken | first
+        parts.append(jnp.where(first, g, jnp.zeros((), g.dtype)))
+    # (prod(window), N, *out, C) -> (N, out_1, w_1, out_2, w_2, .., C), padded to x's size.
+    rank = len(window)
+    dx = jnp.stack(parts).reshape(*window, *y.shape)
+    dx = dx.transpose([rank] + [v for a in range(rank) for v in (rank + 1 + a, a)]
+                      + [2 * rank + 1])
+    dx = dx.reshape(x.shape[0], *[m * w for m, w in zip(y.shape[1:-1], window)], x.shape[-1])
+    pad = [(0, 0)] + [(0, s - m * w) for s, m, w in zip(x.shape[1:-1], y.shape[1:-1], window)]
+    return (jnp.pad(dx, pad + [(0, 0)]),)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def max_pool(x, window: Sequence[int]):
+    """Max-pooling over non-overlapping windows (stride = window, "VALID": trailing samples
+    that do not fill a window are dropped), equal in values and gradient to
+    ``flax.linen.max_pool(x, window, strides=window, padding="VALID")``.
+
+    Written as a reshape + max (forward) and strided views (gradient) instead of XLA's
+    reduce-window / select-and-scatter, which XLA:CPU runs slowly: forward + backward of a
+    (1, 2, 2) pool on 64x8x26x26x64 (ReLU outputs) took 216 ms that way, 115 ms this way.
+
+    Args:
+      x: (N, *spatial, C); window: one size per spatial axis.
+
+    Returns:
+      (N, *(spatial // window), C) in x's dtype.
+    """
+    window = tuple(int(w) for w in window)
+    if len(window) != x.ndim - 2:
+        raise ValueError(f"max_pool: window {window} for an input of shape {x.shape} "
+                         f"(expected {x.ndim - 2} sizes: (N, *spatial, C))")
+    return _max_pool(x, window)
 
 
 def _flatten_batch(x, rank: int, name: str):
