@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from lungjax.models import conv_split, conv_tune, conv_winograd, conv_select
+from lungjax.models import conv_select, conv_split, conv_tune, conv_winograd
 from lungjax.models.layers import Conv
 
 

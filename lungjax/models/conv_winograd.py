@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -94,22 +93,31 @@ def _weighted(parts, coef, dtype):
     return out
 
 
+def _tiling(out_spatial, ks, tile):
+    """Outputs per tile ``m``, tiles ``T`` and transformed samples ``a = m + k - 1`` per
+    axis, for an output of ``out_spatial``."""
+    ms = tiles(out_spatial, ks, tile)
+    nt = [-(-o // m) for o, m in zip(out_spatial, ms)]
+    alphas = [m + k - 1 for m, k in zip(ms, ks)]
+    return ms, nt, alphas
+
+
 def buffer_bytes(batch: int, in_spatial, out_spatial, kernel, cin: int, cout: int,
                  itemsize: int = 4, tile: int = TILE) -> int:
     """Size of the larger of the transformed input and transformed output buffers."""
-    ms = tiles(out_spatial, kernel, tile)
-    n = batch * int(np.prod([-(-o // m) * (m + k - 1) for o, m, k in
-                             zip(out_spatial, ms, kernel)]))
-    return n * max(cin, cout) * itemsize
+    _, nt, alphas = _tiling(out_spatial, kernel, tile)
+    return batch * int(np.prod(nt) * np.prod(alphas)) * max(cin, cout) * itemsize
 
 
 def _geometry(in_spatial, pads, ks, tile):
-    """Outputs per axis, outputs per tile ``m``, tiles per axis and ``a = m + k - 1``."""
+    """Outputs per axis, then ``_tiling`` of them."""
     out = [s + lo + hi - k + 1 for s, (lo, hi), k in zip(in_spatial, pads, ks)]
-    ms = tiles(out, ks, tile)
-    nt = [-(-o // m) for o, m in zip(out, ms)]
-    alphas = [m + k - 1 for m, k in zip(ms, ks)]
-    return out, ms, nt, alphas
+    return (out, *_tiling(out, ks, tile))
+
+
+def _tiles_last(rank: int) -> list[int]:
+    """Axis order taking (m_1.., N, T_1.., C) to (N, T_1, m_1, T_2, m_2, .., C)."""
+    return [rank] + [v for a in range(rank) for v in (rank + 1 + a, a)] + [2 * rank + 1]
 
 
 def _transform_tiles(x, pads, ks, tile):
@@ -139,16 +147,15 @@ def _untransform_tiles(mm, n, out, ks, tile):
     """Output transform: M (prod(a), N*prod(tiles), C) -> y (N, *out, C) by ``AT`` along
     each axis, tiles interleaved back and cropped to ``out``."""
     rank = len(ks)
-    ms = tiles(out, ks, tile)
-    nt = [-(-o // m) for o, m in zip(out, ms)]
-    mm = mm.reshape(*[m + k - 1 for m, k in zip(ms, ks)], n, *nt, mm.shape[-1])
+    ms, nt, alphas = _tiling(out, ks, tile)
+    mm = mm.reshape(*alphas, n, *nt, mm.shape[-1])
     for a in range(rank):  # AT along alpha axis a, replaced by the m outputs of a tile
         at = matrices(ms[a], ks[a])[0]
         mm = jnp.stack([_weighted(lambda j, mm=mm, a=a: lax.index_in_dim(mm, j, a, False),
                                   at[o], mm.dtype) for o in range(ms[a])], axis=a)
     # (m_1.., N, T_1.., C) -> (N, T_1, m_1, T_2, m_2, .., C) -> crop to the output size.
-    perm = [rank] + [v for a in range(rank) for v in (rank + 1 + a, a)] + [2 * rank + 1]
-    y = mm.transpose(perm).reshape(n, *[t * m for t, m in zip(nt, ms)], mm.shape[-1])
+    y = mm.transpose(_tiles_last(rank)).reshape(n, *[t * m for t, m in zip(nt, ms)],
+                                                mm.shape[-1])
     return y[(slice(None),) + tuple(slice(0, o) for o in out)]
 
 
@@ -160,15 +167,12 @@ def _transform_output_grad(dy, ks, tile):
     rank = len(ks)
     n, c = dy.shape[0], dy.shape[-1]
     out = dy.shape[1:-1]
-    ms = tiles(out, ks, tile)
-    nt = [-(-o // m) for o, m in zip(out, ms)]
-    alphas = [m + k - 1 for m, k in zip(ms, ks)]
+    ms, nt, alphas = _tiling(out, ks, tile)
     v = lax.pad(dy, jnp.zeros((), dy.dtype), [(0, 0, 0)]
                 + [(0, t * m - o, 0) for t, m, o in zip(nt, ms, out)] + [(0, 0, 0)])
     # (N, T_1, m_1, T_2, m_2, .., C) -> (m_1.., N, T_1.., C)
     v = v.reshape(n, *[d for t, m in zip(nt, ms) for d in (t, m)], c)
-    v = v.transpose([2 + 2 * a for a in range(rank)] + [0]
-                    + [1 + 2 * a for a in range(rank)] + [2 * rank + 1])
+    v = v.transpose(np.argsort(_tiles_last(rank)).tolist())  # the inverse order
     for a in range(rank):  # axis a: m tile outputs -> a transformed positions
         at = matrices(ms[a], ks[a])[0]
         v = jnp.stack([_weighted(lambda o, v=v, a=a: lax.index_in_dim(v, o, a, False),

@@ -35,10 +35,9 @@ program).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
-
 import functools
 import itertools
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
