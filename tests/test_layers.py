@@ -146,6 +146,18 @@ def test_keep_freed_memory_is_accepted_by_glibc():
     assert float(y.sum()) == 2.0 * (1 << 20)
 
 
+def test_malloc_env_process_also_switches_trimming_off(monkeypatch):
+    # The environment form cannot stop glibc trimming the heap top, so a process already
+    # started with MALLOC_ENV must still call keep_freed_memory, and must not restart again.
+    calls = []
+    monkeypatch.setattr(conv_malloc, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(conv_malloc.os, "execv", lambda *a: pytest.fail("restarted again"))
+    for k, v in conv_malloc.MALLOC_ENV.items():
+        monkeypatch.setenv(k, v)
+    conv_malloc.reexec_with_malloc_env(["script.py"])
+    assert calls == [1]
+
+
 @pytest.mark.parametrize("ks,strides,padding,dil,spatial", TRANSPOSE_CASES)
 def test_conv_transpose_matches_flax(ks, strides, padding, dil, spatial):
     x = jnp.asarray(np.random.default_rng(1).standard_normal((2, *spatial, 3)), jnp.float32)

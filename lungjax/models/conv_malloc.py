@@ -11,11 +11,21 @@ for their outputs and gradients.
 
 ``keep_freed_memory()`` sets glibc's ``mallopt`` so that all threads share the main heap
 (``M_ARENA_MAX=1``), large blocks come from it instead of ``mmap`` (``M_MMAP_MAX=0``) and
-freed memory is not returned to the kernel (``M_TRIM_THRESHOLD``): after the first step the
-same pages are reused and the faults disappear. The price: the process's resident memory
-stays at its peak. Call it once, early (before JAX runs its first computation, so that
-XLA's worker threads attach to the shared heap), in a training or inference process on CPU.
-``MALLOC_ENV`` is the equivalent environment (for a process started by a script), which can
+freed memory is never returned to the kernel (``M_TRIM_THRESHOLD=-1``, which mallopt(3)
+documents as disabling trimming): after the first steps the same pages are reused and the
+faults disappear. Any finite threshold is too small for some step: the 16x24x60x60 residual
+FP-reduction benchmark frees a 5.34 GB temporary block at the top of the heap every step;
+with the largest positive threshold mallopt takes (2 GiB) the heap shrank and grew back by
+that much every step (1.3 million page faults per step, 12.1 s per step against 9.5 s
+without trimming), and the environment form's ``trim_threshold`` tunable still let the heap
+shrink every step (strace: ``brk`` down and up by the block size). The price: the
+process's resident memory stays at its peak, and without huge pages heap fragmentation can
+put the next step's block somewhere new (that benchmark: 20.8 GB resident after six steps;
+with ``MALLOC_ENV``'s huge pages as well, 10.3 GB and no faults after the first step).
+Measured by ``python bench/malloc_bench.py --net fpr``. Call it once, early (before JAX
+runs its first computation, so that XLA's worker threads attach to the shared heap), in a
+training or inference process on CPU. ``MALLOC_ENV`` is the
+environment form (for a process started by a script, ``reexec_with_malloc_env``), which can
 also ask for transparent huge pages (``glibc.malloc.hugetlb=1``) that a running process
 cannot switch on.
 """
@@ -31,7 +41,7 @@ import sys
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-_TRIM_THRESHOLD = 2 ** 31 - 1  # the largest value mallopt takes (an int)
+_NO_TRIM = -1  # M_TRIM_THRESHOLD: never give the top of the heap back (mallopt(3))
 
 MALLOC_ENV = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
                                 "glibc.malloc.trim_threshold=4294967296:glibc.malloc.hugetlb=1"}
@@ -58,18 +68,21 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     ok = all(mallopt(param, value) == 1 for param, value in (
-        (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)))
+        (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NO_TRIM)))
     _done = ok
     return ok
 
 
 def reexec_with_malloc_env(argv: list[str] | None = None) -> None:
-    """Restarts the current Python script with ``MALLOC_ENV`` set, unless it already is.
+    """Restarts the current Python script with ``MALLOC_ENV`` set, unless it already is;
+    in the restarted process, also ``keep_freed_memory()`` (the environment cannot switch
+    trimming off; see the module docstring).
 
     For benchmark scripts: call first thing, before importing JAX. Does not return when it
     restarts (``os.execv``).
     """
     if all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()):
+        keep_freed_memory()
         return
     os.environ.update(MALLOC_ENV)
     argv = sys.argv if argv is None else argv
