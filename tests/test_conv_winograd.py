@@ -1,4 +1,4 @@
-"""Winograd convolutions (``conv_winograd``, split choice ``w``): each pass equals XLA's
+"""Winograd convolutions (``conv_winograd``, split choices ``w``/``v``/``u``): each pass equals XLA's
 native convolution to float32 rounding on random shapes, and the layer uses it only where
 it applies (stride 1, no dilation)."""
 
@@ -51,7 +51,8 @@ CASES = [
 
 @pytest.mark.parametrize("spatial,kernel,pads,tile",
                          [c + (4,) for c in CASES]
-                         + [c + (6,) for c in CASES if max(c[1]) <= 3])  # choice v
+                         + [c + (6,) for c in CASES if max(c[1]) <= 3]  # choice v
+                         + [c + (0,) for c in CASES])  # choice u: tiles fitted per axis
 def test_passes_match_native(spatial, kernel, pads, tile):
     rng = np.random.default_rng(len(spatial) + sum(kernel))
     x = jnp.asarray(rng.standard_normal((2, *spatial, 5)), jnp.float32)
@@ -71,11 +72,25 @@ def test_passes_match_native(spatial, kernel, pads, tile):
     assert _rel_err(dw, dw_ref) < 1e-4
 
 
+def test_fitted_tiles_make_the_fewest_transformed_samples():
+    # Per axis: the m minimising ceil(o/m) * (m + k - 1), at most 8 samples per tile.
+    for o in range(1, 40):
+        for k in range(2, 8):
+            (m,) = conv_winograd.tiles((o,), (k,), 0)
+            assert 1 <= m <= o and m + k - 1 <= conv_winograd.MAX_ALPHA
+            cost = -(-o // m) * (m + k - 1)
+            assert all(cost <= -(-o // n) * (n + k - 1)
+                       for n in range(1, min(o, conv_winograd.MAX_ALPHA - k + 1) + 1))
+    # the FCN's 64-channel (3, 5, 5) layer: 6x9x9 outputs -> F(6, 3) x F(3, 5) x F(3, 5)
+    assert conv_winograd.tiles((6, 9, 9), (3, 5, 5), 0) == (6, 3, 3)
+    assert conv_winograd.tiles((6, 9, 9), (1, 5, 5), 0) == (1, 3, 3)  # unit axis: 1
+
+
 def test_layer_with_winograd_plan_matches_flax():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, 6, 10, 9, 3)), jnp.float32)
     ref = nn.Conv(4, (3, 3, 3), padding="SAME")
-    ours = Conv(4, (3, 3, 3), padding="SAME", impl="split_wvw")
+    ours = Conv(4, (3, 3, 3), padding="SAME", impl="split_wvu")
     params = ref.init(jax.random.key(0), x)
 
     def loss(m):
@@ -101,13 +116,18 @@ def test_winograd_only_for_stride_one_undilated():
         Conv(3, (3, 3), strides=2, impl="split_wxx").init(jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"Winograd \(v\) .* at most 3 taps"):
         Conv(3, (5, 5), impl="split_xvx").init(jax.random.key(0), x)
+    assert "u" in conv_split.choices(3, (3, 5, 5), (1, 1, 1), (1, 1, 1))["igrad"]
+    assert "u" in conv_split.choices(2, (7, 2), (1, 1), (1, 1))["wgrad"]
+    assert "u" not in conv_split.choices(2, (8, 3), (1, 1), (1, 1))["fwd"]
+    with pytest.raises(ValueError, match=r"Winograd \(u\) .* at most 7 taps"):
+        Conv(3, (8, 3), impl="split_uxx").init(jax.random.key(0), jnp.ones((1, 12, 8, 2)))
 
 
 def test_tuner_times_the_winograd_choice():
     key = conv_select.ConvKey("conv", 1, (6, 8), 8, 8, (3, 3), (1, 1), (1, 1),
                               ((1, 1),) * 2, "float32")
     passes = conv_tune.time_passes(key, reps=1)
-    assert all(ms.get("w", 0) > 0 and ms.get("v", 0) > 0 for ms in passes.values())
+    assert all(ms.get(c, 0) > 0 for ms in passes.values() for c in "wvu")
     # buffer estimate: 2x2 tiles of 4 outputs, 6x6 transformed samples each, 8 channels
     assert conv_split.buffer_bytes("fwd", "w", 1, (6, 8), (6, 8), (3, 3), 8, 8) == \
         2 * 2 * 36 * 8 * 4

@@ -27,7 +27,10 @@ computations, and on XLA:CPU the fastest way to run each depends on the layer sh
   minimal filtering, F(4, k) per axis: transforms plus one batched matmul with 8-12.5x
   fewer multiply-adds than the direct convolution (``conv_winograd``). ``v``: the same
   with F(6, k), for kernels of at most 3 taps per axis (F(6, 5) needs interpolation points
-  whose transforms lose float32 accuracy): 11.4x fewer for 3x3x3, smaller buffers.
+  whose transforms lose float32 accuracy): 11.4x fewer for 3x3x3, smaller buffers. ``u``:
+  per axis the tile size that fits the output length best (at most 8 transformed samples
+  per axis, so kernels of at most 7 taps), e.g. F(6, 3) x F(3, 5) x F(3, 5) for 6x9x9
+  outputs of a (3, 5, 5) kernel, where F(4, k) pads a third of the last H and W tiles.
 
 For example ``"split_2cx"``: partial im2col over (H, W) with accumulation over the D taps in
 the forward, col2im input-gradient and XLA's weight-gradient. ``bench/conv_autotune.py``
@@ -58,10 +61,14 @@ from jax import lax
 from lungjax.models import conv_ops, conv_winograd
 
 PREFIX = "split_"
-_PATTERN = re.compile(r"^split_([xfvw0-3])([xcfvw0-3])([xfvw0-3])(?:b([1-9][0-9]*))?$")
-FWD_CHOICES = ("x", "f", "w", "v", "0", "1", "2", "3")
-IGRAD_CHOICES = ("x", "c", "f", "w", "v", "0", "1", "2", "3")
-WINOGRAD_TILES = {"w": conv_winograd.TILE, "v": 6}  # choice -> outputs per tile and axis
+_PATTERN = re.compile(r"^split_([xfuvw0-3])([xcfuvw0-3])([xfuvw0-3])(?:b([1-9][0-9]*))?$")
+FWD_CHOICES = ("x", "f", "w", "v", "u", "0", "1", "2", "3")
+IGRAD_CHOICES = ("x", "c", "f", "w", "v", "u", "0", "1", "2", "3")
+# choice -> outputs per tile and axis (0: fitted per axis, conv_winograd.tiles)
+WINOGRAD_TILES = {"w": conv_winograd.TILE, "v": 6, "u": 0}
+# choice -> most kernel taps on any axis it takes (F(6, k) and the fitted tiles keep at most
+# MAX_ALPHA transformed samples per axis)
+WINOGRAD_MAX_TAPS = {"v": 3, "u": conv_winograd.MAX_ALPHA - 1}
 WGRAD_CHOICES = FWD_CHOICES
 
 
@@ -74,9 +81,9 @@ def parse(impl: str, rank: int) -> tuple[str, str, str]:
     m = _PATTERN.match(impl)
     if m is None:
         raise ValueError(f"conv impl={impl!r}: a split formulation is 'split_FIW[bK]' with F, "
-                         "W in x/f/w/v/0-3 and I in x/c/f/w/v/0-3 (x: native, c: col2im, f: "
-                         "depth folded 2-D, w/v: Winograd F(4,k)/F(6,k), digit: im2col axes) "
-                         "and K batch chunks")
+                         "W in x/f/w/v/u/0-3 and I in x/c/f/w/v/u/0-3 (x: native, c: col2im, "
+                         "f: depth folded 2-D, w/v/u: Winograd F(4,k)/F(6,k)/fitted tiles, "
+                         "digit: im2col axes) and K batch chunks")
     plan = m.groups()[:3]
     if "f" in plan and rank != 3:
         raise ValueError(f"conv impl={impl!r}: depth folding (f) needs a 3-D convolution, "
@@ -137,10 +144,10 @@ def _chunked_sum(fn, chunks: int, *batched):
 
 def winograd_ok(kernel, strides, dilation, choice: str = "w") -> bool:
     """Whether a Winograd choice applies: stride 1, no dilation, a kernel > 1 (and for
-    ``v`` at most 3 taps on every axis)."""
+    ``v`` at most 3, for ``u`` at most 7 taps on every axis: ``WINOGRAD_MAX_TAPS``)."""
     return (all(int(s) == 1 for s in strides) and all(int(d) == 1 for d in dilation)
             and any(int(k) > 1 for k in kernel)
-            and (choice != "v" or max(int(k) for k in kernel) <= 3))
+            and max(int(k) for k in kernel) <= WINOGRAD_MAX_TAPS.get(choice, max(kernel)))
 
 
 def plan_applies(impl: str, kernel, strides, dilation) -> bool:
@@ -470,8 +477,10 @@ def conv(x, w, strides, pads, dilation, impl: str):
         if not winograd_ok(w.shape[:-2], strides, dilation, c):
             raise ValueError(
                 f"conv impl={impl!r}: Winograd ({c}) needs a stride-1 undilated convolution "
-                f"with a kernel larger than 1{' and at most 3 taps per axis' if c == 'v' else ''}"
-                f"; this one has kernel {tuple(w.shape[:-2])}, strides {tuple(strides)}, "
+                f"with a kernel larger than 1"
+                + (f" and at most {WINOGRAD_MAX_TAPS[c]} taps per axis"
+                   if c in WINOGRAD_MAX_TAPS else "")
+                + f"; this one has kernel {tuple(w.shape[:-2])}, strides {tuple(strides)}, "
                 f"dilation {tuple(dilation)}")
     return conv_split(x, w, strides, pads, dilation, plan, batch_chunks(impl))
 

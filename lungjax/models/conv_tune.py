@@ -112,11 +112,11 @@ def time_passes(key, reps: int = 3, warmup: int = 1,
                                                  key.dilation).items():
         # Largest im2col first: usually the fastest, so the slow ones stop early.
         options = sorted(options, key=lambda c: -int(c) if c.isdigit()
-                         else {"f": -9, "w": -8, "v": -7}.get(c, 10))
+                         else {"f": -9, "w": -8, "v": -7, "u": -6}.get(c, 10))
         # A matmul contracting fewer than 8 numbers (im2col over few taps of a 1-channel
         # input) is lowered as broadcast-multiplies that XLA fuses into, and recomputes in,
         # the layer's consumers: fast alone, far slower inside a network. Not offered.
-        options = [c for c in options if c not in "0123wv" or conv_split.contraction_size(
+        options = [c for c in options if c not in "0123wvu" or conv_split.contraction_size(
             pass_name, c, key.kernel, key.cin, key.cout) >= 8]
         ms = {}
         for choice in options:

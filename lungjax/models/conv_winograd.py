@@ -20,9 +20,13 @@ matmuls contracting only C_in numbers are memory-bound, so this wins where the c
 counts are large enough (measured per layer shape by ``bench/conv_autotune.py``).
 
 The three passes of a convolution are all stride-1 correlations, so each has a Winograd
-form (``forward``, ``input_grad``, ``weight_grad``): the ``"w"`` (F(4, k)) and ``"v"``
+form (``forward``, ``input_grad``, ``weight_grad``): the ``"w"`` (F(4, k)), ``"v"``
 (F(6, k): fewer multiplications and a (8/6)^rank instead of (6/4)^rank larger transformed
-buffer, twice the rounding error) choices of ``conv_split``'s split plans.
+buffer, twice the rounding error) and ``"u"`` (``tile=0``: per axis the tile that wastes
+least on that axis's output length, at most ``MAX_ALPHA`` transformed samples) choices of
+``conv_split``'s split plans. On the FCN's 64-channel (3, 5, 5) layer (6x9x9 outputs) ``u``
+takes F(6, 3) x F(3, 5) x F(3, 5): 8*7*7 transformed positions times 3*3 tiles per sample,
+against F(4, k)'s 6*8*8 times 2*3*3, half the transformed buffer and matmul work.
 """
 
 from __future__ import annotations
@@ -39,7 +43,10 @@ from lungjax.models import conv_ops
 # Interpolation points of the Toom-Cook construction (plus the point at infinity), in the
 # order that keeps the transforms' entries smallest (best float32 accuracy).
 _POINTS = (0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5, 3.0, -3.0, 1 / 3, -1 / 3)
-TILE = 4  # default outputs per tile and axis (conv_split's choice w; v uses 6)
+TILE = 4  # default outputs per tile and axis (conv_split's choice w; v uses 6, u 0)
+# Largest transformed tile per axis (F(6, 3), F(4, 5)): one more interpolation point and
+# the transforms' entries grow enough to cost float32 accuracy.
+MAX_ALPHA = 8
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,10 +82,21 @@ def matrices(m: int, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return at, g, bt
 
 
+def _fitted_tile(o: int, k: int) -> int:
+    """Outputs per tile ``m`` for ``o`` outputs of a ``k``-tap axis that make the fewest
+    transformed samples ``ceil(o / m) * (m + k - 1)`` with ``m + k - 1 <= MAX_ALPHA`` (ties:
+    the smaller transform). E.g. 9 outputs of a 5-tap axis: F(3, 5), 3 tiles x 7 = 21
+    samples, where F(4, 5) needs 3 tiles x 8 = 24 (a third of its last tile is padding)."""
+    options = [m for m in range(1, max(1, MAX_ALPHA - k + 1) + 1) if m <= max(o, 1)]
+    return min(options, key=lambda m: (-(-o // m) * (m + k - 1), m))
+
+
 def tiles(out_spatial: Sequence[int], kernel: Sequence[int], tile: int = TILE
           ) -> tuple[int, ...]:
-    """Outputs per tile on each axis: ``tile``, fewer on short axes, 1 where the kernel is."""
-    return tuple(1 if k == 1 else max(1, min(tile, o)) for o, k in zip(out_spatial, kernel))
+    """Outputs per tile on each axis: ``tile``, fewer on short axes, 1 where the kernel is;
+    ``tile=0``: per axis the size that fits the output best (``_fitted_tile``)."""
+    return tuple(1 if k == 1 else _fitted_tile(o, k) if tile == 0 else max(1, min(tile, o))
+                 for o, k in zip(out_spatial, kernel))
 
 
 def _weighted(parts, coef, dtype):
