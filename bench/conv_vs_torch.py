@@ -94,26 +94,8 @@ def jax_train_step_seconds(name, impl, batch, steps, warmup):
 
 def torch_train_step_seconds(name, batch, steps, warmup):
     import nets_torch
-    import torch
 
-    _, shape, _ = conv_nets.NETS[name]
-    torch.manual_seed(0)
-    model = nets_torch.NETS[name]()
-    fmt = torch.channels_last_3d if len(shape) == 4 else torch.channels_last
-    model = model.to(memory_format=fmt).train()
-    x = torch.randn(batch, shape[-1], *shape[:-1]).contiguous(memory_format=fmt)
-    with torch.no_grad():
-        out = model(x)
-    target = ([torch.randn_like(o) for o in out] if isinstance(out, list)
-              else torch.randn_like(out))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def run():
-        opt.zero_grad(set_to_none=True)
-        loss = nets_torch.loss_fn(model(x), target)
-        loss.backward()
-        opt.step()
-
+    run, model = nets_torch.train_step(name, conv_nets.NETS[name][1], batch)
     sec = _median_time(run, steps, warmup)
     return sec, sum(p.numel() for p in model.parameters())
 

@@ -52,7 +52,7 @@ def child(mode: str, net: str, steps: int) -> None:
     if mode == "trim2g":
         import ctypes
 
-        ctypes.CDLL("libc.so.6").mallopt(-1, 2 ** 31 - 1)  # M_TRIM_THRESHOLD
+        ctypes.CDLL("libc.so.6").mallopt(conv_malloc._M_TRIM_THRESHOLD, 2 ** 31 - 1)
     import resource
     import time
 

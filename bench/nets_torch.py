@@ -181,3 +181,29 @@ def loss_fn(out, target):
     if isinstance(out, (list, tuple)):
         return sum(torch.mean((o - t) ** 2) for o, t in zip(out, target))
     return torch.mean((out - target) ** 2)
+
+
+def train_step(name: str, shape, batch: int):
+    """The torch side of the benchmarks' train step for network ``name``: channels-last
+    module and input (``shape`` channels-last, as ``conv_nets.NETS``), MSE ``loss_fn``
+    against a fixed random target, Adam.
+
+    Returns:
+      (run, model): ``run()`` does one step (forward + backward + optimiser update).
+    """
+    torch.manual_seed(0)
+    fmt = torch.channels_last_3d if len(shape) == 4 else torch.channels_last
+    model = NETS[name]().to(memory_format=fmt).train()
+    x = torch.randn(batch, shape[-1], *shape[:-1]).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        out = model(x)
+    target = ([torch.randn_like(o) for o in out] if isinstance(out, list)
+              else torch.randn_like(out))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), target).backward()
+        opt.step()
+
+    return run, model

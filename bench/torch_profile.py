@@ -34,20 +34,7 @@ def main():
                          f"{sorted(nets_torch.NETS)}")
     torch.set_num_threads(args.threads)
     _, shape, batch = conv_nets.NETS[args.net]
-    torch.manual_seed(0)
-    fmt = torch.channels_last_3d if len(shape) == 4 else torch.channels_last
-    model = nets_torch.NETS[args.net]().to(memory_format=fmt).train()
-    x = torch.randn(batch, shape[-1], *shape[:-1]).contiguous(memory_format=fmt)
-    with torch.no_grad():
-        out = model(x)
-    target = ([torch.randn_like(o) for o in out] if isinstance(out, list)
-              else torch.randn_like(out))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def run():
-        opt.zero_grad(set_to_none=True)
-        nets_torch.loss_fn(model(x), target).backward()
-        opt.step()
+    run, _ = nets_torch.train_step(args.net, shape, batch)
 
     run()  # warm-up
     t0 = time.perf_counter()
