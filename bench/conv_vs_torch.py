@@ -2,10 +2,15 @@
 networks shaped like the methods' and lungjax's own dou2017 stage-2 network) in JAX (native
 XLA convolutions and the CPU-fast formulations) and PyTorch eager (float32, channels-last),
 same process, same thread count; plus full-scan inference of the detector-like net.
+Each network runs in a fresh process of its own (as a training run would): in one process
+the heap left behind by a previous network changes the next one's step time (the residual
+FP net's JAX step took 8.10 s after lungjax's stage-2 net in the same process, 6.46 s
+alone); ``--same-process`` runs them all in this one.
 
 Usage:
   python bench/conv_vs_torch.py [--nets fcn,fpr,det,unet,dou2017_fpr] [--steps 10] [--threads 2]
                                 [--jax-impls xla,auto] [--scan 300 | --small | --scan 0]
+                                [--same-process]
 
 ``--jax-impls`` lists global overrides (``lungjax.models.layers.set_conv_impl``): "xla" is
 XLA's native convolution, "auto" the per-layer choice from ``lungjax/models/conv_table.json``,
@@ -17,9 +22,12 @@ are noisy: medians of ``--steps`` steps after ``--warmup`` steps.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -33,6 +41,9 @@ def _parse():
     p.add_argument("--scan", type=int, default=300, help="full-scan edge (voxels); 0 = skip")
     p.add_argument("--small", action="store_true", help="full-scan edge 128 instead of --scan")
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--same-process", action="store_true",
+                   help="all networks in this process (default: one fresh process each)")
+    p.add_argument("--row-json", default="", help=argparse.SUPPRESS)  # a child's result
     p.add_argument("--batch", type=str, default="", help="override batch sizes: fcn=8,det=1")
     p.add_argument("--malloc", choices=("keep", "default"), default="keep",
                    help="keep: glibc keeps freed memory (lungjax.models.conv_malloc), for "
@@ -129,18 +140,42 @@ def torch_scan_seconds(edge):
     return _median_time(run, 2, 1)
 
 
+def _row_in_child(name: str) -> dict:
+    """One network's row, measured by this script in a fresh process."""
+    argv, skip = [], False
+    for a in sys.argv[1:]:  # drop --nets and --scan (the parent does the scan)
+        if skip:
+            skip = False
+        elif a in ("--nets", "--scan"):
+            skip = True
+        elif not a.startswith(("--nets=", "--scan=")) and a != "--small":
+            argv.append(a)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "row.json")
+        subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--nets", name,
+                        "--scan", "0", "--row-json", out], check=True)
+        with open(out, encoding="utf-8") as f:
+            return json.load(f)
+
+
 def main():
     impls = [i for i in ARGS.jax_impls.split(",") if i]
     batches = dict(kv.split("=") for kv in ARGS.batch.split(",") if kv)
     if not ARGS.no_torch:
         import torch
         torch.set_num_threads(ARGS.threads)
-        print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+        if not ARGS.row_json:  # a child's parent has said it
+            print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     cores = sorted(os.sched_getaffinity(0))
-    print(f"jax {jax.__version__} on {jax.default_backend()}, cores {cores}, malloc {ARGS.malloc}"
-          f" (GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r})")
+    if not ARGS.row_json:
+        print(f"jax {jax.__version__} on {jax.default_backend()}, cores {cores}, "
+              f"malloc {ARGS.malloc} (GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r})")
     rows = []
-    for name in [n for n in ARGS.nets.split(",") if n]:
+    names = [n for n in ARGS.nets.split(",") if n]
+    for name in names:
+        if len(names) > 1 and not ARGS.same_process:
+            rows.append(_row_in_child(name))
+            continue
         _, shape, batch = conv_nets.NETS[name]
         batch = int(batches.get(name, batch))
         row = {"net": f"{name} {'x'.join(map(str, shape[:-1]))} ({batch})"}
@@ -159,6 +194,10 @@ def main():
         if len(counts) != 1:
             raise SystemExit(f"parameter counts differ for {name}: {sorted(counts)}")
         rows.append(row)
+    if ARGS.row_json:
+        with open(ARGS.row_json, "w", encoding="utf-8") as f:
+            json.dump(rows[0], f)
+        return
 
     cols = impls + ([] if ARGS.no_torch else ["torch"])
     print("\n| network (batch) | " + " | ".join(f"{c} s" for c in cols)

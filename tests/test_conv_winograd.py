@@ -1,4 +1,4 @@
-"""Winograd convolutions (``conv_winograd``, split choices ``w``/``v``/``u``): each pass equals XLA's
+"""Winograd convolutions (``conv_winograd``, split choices ``w``/``v``/``u``/``s``): each pass equals XLA's
 native convolution to float32 rounding on random shapes, and the layer uses it only where
 it applies (stride 1, no dilation)."""
 
@@ -22,6 +22,15 @@ def test_transforms_compute_a_correlation(m, r):
     d, k = rng.standard_normal(m + r - 1), rng.standard_normal(r)
     want = [d[o:o + r] @ k for o in range(m)]
     np.testing.assert_allclose(at @ ((g @ k) * (bt @ d)), want, rtol=1e-10, atol=1e-10)
+
+
+def test_input_transform_has_exact_zeros_and_ones():
+    # The transforms skip zero terms and multiplications by +-1 only on exact values; the
+    # classical F(6, 3) input transform has 44 nonzero entries, 16 of them +-1.
+    bt = conv_winograd.matrices(6, 3)[2]
+    assert np.count_nonzero(bt) == 44 and np.count_nonzero(np.abs(bt) == 1) == 16
+    assert np.count_nonzero(conv_winograd.matrices(4, 3)[2]) == 22
+    assert np.array_equal(bt[0], [-1, 0, 5.25, 0, -5.25, 0, 1, 0])
 
 
 def _native(x, w, pads):
@@ -49,27 +58,59 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("spatial,kernel,pads,tile",
-                         [c + (4,) for c in CASES]
-                         + [c + (6,) for c in CASES if max(c[1]) <= 3]  # choice v
-                         + [c + (0,) for c in CASES])  # choice u: tiles fitted per axis
-def test_passes_match_native(spatial, kernel, pads, tile):
-    rng = np.random.default_rng(len(spatial) + sum(kernel))
-    x = jnp.asarray(rng.standard_normal((2, *spatial, 5)), jnp.float32)
+def _assert_passes_match_native(spatial, kernel, pads, batch, seed, **winograd):
+    """The three ``conv_winograd`` passes (keyword arguments ``tile`` / ``slabs``) against
+    XLA's convolution and its VJP on random (batch, *spatial, 5) -> 6 data."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((batch, *spatial, 5)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((*kernel, 5, 6)) * 0.2, jnp.float32)
     y_ref, vjp = jax.vjp(lambda x, w: _native(x, w, pads), x, w)
     dy = jnp.asarray(rng.standard_normal(y_ref.shape), jnp.float32)
     dx_ref, dw_ref = vjp(dy)
     y, dx, dw = jax.jit(lambda x, w, dy: (
-        conv_winograd.forward(x, w, pads, tile),
-        conv_winograd.input_grad(dy, w, x.shape[1:-1], pads, tile),
-        conv_winograd.weight_grad(x, dy, w.shape, w.dtype, pads, tile)))(x, w, dy)
+        conv_winograd.forward(x, w, pads, **winograd),
+        conv_winograd.input_grad(dy, w, x.shape[1:-1], pads, **winograd),
+        conv_winograd.weight_grad(x, dy, w.shape, w.dtype, pads, **winograd)))(x, w, dy)
     assert y.shape == y_ref.shape and dx.shape == x.shape and dw.shape == w.shape
     # F(4, r) and F(6, r) mix values of different scales: ~1e-5 of the magnitude in
     # float32.
     assert _rel_err(y, y_ref) < 1e-4
     assert _rel_err(dx, dx_ref) < 1e-4
     assert _rel_err(dw, dw_ref) < 1e-4
+
+
+@pytest.mark.parametrize("spatial,kernel,pads,tile",
+                         [c + (4,) for c in CASES]
+                         + [c + (6,) for c in CASES if max(c[1]) <= 3]  # choice v
+                         + [c + (0,) for c in CASES])  # choice u: tiles fitted per axis
+def test_passes_match_native(spatial, kernel, pads, tile):
+    _assert_passes_match_native(spatial, kernel, pads, 2, len(spatial) + sum(kernel),
+                                tile=tile)
+
+
+@pytest.mark.parametrize("slab_bytes", [1, conv_winograd.SLAB_BYTES])
+@pytest.mark.parametrize("spatial,kernel,pads", CASES)
+def test_slab_passes_match_native(spatial, kernel, pads, slab_bytes, monkeypatch):
+    # slab_bytes=1: one slab per loop step (many steps); the default: all slabs in one step
+    # at these sizes. Batch 3: the slab count (3 x depth tiles) is not a power of two.
+    monkeypatch.setattr(conv_winograd, "SLAB_BYTES", slab_bytes)
+    _assert_passes_match_native(spatial, kernel, pads, 3, len(spatial) + sum(kernel) + 1,
+                                slabs=True)
+
+
+def test_slab_steps_follow_the_byte_budget(monkeypatch):
+    # 16x24x60x60x32 -> 32, 3x3x3: depth tiles of 6 (4 per sample), one slab's transformed
+    # buffer 8*8*8 x 10*10 tiles x 32 channels x 4 bytes = 6.5 MB.
+    out = (24, 60, 60)
+    one = 8 * 8 * 8 * 100 * 32 * 4
+    assert conv_winograd._slab_plan((16, 24, 60, 60, 32), out, (3, 3, 3), 32, 32, 4) == \
+        (6, 4, 1)
+    monkeypatch.setattr(conv_winograd, "SLAB_BYTES", 5 * one)
+    # at most 5 of the 64 slabs per step, and a divisor of 64
+    assert conv_winograd._slab_plan((16, 24, 60, 60, 32), out, (3, 3, 3), 32, 32, 4)[2] == 4
+    # the slab choice's buffer estimate is the slabs (8 of every 6 depth samples)
+    assert conv_split.buffer_bytes("fwd", "s", 16, (24, 60, 60), out, (3, 3, 3), 32, 32) == \
+        16 * 4 * 8 * 60 * 60 * 32 * 4
 
 
 def test_fitted_tiles_make_the_fewest_transformed_samples():
@@ -86,11 +127,12 @@ def test_fitted_tiles_make_the_fewest_transformed_samples():
     assert conv_winograd.tiles((6, 9, 9), (1, 5, 5), 0) == (1, 3, 3)  # unit axis: 1
 
 
-def test_layer_with_winograd_plan_matches_flax():
+@pytest.mark.parametrize("impl", ["split_wvu", "split_sus"])
+def test_layer_with_winograd_plan_matches_flax(impl):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, 6, 10, 9, 3)), jnp.float32)
     ref = nn.Conv(4, (3, 3, 3), padding="SAME")
-    ours = Conv(4, (3, 3, 3), padding="SAME", impl="split_wvu")
+    ours = Conv(4, (3, 3, 3), padding="SAME", impl=impl)
     params = ref.init(jax.random.key(0), x)
 
     def loss(m):
@@ -121,13 +163,17 @@ def test_winograd_only_for_stride_one_undilated():
     assert "u" not in conv_split.choices(2, (8, 3), (1, 1), (1, 1))["fwd"]
     with pytest.raises(ValueError, match=r"Winograd \(u\) .* at most 7 taps"):
         Conv(3, (8, 3), impl="split_uxx").init(jax.random.key(0), jnp.ones((1, 12, 8, 2)))
+    assert "s" in conv_split.choices(3, (3, 5, 5), (1, 1, 1), (1, 1, 1))["wgrad"]
+    assert "s" not in conv_split.choices(3, (3, 3, 3), (2, 2, 2), (1, 1, 1))["fwd"]
+    with pytest.raises(ValueError, match=r"Winograd \(s\) .* at most 7 taps"):
+        Conv(3, (8, 3), impl="split_xxs").init(jax.random.key(0), jnp.ones((1, 12, 8, 2)))
 
 
 def test_tuner_times_the_winograd_choice():
     key = conv_select.ConvKey("conv", 1, (6, 8), 8, 8, (3, 3), (1, 1), (1, 1),
                               ((1, 1),) * 2, "float32")
     passes = conv_tune.time_passes(key, reps=1)
-    assert all(ms.get(c, 0) > 0 for ms in passes.values() for c in "wvu")
+    assert all(ms.get(c, 0) > 0 for ms in passes.values() for c in "wvus")
     # buffer estimate: 2x2 tiles of 4 outputs, 6x6 transformed samples each, 8 channels
     assert conv_split.buffer_bytes("fwd", "w", 1, (6, 8), (6, 8), (3, 3), 8, 8) == \
         2 * 2 * 36 * 8 * 4

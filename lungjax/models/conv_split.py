@@ -31,6 +31,8 @@ computations, and on XLA:CPU the fastest way to run each depends on the layer sh
   per axis the tile size that fits the output length best (at most 8 transformed samples
   per axis, so kernels of at most 7 taps), e.g. F(6, 3) x F(3, 5) x F(3, 5) for 6x9x9
   outputs of a (3, 5, 5) kernel, where F(4, k) pads a third of the last H and W tiles.
+  ``s``: ``u`` run one depth slab at a time (overlapping slabs of one tile along the first
+  spatial axis, a few per ``lax.map`` step), so the memory-bound transforms work in cache.
 
 For example ``"split_2cx"``: partial im2col over (H, W) with accumulation over the D taps in
 the forward, col2im input-gradient and XLA's weight-gradient. ``bench/conv_autotune.py``
@@ -61,14 +63,16 @@ from jax import lax
 from lungjax.models import conv_ops, conv_winograd
 
 PREFIX = "split_"
-_PATTERN = re.compile(r"^split_([xfuvw0-3])([xcfuvw0-3])([xfuvw0-3])(?:b([1-9][0-9]*))?$")
-FWD_CHOICES = ("x", "f", "w", "v", "u", "0", "1", "2", "3")
-IGRAD_CHOICES = ("x", "c", "f", "w", "v", "u", "0", "1", "2", "3")
+_PATTERN = re.compile(r"^split_([xfsuvw0-3])([xcfsuvw0-3])([xfsuvw0-3])(?:b([1-9][0-9]*))?$")
+FWD_CHOICES = ("x", "f", "w", "v", "u", "s", "0", "1", "2", "3")
+IGRAD_CHOICES = ("x", "c", "f", "w", "v", "u", "s", "0", "1", "2", "3")
 # choice -> outputs per tile and axis (0: fitted per axis, conv_winograd.tiles)
-WINOGRAD_TILES = {"w": conv_winograd.TILE, "v": 6, "u": 0}
+WINOGRAD_TILES = {"w": conv_winograd.TILE, "v": 6, "u": 0, "s": 0}
+# Winograd choices run one depth slab at a time (conv_winograd's slabs=True)
+WINOGRAD_SLABS = ("s",)
 # choice -> most kernel taps on any axis it takes (F(6, k) and the fitted tiles keep at most
 # MAX_ALPHA transformed samples per axis)
-WINOGRAD_MAX_TAPS = {"v": 3, "u": conv_winograd.MAX_ALPHA - 1}
+WINOGRAD_MAX_TAPS = {"v": 3, "u": conv_winograd.MAX_ALPHA - 1, "s": conv_winograd.MAX_ALPHA - 1}
 WGRAD_CHOICES = FWD_CHOICES
 
 
@@ -183,7 +187,8 @@ def buffer_bytes(pass_name: str, choice: str, batch: int, in_spatial, out_spatia
         return 0
     if choice in WINOGRAD_TILES:  # igrad: the same transforms with C_in and C_out swapped
         return conv_winograd.buffer_bytes(batch, in_spatial, out_spatial, kernel, cin, cout,
-                                          itemsize, WINOGRAD_TILES[choice])
+                                          itemsize, WINOGRAD_TILES[choice],
+                                          choice in WINOGRAD_SLABS)
     rank = len(kernel)
     if choice == "f":  # depth-folded columns (N, D_out, H, W, k_d*C_in), or of dy
         c = cout if pass_name == "igrad" else cin
@@ -395,10 +400,11 @@ def fold_input_grad(x, w, dy, strides, pads, dilation):
 
 def _chunks_for(x, f: str, chunks: int) -> int:
     """Chunks a pass with choice ``f`` runs in: native and depth-folded passes and batches
-    that ``chunks`` does not divide run whole. (XLA:CPU runs a convolution inside a loop
+    that ``chunks`` does not divide run whole, slab passes loop over slabs already. (XLA:CPU runs a convolution inside a loop
     body far below its speed outside one: a depth-folded input-gradient over 8 chunks of a
     16x24x60x60x32 layer took 16.8 s instead of 0.4 s.)"""
-    return chunks if f not in "xf" and chunks > 1 and x.shape[0] % chunks == 0 else 1
+    return (chunks if f not in "xf" + "".join(WINOGRAD_SLABS) and chunks > 1
+            and x.shape[0] % chunks == 0 else 1)
 
 
 def _fwd(x, w, strides, pads, dilation, f, chunks=1):
@@ -407,7 +413,8 @@ def _fwd(x, w, strides, pads, dilation, f, chunks=1):
     if f == "f":
         fn = lambda xc: fold_forward(xc, w, strides, pads, dilation)  # noqa: E731
     elif f in WINOGRAD_TILES:
-        fn = lambda xc: conv_winograd.forward(xc, w, pads, WINOGRAD_TILES[f])  # noqa: E731
+        fn = lambda xc: conv_winograd.forward(  # noqa: E731
+            xc, w, pads, WINOGRAD_TILES[f], f in WINOGRAD_SLABS)
     else:
         fn = lambda xc: conv_forward(xc, w, strides, pads, dilation, int(f))  # noqa: E731
     return _chunked(fn, _chunks_for(x, f, chunks), x)
@@ -424,7 +431,7 @@ def _igrad(x, w, dy, strides, pads, dilation, i, chunks=1):
         fn = lambda xc, dyc: fold_input_grad(xc, w, dyc, strides, pads, dilation)  # noqa: E731
     elif i in WINOGRAD_TILES:
         fn = lambda xc, dyc: conv_winograd.input_grad(  # noqa: E731
-            dyc, w, xc.shape[1:-1], pads, WINOGRAD_TILES[i])
+            dyc, w, xc.shape[1:-1], pads, WINOGRAD_TILES[i], i in WINOGRAD_SLABS)
     else:
         fn = lambda xc, dyc: input_grad(  # noqa: E731
             dyc, w, xc.shape[1:-1], strides, pads, dilation, int(i))
@@ -442,7 +449,8 @@ def _wgrad(x, w, dy, strides, pads, dilation, wc, chunks=1):
         return _chunked_sum(fold_w, _chunks_for(x, wc, chunks), x, dy)
     if wc in WINOGRAD_TILES:
         return _chunked_sum(lambda xc, dyc: conv_winograd.weight_grad(
-                                xc, dyc, w.shape, w.dtype, pads, WINOGRAD_TILES[wc]),
+                                xc, dyc, w.shape, w.dtype, pads, WINOGRAD_TILES[wc],
+                                wc in WINOGRAD_SLABS),
                             _chunks_for(x, wc, chunks), x, dy)
     return _chunked_sum(lambda xc, dyc: weight_grad(xc, dyc, w.shape, w.dtype, strides, pads,
                                                     dilation, int(wc)),

@@ -112,17 +112,19 @@ def time_passes(key, reps: int = 3, warmup: int = 1,
                                                  key.dilation).items():
         # Largest im2col first: usually the fastest, so the slow ones stop early.
         options = sorted(options, key=lambda c: -int(c) if c.isdigit()
-                         else {"f": -9, "w": -8, "v": -7, "u": -6}.get(c, 10))
+                         else {"f": -9, "w": -8, "v": -7, "u": -6, "s": -5}.get(c, 10))
         # A matmul contracting fewer than 8 numbers (im2col over few taps of a 1-channel
         # input) is lowered as broadcast-multiplies that XLA fuses into, and recomputes in,
         # the layer's consumers: fast alone, far slower inside a network. Not offered.
-        options = [c for c in options if c not in "0123wvu" or conv_split.contraction_size(
+        options = [c for c in options if c not in "0123wvus" or conv_split.contraction_size(
             pass_name, c, key.kernel, key.cin, key.cout) >= 8]
         ms = {}
         for choice in options:
             chunks = _chunk_count(conv_split.buffer_bytes(
                 pass_name, choice, key.batch, key.spatial, dy.shape[1:-1], key.kernel,
                 key.cin, key.cout, itemsize), max_buffer_bytes, key.batch)
+            if choice in conv_split.WINOGRAD_SLABS:  # loops over its slabs: never chunked
+                chunks = 1
             if choice == "f" and chunks != 1:  # depth folding runs whole or not at all
                 chunks = None
             compiled = None
@@ -133,7 +135,8 @@ def time_passes(key, reps: int = 3, warmup: int = 1,
                 need = temp_bytes(compiled)
                 if choice == "x" or need <= max_buffer_bytes:
                     break
-                if choice == "f":  # runs whole (conv_split._chunks_for): over the limit
+                if choice == "f" or choice in conv_split.WINOGRAD_SLABS:
+                    # runs whole (conv_split._chunks_for): over the limit
                     chunks = None
                     break
                 # The compiled program needs more than the estimate: more chunks.

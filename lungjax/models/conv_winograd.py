@@ -27,6 +27,15 @@ least on that axis's output length, at most ``MAX_ALPHA`` transformed samples) c
 ``conv_split``'s split plans. On the FCN's 64-channel (3, 5, 5) layer (6x9x9 outputs) ``u``
 takes F(6, 3) x F(3, 5) x F(3, 5): 8*7*7 transformed positions times 3*3 tiles per sample,
 against F(4, k)'s 6*8*8 times 2*3*3, half the transformed buffer and matmul work.
+
+``slabs=True`` (conv_split's ``s``) runs the ``u`` tiling one depth tile at a time: the
+input is cut into overlapping slabs along the first spatial axis (one tile deep, ``a``
+samples every ``m``) and a ``lax.map`` / ``lax.scan`` runs the whole pass (transforms,
+matmul, output transform) on a few slabs per step, so that its buffers stay in the CPU's
+cache instead of streaming ~4 GB per pass through memory. The transforms are memory-bound:
+on the residual FP net's 16x24x60x60x32 -> 32 3x3x3 layer the forward took 249 ms in 64
+single-slab steps against 394 ms over the whole batch, the input-gradient 246 vs 396, the
+weight-gradient 365 vs 515 (``python bench/winograd_slabs.py --slab-mb 8,32,128``).
 """
 
 from __future__ import annotations
@@ -47,6 +56,12 @@ TILE = 4  # default outputs per tile and axis (conv_split's choice w; v uses 6, 
 # Largest transformed tile per axis (F(6, 3), F(4, 5)): one more interpolation point and
 # the transforms' entries grow enough to cost float32 accuracy.
 MAX_ALPHA = 8
+_DYADIC = 2.0 ** 12  # BT entries are snapped to multiples of 1 / _DYADIC (see matrices)
+# Transformed-buffer bytes per loop step of the slab path. The 16x24x60x60x32 -> 32 layer's
+# forward with one 6.5 MB slab per step (8 MiB budget): 249 ms; four slabs (32 MiB): 329;
+# 16 slabs (128 MiB): 478; the whole batch: 394 (bench/winograd_slabs.py). Steps stay near
+# this size, what this machine's caches hold.
+SLAB_BYTES = 8 << 20
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,6 +94,11 @@ def matrices(m: int, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         bt[:, i] = np.linalg.lstsq(e, rhs, rcond=None)[0]
         if not np.allclose(e @ bt[:, i], rhs, atol=1e-9):
             raise AssertionError(f"Winograd F({m}, {r}): no exact input transform")
+    # lstsq leaves ~1e-17 where the exact entry is 0 and 0.99999.. where it is 1; the
+    # transforms skip 0 and +-1 multiplications only on exact values (F(6, 3): 44 instead
+    # of 64 terms), so entries within rounding of a dyadic value take that value.
+    snapped = np.round(bt * _DYADIC) / _DYADIC
+    bt = np.where(np.abs(bt - snapped) < 1e-9, snapped, bt)
     return at, g, bt
 
 
@@ -121,9 +141,13 @@ def _tiling(out_spatial, ks, tile):
 
 
 def buffer_bytes(batch: int, in_spatial, out_spatial, kernel, cin: int, cout: int,
-                 itemsize: int = 4, tile: int = TILE) -> int:
-    """Size of the larger of the transformed input and transformed output buffers."""
-    _, nt, alphas = _tiling(out_spatial, kernel, tile)
+                 itemsize: int = 4, tile: int = TILE, slabs: bool = False) -> int:
+    """Size of the larger of the transformed input and transformed output buffers; with
+    ``slabs``, of the slabs the input is cut into (the transforms run a few at a time)."""
+    _, nt, alphas = _tiling(out_spatial, kernel, 0 if slabs else tile)
+    if slabs:
+        return (batch * nt[0] * alphas[0] * int(np.prod(in_spatial[1:])) * max(cin, cout)
+                * itemsize)
     return batch * int(np.prod(nt) * np.prod(alphas)) * max(cin, cout) * itemsize
 
 
@@ -203,7 +227,49 @@ def _kernel_mats(ms, ks, dtype):
             for m, k in zip(ms, ks)]
 
 
-def forward(x, w, pads, tile: int = TILE):
+def _slabs(x, pad, k: int, m: int, t: int):
+    """Overlapping slabs along axis 1: x (N, S, ..., C) padded by ``pad`` (low, negative
+    allowed) and to ``t * m + k - 1`` samples -> (N*t, m + k - 1, ..., C), slab ``i`` of
+    sample ``n`` at ``n * t + i`` starting at padded sample ``i * m``."""
+    n, s = x.shape[0], x.shape[1]
+    high = t * m + k - 1 - s - pad[0]
+    xp = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (pad[0], high, 0)]
+                 + [(0, 0, 0)] * (x.ndim - 2))
+    win = jnp.stack([lax.slice_in_dim(xp, i * m, i * m + m + k - 1, axis=1) for i in range(t)],
+                    axis=1)
+    return win.reshape(n * t, m + k - 1, *x.shape[2:])
+
+
+def _slab_plan(x_shape, out, ks, cin: int, cout: int, itemsize: int):
+    """Depth tile ``m``, depth tiles ``t`` and slabs per loop step for the slab path."""
+    m = tiles(out[:1], ks[:1], 0)[0]
+    t = -(-out[0] // m)
+    count = x_shape[0] * t
+    one = buffer_bytes(1, (m + ks[0] - 1, *x_shape[2:-1]), (m, *out[1:]), ks, cin, cout,
+                       itemsize, tile=0)
+    per = max(1, SLAB_BYTES // max(one, 1))
+    return m, t, max(d for d in range(1, count + 1) if count % d == 0 and d <= per)
+
+
+def _in_steps(a, per: int):
+    """(count, ...) -> (count / per, per, ...) for lax.map / lax.scan."""
+    return a.reshape(a.shape[0] // per, per, *a.shape[1:])
+
+
+def _forward_slabs(x, w, pads):
+    """``forward`` with fitted tiles, one depth tile's slab at a time (module docstring)."""
+    rank = w.ndim - 2
+    ks = w.shape[:rank]
+    out = [s + lo + hi - k + 1 for s, (lo, hi), k in zip(x.shape[1:-1], pads, ks)]
+    m, t, per = _slab_plan(x.shape, out, ks, w.shape[-2], w.shape[-1], x.dtype.itemsize)
+    inner = [(0, 0)] + list(pads[1:])
+    ys = lax.map(lambda xs: forward(xs, w, inner, 0), _in_steps(_slabs(x, pads[0], ks[0], m, t),
+                                                                  per))
+    y = ys.reshape(x.shape[0], t * m, *ys.shape[3:])
+    return y[:, :out[0]]
+
+
+def forward(x, w, pads, tile: int = TILE, slabs: bool = False):
     """Stride-1, undilated convolution, equal (to float32 rounding) to
     ``lax.conv_general_dilated(x, w, 1, pads)``.
 
@@ -211,10 +277,13 @@ def forward(x, w, pads, tile: int = TILE):
       x: (N, *spatial, C_in) channels-last; w: (*kernel, C_in, C_out);
       pads: (low, high) per spatial axis (negative allowed, as XLA's).
       tile: outputs per tile and axis, F(tile, k).
+      slabs: fitted tiles (``tile`` unused), run one depth slab at a time.
 
     Returns:
       (N, *out, C_out) in x's dtype.
     """
+    if slabs:
+        return _forward_slabs(x, w, pads)
     rank = w.ndim - 2
     ks = w.shape[:rank]
     cin, cout = w.shape[-2], w.shape[-1]
@@ -229,30 +298,69 @@ def forward(x, w, pads, tile: int = TILE):
     return _untransform_tiles(mm, x.shape[0], out, ks, tile).astype(x.dtype)
 
 
-def input_grad(dy, w, in_spatial, pads, tile: int = TILE):
+def input_grad(dy, w, in_spatial, pads, tile: int = TILE, slabs: bool = False):
     """dx (N, *in_spatial, C_in) of ``forward``: the correlation of dy (N, *out, C_out) with
     the flipped, transposed kernel, itself a stride-1 convolution."""
     ones = (1,) * (w.ndim - 2)
     return forward(dy, *conv_ops.transposed_correlation(w, in_spatial, dy.shape[1:-1], ones,
-                                                        pads, ones), tile)
+                                                        pads, ones), tile, slabs)
 
 
-def weight_grad(x, dy, w_shape, w_dtype, pads, tile: int = TILE):
+def _weight_grad_slabs(x, dy, w_shape, w_dtype, pads):
+    """``weight_grad`` with fitted tiles, summed over depth slabs of x and dy in a
+    ``lax.scan`` (a few slabs per step, accumulated in at least float32)."""
+    rank = len(w_shape) - 2
+    ks = tuple(w_shape[:rank])
+    out = dy.shape[1:-1]
+    m, t, per = _slab_plan(x.shape, out, ks, w_shape[-2], w_shape[-1], x.dtype.itemsize)
+    xs = _slabs(x, pads[0], ks[0], m, t)
+    # dy's slabs do not overlap: zeros past the output end meet padding of x only.
+    dyp = lax.pad(dy, jnp.zeros((), dy.dtype), [(0, 0, 0), (0, t * m - out[0], 0)]
+                  + [(0, 0, 0)] * (dy.ndim - 2))
+    dys = dyp.reshape(dy.shape[0] * t, m, *dy.shape[2:])
+    inner = [(0, 0)] + list(pads[1:])
+    # Summed in the transformed space; the kernel transform runs once, after the loop.
+    _, ms, _, alphas = _geometry(xs.shape[1:-1], inner, ks, 0)
+
+    def step(acc, chunk):
+        return acc + _transformed_weight_grad(*chunk, ks, inner, 0), None
+
+    acc = jnp.zeros((int(np.prod(alphas)), *w_shape[-2:]),
+                    jnp.promote_types(x.dtype, jnp.float32))
+    dwt = lax.scan(step, acc, (_in_steps(xs, per), _in_steps(dys, per)))[0]
+    return _kernel_grad(dwt, ms, ks, alphas, w_shape, w_dtype)
+
+
+def weight_grad(x, dy, w_shape, w_dtype, pads, tile: int = TILE, slabs: bool = False):
     """dW (*kernel, C_in, C_out) of ``forward``: the transformed input and the transformed
     output gradient meet in one batched matmul per transformed position (contracting the
     long tile axis), then ``G^T . G`` back to kernel taps.
 
     Args:
-      x: (N, *spatial, C_in); dy: (N, *out, C_out); pads as in ``forward``.
+      x: (N, *spatial, C_in); dy: (N, *out, C_out); pads as in ``forward``;
+      slabs: as in ``forward``.
     """
+    if slabs:
+        return _weight_grad_slabs(x, dy, w_shape, w_dtype, pads)
     rank = len(w_shape) - 2
     ks = tuple(w_shape[:rank])
     _, ms, _, alphas = _geometry(x.shape[1:-1], pads, ks, tile)
+    return _kernel_grad(_transformed_weight_grad(x, dy, ks, pads, tile), ms, ks, alphas,
+                        w_shape, w_dtype)
+
+
+def _transformed_weight_grad(x, dy, ks, pads, tile):
+    """(prod(a), C_in, C_out) in at least float32: transformed input against transformed
+    output gradient, contracting the tiles."""
     u = _transform_tiles(x, pads, ks, tile)
     v = _transform_output_grad(dy.astype(x.dtype), ks, tile)
     acc = jnp.promote_types(x.dtype, jnp.float32)
-    dwt = lax.dot_general(u, v, (((1,), (1,)), ((0,), (0,))), preferred_element_type=acc)
+    return lax.dot_general(u, v, (((1,), (1,)), ((0,), (0,))), preferred_element_type=acc)
+
+
+def _kernel_grad(dwt, ms, ks, alphas, w_shape, w_dtype):
+    """(prod(a), C_in, C_out) -> dW (*kernel, C_in, C_out): the transpose of G w G^T."""
     dwt = dwt.reshape(*alphas, *w_shape[-2:])
-    for a, g in enumerate(_kernel_mats(ms, ks, w_dtype)):  # transpose of G w G^T
+    for a, g in enumerate(_kernel_mats(ms, ks, w_dtype)):
         dwt = jnp.moveaxis(jnp.tensordot(g, dwt, axes=([0], [a])), 0, a)
     return dwt.astype(w_dtype)
