@@ -257,14 +257,17 @@ def _in_steps(a, per: int):
 
 
 def _forward_slabs(x, w, pads):
-    """``forward`` with fitted tiles, one depth tile's slab at a time (module docstring)."""
+    """``forward`` with fitted tiles, one depth tile's slab at a time (module docstring).
+
+    x (N, *spatial, C_in) -> slabs (N*t, m + k_0 - 1, *spatial[1:], C_in), ``per`` per step
+    -> (N*t, m, *out[1:], C_out) -> (N, *out, C_out)."""
     rank = w.ndim - 2
     ks = w.shape[:rank]
     out = [s + lo + hi - k + 1 for s, (lo, hi), k in zip(x.shape[1:-1], pads, ks)]
     m, t, per = _slab_plan(x.shape, out, ks, w.shape[-2], w.shape[-1], x.dtype.itemsize)
-    inner = [(0, 0)] + list(pads[1:])
-    ys = lax.map(lambda xs: forward(xs, w, inner, 0), _in_steps(_slabs(x, pads[0], ks[0], m, t),
-                                                                  per))
+    inner = [(0, 0)] + list(pads[1:])  # each slab holds its depth padding already
+    slabs = _in_steps(_slabs(x, pads[0], ks[0], m, t), per)
+    ys = lax.map(lambda xs: forward(xs, w, inner, 0), slabs)
     y = ys.reshape(x.shape[0], t * m, *ys.shape[3:])
     return y[:, :out[0]]
 
