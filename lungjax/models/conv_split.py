@@ -72,7 +72,8 @@ WINOGRAD_TILES = {"w": conv_winograd.TILE, "v": 6, "u": 0, "s": 0}
 WINOGRAD_SLABS = ("s",)
 # choice -> most kernel taps on any axis it takes (F(6, k) and the fitted tiles keep at most
 # MAX_ALPHA transformed samples per axis)
-WINOGRAD_MAX_TAPS = {"v": 3, "u": conv_winograd.MAX_ALPHA - 1, "s": conv_winograd.MAX_ALPHA - 1}
+WINOGRAD_MAX_TAPS = {"v": 3, **{c: conv_winograd.MAX_ALPHA - 1
+                                for c, tile in WINOGRAD_TILES.items() if tile == 0}}
 WGRAD_CHOICES = FWD_CHOICES
 
 
@@ -85,9 +86,10 @@ def parse(impl: str, rank: int) -> tuple[str, str, str]:
     m = _PATTERN.match(impl)
     if m is None:
         raise ValueError(f"conv impl={impl!r}: a split formulation is 'split_FIW[bK]' with F, "
-                         "W in x/f/w/v/u/0-3 and I in x/c/f/w/v/u/0-3 (x: native, c: col2im, "
-                         "f: depth folded 2-D, w/v/u: Winograd F(4,k)/F(6,k)/fitted tiles, "
-                         "digit: im2col axes) and K batch chunks")
+                         "W in x/f/w/v/u/s/0-3 and I in x/c/f/w/v/u/s/0-3 (x: native, c: "
+                         "col2im, f: depth folded 2-D, w/v/u: Winograd F(4,k)/F(6,k)/fitted "
+                         "tiles, s: fitted tiles by depth slabs, digit: im2col axes) and K "
+                         "batch chunks")
     plan = m.groups()[:3]
     if "f" in plan and rank != 3:
         raise ValueError(f"conv impl={impl!r}: depth folding (f) needs a 3-D convolution, "
@@ -400,9 +402,10 @@ def fold_input_grad(x, w, dy, strides, pads, dilation):
 
 def _chunks_for(x, f: str, chunks: int) -> int:
     """Chunks a pass with choice ``f`` runs in: native and depth-folded passes and batches
-    that ``chunks`` does not divide run whole, slab passes loop over slabs already. (XLA:CPU runs a convolution inside a loop
-    body far below its speed outside one: a depth-folded input-gradient over 8 chunks of a
-    16x24x60x60x32 layer took 16.8 s instead of 0.4 s.)"""
+    that ``chunks`` does not divide run whole; slab passes loop over their slabs already.
+    (XLA:CPU runs a convolution inside a loop body far below its speed outside one: a
+    depth-folded input-gradient over 8 chunks of a 16x24x60x60x32 layer took 16.8 s instead
+    of 0.4 s.)"""
     return (chunks if f not in "xf" + "".join(WINOGRAD_SLABS) and chunks > 1
             and x.shape[0] % chunks == 0 else 1)
 

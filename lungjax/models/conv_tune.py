@@ -111,13 +111,16 @@ def time_passes(key, reps: int = 3, warmup: int = 1,
     for pass_name, options in conv_split.choices(len(key.kernel), key.kernel, key.strides,
                                                  key.dilation).items():
         # Largest im2col first: usually the fastest, so the slow ones stop early.
-        options = sorted(options, key=lambda c: -int(c) if c.isdigit()
-                         else {"f": -9, "w": -8, "v": -7, "u": -6, "s": -5}.get(c, 10))
+        # Then depth folding, then the Winograd choices in conv_split's order.
+        order = {"f": -9, **{c: i - 8 for i, c in enumerate(conv_split.WINOGRAD_TILES)}}
+        options = sorted(options, key=lambda c: -int(c) if c.isdigit() else order.get(c, 10))
         # A matmul contracting fewer than 8 numbers (im2col over few taps of a 1-channel
         # input) is lowered as broadcast-multiplies that XLA fuses into, and recomputes in,
         # the layer's consumers: fast alone, far slower inside a network. Not offered.
-        options = [c for c in options if c not in "0123wvus" or conv_split.contraction_size(
-            pass_name, c, key.kernel, key.cin, key.cout) >= 8]
+        options = [c for c in options
+                   if not (c.isdigit() or c in conv_split.WINOGRAD_TILES)
+                   or conv_split.contraction_size(pass_name, c, key.kernel, key.cin,
+                                                  key.cout) >= 8]
         ms = {}
         for choice in options:
             chunks = _chunk_count(conv_split.buffer_bytes(

@@ -263,7 +263,7 @@ def _forward_slabs(x, w, pads):
     -> (N*t, m, *out[1:], C_out) -> (N, *out, C_out)."""
     rank = w.ndim - 2
     ks = w.shape[:rank]
-    out = [s + lo + hi - k + 1 for s, (lo, hi), k in zip(x.shape[1:-1], pads, ks)]
+    out = _geometry(x.shape[1:-1], pads, ks, 0)[0]
     m, t, per = _slab_plan(x.shape, out, ks, w.shape[-2], w.shape[-1], x.dtype.itemsize)
     inner = [(0, 0)] + list(pads[1:])  # each slab holds its depth padding already
     slabs = _in_steps(_slabs(x, pads[0], ks[0], m, t), per)
