@@ -9,14 +9,23 @@ alone); ``--same-process`` runs them all in this one.
 
 Usage:
   python bench/conv_vs_torch.py [--nets fcn,fpr,det,unet,dou2017_fpr] [--steps 10] [--threads 2]
-                                [--jax-impls xla,auto] [--scan 300 | --small | --scan 0]
-                                [--same-process]
+                                [--rounds 1] [--jax-impls xla,auto]
+                                [--scan 300 | --small | --scan 0] [--same-process]
 
 ``--jax-impls`` lists global overrides (``lungjax.models.layers.set_conv_impl``): "xla" is
 XLA's native convolution, "auto" the per-layer choice from ``lungjax/models/conv_table.json``,
 "im2col"/"matmul"/"hybrid" force one formulation everywhere. Prints a table of median step
 seconds and the ratio JAX / PyTorch (<= 1.0: JAX no slower). Timings on a shared machine
 are noisy: medians of ``--steps`` steps after ``--warmup`` steps.
+
+``--rounds R`` alternates the frameworks: every JAX formulation and PyTorch each run a block
+of ``--steps`` timed steps, R times over (after one warm-up block each), so that a slowdown
+of the machine part-way through hits both sides instead of whichever runs last; medians
+are then over all R x steps steps, and the table also gives the lowest and highest per-round
+ratio. On this project's 2-core machine the same JAX step has measured 0.247 and 0.270 s in
+two sequential runs a minute apart, as much as separates some ratios from 1.0. Between
+blocks the script sleeps ``PAUSE_S`` (untimed), long enough for the other framework's
+worker threads to stop spinning (OpenMP's idle threads spin for up to ~0.2 s).
 """
 
 from __future__ import annotations
@@ -36,6 +45,8 @@ def _parse():
     p.add_argument("--nets", default="fcn,fpr,det,unet,dou2017_fpr")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="alternate JAX and PyTorch blocks of --steps steps this many times")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--jax-impls", default="xla,auto")
     p.add_argument("--scan", type=int, default=300, help="full-scan edge (voxels); 0 = skip")
@@ -70,6 +81,9 @@ import conv_nets  # noqa: E402
 from lungjax.models.layers import set_conv_impl  # noqa: E402
 
 
+PAUSE_S = 0.5  # between blocks, untimed: the other framework's idle threads stop spinning
+
+
 def _median_time(fn, steps, warmup):
     for _ in range(warmup):
         fn()
@@ -85,30 +99,57 @@ def _count(tree):
     return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
 
 
-def jax_train_step_seconds(name, impl, batch, steps, warmup):
-    """Median seconds of one jitted train step, its compile seconds, and the param count."""
+def jax_train_step(name, impl, batch):
+    """A function running one jitted train step to completion, its compile seconds and the
+    parameter count."""
     set_conv_impl(impl)
     jstep, args = conv_nets.train_step(name, batch)
     n_params = _count(args[0])
     t0 = time.perf_counter()
     compiled = jstep.lower(*args).compile()
     compile_s = time.perf_counter() - t0
+    set_conv_impl(None)
 
     def run():
         args[0], args[1], args[2], l = compiled(*args)
         l.block_until_ready()
 
-    sec = _median_time(run, steps, warmup)
-    set_conv_impl(None)
-    return sec, compile_s, n_params
+    return run, compile_s, n_params
 
 
-def torch_train_step_seconds(name, batch, steps, warmup):
+def torch_train_step(name, batch):
+    """A function running one PyTorch train step, and the parameter count."""
     import nets_torch
 
     run, model = nets_torch.train_step(name, conv_nets.NETS[name][1], batch)
-    sec = _median_time(run, steps, warmup)
-    return sec, sum(p.numel() for p in model.parameters())
+    return run, sum(p.numel() for p in model.parameters())
+
+
+def interleaved_times(runs: dict, steps: int, warmup: int, rounds: int) -> dict:
+    """Step seconds of each function in ``runs``, in ``rounds`` alternating blocks.
+
+    Args:
+      runs: {label: function running one step}.
+      steps: timed steps per block; warmup: untimed steps before each label's first block.
+
+    Returns:
+      {label: [seconds per round: [step seconds] * steps] * rounds}.
+    """
+    times = {label: [] for label in runs}
+    for r in range(rounds):
+        for label, run in runs.items():
+            if rounds > 1 or len(runs) > 1:
+                time.sleep(PAUSE_S)
+            if r == 0:
+                for _ in range(warmup):
+                    run()
+            block = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                run()
+                block.append(time.perf_counter() - t0)
+            times[label].append(block)
+    return times
 
 
 def jax_scan_seconds(impl, edge):
@@ -179,20 +220,26 @@ def main():
         _, shape, batch = conv_nets.NETS[name]
         batch = int(batches.get(name, batch))
         row = {"net": f"{name} {'x'.join(map(str, shape[:-1]))} ({batch})"}
-        counts = set()
+        counts, runs = set(), {}
         for impl in impls:
-            sec, comp, n = jax_train_step_seconds(name, impl, batch, ARGS.steps, ARGS.warmup)
-            row[impl] = sec
+            runs[impl], comp, n = jax_train_step(name, impl, batch)
             counts.add(n)
-            print(f"  {name:5s} jax[{impl}] {sec:.3f} s/step (compile {comp:.1f} s, {n} params)",
-                  flush=True)
+            print(f"  {name:5s} jax[{impl}] compiled in {comp:.1f} s, {n} params", flush=True)
         if not ARGS.no_torch:
-            sec, n = torch_train_step_seconds(name, batch, ARGS.steps, ARGS.warmup)
-            row["torch"] = sec
+            runs["torch"], n = torch_train_step(name, batch)
             counts.add(n)
-            print(f"  {name:5s} torch      {sec:.3f} s/step ({n} params)", flush=True)
         if len(counts) != 1:
             raise SystemExit(f"parameter counts differ for {name}: {sorted(counts)}")
+        times = interleaved_times(runs, ARGS.steps, ARGS.warmup, ARGS.rounds)
+        for label, blocks in times.items():
+            row[label] = statistics.median(t for b in blocks for t in b)
+            print(f"  {name:5s} {'jax[' + label + ']' if label != 'torch' else 'torch':10s} "
+                  f"{row[label]:.3f} s/step (per round: "
+                  + ", ".join(f"{statistics.median(b):.3f}" for b in blocks) + ")", flush=True)
+        if not ARGS.no_torch:
+            row["round_ratios"] = {
+                i: [statistics.median(a) / statistics.median(b)
+                    for a, b in zip(times[i], times["torch"])] for i in impls}
         rows.append(row)
     if ARGS.row_json:
         with open(ARGS.row_json, "w", encoding="utf-8") as f:
@@ -201,12 +248,15 @@ def main():
 
     cols = impls + ([] if ARGS.no_torch else ["torch"])
     print("\n| network (batch) | " + " | ".join(f"{c} s" for c in cols)
-          + ("" if ARGS.no_torch else " | " + " | ".join(f"{i}/torch" for i in impls)) + " |")
+          + ("" if ARGS.no_torch else " | " + " | ".join(f"{i}/torch" + (" (rounds: lowest-highest)" if ARGS.rounds > 1 else "")
+                                               for i in impls)) + " |")
     print("|---" * (1 + len(cols) + (0 if ARGS.no_torch else len(impls))) + "|")
     for r in rows:
         cells = [f"{r[c]:.3f}" for c in cols]
         if not ARGS.no_torch:
-            cells += [f"{r[i] / r['torch']:.2f}" for i in impls]
+            cells += [f"{r[i] / r['torch']:.2f}" + (
+                f" ({min(r['round_ratios'][i]):.2f}-{max(r['round_ratios'][i]):.2f})"
+                if ARGS.rounds > 1 else "") for i in impls]
         print(f"| {r['net']} | " + " | ".join(cells) + " |")
 
     edge = 128 if ARGS.small else ARGS.scan

@@ -7,11 +7,16 @@ the machine's drift hits all of them alike; medians and minima in ms.
 
 Usage:
   python bench/winograd_slabs.py [--shape 16x24x60x60x32] [--cout 32] [--kernel 3x3x3]
-                                 [--slab-mb 8,32,128] [--rounds 5]
+                                 [--padding same|valid] [--slab-mb 8,32,128] [--rounds 5]
+                                 [--igrad-forms]
 
 The default shape is the residual FP net's full-resolution 32-channel layer
 (``bench/conv_nets.py`` ``fpr``); ``--slab-mb`` values are step budgets in MiB (8 is the
-library's default).
+library's default). ``--igrad-forms`` adds the input-gradient in each of its two Winograd
+forms (``conv_winograd.input_grad``'s ``form``: the correlation with the flipped kernel, or
+the transpose of the forward), whole batch and by slabs of the default size; e.g. the FCN's
+64-channel layer: ``--shape 64x8x13x13x64 --cout 64 --kernel 3x5x5 --padding valid
+--slab-mb 8 --igrad-forms``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import argparse
 import os
 import sys
 import time
+from functools import partial
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,6 +39,9 @@ def main() -> None:
     p.add_argument("--kernel", default="3x3x3")
     p.add_argument("--slab-mb", default="8,32,128")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--padding", choices=("same", "valid"), default="same")
+    p.add_argument("--igrad-forms", action="store_true",
+                   help="also the input-gradient in each Winograd form (u and s)")
     args = p.parse_args()
     conv_malloc.keep_freed_memory()  # as conv_vs_torch: no page faults on reused buffers
 
@@ -48,7 +57,8 @@ def main() -> None:
     if len(shape) != rank + 2:
         raise SystemExit(f"--shape {args.shape} needs {rank} spatial axes for --kernel "
                          f"{args.kernel}")
-    pads = [((k - 1) // 2, k - 1 - (k - 1) // 2) for k in kernel]
+    pads = [((k - 1) // 2, k - 1 - (k - 1) // 2) if args.padding == "same" else (0, 0)
+            for k in kernel]
     ones = (1,) * rank
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
@@ -68,6 +78,14 @@ def main() -> None:
             label = choice if budget is None else f"s {budget / (1 << 20):g} MiB"
             compiled[(pass_name, label)] = jax.jit(fn).lower(x, w, dy).compile()
     conv_winograd.SLAB_BYTES = default
+    if args.igrad_forms:
+        for slabs in (False, True):
+            for form in conv_winograd.INPUT_GRAD_FORMS[1:]:
+                fn = partial(conv_winograd.input_grad, in_spatial=shape[1:-1], pads=pads,
+                             tile=0, slabs=slabs, form=form)
+                label = f"{'s' if slabs else 'u'} {form[:5]}"
+                compiled[("igrad", label)] = jax.jit(lambda x, w, dy, fn=fn: fn(dy, w)).lower(
+                    x, w, dy).compile()
     for f in compiled.values():
         jax.block_until_ready(f(x, w, dy))
 

@@ -98,6 +98,66 @@ def test_slab_passes_match_native(spatial, kernel, pads, slab_bytes, monkeypatch
                                 slabs=True)
 
 
+def _dy_and_dx_ref(spatial, kernel, pads, batch, seed):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((batch, *spatial, 5)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((*kernel, 5, 6)) * 0.2, jnp.float32)
+    y, vjp = jax.vjp(lambda x: _native(x, w, pads), x)
+    dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    return w, dy, vjp(dy)[0]
+
+
+@pytest.mark.parametrize("tile", [4, 0, "slabs"])
+@pytest.mark.parametrize("spatial,kernel,pads", CASES)
+def test_transposed_input_grad_matches_native(spatial, kernel, pads, tile, monkeypatch):
+    # The transpose of the forward, on every case ("auto" takes it only where it transforms
+    # fewer samples than the correlation): slabs one per loop step.
+    monkeypatch.setattr(conv_winograd, "SLAB_BYTES", 1)
+    w, dy, dx_ref = _dy_and_dx_ref(spatial, kernel, pads, 3, sum(spatial))
+    slabs, tile = tile == "slabs", 0 if tile == "slabs" else tile
+    dx = jax.jit(lambda dy, w: conv_winograd.input_grad(dy, w, spatial, pads, tile, slabs,
+                                                        form="transpose"))(dy, w)
+    assert dx.shape == dx_ref.shape
+    assert _rel_err(dx, dx_ref) < 1e-4
+
+
+def test_overlap_add_is_the_transpose_of_tiling():
+    # 4 tiles of 7 samples every 3 (F(3, 5)) along axis 1 of a (2, 4, 5) array of tiles.
+    rng = np.random.default_rng(0)
+    parts = rng.standard_normal((7, 2, 4, 5)).astype(np.float32)
+    got = conv_winograd._overlap_add(lambda i: jnp.asarray(parts[i]), 4, 3, 7, 1)
+    want = np.zeros((2, 3 * 3 + 7, 5), np.float32)
+    for t in range(4):
+        for i in range(7):
+            want[:, t * 3 + i] += parts[i][:, t]
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("spatial,pads,transposed", [
+    ((8, 13, 13), ((0, 0),) * 3, True),  # the FCN's layer: 3528 against 12288 samples
+    ((8, 13, 13), ((1, 1), (2, 2), (2, 2)), False),  # "SAME": the same tiles, a tie
+])
+@pytest.mark.parametrize("slabs", [False, True])
+def test_input_grad_takes_the_form_with_fewer_samples(spatial, pads, transposed, slabs,
+                                                      monkeypatch):
+    calls = []
+    for name in ("_transposed_input_grad", "_transposed_input_grad_slabs", "forward"):
+        real = getattr(conv_winograd, name)
+        monkeypatch.setattr(conv_winograd, name,
+                            lambda *a, real=real, name=name, **k: calls.append(name)
+                            or real(*a, **k))
+    w, dy, dx_ref = _dy_and_dx_ref(spatial, (3, 5, 5), pads, 2, 1)
+    dx = conv_winograd.input_grad(dy, w, spatial, pads, 0, slabs)
+    assert _rel_err(dx, dx_ref) < 1e-4
+    want = ("_transposed_input_grad_slabs" if slabs else "_transposed_input_grad") \
+        if transposed else "forward"
+    assert calls[0] == want
+    with pytest.raises(ValueError, match="form 'transposed'"):
+        conv_winograd.input_grad(dy, w, spatial, pads, 0, slabs, form="transposed")
+    assert conv_winograd._tile_samples((6, 9, 9), (3, 5, 5), 0) == 3528
+    assert conv_winograd._tile_samples((8, 13, 13), (3, 5, 5), 0) == 12288
+
+
 def test_slab_steps_follow_the_byte_budget(monkeypatch):
     # 16x24x60x60x32 -> 32, 3x3x3: depth tiles of 6 (4 per sample), one slab's transformed
     # buffer 8*8*8 x 10*10 tiles x 32 channels x 4 bytes = 6.5 MB.

@@ -33,6 +33,9 @@ computations, and on XLA:CPU the fastest way to run each depends on the layer sh
   outputs of a (3, 5, 5) kernel, where F(4, k) pads a third of the last H and W tiles.
   ``s``: ``u`` run one depth slab at a time (overlapping slabs of one tile along the first
   spatial axis, a few per ``lax.map`` step), so the memory-bound transforms work in cache.
+  As input-gradient, each of these runs as the transpose of its forward where that
+  transforms fewer samples than the correlation with the flipped kernel (layers that
+  shrink their input: "VALID" padding; ``conv_winograd.input_grad``).
 
 For example ``"split_2cx"``: partial im2col over (H, W) with accumulation over the D taps in
 the forward, col2im input-gradient and XLA's weight-gradient. ``bench/conv_autotune.py``

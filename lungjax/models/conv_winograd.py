@@ -20,11 +20,16 @@ matmuls contracting only C_in numbers are memory-bound, so this wins where the c
 counts are large enough (measured per layer shape by ``bench/conv_autotune.py``).
 
 The three passes of a convolution are all stride-1 correlations, so each has a Winograd
-form (``forward``, ``input_grad``, ``weight_grad``): the ``"w"`` (F(4, k)), ``"v"``
-(F(6, k): fewer multiplications and a (8/6)^rank instead of (6/4)^rank larger transformed
-buffer, twice the rounding error) and ``"u"`` (``tile=0``: per axis the tile that wastes
-least on that axis's output length, at most ``MAX_ALPHA`` transformed samples) choices of
-``conv_split``'s split plans. On the FCN's 64-channel (3, 5, 5) layer (6x9x9 outputs) ``u``
+form (``forward``, ``input_grad``, ``weight_grad``). The input-gradient has two: the
+correlation of dy with the flipped kernel, tiled over the input, and the transpose of the
+forward (dy by ``AT^T``, the matmul transposed, ``BT^T`` and the overlapping input tiles
+added back), tiled over the output; for a layer that shrinks its input ("VALID") the
+transpose transforms far fewer samples (the FCN's 64x8x13x13x64 (3, 5, 5) layer: 3528
+against 12288 per sample and channel), and ``input_grad`` takes whichever is fewer.
+Tilings: the ``"w"`` (F(4, k)), ``"v"`` (F(6, k): fewer multiplications and a (8/6)^rank
+instead of (6/4)^rank larger transformed buffer, twice the rounding error) and ``"u"``
+(``tile=0``: per axis the tile that wastes least on that axis's output length, at most
+``MAX_ALPHA`` transformed samples) choices of ``conv_split``'s split plans. On the FCN's 64-channel (3, 5, 5) layer (6x9x9 outputs) ``u``
 takes F(6, 3) x F(3, 5) x F(3, 5): 8*7*7 transformed positions times 3*3 tiles per sample,
 against F(4, k)'s 6*8*8 times 2*3*3, half the transformed buffer and matmul work.
 
@@ -185,6 +190,58 @@ def _transform_tiles(x, pads, ks, tile):
     return u.reshape(int(np.prod(alphas)), n * int(np.prod(nt)), c)
 
 
+def _overlap_add(part, nt: int, m: int, a: int, axis: int):
+    """Adds tiles back onto the axis they were cut from: the transpose of taking ``nt``
+    overlapping tiles of ``a`` samples every ``m`` along ``axis``.
+
+    Args:
+      part: ``part(i)`` is sample ``i`` (0 <= i < a) of every tile, an array with the
+        ``nt`` tiles on ``axis``.
+
+    Returns:
+      The array with ``(nt - 1) * m + a`` samples on ``axis``: sample ``t * m + i`` is the
+      sum of ``part(i)[t]`` over the tiles that hold it.
+    """
+    blocks = -(-a // m)  # a tile spans this many m-sample blocks
+    total = None
+    for q in range(blocks):  # samples q*m .. q*m + m - 1 of every tile: one shifted block
+        rows = [part(q * m + r) if q * m + r < a else None for r in range(m)]
+        zero = jnp.zeros_like(next(p for p in rows if p is not None))
+        block = jnp.stack([zero if p is None else p for p in rows], axis=axis + 1)
+        block = block.reshape(*block.shape[:axis], nt * m, *block.shape[axis + 2:])
+        pad = [(0, 0, 0)] * block.ndim
+        pad[axis] = (q * m, (blocks - 1 - q) * m, 0)
+        block = lax.pad(block, jnp.zeros((), block.dtype), pad)
+        total = block if total is None else total + block
+    return lax.slice_in_dim(total, 0, (nt - 1) * m + a, axis=axis)
+
+
+def _weighted_column(taps, bt, i):
+    """Sample ``i`` of every tile: ``sum_j BT[j, i] * taps[j]`` (``BT^T``'s row ``i``)."""
+    return _weighted(taps.__getitem__, bt[:, i], taps[0].dtype)
+
+
+def _transform_tiles_transpose(u, x_shape, pads, ks, tile):
+    """Transpose of ``_transform_tiles``: U (prod(a), N*prod(tiles), C) -> (N, *spatial, C)
+    (``x_shape``): ``BT^T`` along each axis, last axis first, each axis's overlapping tiles
+    added back onto it (``_overlap_add``), then the padding dropped. Written out: the same
+    by ``jax.linear_transpose`` adds one zero-interleaved, input-sized array per tile
+    sample, 8x slower on the FCN's 64x8x13x13x64 layer (104 ms against 13 for the
+    forward transform)."""
+    rank = len(ks)
+    n, c = x_shape[0], x_shape[-1]
+    _, ms, nt, alphas = _geometry(x_shape[1:-1], pads, ks, tile)
+    u = u.reshape(*alphas, n, *nt, c)
+    for a in reversed(range(rank)):  # (a_0..a_a, N, T_0..T_a, P_a+1.., C) -> (.., P_a, ..)
+        bt = matrices(ms[a], ks[a])[2]
+        taps = [lax.index_in_dim(u, j, a, False) for j in range(alphas[a])]
+        u = _overlap_add(functools.partial(_weighted_column, taps, bt), nt[a], ms[a],
+                         alphas[a], 2 * a + 1)
+    high = [t * m + k - 1 - s - lo for t, m, k, s, (lo, _) in zip(nt, ms, ks, x_shape[1:-1], pads)]
+    return lax.pad(u, jnp.zeros((), u.dtype),
+                   [(0, 0, 0)] + [(-lo, -h, 0) for (lo, _), h in zip(pads, high)] + [(0, 0, 0)])
+
+
 def _untransform_tiles(mm, n, out, ks, tile):
     """Output transform: M (prod(a), N*prod(tiles), C) -> y (N, *out, C) by ``AT`` along
     each axis, tiles interleaved back and cropped to ``out``."""
@@ -289,23 +346,100 @@ def forward(x, w, pads, tile: int = TILE, slabs: bool = False):
         return _forward_slabs(x, w, pads)
     rank = w.ndim - 2
     ks = w.shape[:rank]
-    cin, cout = w.shape[-2], w.shape[-1]
     out, ms, _, alphas = _geometry(x.shape[1:-1], pads, ks, tile)
     u = _transform_tiles(x, pads, ks, tile)
-    wt = w
-    for a, g in enumerate(_kernel_mats(ms, ks, w.dtype)):  # G w G^T (small: float32 at least)
-        wt = jnp.moveaxis(jnp.tensordot(g, wt, axes=([1], [a])), 0, a)
-    wt = wt.reshape(int(np.prod(alphas)), cin, cout).astype(x.dtype)
+    wt = _transformed_kernel(w, ms, alphas, x.dtype)
     acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else None
     mm = lax.dot_general(u, wt, (((2,), (1,)), ((0,), (0,))), preferred_element_type=acc)
     return _untransform_tiles(mm, x.shape[0], out, ks, tile).astype(x.dtype)
 
 
-def input_grad(dy, w, in_spatial, pads, tile: int = TILE, slabs: bool = False):
-    """dx (N, *in_spatial, C_in) of ``forward``: the correlation of dy (N, *out, C_out) with
-    the flipped, transposed kernel, itself a stride-1 convolution."""
-    ones = (1,) * (w.ndim - 2)
-    return forward(dy, *conv_ops.transposed_correlation(w, in_spatial, dy.shape[1:-1], ones,
+def _transformed_kernel(w, ms, alphas, dtype):
+    """G w G^T per axis: (*kernel, C_in, C_out) -> (prod(a), C_in, C_out) in ``dtype``."""
+    wt = w
+    for a, g in enumerate(_kernel_mats(ms, w.shape[:w.ndim - 2], w.dtype)):
+        wt = jnp.moveaxis(jnp.tensordot(g, wt, axes=([1], [a])), 0, a)
+    return wt.reshape(int(np.prod(alphas)), *w.shape[-2:]).astype(dtype)
+
+
+def _tile_samples(spatial, ks, tile) -> int:
+    """Transformed samples per sample and channel of a tiling of ``spatial`` outputs."""
+    _, nt, alphas = _tiling(spatial, ks, tile)
+    return int(np.prod(nt) * np.prod(alphas))
+
+
+def _transposed_input_grad(dy, w, in_spatial, pads, tile):
+    """dx (N, *in_spatial, C_in) as the transpose of ``forward``'s three linear steps: dy
+    by ``AT^T`` (``_transform_output_grad``), the batched matmul with the transformed
+    kernel transposed (contracting C_out), then the transpose of the input transform
+    (``BT^T`` and the overlapping tiles added back onto the input)."""
+    rank = w.ndim - 2
+    ks = w.shape[:rank]
+    _, ms, _, alphas = _geometry(in_spatial, pads, ks, tile)
+    v = _transform_output_grad(dy, ks, tile)
+    wt = _transformed_kernel(w, ms, alphas, dy.dtype)
+    acc = jnp.float32 if jnp.dtype(dy.dtype).itemsize < 4 else None
+    du = lax.dot_general(v, wt, (((2,), (2,)), ((0,), (0,))), preferred_element_type=acc)
+    return _transform_tiles_transpose(du.astype(dy.dtype), (dy.shape[0], *in_spatial,
+                                                            w.shape[-2]), pads, ks, tile)
+
+
+def _transposed_input_grad_slabs(dy, w, in_spatial, pads):
+    """``_transposed_input_grad`` with fitted tiles, one depth slab at a time: dy's
+    non-overlapping slabs of one depth tile, ``per`` a ``lax.map`` step, each give the
+    gradient of its overlapping input slab; those are added back (the transpose of
+    ``_slabs``)."""
+    rank = w.ndim - 2
+    ks = w.shape[:rank]
+    n = dy.shape[0]
+    out = dy.shape[1:-1]
+    x_shape = (n, *in_spatial, w.shape[-2])
+    m, t, per = _slab_plan(x_shape, out, ks, w.shape[-2], w.shape[-1], dy.dtype.itemsize)
+    dyp = lax.pad(dy, jnp.zeros((), dy.dtype), [(0, 0, 0), (0, t * m - out[0], 0)]
+                  + [(0, 0, 0)] * (dy.ndim - 2))
+    dys = _in_steps(dyp.reshape(n * t, m, *dy.shape[2:]), per)
+    slab_in = (m + ks[0] - 1, *in_spatial[1:])
+    inner = [(0, 0)] + list(pads[1:])
+    dxs = lax.map(lambda d: _transposed_input_grad(d, w, slab_in, inner, 0), dys)
+    dxs = dxs.reshape(n, t, *dxs.shape[2:])  # (N, t, m + k - 1, *in_spatial[1:], C_in)
+    # The transpose of _slabs: overlapping slabs added back, then its padding dropped.
+    dxp = _overlap_add(lambda i: dxs[:, :, i], t, m, m + ks[0] - 1, 1)
+    high = t * m + ks[0] - 1 - in_spatial[0] - pads[0][0]
+    return lax.pad(dxp, jnp.zeros((), dxp.dtype), [(0, 0, 0), (-pads[0][0], -high, 0)]
+                   + [(0, 0, 0)] * (dxp.ndim - 2))
+
+
+INPUT_GRAD_FORMS = ("auto", "correlation", "transpose")
+
+
+def input_grad(dy, w, in_spatial, pads, tile: int = TILE, slabs: bool = False,
+               form: str = "auto"):
+    """dx (N, *in_spatial, C_in) of ``forward`` for dy (N, *out, C_out).
+
+    Two Winograd forms: ``"correlation"``, the correlation of dy with the flipped,
+    transposed kernel (itself a stride-1 convolution, tiled over the input), and
+    ``"transpose"``, the transpose of the forward (tiled over the output, the overlapping
+    input tiles added back). ``"auto"`` takes whichever transforms fewer samples. They tie
+    where the convolution keeps its size ("SAME"); where it shrinks its input the
+    transpose does less: the FCN's 64x8x13x13x64 -> 6x9x9 (3, 5, 5) layer tiles 3528
+    transformed samples per sample and channel that way, 12288 (F(4, 3) x F(4, 5) x
+    F(4, 5) over 8x13x13) the other.
+    """
+    if form not in INPUT_GRAD_FORMS:
+        raise ValueError(f"input-gradient form {form!r}: expected one of {INPUT_GRAD_FORMS}")
+    rank = w.ndim - 2
+    ks = w.shape[:rank]
+    out = dy.shape[1:-1]
+    if form == "auto":
+        t = 0 if slabs else tile
+        form = ("transpose" if _tile_samples(out, ks, t) < _tile_samples(in_spatial, ks, t)
+                else "correlation")
+    if form == "transpose":
+        if slabs:
+            return _transposed_input_grad_slabs(dy, w, in_spatial, pads)
+        return _transposed_input_grad(dy, w, in_spatial, pads, tile)
+    ones = (1,) * rank
+    return forward(dy, *conv_ops.transposed_correlation(w, in_spatial, out, ones,
                                                         pads, ones), tile, slabs)
 
 
