@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from lungjax.models.fpr import Dou2017FPR
-from lungjax.models.layers import Conv, ConvTranspose, max_pool
+from lungjax.models.layers import BatchNorm, Conv, ConvTranspose, max_pool
 
 N_ANCHORS = 9
 
@@ -43,7 +43,7 @@ class FCN(nn.Module):
 
 
 def _bn(train):
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+    return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
 
 
 class ResUnit(nn.Module):

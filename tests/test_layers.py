@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from lungjax.models import conv_malloc, conv_ops, conv_select, conv_split, conv_tune
-from lungjax.models.layers import (Conv, ConvTranspose, conv_impl, get_conv_impl_override,
-                                  max_pool, set_conv_impl)
+from lungjax.models.layers import (BatchNorm, Conv, ConvTranspose, conv_impl,
+                                  get_conv_impl_override, max_pool, set_conv_impl)
 
 # (kernel, strides, padding, dilation, spatial): 2D and 3D, odd sizes, strides, explicit and
 # asymmetric pads, dilation. Few cases: compile time dominates.
@@ -407,3 +407,51 @@ def test_max_pool_matches_flax_values_and_gradients(shape, window):
     assert float(jnp.mean(ref(x) == 0)) > 0.01  # all-zero windows: ties were exercised
     with pytest.raises(ValueError, match="max_pool: window"):
         max_pool(x, window[1:])
+
+
+def _tree_sig(tree):
+    return jax.tree.map(lambda a: (a.shape, jnp.dtype(a.dtype).name), tree)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 6, 7), (2, 4, 5, 6, 3)])
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_batch_norm_matches_flax(shape, dtype):
+    # Same variables, outputs, running averages and gradients as flax.linen.BatchNorm, in
+    # training and evaluation, float32 and bfloat16 compute; flax's variables load as they
+    # are (checkpoints move between the two).
+    rng = np.random.default_rng(len(shape))
+    x = jnp.asarray(rng.standard_normal(shape) * 3 + 1, jnp.float32)
+    g = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    kw = {"momentum": 0.9, "epsilon": 1e-5, "dtype": dtype}
+    ref = nn.BatchNorm(use_running_average=False, **kw)
+    ours = BatchNorm(use_running_average=False, **kw)
+    variables = ref.init(jax.random.key(0), x)
+    assert _tree_sig(ours.init(jax.random.key(0), x)) == _tree_sig(variables)
+    # non-trivial scale, bias and running averages
+    variables = jax.tree.map(lambda a: a + jnp.linspace(0.2, 0.7, a.shape[-1]), variables)
+
+    def loss(module, params, x):
+        y, stats = module.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+        return jnp.vdot(nn.relu(y).astype(jnp.float32), g), (y, stats)
+
+    tol = 1e-5 if dtype is None else 1e-2
+    (_, (y_ref, s_ref)), d_ref = jax.value_and_grad(
+        lambda p, x: loss(ref, p, x), argnums=(0, 1), has_aux=True)(variables["params"], x)
+    (_, (y, s)), d = jax.value_and_grad(
+        lambda p, x: loss(ours, p, x), argnums=(0, 1), has_aux=True)(variables["params"], x)
+    assert y.dtype == y_ref.dtype
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32),
+                               rtol=tol, atol=tol)
+    for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(s_ref)):  # running averages
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(d), jax.tree.leaves(d_ref)):  # d/dparams, d/dx
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=tol, atol=tol * float(jnp.abs(b).max()))
+    evaluated = BatchNorm(use_running_average=True, **kw).apply(variables, x)
+    want = nn.BatchNorm(use_running_average=True, **kw).apply(variables, x)
+    np.testing.assert_allclose(np.asarray(evaluated, np.float32), np.asarray(want, np.float32),
+                               rtol=tol, atol=tol)
+    # initializing leaves the running averages at 0 and 1
+    fresh = ours.init(jax.random.key(0), x)["batch_stats"]
+    assert float(jnp.abs(fresh["mean"]).max()) == 0
+    assert float(jnp.abs(fresh["var"] - 1).max()) == 0

@@ -57,7 +57,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lungjax.models.layers import Conv, ConvTranspose
+from lungjax.models.layers import BatchNorm, Conv, ConvTranspose
 from lungjax.models.rrelu import RReLU
 from lungjax.registry import MODELS
 
@@ -77,7 +77,7 @@ class _Norm(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         if self.kind == "batch":
-            return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+            return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                                 dtype=self.dtype, name="bn")(x)
         if self.kind == "group":
             c = x.shape[-1]

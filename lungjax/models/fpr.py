@@ -76,7 +76,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lungjax.models.layers import Conv, max_pool
+from lungjax.models.layers import BatchNorm, Conv, max_pool
 from lungjax.registry import MODELS
 
 PATCH_SIZE_ZYX = (24, 60, 60)
@@ -118,7 +118,7 @@ class ResidualUnit3D(nn.Module):
             raise ValueError(f"ResidualUnit3D({self.features}) got {x.shape[-1]} input channels")
         h = x
         for i in (1, 2):
-            h = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+            h = BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                              epsilon=1e-5, dtype=self.dtype, name=f"bn{i}")(h)
             h = nn.relu(h)
             h = Conv(self.features, tuple(self.kernel_size), padding="SAME",
@@ -196,7 +196,7 @@ class Dou2017FPR(nn.Module):
                         dtype=dtype, impl=self.conv_impl, name=name)(h)
 
         def bn_relu(h, name):
-            return nn.relu(nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+            return nn.relu(BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                                         epsilon=1e-5, dtype=dtype, name=name)(h))
 
         def dense(h, f, name):

@@ -26,7 +26,8 @@ Choosing the formulation (see ``lungjax.models.conv_select``):
   layers traced afterwards, overriding the layer attribute.
 
 ``max_pool`` is the non-overlapping max-pooling the models use (``flax.linen.max_pool``'s
-values and gradients, faster on CPU).
+values and gradients, faster on CPU); ``BatchNorm`` is ``flax.linen.BatchNorm`` (same
+variables, statistics and running averages) in a form whose gradient is cheaper.
 
 On CPU, large convolution buffers are cheaper when freed memory stays in the process
 (``lungjax.models.conv_malloc.keep_freed_memory()``, called early by a training or inference
@@ -42,13 +43,14 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from lungjax.models import conv_ops
 from lungjax.models.conv_select import (ConvKey, conv_impl, get_conv_impl_override, resolve,
                                         set_conv_impl)
 
-__all__ = ["Conv", "ConvTranspose", "max_pool", "set_conv_impl", "get_conv_impl_override",
-           "conv_impl"]
+__all__ = ["BatchNorm", "Conv", "ConvTranspose", "max_pool", "set_conv_impl",
+           "get_conv_impl_override", "conv_impl"]
 
 
 def _window_views(x, window):
@@ -118,6 +120,65 @@ def max_pool(x, window: Sequence[int]):
         raise ValueError(f"max_pool: window {window} for an input of shape {x.shape} "
                          f"(expected {x.ndim - 2} sizes: (N, *spatial, C))")
     return _max_pool(x, window)
+
+
+class BatchNorm(nn.Module):
+    """Batch normalization over every axis but the last (channels): ``flax.linen.BatchNorm``
+    with its defaults (fast variance E[x^2] - E[x]^2 clipped at 0, statistics in at least
+    float32, no cross-device axis name: under ``jax.sharding`` the batch statistics are
+    global already), the same variables ("params": "scale", "bias"; "batch_stats": "mean",
+    "var", all (C,)), the same running-average update and output dtype, so checkpoints
+    move between the two.
+
+    The normalization is written ``x * a + b`` with per-channel ``a = scale / sqrt(var +
+    eps)`` and ``b = bias - mean * a``, where flax writes ``(x - mean) * a + bias``: the same
+    values, but its gradient needs ``x`` only, not the centred copy, one full-size pass
+    fewer. BatchNorm + ReLU forward and backward on 2x48x48x48x24: 8.07 ms as
+    ``flax.linen.BatchNorm``, 5.41 ms this way; 16x24x60x60x32: 73.4 and 50.5 ms
+    (``python bench/norm_bench.py``).
+
+    Attributes:
+      use_running_average: normalize by the running averages (evaluation) instead of the
+        batch statistics (training, which updates the averages unless initializing).
+      momentum: running average = momentum * average + (1 - momentum) * batch statistic.
+      epsilon: added to the variance.
+      dtype: output dtype (None: x's promoted with the parameters', as flax).
+      param_dtype: of scale and bias.
+    """
+
+    use_running_average: bool | None = None
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, use_running_average: bool | None = None):
+        """(..., C) -> (..., C), statistics over all leading axes."""
+        use_ra = nn.merge_param("use_running_average", self.use_running_average,
+                                use_running_average)
+        c = x.shape[-1]
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32),
+                                (c,))
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32),
+                               (c,))
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        stat_dtype = jnp.promote_types(self.dtype or x.dtype, jnp.float32)
+        xs = x.astype(stat_dtype)
+        if use_ra:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            axes = tuple(range(x.ndim - 1))
+            mean = xs.mean(axes)
+            var = jnp.maximum(0.0, jnp.square(xs).mean(axes) - jnp.square(mean))
+            if not self.is_initializing():
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        a = lax.rsqrt(var + self.epsilon) * scale
+        b = bias - mean * a
+        out_dtype = nn.dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
+        return (xs * a + b).astype(out_dtype)
 
 
 def _flatten_batch(x, rank: int, name: str):
