@@ -85,14 +85,8 @@ PAUSE_S = 0.5  # between blocks, untimed: the other framework's idle threads sto
 
 
 def _median_time(fn, steps, warmup):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of ``steps`` calls of ``fn`` after ``warmup`` untimed ones."""
+    return statistics.median(interleaved_times({"fn": fn}, steps, warmup, 1)["fn"][0])
 
 
 def _count(tree):
