@@ -241,9 +241,10 @@ def main():
         return
 
     cols = impls + ([] if ARGS.no_torch else ["torch"])
+    spread = " (rounds: lowest-highest)" if ARGS.rounds > 1 else ""
     print("\n| network (batch) | " + " | ".join(f"{c} s" for c in cols)
-          + ("" if ARGS.no_torch else " | " + " | ".join(f"{i}/torch" + (" (rounds: lowest-highest)" if ARGS.rounds > 1 else "")
-                                               for i in impls)) + " |")
+          + ("" if ARGS.no_torch else " | " + " | ".join(f"{i}/torch{spread}" for i in impls))
+          + " |")
     print("|---" * (1 + len(cols) + (0 if ARGS.no_torch else len(impls))) + "|")
     for r in rows:
         cells = [f"{r[c]:.3f}" for c in cols]

@@ -1,6 +1,7 @@
-"""Winograd convolutions (``conv_winograd``, split choices ``w``/``v``/``u``/``s``): each pass equals XLA's
-native convolution to float32 rounding on random shapes, and the layer uses it only where
-it applies (stride 1, no dilation)."""
+"""Winograd convolutions (``conv_winograd``, split choices ``w``/``v``/``u``/``s``): each
+pass (the input-gradient in both its forms) equals XLA's native convolution to float32
+rounding on random shapes, and the layer uses it only where it applies (stride 1, no
+dilation)."""
 
 import time
 

@@ -29,9 +29,10 @@ against 12288 per sample and channel), and ``input_grad`` takes whichever is few
 Tilings: the ``"w"`` (F(4, k)), ``"v"`` (F(6, k): fewer multiplications and a (8/6)^rank
 instead of (6/4)^rank larger transformed buffer, twice the rounding error) and ``"u"``
 (``tile=0``: per axis the tile that wastes least on that axis's output length, at most
-``MAX_ALPHA`` transformed samples) choices of ``conv_split``'s split plans. On the FCN's 64-channel (3, 5, 5) layer (6x9x9 outputs) ``u``
-takes F(6, 3) x F(3, 5) x F(3, 5): 8*7*7 transformed positions times 3*3 tiles per sample,
-against F(4, k)'s 6*8*8 times 2*3*3, half the transformed buffer and matmul work.
+``MAX_ALPHA`` transformed samples) choices of ``conv_split``'s split plans. On the FCN's
+64-channel (3, 5, 5) layer (6x9x9 outputs) ``u`` takes F(6, 3) x F(3, 5) x F(3, 5):
+8*7*7 transformed positions times 3*3 tiles per sample, against F(4, k)'s 6*8*8 times
+2*3*3, half the transformed buffer and matmul work.
 
 ``slabs=True`` (conv_split's ``s``) runs the ``u`` tiling one depth tile at a time: the
 input is cut into overlapping slabs along the first spatial axis (one tile deep, ``a``
@@ -224,10 +225,11 @@ def _weighted_column(taps, bt, i):
 def _transform_tiles_transpose(u, x_shape, pads, ks, tile):
     """Transpose of ``_transform_tiles``: U (prod(a), N*prod(tiles), C) -> (N, *spatial, C)
     (``x_shape``): ``BT^T`` along each axis, last axis first, each axis's overlapping tiles
-    added back onto it (``_overlap_add``), then the padding dropped. Written out: the same
-    by ``jax.linear_transpose`` adds one zero-interleaved, input-sized array per tile
-    sample, 8x slower on the FCN's 64x8x13x13x64 layer (104 ms against 13 for the
-    forward transform)."""
+    added back onto it (``_overlap_add``), then the padding dropped. Written out because
+    ``jax.linear_transpose`` of the strided tap slices pads each of the ``a`` tile samples
+    to a zero-interleaved, input-sized array and adds them all; ``_overlap_add`` adds
+    ``ceil(a / m)`` shifted blocks instead (F(3, 5): 3 input-sized adds instead of 7, no
+    interleaving)."""
     rank = len(ks)
     n, c = x_shape[0], x_shape[-1]
     _, ms, nt, alphas = _geometry(x_shape[1:-1], pads, ks, tile)
