@@ -49,7 +49,8 @@ def _parse():
                    help="alternate JAX and PyTorch blocks of --steps steps this many times")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--jax-impls", default="xla,auto")
-    p.add_argument("--scan", type=int, default=300, help="full-scan edge (voxels); 0 = skip")
+    p.add_argument("--scan", type=int, default=300, help="full-scan edge (voxels), rounded "
+                   "up to the detector's stride (16); 0 = skip")
     p.add_argument("--small", action="store_true", help="full-scan edge 128 instead of --scan")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--same-process", action="store_true",
@@ -81,6 +82,7 @@ import conv_nets  # noqa: E402
 from lungjax.models.layers import set_conv_impl  # noqa: E402
 
 
+SCAN_STRIDE = 16  # the detector's total down-sampling: a full-scan edge is a multiple
 PAUSE_S = 0.5  # between blocks, untimed: the other framework's idle threads stop spinning
 
 
@@ -256,7 +258,12 @@ def main():
 
     edge = 128 if ARGS.small else ARGS.scan
     if edge:
-        print(f"\nfull-scan inference, detector, one pass over {edge}^3 (1 mm):")
+        # The detector halves the volume four times and adds up-sampled pyramid levels back,
+        # which needs an edge divisible by 16: a 300^3 scan runs as 304^3, zero-padded at
+        # the far end as lungjax.tasks.anchors_decode pads a scan for xie2018's detector.
+        asked, edge = edge, -(-edge // SCAN_STRIDE) * SCAN_STRIDE
+        print(f"\nfull-scan inference, detector, one pass over {edge}^3 (1 mm)"
+              + (f", the {asked}^3 asked for padded" if edge != asked else "") + ":")
         for impl in impls:
             sec, comp = jax_scan_seconds(impl, edge)
             print(f"  jax[{impl}] {sec:.2f} s (compile {comp:.1f} s)", flush=True)
