@@ -8,20 +8,21 @@ FP net's JAX step took 8.10 s after lungjax's stage-2 net in the same process, 6
 alone); ``--same-process`` runs them all in this one.
 
 Usage:
-  python bench/conv_vs_torch.py [--nets fcn,fpr,det,unet,dou2017_fpr] [--steps 10] [--threads 2]
-                                [--rounds 1] [--jax-impls xla,auto]
+  python bench/conv_vs_torch.py [--nets fcn,fpr,det,unet,dou2017_fpr] [--steps 3] [--threads 2]
+                                [--rounds 4] [--warmup 3] [--jax-impls xla,auto]
                                 [--scan 300 | --small | --scan 0] [--same-process]
 
 ``--jax-impls`` lists global overrides (``lungjax.models.layers.set_conv_impl``): "xla" is
 XLA's native convolution, "auto" the per-layer choice from ``lungjax/models/conv_table.json``,
 "im2col"/"matmul"/"hybrid" force one formulation everywhere. Prints a table of median step
 seconds and the ratio JAX / PyTorch (<= 1.0: JAX no slower). Timings on a shared machine
-are noisy: medians of ``--steps`` steps after ``--warmup`` steps.
+are noisy: medians of ``--rounds`` x ``--steps`` steps (default 4 x 3) after ``--warmup``
+(3) untimed ones.
 
-``--rounds R`` alternates the frameworks: every JAX formulation and PyTorch each run a block
-of ``--steps`` timed steps, R times over (after one warm-up block each), so that a slowdown
-of the machine part-way through hits both sides instead of whichever runs last; medians
-are then over all R x steps steps, and the table also gives the lowest and highest per-round
+The frameworks alternate: every JAX formulation and PyTorch each run a block of
+``--steps`` timed steps, ``--rounds`` times over (``--warmup`` untimed steps before each
+one's first block), so that a slowdown of the machine part-way through hits both sides
+instead of whichever runs last; the table also gives the lowest and highest per-round
 ratio. On this project's 2-core machine the same JAX step has measured 0.247 and 0.270 s in
 two sequential runs a minute apart, as much as separates some ratios from 1.0. Between
 blocks the script sleeps ``PAUSE_S`` (untimed), long enough for the other framework's
@@ -43,9 +44,9 @@ import time
 def _parse():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nets", default="fcn,fpr,det,unet,dou2017_fpr")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=1,
+    p.add_argument("--steps", type=int, default=3, help="timed steps per block")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=4,
                    help="alternate JAX and PyTorch blocks of --steps steps this many times")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--jax-impls", default="xla,auto")
