@@ -119,9 +119,16 @@ def _compute_dtype(x, w):
     return jnp.result_type(x.dtype, w.dtype)
 
 
+def acc_dtype(dtype):
+    """``preferred_element_type`` of a matmul on ``dtype`` inputs: float32 for inputs
+    narrower than 32 bits (bfloat16 products summed in bfloat16 lose precision), else None
+    (the inputs' own type)."""
+    return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else None
+
+
 def _dot_last(a, b, out_dtype):
     """(..., K) @ (K, M) -> (..., M), accumulating in float32 for low-precision inputs."""
-    acc = jnp.float32 if jnp.dtype(a.dtype).itemsize < 4 else None
+    acc = acc_dtype(a.dtype)
     y = lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())), preferred_element_type=acc)
     return y.astype(out_dtype)
 
@@ -200,7 +207,7 @@ def _weight_grad(x, dy, w_shape, w_dtype, strides, pads, dilation):
     cols = patches(x, w_shape[:-2], strides, pads, dilation)
     cols = cols.reshape(-1, cols.shape[-1])
     dy2 = dy.reshape(-1, dy.shape[-1])
-    acc = jnp.float32 if jnp.dtype(cols.dtype).itemsize < 4 else None
+    acc = acc_dtype(cols.dtype)
     dw = lax.dot_general(cols, dy2, (((0,), (0,)), ((), ())), preferred_element_type=acc)
     return dw.reshape(w_shape).astype(w_dtype)
 

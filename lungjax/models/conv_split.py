@@ -221,10 +221,6 @@ def contraction_size(pass_name: str, choice: str, kernel, cin: int, cout: int) -
     return k_inner * (cout if pass_name == "igrad" else cin)
 
 
-def _acc_dtype(dtype):
-    return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else None
-
-
 def _outer_views(x, ks, strides, pads, dilation, inner, lhs_dilation=None):
     """Yields (outer tap index, view (N, *out, K_inner*C)) of partial-im2col columns.
 
@@ -263,7 +259,7 @@ def conv_forward(x, w, strides, pads, dilation, inner: int, lhs_dilation=None):
       (N, *out, C_out) in x's dtype, equal to ``lax.conv_general_dilated``.
     """
     ks = w.shape[:-2]
-    acc = _acc_dtype(x.dtype)
+    acc = conv_ops.acc_dtype(x.dtype)
     y = None
     for taps, view in _outer_views(x, ks, strides, pads, dilation, inner, lhs_dilation):
         wt = w[taps].reshape(-1, w.shape[-1])
@@ -277,7 +273,7 @@ def weight_grad(x, dy, w_shape, w_dtype, strides, pads, dilation, inner: int):
     """dW (*kernel, C_in, C_out) = sum over rows of columns^T @ dy, one matmul per outer tap."""
     ks = w_shape[:-2]
     n_outer = len(ks) - inner
-    acc = _acc_dtype(x.dtype)
+    acc = conv_ops.acc_dtype(x.dtype)
     dy2 = dy.reshape(-1, dy.shape[-1])
     parts = []
     for _, view in _outer_views(x, ks, strides, pads, dilation, inner):

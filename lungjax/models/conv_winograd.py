@@ -146,15 +146,21 @@ def _tiling(out_spatial, ks, tile):
     return ms, nt, alphas
 
 
+def _tile_samples(spatial, ks, tile) -> int:
+    """Transformed samples per sample and channel of a tiling of ``spatial`` outputs."""
+    _, nt, alphas = _tiling(spatial, ks, tile)
+    return int(np.prod(nt) * np.prod(alphas))
+
+
 def buffer_bytes(batch: int, in_spatial, out_spatial, kernel, cin: int, cout: int,
                  itemsize: int = 4, tile: int = TILE, slabs: bool = False) -> int:
     """Size of the larger of the transformed input and transformed output buffers; with
     ``slabs``, of the slabs the input is cut into (the transforms run a few at a time)."""
-    _, nt, alphas = _tiling(out_spatial, kernel, 0 if slabs else tile)
     if slabs:
+        _, nt, alphas = _tiling(out_spatial, kernel, 0)
         return (batch * nt[0] * alphas[0] * int(np.prod(in_spatial[1:])) * max(cin, cout)
                 * itemsize)
-    return batch * int(np.prod(nt) * np.prod(alphas)) * max(cin, cout) * itemsize
+    return batch * _tile_samples(out_spatial, kernel, tile) * max(cin, cout) * itemsize
 
 
 def _geometry(in_spatial, pads, ks, tile):
@@ -168,6 +174,13 @@ def _tiles_last(rank: int) -> list[int]:
     return [rank] + [v for a in range(rank) for v in (rank + 1 + a, a)] + [2 * rank + 1]
 
 
+def _whole_tile_pads(spatial, pads, ks, ms, nt):
+    """``lax.pad`` config per spatial axis that makes every tile whole: the low pad as
+    given, the high one to ``tiles * m + k - 1`` samples (negative: crop)."""
+    return [(lo, t * m + k - 1 - s - lo, 0)
+            for t, m, k, s, (lo, _) in zip(nt, ms, ks, spatial, pads)]
+
+
 def _transform_tiles(x, pads, ks, tile):
     """Input transform: x (N, *spatial, C) -> U (prod(a), N*prod(tiles), C).
 
@@ -176,10 +189,8 @@ def _transform_tiles(x, pads, ks, tile):
     rank = len(ks)
     n, c = x.shape[0], x.shape[-1]
     _, ms, nt, alphas = _geometry(x.shape[1:-1], pads, ks, tile)
-    # Pad so that every tile is whole: tiles * m + k - 1 samples per axis.
-    high = [t * m + k - 1 - s - lo for t, m, k, s, (lo, _) in zip(nt, ms, ks, x.shape[1:-1], pads)]
     u = lax.pad(x, jnp.zeros((), x.dtype),
-                [(0, 0, 0)] + [(lo, h, 0) for (lo, _), h in zip(pads, high)] + [(0, 0, 0)])
+                [(0, 0, 0)] + _whole_tile_pads(x.shape[1:-1], pads, ks, ms, nt) + [(0, 0, 0)])
     for a in range(rank):  # a leading alpha axes, then N, then the spatial axes
         ax = a + 1 + a
         bt = matrices(ms[a], ks[a])[2]
@@ -239,9 +250,8 @@ def _transform_tiles_transpose(u, x_shape, pads, ks, tile):
         taps = [lax.index_in_dim(u, j, a, False) for j in range(alphas[a])]
         u = _overlap_add(functools.partial(_weighted_column, taps, bt), nt[a], ms[a],
                          alphas[a], 2 * a + 1)
-    high = [t * m + k - 1 - s - lo for t, m, k, s, (lo, _) in zip(nt, ms, ks, x_shape[1:-1], pads)]
-    return lax.pad(u, jnp.zeros((), u.dtype),
-                   [(0, 0, 0)] + [(-lo, -h, 0) for (lo, _), h in zip(pads, high)] + [(0, 0, 0)])
+    crop = [(-lo, -hi, 0) for lo, hi, _ in _whole_tile_pads(x_shape[1:-1], pads, ks, ms, nt)]
+    return lax.pad(u, jnp.zeros((), u.dtype), [(0, 0, 0)] + crop + [(0, 0, 0)])
 
 
 def _untransform_tiles(mm, n, out, ks, tile):
@@ -299,6 +309,25 @@ def _slabs(x, pad, k: int, m: int, t: int):
     return win.reshape(n * t, m + k - 1, *x.shape[2:])
 
 
+def _slabs_transpose(s, x_shape, pad, k: int, m: int, t: int):
+    """Transpose of ``_slabs``: slabs (N*t, m + k - 1, ..., C) added back onto the axis
+    they overlap on, and the padding dropped -> ``x_shape`` (N, S, ..., C)."""
+    n, length = x_shape[0], x_shape[1]
+    s = s.reshape(n, t, *s.shape[1:])
+    full = _overlap_add(lambda i: s[:, :, i], t, m, m + k - 1, 1)
+    high = t * m + k - 1 - length - pad[0]
+    return lax.pad(full, jnp.zeros((), full.dtype), [(0, 0, 0), (-pad[0], -high, 0)]
+                   + [(0, 0, 0)] * (full.ndim - 2))
+
+
+def _output_slabs(dy, m: int, t: int):
+    """dy (N, O, ..., C) zero-padded to ``t * m`` samples on axis 1 and cut into the ``t``
+    non-overlapping slabs of each sample: (N*t, m, ..., C), in ``_slabs``' order."""
+    dyp = lax.pad(dy, jnp.zeros((), dy.dtype), [(0, 0, 0), (0, t * m - dy.shape[1], 0)]
+                  + [(0, 0, 0)] * (dy.ndim - 2))
+    return dyp.reshape(dy.shape[0] * t, m, *dy.shape[2:])
+
+
 def _slab_plan(x_shape, out, ks, cin: int, cout: int, itemsize: int):
     """Depth tile ``m``, depth tiles ``t`` and slabs per loop step for the slab path."""
     m = tiles(out[:1], ks[:1], 0)[0]
@@ -351,7 +380,7 @@ def forward(x, w, pads, tile: int = TILE, slabs: bool = False):
     out, ms, _, alphas = _geometry(x.shape[1:-1], pads, ks, tile)
     u = _transform_tiles(x, pads, ks, tile)
     wt = _transformed_kernel(w, ms, alphas, x.dtype)
-    acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else None
+    acc = conv_ops.acc_dtype(x.dtype)
     mm = lax.dot_general(u, wt, (((2,), (1,)), ((0,), (0,))), preferred_element_type=acc)
     return _untransform_tiles(mm, x.shape[0], out, ks, tile).astype(x.dtype)
 
@@ -364,12 +393,6 @@ def _transformed_kernel(w, ms, alphas, dtype):
     return wt.reshape(int(np.prod(alphas)), *w.shape[-2:]).astype(dtype)
 
 
-def _tile_samples(spatial, ks, tile) -> int:
-    """Transformed samples per sample and channel of a tiling of ``spatial`` outputs."""
-    _, nt, alphas = _tiling(spatial, ks, tile)
-    return int(np.prod(nt) * np.prod(alphas))
-
-
 def _transposed_input_grad(dy, w, in_spatial, pads, tile):
     """dx (N, *in_spatial, C_in) as the transpose of ``forward``'s three linear steps: dy
     by ``AT^T`` (``_transform_output_grad``), the batched matmul with the transformed
@@ -380,7 +403,7 @@ def _transposed_input_grad(dy, w, in_spatial, pads, tile):
     _, ms, _, alphas = _geometry(in_spatial, pads, ks, tile)
     v = _transform_output_grad(dy, ks, tile)
     wt = _transformed_kernel(w, ms, alphas, dy.dtype)
-    acc = jnp.float32 if jnp.dtype(dy.dtype).itemsize < 4 else None
+    acc = conv_ops.acc_dtype(dy.dtype)
     du = lax.dot_general(v, wt, (((2,), (2,)), ((0,), (0,))), preferred_element_type=acc)
     return _transform_tiles_transpose(du.astype(dy.dtype), (dy.shape[0], *in_spatial,
                                                             w.shape[-2]), pads, ks, tile)
@@ -397,18 +420,13 @@ def _transposed_input_grad_slabs(dy, w, in_spatial, pads):
     out = dy.shape[1:-1]
     x_shape = (n, *in_spatial, w.shape[-2])
     m, t, per = _slab_plan(x_shape, out, ks, w.shape[-2], w.shape[-1], dy.dtype.itemsize)
-    dyp = lax.pad(dy, jnp.zeros((), dy.dtype), [(0, 0, 0), (0, t * m - out[0], 0)]
-                  + [(0, 0, 0)] * (dy.ndim - 2))
-    dys = _in_steps(dyp.reshape(n * t, m, *dy.shape[2:]), per)
+    dys = _in_steps(_output_slabs(dy, m, t), per)
     slab_in = (m + ks[0] - 1, *in_spatial[1:])
     inner = [(0, 0)] + list(pads[1:])
     dxs = lax.map(lambda d: _transposed_input_grad(d, w, slab_in, inner, 0), dys)
-    dxs = dxs.reshape(n, t, *dxs.shape[2:])  # (N, t, m + k - 1, *in_spatial[1:], C_in)
-    # The transpose of _slabs: overlapping slabs added back, then its padding dropped.
-    dxp = _overlap_add(lambda i: dxs[:, :, i], t, m, m + ks[0] - 1, 1)
-    high = t * m + ks[0] - 1 - in_spatial[0] - pads[0][0]
-    return lax.pad(dxp, jnp.zeros((), dxp.dtype), [(0, 0, 0), (-pads[0][0], -high, 0)]
-                   + [(0, 0, 0)] * (dxp.ndim - 2))
+    # (N*t, m + k - 1, *in_spatial[1:], C_in): each input slab's gradient
+    dxs = dxs.reshape(n * t, *dxs.shape[2:])
+    return _slabs_transpose(dxs, x_shape, pads[0], ks[0], m, t)
 
 
 INPUT_GRAD_FORMS = ("auto", "correlation", "transpose")
@@ -454,9 +472,7 @@ def _weight_grad_slabs(x, dy, w_shape, w_dtype, pads):
     m, t, per = _slab_plan(x.shape, out, ks, w_shape[-2], w_shape[-1], x.dtype.itemsize)
     xs = _slabs(x, pads[0], ks[0], m, t)
     # dy's slabs do not overlap: zeros past the output end meet padding of x only.
-    dyp = lax.pad(dy, jnp.zeros((), dy.dtype), [(0, 0, 0), (0, t * m - out[0], 0)]
-                  + [(0, 0, 0)] * (dy.ndim - 2))
-    dys = dyp.reshape(dy.shape[0] * t, m, *dy.shape[2:])
+    dys = _output_slabs(dy, m, t)
     inner = [(0, 0)] + list(pads[1:])
     # Summed in the transformed space; the kernel transform runs once, after the loop.
     _, ms, _, alphas = _geometry(xs.shape[1:-1], inner, ks, 0)
