@@ -123,6 +123,13 @@ def get_config():
     c.detection.max_candidates_per_scan = 100
     c.detection.tile_zyx = (64, 128, 128)
     c.detection.max_scans = 0  # 0 = every held-out scan
+    # Keep only candidates inside the store's lung mask (closed and hole-filled, so
+    # juxtapleural nodules stay in). Networks trained on lung patches have never seen the
+    # chest wall, heart or bone as negatives and fire there on whole scans.
+    c.detection.lung_only = False
+    # > 0: a candidate sits at the centroid of the score above the threshold within this
+    # radius of its peak (sub-cell position; lungjax.tasks.screening.refine_peaks).
+    c.detection.refine_radius_mm = 0.0
     # Convolution formulation for whole-scan scoring and export: the CPU-fast im2col
     # formulations materialise patch matrices that do not fit in memory at scan size.
     c.detection.conv_impl = "xla"

@@ -24,6 +24,7 @@ import time
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+from scipy import special
 
 from lungjax.data.coords import Geometry
 from lungjax.data.tables import Findings, Marks, write_marks_csv
@@ -53,6 +54,14 @@ class DetectionSettings:
       lung_only: drop candidates whose voxel lies outside the scan's lung mask (the
         store's "lung" array, closed and hole-filled so juxtapleural nodules stay in).
         Not in the paper; off by default.
+      log_odds: the predictor returns log-odds instead of probabilities; ``threshold``
+        stays a probability (compared as its log-odds), peaks are ranked by log-odds and
+        candidate scores are their float64 probabilities. A float32 probability is 1.0
+        for every cell past ~17 log-odds, so a trained network's saturated cells would
+        otherwise be ranked, and cut at ``max_candidates``, by position in the volume.
+      refine_radius_mm: > 0 places each candidate at the centroid of the probability above
+        the threshold within this radius of its peak
+        (``lungjax.tasks.screening.refine_peaks``); 0 keeps the peak cell.
     """
 
     threshold: float = 0.85
@@ -62,6 +71,8 @@ class DetectionSettings:
     max_candidates: int | None = None
     input_zyx: tuple[int, int, int] | None = None
     lung_only: bool = False
+    log_odds: bool = False
+    refine_radius_mm: float = 0.0
 
     def __post_init__(self):
         if not self.nms_radius_mm >= 0:
@@ -83,7 +94,8 @@ class DetectionSettings:
                    nms_radius_mm=float(get("nms_distance_mm", 5.0)),
                    tile_zyx=tuple(tile) if tile else None, batch=int(get("batch", 1) or 1),
                    max_candidates=int(cap) if cap else None,
-                   lung_only=bool(get("lung_only", False)))
+                   lung_only=bool(get("lung_only", False)),
+                   refine_radius_mm=float(get("refine_radius_mm", 0.0)))
 
 
 def detect_volume(predict_fn: Callable, volume_zyx: np.ndarray, geometry: Geometry,
@@ -117,10 +129,21 @@ def detect_volume(predict_fn: Callable, volume_zyx: np.ndarray, geometry: Geomet
     if restrict and (lung_mask is None or np.shape(lung_mask) != np.shape(volume_zyx)):
         raise ValueError(f"lung_only needs a lung mask of the volume's shape "
                          f"{np.shape(volume_zyx)}, got {np.shape(lung_mask)}")
-    cands = candidates_from_scores(scores, cell_map, geometry, threshold=settings.threshold,
+    threshold = settings.threshold
+    weights = None
+    if settings.log_odds:
+        threshold = float(special.logit(np.clip(threshold, 1e-12, 1 - 1e-12)))
+        if settings.refine_radius_mm > 0:  # probability above the threshold, not log-odds
+            weights = np.clip(special.expit(scores.astype(np.float64)) - settings.threshold,
+                              0, None)
+    cands = candidates_from_scores(scores, cell_map, geometry, threshold=threshold,
                                    nms_radius_mm=settings.nms_radius_mm,
                                    max_candidates=None if restrict else settings.max_candidates,
-                                   shape_zyx=np.shape(volume_zyx))
+                                   shape_zyx=np.shape(volume_zyx),
+                                   refine_radius_mm=settings.refine_radius_mm,
+                                   refine_weights=weights)
+    if settings.log_odds:
+        cands = dataclasses.replace(cands, score=special.expit(cands.score.astype(np.float64)))
     if restrict:
         v = np.rint(cands.voxel_zyx).astype(np.int64)
         cands = cands.select(np.flatnonzero(np.asarray(lung_mask)[tuple(v.T)] > 0)

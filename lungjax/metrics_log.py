@@ -3,6 +3,7 @@
 ``MetricWriter(workdir)`` appends one JSON object per call to ``<workdir>/metrics.jsonl``
 (``{"step": int, "split": "train"|..., "<name>": float, ...}``) and writes the same scalars
 as TensorBoard summaries under ``<workdir>/tb/<split>/``. Only process 0 writes.
+``read_jsonl`` reads the log back and ``metric_series`` turns it into curves per split.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import json
 import math
 import os
 import time
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
+
+METRICS_JSONL = "metrics.jsonl"  # a run directory's metric log (read by learning curves)
 
 
 def banner(title: str, width: int = 72) -> str:
@@ -47,7 +50,7 @@ class MetricWriter:
         self._jsonl = None
         if enabled:
             os.makedirs(self.workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(self.workdir, "metrics.jsonl"), "a",
+            self._jsonl = open(os.path.join(self.workdir, METRICS_JSONL), "a",
                                encoding="utf-8")
 
     def _tb_writer(self, split: str):
@@ -105,3 +108,34 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             except json.JSONDecodeError:
                 continue
     return out
+
+
+_RECORD_KEYS = ("step", "split", "time")
+
+
+def metric_series(rows: Iterable[Mapping]) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Records of ``read_jsonl`` as curves: ``{split: {metric: (steps, values)}}``.
+
+    ``steps`` (T,) int64 ascending and ``values`` (T,) float64 (non-finite values, which
+    ``MetricWriter`` writes as strings, come back as nan / inf). Of several records of one (split, step), the last
+    written wins: a run resumed from an earlier checkpoint logs the steps after it again.
+    A metric missing from some records has fewer points; non-numeric values are skipped.
+    """
+    latest: dict[tuple[str, int], Mapping] = {}
+    for r in rows:
+        if "step" in r and "split" in r:
+            latest[(str(r["split"]), int(r["step"]))] = r
+    points: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for (split, step), r in sorted(latest.items()):
+        for k, v in r.items():
+            if k in _RECORD_KEYS or isinstance(v, bool):
+                continue
+            try:
+                f = float(v)
+            except (TypeError, ValueError):
+                continue
+            points.setdefault(split, {}).setdefault(k, []).append((step, f))
+    return {split: {k: (np.array([p[0] for p in pts], np.int64),
+                        np.array([p[1] for p in pts], np.float64))
+                    for k, pts in metrics.items()}
+            for split, metrics in points.items()}

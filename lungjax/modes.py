@@ -106,6 +106,17 @@ def _variables(workdir: str) -> tuple[dict, int]:
     return {"params": ck["params"], **ck["model_state"]}, ck["step"]
 
 
+# Bootstrap resamples (over scans) behind every held-out CPM's 95% interval, as the
+# LUNA16 evaluation script draws them: a fold of a few scans moves the CPM in steps.
+FROC_BOOTSTRAP = 1000
+
+
+def cpm_interval(froc) -> list[float]:
+    """[lower, upper] 95% bootstrap interval of a ``FrocResult``'s CPM."""
+    b = froc.bootstrap
+    return [float(b.cpm_lower), float(b.cpm_upper)]
+
+
 def evaluate(config, workdir: str) -> dict:
     """Screens the held-out fold's scans and scores the marks with the LUNA16 FROC."""
     from lungjax.data.store import PatchStore
@@ -142,10 +153,11 @@ def evaluate(config, workdir: str) -> dict:
     if jax.process_index() == 0:
         write_submission(sub, run.marks)
     annotations, excluded = store.findings(uids), store.excluded(uids)
-    froc = compute_froc(annotations, excluded, uids, run.marks)
+    froc = compute_froc(annotations, excluded, uids, run.marks, n_bootstrap=FROC_BOOTSTRAP,
+                        seed=int(config.seed))
     record = {
         "step": step, "fold": config.data.fold, "scans": len(uids), "uids": list(uids),
-        "cpm": froc.cpm, "froc_new": froc.froc_new,
+        "cpm": froc.cpm, "cpm_ci95": cpm_interval(froc), "froc_new": froc.froc_new,
         "sensitivities": np.asarray(froc.sensitivities).tolist(),
         "n_nodules": froc.n_nodules, "n_detected": froc.n_detected,
         "marks": len(run.marks.uid),
@@ -156,12 +168,15 @@ def evaluate(config, workdir: str) -> dict:
     _write_json(os.path.join(out_dir, "froc.json"), record)
     png = os.path.join(out_dir, "froc.png")
     if jax.process_index() == 0:
-        from lungjax.evaluation.plots import plot_froc
+        from lungjax.evaluation.plots import plot_froc, plot_run_learning_curves
 
         plot_froc(froc, png, label=config.name, title=f"FROC: {config.name}, fold "
                   f"{config.data.fold} ({len(uids)} held-out scans)")
+        plot_run_learning_curves(out_dir, {train_lib.LEARNING_CURVE_PNG: workdir})
     points = ", ".join(f"{r:g}: {s:.3f}" for r, s in zip(FP_RATES, froc.sensitivities))
-    print(f"CPM (FROC[luna]) = {froc.cpm:.4f}, FROC[new] = {froc.froc_new:.4f} on "
+    lo, hi = record["cpm_ci95"]
+    print(f"CPM (FROC[luna]) = {froc.cpm:.4f} (95% CI {lo:.3f}-{hi:.3f}, bootstrap over scans), "
+          f"FROC[new] = {froc.froc_new:.4f} on "
           f"{len(uids)} held-out scans, {froc.n_detected}/{froc.n_nodules} nodules hit; "
           f"{len(run.marks.uid)} marks; {record['seconds_per_scan']:.1f} s/scan\n"
           f"sensitivity at FPs/scan {points}\n"

@@ -248,16 +248,20 @@ def make_eval_step(model, task, *, spatial_dims: int = 3, state_shardings: Any =
     return eval_step
 
 
-def make_predict_fn(model, task, spatial_dims: int = 3) -> Callable:
-    """Pure ``predict(variables, image) -> probabilities`` for export and screening.
+def make_predict_fn(model, task, spatial_dims: int = 3, output: str = "probability") -> Callable:
+    """Pure ``predict(variables, image) -> scores`` for export and screening.
 
     ``image``: (B, *spatial[, C]) float32 in [0, 1]; the result is the task's
-    probability per output cell, e.g. (B, D', H', W') float32 for the FCN.
+    probability per output cell, e.g. (B, D', H', W') float32 for the FCN, or with
+    ``output="log_odds"`` its log-odds (``task.log_odds``: no saturation at 1.0).
     """
+    if output not in ("probability", "log_odds"):
+        raise ValueError(f"output must be 'probability' or 'log_odds', got {output!r}")
+    score = task.probabilities if output == "probability" else task.log_odds
 
     def predict(variables, image):
         x = _image({"image": image}, spatial_dims)
-        return task.probabilities(model.apply(variables, x, train=False))
+        return score(model.apply(variables, x, train=False))
 
     return predict
 

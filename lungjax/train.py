@@ -1,9 +1,10 @@
 """The training loop: ``train_and_evaluate(config, workdir)``.
 
 Sections: setup (mesh, model, state, data, restore) -> train (jitted sharded steps, one-
-step-late host outputs, logging, eval hooks, checkpoints) -> final evaluation. The same
-``workdir`` resumes from its latest checkpoint; SIGTERM saves and stops cleanly; a non-
-finite loss stops the run naming the step, leaving the last good checkpoint intact.
+step-late host outputs, logging, eval hooks, checkpoints) -> final evaluation -> learning
+curve (``learning_curve.png``). The same ``workdir`` resumes from its latest checkpoint;
+SIGTERM saves and stops cleanly; a non-finite loss stops the run naming the step, leaving
+the last good checkpoint intact.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 
 from lungjax import sharding as shd
 from lungjax.checkpointing import Checkpointer, PreemptionGuard, restore_params
-from lungjax.metrics_log import MetricWriter, banner
+from lungjax.metrics_log import METRICS_JSONL, MetricWriter, banner
 from lungjax.registry import EVALUATORS, MODELS, TASKS
 from lungjax.state import create_train_state, make_optimizer, param_count, transfer_params
 from lungjax.steps import make_eval_step, make_train_step
@@ -32,6 +33,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+LEARNING_CURVE_PNG = "learning_curve.png"  # in the run directory, beside metrics.jsonl
 
 
 def config_dict(cfg) -> dict:
@@ -141,13 +143,31 @@ def build_engine(config, mesh=None) -> Engine:
 
 @EVALUATORS.register("patch_classification")
 class PatchClassificationEvaluator:
-    """Loss / accuracy / ROC AUC of the held-out patches of ``data.eval_batches()``."""
+    """Held-out patch figures over one pass of ``data.eval_batches()``.
+
+    Works with any task whose host outputs hold per-patch ``"score"`` (B,) float32, the
+    probability that the patch is positive, and ``"label"`` (B,) int32 with 1 = positive
+    (a nodule patch): the classification and hybrid tasks, and the anchor task, whose
+    score is the patch's best anchor probability.
+
+    Returns the weighted means of the eval step's metrics (``loss`` first), ``count``
+    (patches), and from ``lungjax.evaluation.classification.binary_metrics`` at
+    probability 0.5: ``sensitivity`` (recall of the positive patches), ``specificity``
+    and ``auc`` (ROC AUC); a figure undefined on the held-out set (no positive or no
+    negative patch) is left out.
+    """
+
+    # Decision threshold of ``sensitivity`` / ``specificity``: the task's own
+    # probability, as a deployed detector thresholds it.
+    threshold = 0.5
 
     def __init__(self, every_steps: int = 0, name: str = "patches"):
         self.every_steps = every_steps
         self.name = name
 
     def __call__(self, engine: Engine, state, data) -> dict[str, float]:
+        from lungjax.evaluation.classification import binary_metrics
+
         sums: dict[str, float] = {}
         scores, labels = [], []
         for batch in data.eval_batches():
@@ -162,25 +182,18 @@ class PatchClassificationEvaluator:
         if not sums:
             return {}
         n = max(sums.pop("weight"), 1e-8)
-        out = {k: v / n for k, v in sums.items()}
+        means = {k: v / n for k, v in sums.items()}
+        cls = binary_metrics(np.concatenate(labels), np.concatenate(scores),
+                             threshold=self.threshold)
+        # Loss and the thresholded figures first: the console line is read left to right.
+        out = {"loss": means.pop("loss")}
+        for key, src in (("sensitivity", "sensitivity"), ("specificity", "specificity"),
+                         ("auc", "roc_auc")):
+            if np.isfinite(cls[src]):
+                out[key] = float(cls[src])
+        out.update(means)
         out["count"] = n
-        y, s = np.concatenate(labels), np.concatenate(scores)
-        if 0 < y.sum() < len(y):
-            try:
-                from lungjax.evaluation.classification import roc_auc
-            except ImportError:  # evaluation package not present: rank-based AUC
-                roc_auc = _rank_auc
-            out["auc"] = float(roc_auc(y, s))
         return out
-
-
-def _rank_auc(y, s) -> float:
-    from scipy.stats import rankdata
-
-    r = rankdata(s)
-    npos = int(y.sum())
-    nneg = len(y) - npos
-    return float((r[y == 1].sum() - npos * (npos + 1) / 2) / (npos * nneg))
 
 
 def build_evaluators(config) -> list:
@@ -212,7 +225,8 @@ def train_and_evaluate(config, workdir: str, data=None, mesh=None,
 
     Args:
       config: a validated ml_collections ConfigDict (see configs/base.py).
-      workdir: run directory: config.json, checkpoints/, metrics.jsonl, tb/.
+      workdir: run directory: config.json, checkpoints/, metrics.jsonl, tb/,
+        learning_curve.png (training and held-out figures against the step).
       data: a ``lungjax.train_data.TrainData``; default built from the config.
       mesh: device mesh; default all devices.
       engine: a prebuilt ``Engine`` of the same config (reuses its compiled steps, e.g.
@@ -346,8 +360,22 @@ def train_and_evaluate(config, workdir: str, data=None, mesh=None,
             _run_eval(ev, engine, state, data, step, writer, result)
     ckpt.close()
     writer.close()
+    if primary:
+        # Also after a preemption or a resume of a finished run: the curve so far shows
+        # whether the held-out figures still improve.
+        _plot_learning_curve(config, workdir)
     result["state"] = state
     return result
+
+
+def _plot_learning_curve(config, workdir: str) -> None:
+    """``<workdir>/learning_curve.png`` from ``<workdir>/metrics.jsonl``."""
+    from lungjax.evaluation.plots import plot_learning_curve  # matplotlib only here
+
+    path = os.path.join(workdir, LEARNING_CURVE_PNG)
+    plot_learning_curve(os.path.join(workdir, METRICS_JSONL), path,
+                        title=f"{config.name}: learning curve")
+    print(f"learning curve: {path}", flush=True)
 
 
 def _run_eval(ev, engine, state, data, step, writer, result) -> None:

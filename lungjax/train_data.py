@@ -135,12 +135,21 @@ class ArrayTrainData:
 # ----------------------------------------------------------------------------------
 
 
+def _synthetic_name(config) -> str:
+    """Cache folder of a generated dataset; the generator's format version is part of the
+    name, so a cache made by an older generator is never mistaken for the current one."""
+    from lungjax.data.synthetic import FORMAT_VERSION
+
+    d = config.data
+    return f"synthetic_{d.synthetic_preset}_seed{d.synthetic_seed}_v{FORMAT_VERSION}"
+
+
 def _default_store_path(config) -> str:
     d = config.data
     if d.root:
         name = "prepared_" + os.path.basename(os.path.normpath(d.root))
     else:
-        name = f"synthetic_{d.synthetic_preset}_seed{d.synthetic_seed}"
+        name = _synthetic_name(config)
     sp = "x".join(f"{v:g}" for v in d.spacing_zyx)
     return os.path.join(d.cache_dir, name, f"store_{sp}mm")
 
@@ -163,8 +172,7 @@ def prepare_data(config) -> str:
         if not root:
             from lungjax.data.synthetic import generate_dataset
 
-            root = os.path.join(d.cache_dir, f"synthetic_{d.synthetic_preset}_seed"
-                                f"{d.synthetic_seed}", "luna16")
+            root = os.path.join(d.cache_dir, _synthetic_name(config), "luna16")
             root = generate_dataset(root, d.synthetic_preset, seed=d.synthetic_seed,
                                     workers=d.prepare_workers)
         elif not os.path.isdir(root):

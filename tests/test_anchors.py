@@ -381,3 +381,18 @@ def test_detect_store_gives_world_marks_per_scan():
     # One mark inside the cube (voxels z 4-7, y 20-23, x 12-15), world (x + 100, y, z).
     x, y, z = marks.xyz[0]
     assert 112 <= x <= 115 and 20 <= y <= 23 and 4 <= z <= 7
+
+
+def test_detect_volume_lung_mask_drops_anchors_before_suppression():
+    vol = np.zeros((20, 36, 30), np.float32)
+    vol[4:8, 20:24, 12:16] = 1.0
+    vol[12:16, 4:8, 4:8] = 1.0
+    kw = dict(threshold=0.5, method="iou", iou_threshold=0.01)
+    both = detect_volume(_pool_detector, vol, CFG, **kw)
+    assert np.any(both.centre_zyx[:, 0] < 10) and np.any(both.centre_zyx[:, 0] > 10)
+    lung = np.zeros(vol.shape, np.uint8)
+    lung[:, 16:, :] = 1  # only the first cube lies in the "lung"
+    inside = detect_volume(_pool_detector, vol, CFG, lung_mask=lung, **kw)
+    assert len(inside) > 0 and np.all(inside.centre_zyx[:, 1] >= 16)
+    with pytest.raises(ValueError, match="lung_mask shape"):
+        detect_volume(_pool_detector, vol, CFG, lung_mask=lung[:-1], **kw)

@@ -1,5 +1,7 @@
 """Whole-scan detection on a real PatchStore and on a scan file, screening figures, CSV."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,8 +9,9 @@ import pytest
 
 from lungjax.data.coords import Geometry, voxel_to_world, world_to_voxel
 from lungjax.data.tables import Findings, Marks, read_marks_csv
-from lungjax.detect import (DetectionSettings, detect_scan, detect_store, run_detection,
-                            screening_stats, store_screening_stats, write_submission)
+from lungjax.detect import (DetectionSettings, detect_scan, detect_store, detect_volume,
+                            run_detection, screening_stats, store_screening_stats,
+                            write_submission)
 from lungjax.tasks.screening import output_mapping
 
 # A fixed "network": mean over a (3, 5, 5) box, then a (1, 2, 2) stride-2 max-pool, all
@@ -153,7 +156,7 @@ def test_screening_stats_rules():
 def test_settings_from_config_and_validation():
     s = DetectionSettings.from_config({"threshold": 0.85, "nms_distance_mm": 6.0,
                                        "max_candidates_per_scan": 0, "tile_zyx": [32, 64, 64]})
-    assert s == DetectionSettings(0.85, 6.0, (32, 64, 64), 1, None, None, False)
+    assert s == DetectionSettings(0.85, 6.0, (32, 64, 64), 1, None, None, False, False)
     with pytest.raises(ValueError, match="nms_radius_mm"):
         DetectionSettings(nms_radius_mm=-1)
 
@@ -239,3 +242,28 @@ def test_cli_runs_an_exported_tile_sized_model(tmp_path, capsys):
                             (12, 40, 40), {})
     with pytest.raises(ValueError, match="output_mapping"):
         detect.load_exported_detector(tmp_path / "bad")
+
+
+def test_log_odds_scores_rank_cells_a_float32_probability_ties():
+    """Two peaks whose float32 probabilities are both 1.0: ranked by log-odds, the higher
+    one comes first wherever it sits, the threshold stays a probability, and candidate
+    scores are float64 probabilities."""
+    from lungjax.tasks.screening import OutputMapping
+
+    log_odds = np.full((12, 12, 12), -5.0, np.float32)
+    log_odds[2, 2, 2] = 25.0   # first in scan order
+    log_odds[9, 9, 9] = 40.0   # higher, later in scan order
+    log_odds[5, 9, 2] = 0.5    # p = 0.62: below a 0.7 threshold
+    assert float(1 / (1 + np.exp(np.float32(-25.0)))) == 1.0  # float32 saturates
+    ident = OutputMapping((1, 1, 1), (0.0, 0.0, 0.0), (1, 1, 1))
+    geom = Geometry.identity()
+    predict = lambda x: x[..., 0]  # noqa: E731  the "network" returns its input
+    settings = DetectionSettings(threshold=0.7, nms_radius_mm=2.0, max_candidates=1,
+                                 log_odds=True)
+    cands = detect_volume(predict, log_odds, geom, ident, settings)
+    np.testing.assert_array_equal(cands.cells, [[9, 9, 9]])
+    assert cands.score.dtype == np.float64 and 1 - cands.score[0] == pytest.approx(
+        np.exp(-40.0), rel=1e-6)
+    both = detect_volume(predict, log_odds, geom, ident,
+                         dataclasses.replace(settings, max_candidates=None))
+    np.testing.assert_array_equal(both.cells, [[9, 9, 9], [2, 2, 2]])

@@ -6,6 +6,7 @@ score held-out candidates -> FROC -> export -> cross-validation report with abla
 import importlib.util
 import json
 import pathlib
+import types
 
 import jax
 import numpy as np
@@ -87,16 +88,25 @@ def test_candidates_round_trip(tmp_path):
     assert list(marks.uid) == ["u1", "u1"] and np.allclose(marks.probability, [0.9, 0.7])
 
 
-@pytest.mark.slow
-def test_tiny_end_to_end_train_export_cv(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_fold(tmp_path_factory):
+    """The ``tiny`` method (config seed) trained once on fold 0, in ``<root>/cv/fold_0``;
+    ``rec`` is the fold record ``--mode=train`` returned."""
     pytest.importorskip("lungjax.data.synthetic")
     c = _config("tiny")
-    c.data.cache_dir = str(tmp_path / "data_cache")
+    root = tmp_path_factory.mktemp("dou2017_tiny")
+    c.data.cache_dir = str(root / "data_cache")
     c.detection.max_scans = 1
     c.cv.folds = (0,)
-    fold_dir = tmp_path / "cv" / "fold_0"
-
+    fold_dir = root / "cv" / "fold_0"
     rec = modes.run("train", c, str(fold_dir))
+    return types.SimpleNamespace(config=c, root=root, fold_dir=fold_dir, rec=rec)
+
+
+@pytest.mark.slow
+def test_tiny_end_to_end_train_export_cv(tiny_fold):
+    c = tiny_fold.config.copy_and_resolve_references()
+    root, fold_dir, rec = tiny_fold.root, tiny_fold.fold_dir, tiny_fold.rec
     assert 0.0 <= rec["cpm"] <= 1.0 and len(rec["sensitivities"]) == 7
     s1 = rec["stage1"]["osf"]
     assert s1["n_scans"] == 1 and s1["n_nodules"] >= 1 and s1["fps_per_scan"] >= 0
@@ -108,6 +118,8 @@ def test_tiny_end_to_end_train_export_cv(tmp_path):
     assert header[-1] == "diameter_mm"
     png = pathlib.Path(rec["submission_csv"]).with_name("froc.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("learning_curve_stage1.png", "learning_curve_resnet_hl.png"):
+        assert png.with_name(name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(np.unique(sub.uid)) <= set(rec["uids"])
     u = rec["uids"][0]
     secs = rec["stage2"]["resnet_hl"]["seconds_per_scan"][u]
@@ -140,15 +152,75 @@ def test_tiny_end_to_end_train_export_cv(tmp_path):
     # paper's three tables + FROC curves are written
     c.train.num_steps = 4
     c.stage2.train.num_steps = 2
-    report = modes.run("cv", c, str(tmp_path / "cv"))
-    tables = (tmp_path / "cv" / "cv" / "dou2017_tables.md").read_text(encoding="utf-8")
+    report = modes.run("cv", c, str(root / "cv"))
+    tables = (root / "cv" / "cv" / "dou2017_tables.md").read_text(encoding="utf-8")
     assert "without OSF" in tables and "with OSF" in tables
     for name in ("DeepNet", "ResNet", "ResNet+HL"):
         assert f"| {name} |" in tables
     assert "paper (Dou et al. 2017)" in tables
-    assert (tmp_path / "cv" / "cv" / "froc_cv.png").is_file()
-    assert (tmp_path / "cv" / "cv" / "froc_systems.png").is_file()
+    assert (root / "cv" / "cv" / "froc_cv.png").is_file()
+    assert (root / "cv" / "cv" / "froc_systems.png").is_file()
     assert report["pooled"] is not None and "stage1_no_osf_sensitivity" in report["metrics"]
     fold = json.loads((fold_dir / "dou2017.json").read_text(encoding="utf-8"))
     assert set(fold["stage2"]) == {"deepnet", "resnet", "resnet_hl"}
     assert fold["stage2"]["resnet_hl"]["cpm"] == rec["cpm"]  # the trained fold was reused
+
+
+@pytest.mark.slow
+def test_tiny_trained_stage1_beats_step0_on_the_held_out_fold(tiny_fold, tmp_path):
+    """Stage 1 (the FCN) of the trained tiny method against the same FCN at step 0.
+
+    Same config and seed (the engine's initial state is the step-0 network the trained
+    run started from), measured on fold 0's held-out scan only (never trained on):
+
+    * held-out patch AUC: the ``evals.patches`` evaluator over fold 0's nodule and
+      candidate-negative 10x30x30 patches; the trained figure is the one the pipeline
+      recorded (``stage1/train_summary.json``), the step-0 one the same evaluator on the
+      initial state. Observed: 0.301 at step 0, 0.732 trained.
+    * whole-scan screening (``screen_scans``, threshold 0.5, at most 16 candidates per
+      scan, as the pipeline): nodules hit by the stage-1 candidates, at no more false
+      positives per scan than step 0. Observed: 0/3 at step 0, 1/3 trained, 15 FPs each.
+
+    A network that learns nothing keeps its step-0 ranking and candidates, so both strict
+    comparisons fail. Not compared: the final FROC, 0 for the trained pipeline (stage 2,
+    4 steps, ranks the one stage-1 hit below 8 false positives) as for step 0.
+
+    Measured beyond this test: the tiny FCN (widths 4-4-8-8, N(0, 0.01) weights, 12 Adam
+    steps) improves on the held-out fold at seeds 0 and 1 only; at seeds 2-4 its output
+    became constant (held-out AUC exactly 0.5; ReLU biases pushed below the tiny
+    activations), so this passes at the config seed, not for any seed.
+    """
+    from lungjax import train
+    from lungjax.checkpointing import Checkpointer
+    from lungjax.data.store import PatchStore
+    from lungjax.detect import store_screening_stats
+    from lungjax.train_data import build_train_data, prepare_data
+
+    c, fold_dir, rec = tiny_fold.config, tiny_fold.fold_dir, tiny_fold.rec
+    assert c.seed == 0
+    cfg1 = st.stage1_config(c, True)
+    engine = train.build_engine(cfg1)
+    state0 = engine.init_state()
+
+    trained = json.loads((fold_dir / "stage1" / "train_summary.json").read_text(
+        encoding="utf-8"))["eval/patches"]
+    step0 = train.PatchClassificationEvaluator()(engine, state0, build_train_data(cfg1))
+    print(f"stage-1 held-out patch AUC: step 0 {step0['auc']:.4f}, trained "
+          f"{trained['auc']:.4f} ({int(step0['count'])} patches)")
+    assert step0["count"] == trained["count"] > 0
+    assert trained["auc"] > step0["auc"] + 0.2
+
+    # The step-0 FCN screens the held-out scan as the pipeline does (from a checkpoint).
+    run0 = tmp_path / "stage1_step0"
+    ck = Checkpointer(run0 / "checkpoints", async_save=False)
+    ck.save(0, state0, host_state={"round": 0})
+    ck.close()
+    store = PatchStore.open(prepare_data(c))
+    det = st.screen_scans(cfg1, str(run0), store, rec["uids"], progress=False)
+    s0, s1 = store_screening_stats(det.marks, store, rec["uids"]), rec["stage1"]["osf"]
+    print(f"stage-1 held-out screening: step 0 {s0['n_detected']}/{s0['n_nodules']} hit, "
+          f"{s0['fps_per_scan']:.0f} FPs/scan; trained {s1['n_detected']}/{s1['n_nodules']} "
+          f"hit, {s1['fps_per_scan']:.0f} FPs/scan")
+    assert s0["n_nodules"] == s1["n_nodules"] > 0
+    assert s1["n_detected"] > s0["n_detected"]
+    assert s1["fps_per_scan"] <= s0["fps_per_scan"]

@@ -177,3 +177,19 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
     step, state, host = ck.restore(abstract)
     assert step == 4 and int(state.step) == 4
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state.params))
+
+
+def test_classification_log_odds_equal_log_p_over_1_minus_p():
+    from lungjax.tasks.classification import ClassificationTask
+
+    logits = jnp.array([[0.3, 2.0, -1.0], [5.0, -3.0, 0.0]], jnp.float32)
+    for pos in (0, 1, 2):
+        task = ClassificationTask(num_classes=3, positive_class=pos)
+        p = np.asarray(task.probabilities(logits), np.float64)
+        np.testing.assert_allclose(np.asarray(task.log_odds(logits)), np.log(p / (1 - p)),
+                                   rtol=1e-5, atol=1e-5)
+    # Past the float32 saturation of the probability the log-odds keep their order.
+    task = ClassificationTask(num_classes=2, positive_class=1)
+    big = jnp.array([[0.0, 30.0], [0.0, 40.0]], jnp.float32)
+    assert float(task.probabilities(big)[0]) == float(task.probabilities(big)[1]) == 1.0
+    np.testing.assert_allclose(np.asarray(task.log_odds(big)), [30.0, 40.0])

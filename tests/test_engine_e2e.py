@@ -37,6 +37,8 @@ def test_tiny_train_evaluate_export_cv(tmp_path, cache_dir):
     assert 0.0 <= det["cpm"] <= 1.0 and det["scans"] >= 1
     assert (workdir / "eval" / "submission.csv").is_file()
     assert (workdir / "eval" / "froc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for png in ("learning_curve.png", "eval/learning_curve.png"):  # beside the FROC too
+        assert (workdir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     record = json.loads((workdir / "eval" / "froc.json").read_text(encoding="utf-8"))
     assert record["cpm"] == pytest.approx(det["cpm"])
     assert json.loads((workdir / modes.DONE_FILE).read_text(encoding="utf-8"))["step"] == c.train.num_steps

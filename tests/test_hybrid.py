@@ -277,3 +277,41 @@ def test_task_in_engine_eval_step():
     want = jax.jit(direct)(state.variables(), batch)
     assert float(metrics["loss"] / metrics["weight"]) == pytest.approx(float(want), rel=1e-5)
     assert "pred_diameter_mm" in host and host["pred_diameter_mm"].shape == (4,)
+
+
+def test_classify_scans_places_marks_at_the_regressed_centre():
+    """Stage-2 marks sit at patch centre + regressed offset (world mm), or at the stage-1
+    candidate when the position is not regressed."""
+    from lungjax.data.coords import Geometry, voxel_to_world
+    from lungjax.methods.dou2017_stages import classify_scans
+
+    geom = Geometry(spacing=np.array([0.5, 1.0, 2.0]), origin=np.array([10.0, 20.0, 30.0]),
+                    direction=np.eye(3))
+
+    class _Store:
+        def scan(self, uid):
+            return type("Rec", (), {"geometry": geom})()
+
+        def read_volume(self, uid):
+            return np.zeros((30, 30, 30), np.float32)
+
+    class _Classifier:
+        size = (24, 60, 60)
+
+        def __call__(self, volume, voxel_zyx):
+            n = len(voxel_zyx)
+            return {"score": np.linspace(0.9, 0.1, n), "diameter_mm": np.full(n, 6.0),
+                    "offset_zyx": np.tile([1.5, -2.0, 0.25], (n, 1))}
+
+    vox = np.array([[10.0, 12.0, 14.0], [20.0, 5.0, 7.0]])
+    cands = {"a": {"voxel_zyx": vox, "world_xyz": voxel_to_world(vox, geom),
+                   "score": np.array([0.99, 0.98])}}
+    marks, diam, _ = classify_scans(_Classifier(), _Store(), cands, ["a"],
+                                    regressed_position=True)
+    # Geometric centre of a patch read at c: c - S // 2 + (S - 1) / 2 = c - 0.5.
+    expect = voxel_to_world(vox - 0.5 + np.array([1.5, -2.0, 0.25]), geom)
+    np.testing.assert_allclose(marks.xyz, expect)
+    np.testing.assert_allclose(marks.probability, [0.9, 0.1])
+    np.testing.assert_allclose(diam, [6.0, 6.0])
+    plain, _, _ = classify_scans(_Classifier(), _Store(), cands, ["a"])
+    np.testing.assert_allclose(plain.xyz, cands["a"]["world_xyz"])

@@ -423,3 +423,19 @@ def test_dou2017_fcn_score_cells_equal_patch_classification():
     direct = np.asarray(fn(variables, np.stack(patches)[..., None]))[:, 0, 0, 0]
     np.testing.assert_allclose([scores[c] for c in picks], direct, rtol=1e-5, atol=1e-6)
     assert scores.shape == (11, 17, 16)
+
+
+def test_refine_peaks_moves_a_rim_peak_to_the_plateau_centre():
+    from lungjax.tasks.screening import refine_peaks
+
+    w = np.zeros((9, 9, 9))
+    w[3:6, 3:6, 3:6] = 1.0  # a plateau centred at (4, 4, 4)
+    w[5, 5, 5] = 1.01       # whose maximum sits on its rim
+    out = refine_peaks(w, np.array([[5, 5, 5]]), 4.0)  # the window holds the plateau
+    np.testing.assert_allclose(out[0], [4.0, 4.0, 4.0], atol=0.02)
+    part = refine_peaks(w, np.array([[5, 5, 5]]), 2.0)[0]  # part of it: pulled inwards
+    assert np.all((part > 4.0) & (part < 4.8))
+    # Radius 0 on an axis leaves that axis alone; an empty neighbourhood leaves the peak.
+    np.testing.assert_allclose(refine_peaks(w, np.array([[5, 5, 5]]), (0, 2, 2))[0][0], 5.0)
+    np.testing.assert_allclose(refine_peaks(np.zeros((5, 5, 5)), np.array([[1, 2, 3]]), 1.0),
+                               [[1, 2, 3]])

@@ -18,8 +18,10 @@ from lungjax.data.synthetic import (MARKER, PRESETS, RECORDS, UID_PREFIX, genera
                                     read_malignancy_csv, series_uids)
 from lungjax.data.synthetic_nodules import density_class, resample_mask
 from lungjax.data.synthetic_render import render_scan_png
-from lungjax.data.synthetic_scan import lidc_geometries
+from lungjax.data.synthetic_scan import (MIN_ANNOTATED_MM, MIN_READERS, is_annotated,
+                                         lidc_geometries)
 from lungjax.data.tables import Marks, read_findings_csv, read_uid_list
+from lungjax.evaluation.blob_baseline import THRESHOLDS_HU, blob_marks, evaluate_blob_baseline
 from lungjax.evaluation.froc import compute_froc
 
 N_TINY = PRESETS["tiny"].n_scans
@@ -203,39 +205,37 @@ def test_cli_reuses_dataset_and_renders(tiny, tmp_path):
 
 # ---- vessels make intensity thresholding insufficient ------------------------------
 
-def _blob_marks(root, uids, threshold_hu, score):
-    """Threshold inside the lung mask, 26-connected components, a mark at each
-    component's centroid scored by its size or its mean HU."""
-    uid_col, xyz, prob = [], [], []
-    for uid in uids:
-        scan = io.read_scan(_scan_path(root, uid))
-        lung = np.isin(io.read_scan(os.path.join(root, "seg-lungs-LUNA16", uid + ".mhd")).array,
-                       (3, 4))
-        fg = (scan.array > threshold_hu) & lung
-        lab, n = ndimage.label(fg, np.ones((3, 3, 3)))
-        if n == 0:
-            continue
-        idx = np.arange(1, n + 1)
-        centres = np.asarray(ndimage.center_of_mass(fg, lab, idx))
-        value = (ndimage.sum(fg, lab, idx) if score == "size"
-                 else ndimage.mean(scan.array, lab, idx))
-        uid_col += [uid] * n
-        xyz.append(voxel_to_world(centres, scan.geometry))
-        prob.append(np.asarray(value, np.float64))
-    return Marks(uid_col, np.concatenate(xyz), np.concatenate(prob))
-
-
 def test_bright_blob_detector_scores_clearly_below_a_perfect_one(tiny):
-    ann = read_findings_csv(os.path.join(tiny, "annotations.csv"))
-    exc = read_findings_csv(os.path.join(tiny, "annotations_excluded.csv"))
+    ds = Luna16Dataset.open(tiny)
     uids = read_uid_list(os.path.join(tiny, "seriesuids.csv"))
-    perfect = compute_froc(ann, exc, uids, Marks(ann.uid, ann.xyz, np.ones(len(ann))))
+    ann = ds.annotations
+    perfect = compute_froc(ann, ds.excluded, uids, Marks(ann.uid, ann.xyz, np.ones(len(ann))))
     assert perfect.cpm == pytest.approx(1.0)
-    cpms = {}
-    for threshold in (-600, -400, -200):
-        for score in ("size", "mean"):
-            marks = _blob_marks(tiny, uids, threshold, score)
-            cpms[threshold, score] = compute_froc(ann, exc, uids, marks).cpm
+    res = evaluate_blob_baseline(ds, uids)
+    cpms = {(r["threshold_hu"], r["score"]): r["cpm"] for r in res["settings"]}
     print("blob detector CPM by (threshold HU, score):",
           {k: round(v, 3) for k, v in cpms.items()}, "perfect:", perfect.cpm)
+    assert len(cpms) == len(THRESHOLDS_HU) * 2
+    assert res["best"]["cpm"] == max(cpms.values())
     assert max(cpms.values()) < perfect.cpm - 0.35
+    # The marks themselves: one per connected component, inside the scans' lungs.
+    marks = blob_marks(ds, uids[:1], THRESHOLDS_HU[0], "size")
+    assert len(marks) > 0 and set(marks.uid) == {uids[0]}
+
+
+def test_annotations_follow_the_luna16_rule(tiny):
+    """Annotated nodules are >= 3 mm and marked by >= 3 readers; a library nodule rendered
+    under 3 mm is an excluded finding, drawn in the image but with no mask label."""
+    ann = read_findings_csv(os.path.join(tiny, "annotations.csv"))
+    mal = read_malignancy_csv(os.path.join(tiny, "malignancy.csv"))
+    assert len(ann) > 0
+    assert np.all(ann.diameter_mm >= MIN_ANNOTATED_MM)
+    assert np.all(mal["n_readers"] >= MIN_READERS)
+    assert is_annotated(3.0, 3) and not is_annotated(2.99, 4) and not is_annotated(5.0, 2)
+    for rec_file in os.listdir(os.path.join(tiny, RECORDS)):
+        with open(os.path.join(tiny, RECORDS, rec_file), encoding="utf-8") as f:
+            rec = json.load(f)
+        small = [e for e in rec["excluded"] if e["kind"] == "small_nodule"]
+        for e in small:  # under 3 mm: LUNA16 lists them without a diameter
+            assert e["diameter_mm"] == -1.0
+        assert [n["label"] for n in rec["nodules"]] == list(range(1, len(rec["nodules"]) + 1))

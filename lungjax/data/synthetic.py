@@ -40,7 +40,7 @@ MARKER = "synthetic.json"
 RECORDS = "synthetic-records"
 LUNG_MASKS = "seg-lungs-LUNA16"
 NODULE_MASKS = "nodule-masks"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: LUNA16's annotation rule (>= 3 mm), 5 scans x 6-8 nodules per subset
 
 __all__ = ["PRESETS", "Preset", "generate_dataset", "series_uids", "fold_of_index",
            "read_malignancy_csv"]
@@ -204,8 +204,11 @@ that the same loaders, preprocessing and evaluation run on it as on the real dat
 - `annotations.csv`: centre of mass and equivalent-sphere diameter of each rendered
   nodule mask. `malignancy.csv`: the source nodule's median LIDC reader scores
   (malignancy, texture, ...), its reader count, and its label in `nodule-masks/`.
-- `annotations_excluded.csv`: sub-3 mm nodules (diameter -1) and faint 3-6 mm
-  opacities, both drawn in the images; as in LUNA16, marks on them are ignored.
+- `annotations.csv` follows LUNA16's rule: nodules of at least 3 mm marked by at least
+  3 readers. A library nodule that renders under 3 mm at the scan's voxel size goes to
+  `annotations_excluded.csv` instead (diameter -1), as do other sub-3 mm nodules
+  (diameter -1) and faint 3-6 mm opacities, all drawn in the images; as in LUNA16, marks
+  on them are neither hits nor false positives.
 - `candidates_V2.csv`: class 1 near every nodule; class 0 on vessels (bifurcations
   first), at random lung points and on the excluded findings.
 - `seg-lungs-LUNA16/`: lung masks with LUNA16's values (3 right, 4 left, 5 trachea).
@@ -226,7 +229,7 @@ def generate_dataset(out_dir: str | os.PathLike, preset: str = "tiny", seed: int
 
     Args:
       out_dir: destination folder (created).
-      preset: "tiny" (5 small scans, seconds) or "default" (40 scans).
+      preset: "tiny" (5 small scans, seconds) or "default" (50 scans).
       seed: random seed; (preset, seed) fixes every byte of the output.
       workers: processes generating scans in parallel (same output for any count).
       progress: print one line per finished scan.

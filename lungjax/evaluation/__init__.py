@@ -17,7 +17,8 @@ _EXPORTS = {
     "pixel_roc_auc": "segmentation", "segmentation_metrics": "segmentation",
     "cv_report": "reports", "froc_table": "reports", "pooled_froc": "reports",
     "summarize_folds": "reports",
-    "plot_froc": "plots", "plot_froc_curves": "plots", "plot_roc": "plots",
+    "plot_froc": "plots", "plot_froc_curves": "plots", "plot_learning_curve": "plots",
+    "plot_roc": "plots", "plot_run_learning_curves": "plots",
 }
 
 __all__ = sorted(_EXPORTS)

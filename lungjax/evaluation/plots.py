@@ -1,4 +1,5 @@
-"""Figures for evaluation results: FROC curves (one system or several), ROC curves.
+"""Figures for evaluation results: FROC curves (one system or several), ROC curves, and
+learning curves of a training run (its ``metrics.jsonl`` against the step).
 
 Figures are built on ``matplotlib.figure.Figure`` (no pyplot global state, no display
 needed) and saved atomically: written to a temporary file in the target directory,
@@ -13,11 +14,13 @@ from typing import Mapping
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import FixedFormatter, FixedLocator
+from matplotlib.ticker import FixedFormatter, FixedLocator, MaxNLocator
 
 from lungjax.evaluation.froc import FP_RATES, FROC_MAX_X, FROC_MIN_X, FrocResult
+from lungjax.metrics_log import METRICS_JSONL, metric_series, read_jsonl
 
-__all__ = ["plot_froc", "plot_froc_curves", "plot_roc", "save_figure"]
+__all__ = ["plot_froc", "plot_froc_curves", "plot_learning_curve", "plot_roc",
+           "plot_run_learning_curves", "save_figure"]
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 150) -> None:
@@ -134,3 +137,116 @@ def plot_roc(curves: Mapping[str, tuple], path: str | os.PathLike, *,
         ax.set_title(title)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+# Held-out rates of the lower panel: (metric, line style, legend text).
+_RATES = (("sensitivity", "-", "sensitivity"), ("specificity", ":", "specificity"),
+          ("auc", "--", "ROC AUC"))
+
+
+def plot_learning_curve(metrics_jsonl_path: str | os.PathLike, out_png: str | os.PathLike,
+                        *, title: str | None = "learning curve") -> None:
+    """Training and held-out figures of one run against the step.
+
+    Upper panel: the training loss (``split="train"`` records, every ``log_every``
+    steps; ``loss_all``, the mean over every sample of the batch, when logged, so that
+    it compares with the held-out loss, plus the OSF-selected samples' ``loss`` dotted
+    when online sample filtering dropped samples) and the held-out ``loss`` of each
+    evaluator (``split="eval_<name>"``). Lower panel: each evaluator's held-out
+    ``sensitivity`` (solid), ``specificity`` (dotted) and ``auc`` (dashed) where
+    logged. A panel with nothing to draw says so (e.g. no evaluator ran: then
+    ``config.evals.<name>.every_steps`` > 0 gives points).
+
+    Args:
+      metrics_jsonl_path: a ``MetricWriter`` log (``lungjax.metrics_log``).
+      out_png: output image (written atomically).
+      title: figure title.
+    """
+    series = metric_series(read_jsonl(metrics_jsonl_path))
+    train = series.get("train", {})
+    evals = {split[len("eval_"):]: m for split, m in sorted(series.items())
+             if split.startswith("eval_")}
+    fig = Figure(figsize=(7, 6.5))
+    ax_loss, ax_rate = fig.subplots(2, 1, sharex=True)
+    losses = []
+
+    def draw_loss(curve, **kw):
+        ax_loss.plot(*curve, **kw)
+        losses.append(curve[1])
+
+    key = "loss_all" if "loss_all" in train else "loss"
+    if key in train:
+        draw_loss(train[key], color="0.3", lw=1.5, label="training loss")
+        selected = train.get("selected_fraction", (None, np.ones(1)))[1]
+        if key == "loss_all" and "loss" in train and np.nanmin(selected) < 1:
+            draw_loss(train["loss"], color="0.3", lw=1, ls=":",
+                      label="training loss (OSF-selected samples)")
+    rates = 0
+    for i, (name, m) in enumerate(evals.items()):
+        color = f"C{i % 10}"
+        if "loss" in m:
+            draw_loss(m["loss"], color=color, lw=1.5, marker="o", ms=4,
+                      label=f"held-out loss ({name})")
+        for metric, ls, text in _RATES:
+            if metric in m:
+                ax_rate.plot(*m[metric], color=color, ls=ls, lw=1.5, marker="o", ms=4,
+                             label=f"{text} ({name})")
+                rates += 1
+
+    values = np.concatenate(losses) if losses else np.zeros(0)
+    values = values[np.isfinite(values)]
+    # Losses fall by orders of magnitude early on; a log axis keeps the late steps,
+    # which decide whether more training would help, readable.
+    if values.size and values.min() > 0 and values.max() > 10 * values.min():
+        ax_loss.set_yscale("log")
+    ax_loss.set_ylabel("loss")
+    ax_loss.grid(True, alpha=0.4)
+    if losses:
+        ax_loss.legend(loc="best", fontsize="small")
+    else:
+        _say(ax_loss, "no loss logged")
+    ax_rate.set_ylim(-0.02, 1.02)  # rates of 0 and 1 stay visible off the frame
+    ax_rate.set_ylabel("held-out rate")
+    ax_rate.set_xlabel("step")
+    ax_rate.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_rate.grid(True, alpha=0.4)
+    if rates:
+        ax_rate.legend(loc="best", fontsize="small")
+    else:
+        _say(ax_rate, "no held-out sensitivity / AUC logged\n(config.evals.<name>.every_steps "
+                      "> 0 evaluates every N steps)")
+    if title:
+        ax_loss.set_title(title)
+    fig.tight_layout()
+    save_figure(fig, out_png)
+
+
+def _say(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center",
+            color="0.4", fontsize="small")
+
+
+def plot_run_learning_curves(out_dir: str | os.PathLike,
+                             runs: Mapping[str, str | os.PathLike]) -> list[str]:
+    """Learning curves of training runs into one directory (e.g. beside the FROC curve
+    the runs produced).
+
+    Args:
+      out_dir: output directory.
+      runs: {output file name (e.g. "learning_curve_stage1.png"): run directory holding
+        a ``metrics.jsonl``}; a run without one (e.g. a checkpoint copied without its
+        logs) is skipped.
+
+    Returns:
+      Paths written.
+    """
+    written = []
+    for name, run_dir in runs.items():
+        log = os.path.join(run_dir, METRICS_JSONL)
+        if not os.path.isfile(log):
+            continue
+        tail = os.path.join(*os.path.normpath(os.path.abspath(run_dir)).split(os.sep)[-2:])
+        path = os.path.join(out_dir, name)
+        plot_learning_curve(log, path, title=f"learning curve: {tail}")
+        written.append(path)
+    return written

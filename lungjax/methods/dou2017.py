@@ -10,7 +10,8 @@ Selected by ``config.method = "dou2017"`` (``configs/dou2017.py``); every ``--mo
                                candidates_test.npz (held-out scans)
       stage2_<net>/            FP-reduction network, initialised from stage1 conv1-3
       stage2_<net>/eval/       submission.csv (world mm, probability, diameter_mm),
-                               froc.json (FROC / CPM, stage-1 figures, s/scan)
+                               froc.json (FROC / CPM, stage-1 figures, s/scan), froc.png,
+                               learning_curve_stage1.png, learning_curve_<net>.png
       dou2017.json             the fold's record (also its "done" marker)
 
   Each step leaves a record; a rerun skips finished steps and resumes a cut training
@@ -38,6 +39,7 @@ from lungjax.data.sampler import spread_subset
 from lungjax.data.tables import Marks
 from lungjax.methods import dou2017_stages as st
 from lungjax.metrics_log import banner
+from lungjax.modes import FROC_BOOTSTRAP, cpm_interval
 from lungjax.registry import METHODS
 
 FOLD_RECORD = "dou2017.json"
@@ -157,18 +159,22 @@ def _evaluate_network(config, cfg2, run_dir, store, test_uids, stage1_test, stag
     from lungjax.evaluation.froc import compute_froc
 
     clf = st.CandidateClassifier.from_checkpoint(cfg2, run_dir, batch)
-    marks, diam, sec2 = st.classify_scans(clf, store, stage1_test, test_uids)
+    marks, diam, sec2 = st.classify_scans(
+        clf, store, stage1_test, test_uids,
+        regressed_position=bool(config.stage2.regressed_position))
     out_dir = os.path.join(run_dir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     sub = os.path.join(out_dir, "submission.csv")
     if jax.process_index() == 0:
         write_submission(sub, marks, diam)
-    froc = compute_froc(store.findings(test_uids), store.excluded(test_uids), test_uids, marks)
+    froc = compute_froc(store.findings(test_uids), store.excluded(test_uids), test_uids, marks,
+                        n_bootstrap=FROC_BOOTSTRAP, seed=int(config.seed))
     per_scan = {u: {"stage1": stage1_test[u]["seconds"], "stage2": sec2[u],
                     "total": stage1_test[u]["seconds"] + sec2[u]} for u in test_uids}
     record = {
         "network": cfg2.model.name, "step": clf.step, "fold": int(config.data.fold),
-        "uids": list(test_uids), "cpm": froc.cpm, "froc_new": froc.froc_new,
+        "uids": list(test_uids), "cpm": froc.cpm, "cpm_ci95": cpm_interval(froc),
+        "froc_new": froc.froc_new,
         "sensitivities": np.asarray(froc.sensitivities).tolist(),
         "sensitivity_at_1fp": float(froc.sensitivities[ONE_FP]),
         "n_nodules": froc.n_nodules, "n_detected": froc.n_detected, "marks": len(marks),
@@ -238,11 +244,16 @@ def run_fold(config, fold_dir: str, *, ablations: bool = False,
             banner(f"stage 2 ({net}): scoring the candidates of {len(test_uids)} held-out scans")
             rec = _evaluate_network(config, cfg2, run_dir, store, test_uids, s1["test"],
                                     s1["stats"], int(config.stage2.inference_batch))
+        if jax.process_index() == 0:  # the learning curves beside the FROC they led to
+            from lungjax.evaluation.plots import plot_run_learning_curves
+
+            plot_run_learning_curves(os.path.join(run_dir, "eval"), {
+                "learning_curve_stage1.png": s1["dir"], f"learning_curve_{net}.png": run_dir})
         record["stage2"][net] = {k: v for k, v in rec.items() if k != "froc"}
         record["stage2"][net]["froc"] = rec["froc"]
     main = nets[0]
     m = record["stage2"][main]
-    record.update(network=main, cpm=m["cpm"], froc_new=m["froc_new"],
+    record.update(network=main, cpm=m["cpm"], cpm_ci95=m["cpm_ci95"], froc_new=m["froc_new"],
                   sensitivities=m["sensitivities"], submission_csv=m["submission_csv"],
                   mean_seconds_per_scan=m["mean_seconds_per_scan"],
                   wall_seconds=time.perf_counter() - t0)
@@ -263,9 +274,13 @@ def _print_fold(record: dict, fold_dir: str) -> None:
                      "candidates/scan" + (" (used by stage 2)"
                                           if key == record["stage1_main"] else ""))
     for net, m in record["stage2"].items():
-        lines.append(f"  stage 2 {net}: CPM {m['cpm']:.4f}, sensitivity at 1 FP/scan "
+        lo, hi = m["cpm_ci95"]
+        lines.append(f"  stage 2 {net}: CPM {m['cpm']:.4f} (95% CI {lo:.3f}-{hi:.3f}), "
+                     f"{m['n_detected']}/{m['n_nodules']} nodules hit, sensitivity at 1 FP/scan "
                      f"{m['sensitivity_at_1fp']:.3f}, {m['mean_seconds_per_scan']:.1f} s/scan")
-    lines += [f"CPM (FROC[luna]) = {record['cpm']:.4f} ({record['network']})",
+    lo, hi = record["cpm_ci95"]
+    lines += [f"CPM (FROC[luna]) = {record['cpm']:.4f} (95% CI {lo:.3f}-{hi:.3f}, bootstrap over "
+              f"scans; {record['network']})",
               f"submission: {record['submission_csv']}",
               f"FROC curve: {os.path.join(os.path.dirname(record['submission_csv']), 'froc.png')}",
               f"record: {os.path.join(fold_dir, FOLD_RECORD)}"]

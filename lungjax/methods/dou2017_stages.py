@@ -7,6 +7,7 @@ All voxel coordinates are in the prepared store's grid, (z, y, x); world points 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -25,7 +26,7 @@ NETWORKS = ("deepnet", "resnet", "resnet_hl")
 # Sections of ``config.stage2`` that replace the stage-1 section outright (the FCN's
 # model/task fields mean nothing to the stage-2 network); the others are merged.
 _REPLACED = ("model", "task", "evals")
-_NOT_SECTIONS = ("networks", "inference_batch")
+_NOT_SECTIONS = ("networks", "inference_batch", "regressed_position")
 
 
 # ---------------------------------------------------------------------------- configs
@@ -161,8 +162,11 @@ def screen_scans(config1, stage1_dir: str, store, uids: Sequence[str], *,
     ck = restore_params(os.path.join(stage1_dir, "checkpoints"))
     variables = {"params": ck["params"], **ck["model_state"]}
     mapping = output_mapping(model.layer_specs(), center="patch")
-    settings = DetectionSettings.from_config(config1.detection.to_dict())
-    return run_detection(make_predict_fn(model, task, config1.data.spatial_dims), store,
+    # Ranked by log-odds: a trained FCN's probabilities saturate at 1.0 over many cells.
+    settings = dataclasses.replace(DetectionSettings.from_config(config1.detection.to_dict()),
+                                   log_odds=True)
+    predict = make_predict_fn(model, task, config1.data.spatial_dims, output="log_odds")
+    return run_detection(predict, store,
                          list(uids), mapping, settings, variables=variables,
                          progress=progress and jax.process_index() == 0)
 
@@ -247,21 +251,36 @@ class CandidateClassifier:
 
 
 def classify_scans(classifier: CandidateClassifier, store, cands: Mapping[str, Mapping],
-                   uids: Sequence[str]) -> tuple[Marks, np.ndarray | None, dict[str, float]]:
+                   uids: Sequence[str], *, regressed_position: bool = False
+                   ) -> tuple[Marks, np.ndarray | None, dict[str, float]]:
     """Stage 2 on the stage-1 candidates of ``uids``.
 
+    Args:
+      regressed_position: a network with a regression head places each mark at its
+        regressed nodule centre (the paper's T_x, T_y, T_z) instead of the stage-1
+        candidate voxel, which sits on the score volume's stride-2 grid and can fall just
+        outside a small nodule's radius.
+
     Returns:
-      (marks at the candidates' world positions with the stage-2 probability,
-      (M,) regressed diameters in mm or None for classification-only networks,
-      {uid: stage-2 seconds}).
+      (marks at the regressed centres (or the candidates' positions) in world mm with the
+      stage-2 probability, (M,) regressed diameters in mm or None for classification-only
+      networks, {uid: stage-2 seconds}).
     """
+    from lungjax.data.coords import voxel_to_world
+    from lungjax.tasks.hybrid import patch_geometric_center
+
     marks, diam, seconds = [], [], {}
     for uid in uids:
         t0 = time.perf_counter()
         c = cands[uid]
         volume = store.read_volume(uid) if len(c["score"]) else np.zeros((1, 1, 1), np.float32)
         out = classifier(volume, c["voxel_zyx"])
-        marks.append(Marks(np.full(len(out["score"]), uid), c["world_xyz"], out["score"]))
+        xyz = c["world_xyz"]
+        if regressed_position and "offset_zyx" in out and len(out["score"]):
+            read = np.rint(np.asarray(c["voxel_zyx"], np.float64).reshape(-1, 3))
+            vox = patch_geometric_center(read, classifier.size) + out["offset_zyx"]
+            xyz = voxel_to_world(vox, store.scan(uid).geometry).reshape(-1, 3)
+        marks.append(Marks(np.full(len(out["score"]), uid), xyz, out["score"]))
         if "diameter_mm" in out:
             diam.append(out["diameter_mm"])
         seconds[uid] = time.perf_counter() - t0

@@ -79,7 +79,7 @@ def detection_kwargs(config, model) -> dict:
     Fields: threshold, nms ("iou" | "soft" | "distance"), nms_iou, soft_nms_sigma,
     nms_distance_mm, max_candidates_per_scan (0 = no cap), tile_zyx (empty = one pass),
     halo (voxels of context around each tile; rounded up to a multiple of the coarsest
-    stride).
+    stride), lung_only (detections inside the store's lung mask only).
     """
     d = config.detection
     cap = int(d.max_candidates_per_scan or 0)
@@ -91,7 +91,7 @@ def detection_kwargs(config, model) -> dict:
                 radius=float(d.nms_distance_mm) / mm,
                 max_candidates=cap or None, tile_zyx=tile or None,
                 halo=int(d.get("halo", 32)) if tile else 0,
-                multiple=int(model.backbone_strides()[-1]))
+                multiple=int(model.backbone_strides()[-1]), lung_only=bool(d.lung_only))
 
 
 def detect_scans(config, model, task, variables, store, uids: Sequence[str], *,
@@ -194,6 +194,7 @@ class AnchorSamplingData(StoreTrainData):
             model = model.clone(conv_impl=cfg.detection.conv_impl)
         kw = detection_kwargs(cfg, model)
         kw.update(threshold=self.provisional_threshold, max_candidates=self.max_fp_per_scan)
+        lung_only = kw.pop("lung_only")
         fn = scan_apply_fn(model)
         variables = jax.device_get(variables)
         t0 = time.perf_counter()
@@ -202,8 +203,9 @@ class AnchorSamplingData(StoreTrainData):
         tested = self.provisional_scan_indices()
         for s in tested:
             uid = self.sampler.uids[s]
+            lung = self.store.read_volume(uid, "lung") if lung_only else None
             det = detect_volume(fn, self.store.read_volume(uid), task.cfg, variables=variables,
-                                **kw)
+                                lung_mask=lung, **kw)
             scan_ids.append(np.full(len(det), s, np.int32))
             centres.append(det.centre_zyx)
             scores.append(det.score)

@@ -211,7 +211,7 @@ def _decoder(apply_fn: Callable, cfg: AnchorConfig, with_variables: bool, jit: b
 def detect_volume(apply_fn: Callable, volume_zyx: np.ndarray, cfg: AnchorConfig, *,
                   multiple: int = 16, tile_zyx: Sequence[int] | None = None, halo: int = 32,
                   variables: Any = None, jit: bool = True, threshold: float = 0.5,
-                  **select_kw) -> Detections:
+                  lung_mask: np.ndarray | None = None, **select_kw) -> Detections:
     """Detections of a whole volume (a preprocessed, lung-cropped scan):
     :func:`decode_volume` then :func:`select_candidates`.
 
@@ -220,6 +220,9 @@ def detect_volume(apply_fn: Callable, volume_zyx: np.ndarray, cfg: AnchorConfig,
         :func:`decode_volume`.
       threshold: noduleness a detection needs; anchors below it are already dropped
         tile by tile.
+      lung_mask: (D, H, W) mask of the volume; when given, anchors whose centre voxel lies
+        outside it are dropped before suppression (so they neither suppress nor take a
+        place under the cap).
       **select_kw: the other :func:`select_candidates` arguments (method, ...).
 
     Returns:
@@ -227,6 +230,15 @@ def detect_volume(apply_fn: Callable, volume_zyx: np.ndarray, cfg: AnchorConfig,
     """
     sc, ce, di = decode_volume(apply_fn, volume_zyx, cfg, multiple=multiple, tile_zyx=tile_zyx,
                                halo=halo, variables=variables, jit=jit, threshold=threshold)
+    if lung_mask is not None:
+        mask = np.asarray(lung_mask)
+        if mask.shape != np.shape(volume_zyx):
+            raise ValueError(f"lung_mask shape {mask.shape} differs from the volume's "
+                             f"{np.shape(volume_zyx)}")
+        v = np.clip(np.rint(np.asarray(ce, np.float64)).astype(np.int64), 0,
+                    np.asarray(mask.shape) - 1).reshape(-1, 3)
+        keep = mask[tuple(v.T)] > 0
+        sc, ce, di = np.asarray(sc)[keep], np.asarray(ce)[keep], np.asarray(di)[keep]
     return select_candidates(sc, ce, di, threshold=threshold, **select_kw)
 
 
@@ -331,6 +343,7 @@ def to_marks(uid: str, det: Detections, geometry: Geometry) -> tuple[Marks, np.n
 def detect_store(apply_fn: Callable, store: Any, uids: Sequence[str], cfg: AnchorConfig, *,
                  variables: Any = None, tile_zyx: Sequence[int] | None = None, halo: int = 32,
                  multiple: int = 16, max_candidates: int | None = 100,
+                 lung_only: bool = False,
                  **select_kw) -> tuple[Marks, dict[str, dict[str, float]]]:
     """Whole-scan detection over scans of a prepared ``PatchStore`` (LUNA16 marks).
 
@@ -342,6 +355,7 @@ def detect_store(apply_fn: Callable, store: Any, uids: Sequence[str], cfg: Ancho
       cfg: the anchors.
       variables, tile_zyx, halo, multiple: see :func:`detect_volume`.
       max_candidates: marks kept per scan (LUNA16's evaluation reads at most 100).
+      lung_only: keep detections inside the store's lung mask (its "lung" array) only.
       **select_kw: :func:`select_candidates` arguments (threshold, method, ...).
 
     Returns:
@@ -353,10 +367,11 @@ def detect_store(apply_fn: Callable, store: Any, uids: Sequence[str], cfg: Ancho
         t0 = time.perf_counter()
         rec = store.scan(uid)
         volume = store.read_volume(uid)
+        lung = store.read_volume(uid, "lung") if lung_only else None
         t1 = time.perf_counter()
         det = detect_volume(apply_fn, volume, cfg, multiple=multiple, tile_zyx=tile_zyx,
                             halo=halo, variables=variables, max_candidates=max_candidates,
-                            **select_kw)
+                            lung_mask=lung, **select_kw)
         parts.append(to_marks(uid, det, rec.geometry)[0])
         t2 = time.perf_counter()
         seconds[uid] = {"read": t1 - t0, "detect": t2 - t1, "total": t2 - t0}

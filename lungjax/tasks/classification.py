@@ -90,6 +90,19 @@ class ClassificationTask:
         """
         return jax.nn.softmax(outputs.astype(jnp.float32), axis=-1)[..., self.positive_class]
 
+    def log_odds(self, outputs: jax.Array) -> jax.Array:
+        """Log-odds of ``positive_class`` per output cell: (B, ...) float32,
+        ``logit[pos] - logsumexp(logit[others])`` = ``log(p / (1 - p))``.
+
+        Screening ranks cells by it: the float32 probability saturates at 1.0 once the
+        log-odds pass ~17, and a whole scan's worth of such ties would be cut by position
+        instead of by score.
+        """
+        z = outputs.astype(jnp.float32)
+        pos = z[..., self.positive_class]
+        others = jnp.delete(z, self.positive_class, axis=-1, assume_unique_indices=True)
+        return pos - jax.nn.logsumexp(others, axis=-1)
+
     def host_outputs(self, outputs, batch) -> dict[str, jax.Array]:
         """Per-sample arrays the host needs (samplers, evaluators)."""
         return {"score": self.probabilities(self.logits(outputs)),

@@ -565,10 +565,50 @@ def nms_radius_cells(radius_mm: float, mapping: OutputMapping,
     return float(radius_mm) / mapping.cell_size_mm(spacing_zyx)
 
 
+def refine_peaks(weights: np.ndarray, cells: np.ndarray, radius_cells) -> np.ndarray:
+    """Sub-cell peak positions: the weighted centroid of the cells within an ellipsoid
+    around each peak.
+
+    A network trained on positives shifted anywhere within the nodule radius (Dou et al.'s
+    augmentation) scores a plateau over the whole nodule, and the plateau's maximum can sit
+    at its rim; on a stride-2 score grid the cell itself is up to a cell off. The centroid
+    of the plateau around the peak is the nodule's centre.
+
+    Args:
+      weights: (D, H, W) non-negative float weights (e.g. probability above the
+        threshold, 0 elsewhere).
+      cells: (K, 3) int peak cells.
+      radius_cells: scalar or (3,) ellipsoid radius in cells (0 on an axis: that axis is
+        not refined).
+
+    Returns:
+      (K, 3) float64 cell coordinates; a peak whose neighbourhood has no weight stays put.
+    """
+    cells = np.asarray(cells, np.int64).reshape(-1, 3)
+    r = np.broadcast_to(np.asarray(radius_cells, np.float64), (3,))
+    span = np.floor(r + 1e-9).astype(np.int64)
+    grid = np.stack(np.meshgrid(*[np.arange(-k, k + 1) for k in span], indexing="ij"),
+                    -1).reshape(-1, 3)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(r > 0, grid / np.where(r > 0, r, 1.0), 0.0)
+    grid = grid[(q ** 2).sum(1) <= 1.0 + 1e-9]
+    out = cells.astype(np.float64)
+    shape = np.asarray(weights.shape)
+    for i, c in enumerate(cells):
+        nb = c + grid
+        nb = nb[np.all((nb >= 0) & (nb < shape), 1)]
+        w = np.asarray(weights[tuple(nb.T)], np.float64)
+        if w.sum() > 0:
+            out[i] = (nb * w[:, None]).sum(0) / w.sum()
+    return out
+
+
 def candidates_from_scores(scores: np.ndarray, mapping: OutputMapping, geometry: Geometry, *,
                            threshold: float, nms_radius_mm: float,
                            max_candidates: int | None = None,
-                           shape_zyx: Sequence[int] | None = None) -> Candidates:
+                           shape_zyx: Sequence[int] | None = None,
+                           refine_radius_mm: float = 0.0,
+                           refine_weights: np.ndarray | None = None) -> Candidates:
     """Threshold + 3D NMS on a score volume, peaks mapped to voxels and world mm.
 
     Args:
@@ -581,6 +621,10 @@ def candidates_from_scores(scores: np.ndarray, mapping: OutputMapping, geometry:
       max_candidates: keep the highest this many; None keeps all.
       shape_zyx: the scored volume's shape; when given, voxel coordinates are clipped into
         it (padding can put a border cell up to half a stride outside).
+      refine_radius_mm: > 0: each peak's position is the weighted centroid of the cells
+        within this radius (:func:`refine_peaks`); ``cells`` stay the integer peaks.
+      refine_weights: (D', H', W') weights for the refinement; default the scores above
+        the threshold (``scores - threshold`` clipped at 0).
 
     Returns:
       :class:`Candidates`, highest score first.
@@ -591,7 +635,13 @@ def candidates_from_scores(scores: np.ndarray, mapping: OutputMapping, geometry:
                          "channel axis first (e.g. with foreground_probability)")
     radius = nms_radius_cells(nms_radius_mm, mapping, geometry.spacing_zyx)
     cells, values = peaks_3d(scores, threshold, radius, max_peaks=max_candidates)
-    voxels = mapping.cells_to_voxels(cells)
+    at = cells
+    if refine_radius_mm > 0 and len(cells):
+        w = (np.clip(scores.astype(np.float64) - threshold, 0, None) if refine_weights is None
+             else refine_weights)
+        at = refine_peaks(w, cells, nms_radius_cells(refine_radius_mm, mapping,
+                                                    geometry.spacing_zyx))
+    voxels = mapping.cells_to_voxels(at)
     if shape_zyx is not None:
         voxels = np.clip(voxels, 0, np.asarray(shape_zyx, np.float64) - 1)
     return Candidates(cells, voxels.reshape(-1, 3), voxel_to_world(voxels, geometry).reshape(-1, 3),
