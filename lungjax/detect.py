@@ -29,7 +29,7 @@ from scipy import special
 from lungjax.data.coords import Geometry
 from lungjax.data.tables import Findings, Marks, write_marks_csv
 from lungjax.tasks.screening import (Candidates, OutputMapping, candidates_from_scores,
-                                     score_volume)
+                                     inside_mask, score_volume)
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +145,7 @@ def detect_volume(predict_fn: Callable, volume_zyx: np.ndarray, geometry: Geomet
     if settings.log_odds:
         cands = dataclasses.replace(cands, score=special.expit(cands.score.astype(np.float64)))
     if restrict:
-        v = np.rint(cands.voxel_zyx).astype(np.int64)
-        cands = cands.select(np.flatnonzero(np.asarray(lung_mask)[tuple(v.T)] > 0)
+        cands = cands.select(np.flatnonzero(inside_mask(lung_mask, cands.voxel_zyx))
                              [:settings.max_candidates])
     return cands
 

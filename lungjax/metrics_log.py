@@ -117,8 +117,9 @@ def metric_series(rows: Iterable[Mapping]) -> dict[str, dict[str, tuple[np.ndarr
     """Records of ``read_jsonl`` as curves: ``{split: {metric: (steps, values)}}``.
 
     ``steps`` (T,) int64 ascending and ``values`` (T,) float64 (non-finite values, which
-    ``MetricWriter`` writes as strings, come back as nan / inf). Of several records of one (split, step), the last
-    written wins: a run resumed from an earlier checkpoint logs the steps after it again.
+    ``MetricWriter`` writes as strings, come back as nan / inf). Of several records of one
+    (split, step), the last written wins: a run resumed from an earlier checkpoint logs the
+    steps after it again.
     A metric missing from some records has fewer points; non-numeric values are skipped.
     """
     latest: dict[tuple[str, int], Mapping] = {}

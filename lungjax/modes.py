@@ -106,23 +106,12 @@ def _variables(workdir: str) -> tuple[dict, int]:
     return {"params": ck["params"], **ck["model_state"]}, ck["step"]
 
 
-# Bootstrap resamples (over scans) behind every held-out CPM's 95% interval, as the
-# LUNA16 evaluation script draws them: a fold of a few scans moves the CPM in steps.
-FROC_BOOTSTRAP = 1000
-
-
-def cpm_interval(froc) -> list[float]:
-    """[lower, upper] 95% bootstrap interval of a ``FrocResult``'s CPM."""
-    b = froc.bootstrap
-    return [float(b.cpm_lower), float(b.cpm_upper)]
-
-
 def evaluate(config, workdir: str) -> dict:
     """Screens the held-out fold's scans and scores the marks with the LUNA16 FROC."""
     from lungjax.data.store import PatchStore
     from lungjax.detect import DetectionSettings, run_detection, store_screening_stats, \
         write_submission
-    from lungjax.evaluation.froc import FP_RATES, compute_froc
+    from lungjax.evaluation.froc import FP_RATES, N_BOOTSTRAP, compute_froc
     from lungjax.steps import make_predict_fn
     from lungjax.tasks.screening import output_mapping
     from lungjax.train_data import held_out_uids, prepare_data
@@ -153,11 +142,12 @@ def evaluate(config, workdir: str) -> dict:
     if jax.process_index() == 0:
         write_submission(sub, run.marks)
     annotations, excluded = store.findings(uids), store.excluded(uids)
-    froc = compute_froc(annotations, excluded, uids, run.marks, n_bootstrap=FROC_BOOTSTRAP,
+    # A fold of a few scans moves the CPM in steps: every record carries its interval.
+    froc = compute_froc(annotations, excluded, uids, run.marks, n_bootstrap=N_BOOTSTRAP,
                         seed=int(config.seed))
     record = {
         "step": step, "fold": config.data.fold, "scans": len(uids), "uids": list(uids),
-        "cpm": froc.cpm, "cpm_ci95": cpm_interval(froc), "froc_new": froc.froc_new,
+        "cpm": froc.cpm, "cpm_ci95": froc.cpm_ci95, "froc_new": froc.froc_new,
         "sensitivities": np.asarray(froc.sensitivities).tolist(),
         "n_nodules": froc.n_nodules, "n_detected": froc.n_detected,
         "marks": len(run.marks.uid),

@@ -231,3 +231,18 @@ def test_bootstrap_is_seeded_and_brackets_the_estimate():
     assert (a.sensitivities <= bs.sensitivities_upper + 1e-12).all()
     assert a.to_json()["bootstrap"]["cpm"]["lower"] == bs.cpm_lower
     assert len(FP_RATES) == len(a.to_json()["sensitivities"]) == 7
+
+
+def test_cpm_interval_needs_a_bootstrap():
+    from lungjax.evaluation.froc import compute_froc
+    from lungjax.data.tables import Findings, Marks
+
+    ann = Findings(["a", "b"], [[0, 0, 0], [0, 0, 0]], [10.0, 10.0])
+    marks = Marks(["a", "b"], [[0, 0, 0], [50, 0, 0]], [0.9, 0.8])
+    plain = compute_froc(ann, Findings.empty(), ["a", "b"], marks)
+    with pytest.raises(ValueError, match="n_bootstrap"):
+        plain.cpm_ci95
+    boot = compute_froc(ann, Findings.empty(), ["a", "b"], marks, n_bootstrap=50, seed=0)
+    lo, hi = boot.cpm_ci95
+    assert 0.0 <= lo <= hi <= 1.0
+    assert [lo, hi] == [boot.bootstrap.cpm_lower, boot.bootstrap.cpm_upper]

@@ -14,7 +14,6 @@ prints the held-out CPM of every (threshold, score) setting and the best of them
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Sequence
@@ -29,6 +28,37 @@ from lungjax.data.tables import Marks
 THRESHOLDS_HU = (-600.0, -400.0, -200.0)
 SCORES = ("size", "mean")
 LUNG_VALUES = (3, 4)  # seg-lungs-LUNA16: right and left lung (5 = trachea)
+
+
+def _read(dataset, uid: str):
+    """(scan, (D, H, W) bool lung) of one scan of the dataset."""
+    scan = io.read_scan(dataset.scan_path(uid))
+    mask_path = dataset.lung_mask_path(uid)
+    if mask_path is None:
+        raise FileNotFoundError(f"{dataset.root}: no seg-lungs-LUNA16 mask for {uid}")
+    return scan, np.isin(io.read_scan(mask_path).array, LUNG_VALUES)
+
+
+def _blobs(scan, lung: np.ndarray, threshold_hu: float) -> dict[str, np.ndarray]:
+    """Components of one scan at one threshold: ``xyz`` (K, 3) world mm of the centroids
+    and their scores, ``size`` (K,) voxels and ``mean`` (K,) HU."""
+    fg = (scan.array > threshold_hu) & lung
+    lab, n = ndimage.label(fg, np.ones((3, 3, 3)))
+    if n == 0:
+        return {"xyz": np.zeros((0, 3)), "size": np.zeros(0), "mean": np.zeros(0)}
+    idx = np.arange(1, n + 1)
+    centres = np.asarray(ndimage.center_of_mass(fg, lab, idx))
+    return {"xyz": voxel_to_world(centres, scan.geometry).reshape(-1, 3),
+            "size": np.asarray(ndimage.sum(fg, lab, idx), np.float64),
+            "mean": np.asarray(ndimage.mean(scan.array, lab, idx), np.float64)}
+
+
+def _marks(per_scan: Sequence[tuple[str, dict]], score: str) -> Marks:
+    if not per_scan:
+        return Marks(np.zeros(0, str), np.zeros((0, 3)), np.zeros(0))
+    return Marks(np.concatenate([np.full(len(b[score]), uid) for uid, b in per_scan]),
+                 np.concatenate([b["xyz"] for _, b in per_scan]),
+                 np.concatenate([b[score] for _, b in per_scan]))
 
 
 def blob_marks(dataset, uids: Sequence[str], threshold_hu: float, score: str) -> Marks:
@@ -46,32 +76,14 @@ def blob_marks(dataset, uids: Sequence[str], threshold_hu: float, score: str) ->
     """
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-    uid_col, xyz, prob = [], [], []
-    for uid in uids:
-        scan = io.read_scan(dataset.scan_path(uid))
-        mask_path = dataset.lung_mask_path(uid)
-        if mask_path is None:
-            raise FileNotFoundError(f"{dataset.root}: no seg-lungs-LUNA16 mask for {uid}")
-        lung = np.isin(io.read_scan(mask_path).array, LUNG_VALUES)
-        fg = (scan.array > threshold_hu) & lung
-        lab, n = ndimage.label(fg, np.ones((3, 3, 3)))
-        if n == 0:
-            continue
-        idx = np.arange(1, n + 1)
-        centres = np.asarray(ndimage.center_of_mass(fg, lab, idx))
-        value = (ndimage.sum(fg, lab, idx) if score == "size"
-                 else ndimage.mean(scan.array, lab, idx))
-        uid_col += [uid] * n
-        xyz.append(voxel_to_world(centres, scan.geometry))
-        prob.append(np.asarray(value, np.float64))
-    if not xyz:
-        return Marks(np.zeros(0, str), np.zeros((0, 3)), np.zeros(0))
-    return Marks(uid_col, np.concatenate(xyz), np.concatenate(prob))
+    return _marks([(uid, _blobs(*_read(dataset, uid), threshold_hu)) for uid in uids], score)
 
 
 def evaluate_blob_baseline(dataset, uids: Sequence[str], *, n_bootstrap: int = 0,
                            seed: int = 0) -> dict:
     """CPM of every (threshold, score) setting on ``uids``; the best one with its interval.
+
+    Each scan is read once; its components at every threshold serve both scores.
 
     Returns:
       {"settings": [{"threshold_hu", "score", "cpm", "n_detected"}...], "best": {...,
@@ -80,19 +92,21 @@ def evaluate_blob_baseline(dataset, uids: Sequence[str], *, n_bootstrap: int = 0
     from lungjax.evaluation.froc import compute_froc
 
     uids = list(uids)
-    keep = np.isin(dataset.annotations.uid, uids)
-    ann = type(dataset.annotations)(dataset.annotations.uid[keep], dataset.annotations.xyz[keep],
-                                    dataset.annotations.diameter_mm[keep])
+    ann = dataset.annotations.select(np.isin(dataset.annotations.uid, uids))
+    blobs: dict[float, list] = {t: [] for t in THRESHOLDS_HU}
+    for uid in uids:
+        scan, lung = _read(dataset, uid)
+        for t in THRESHOLDS_HU:
+            blobs[t].append((uid, _blobs(scan, lung, t)))
     settings, best = [], None
     for threshold in THRESHOLDS_HU:
         for score in SCORES:
-            marks = blob_marks(dataset, uids, threshold, score)
-            r = compute_froc(ann, dataset.excluded, uids, marks, n_bootstrap=n_bootstrap,
-                             seed=seed)
+            r = compute_froc(ann, dataset.excluded, uids, _marks(blobs[threshold], score),
+                             n_bootstrap=n_bootstrap, seed=seed)
             row = {"threshold_hu": threshold, "score": score, "cpm": float(r.cpm),
                    "n_detected": int(r.n_detected)}
             if r.bootstrap is not None:
-                row["cpm_ci95"] = [float(r.bootstrap.cpm_lower), float(r.bootstrap.cpm_upper)]
+                row["cpm_ci95"] = r.cpm_ci95
             settings.append(row)
             if best is None or row["cpm"] > best["cpm"]:
                 best = row

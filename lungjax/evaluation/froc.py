@@ -76,6 +76,7 @@ FROC_MIN_X = 0.125
 FROC_MAX_X = 8.0
 N_INTERP = 10001            # the script's grid for the FROC curve
 N_INTERP_BOOTSTRAP = 10000  # ... and for the bootstrap curves (it uses 10,000 there)
+N_BOOTSTRAP = 1000  # the script's resamples over scans (held-out records and the CLI)
 UNKNOWN_DIAMETER_MM = 10.0
 READINGS = ("interpolate", "nearest", "first_at_or_above")
 # Offset between scans along the k-d tree's 4th axis: far beyond any nodule radius.
@@ -182,6 +183,13 @@ class FrocResult:
     unknown_uids: tuple
     max_marks_per_scan: int
     bootstrap: FrocBootstrap | None = None
+
+    @property
+    def cpm_ci95(self) -> list[float]:
+        """[lower, upper] bootstrap interval of the CPM (``compute_froc(n_bootstrap > 0)``)."""
+        if self.bootstrap is None:
+            raise ValueError("no bootstrap: compute_froc(..., n_bootstrap=N) with N > 0")
+        return [float(self.bootstrap.cpm_lower), float(self.bootstrap.cpm_upper)]
 
     @property
     def detection_sensitivity(self) -> float:

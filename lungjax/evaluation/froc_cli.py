@@ -26,7 +26,8 @@ import numpy as np
 
 from lungjax.data.tables import (TableError, atomic_write_text, read_findings_csv,
                                  read_marks_csv, read_uid_list, write_findings_csv)
-from lungjax.evaluation.froc import FrocResult, compute_froc, validate_findings, validate_marks
+from lungjax.evaluation.froc import (N_BOOTSTRAP, FrocResult, compute_froc, validate_findings,
+                                    validate_marks)
 
 __all__ = ["evaluate_files", "main", "write_outputs"]
 
@@ -70,7 +71,7 @@ def write_outputs(result: FrocResult, out_dir: str | os.PathLike, *, name: str =
 
 
 def evaluate_files(annotations: str, excluded: str, seriesuids: str, submission: str, *,
-                   n_bootstrap: int = 1000, seed: int = 0,
+                   n_bootstrap: int = N_BOOTSTRAP, seed: int = 0,
                    max_marks_per_scan: int = 100) -> FrocResult:
     """Reads the four LUNA16 CSV files, validates them and runs :func:`compute_froc`.
 
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--submission", required=True,
                    help="CSV with seriesuid,coordX,coordY,coordZ,probability")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--bootstrap", type=int, default=1000,
+    p.add_argument("--bootstrap", type=int, default=N_BOOTSTRAP,
                    help="bootstrap resamples over scans (0 = none; default 1000 as LUNA16)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--max-marks-per-scan", type=int, default=100,

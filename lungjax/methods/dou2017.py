@@ -39,7 +39,6 @@ from lungjax.data.sampler import spread_subset
 from lungjax.data.tables import Marks
 from lungjax.methods import dou2017_stages as st
 from lungjax.metrics_log import banner
-from lungjax.modes import FROC_BOOTSTRAP, cpm_interval
 from lungjax.registry import METHODS
 
 FOLD_RECORD = "dou2017.json"
@@ -156,7 +155,7 @@ def _stage2_data(cfg2, store, train_uids, test_uids, train_cands) -> Any:
 def _evaluate_network(config, cfg2, run_dir, store, test_uids, stage1_test, stage1_stats,
                       batch: int) -> dict:
     from lungjax.detect import write_submission
-    from lungjax.evaluation.froc import compute_froc
+    from lungjax.evaluation.froc import N_BOOTSTRAP, compute_froc
 
     clf = st.CandidateClassifier.from_checkpoint(cfg2, run_dir, batch)
     marks, diam, sec2 = st.classify_scans(
@@ -168,12 +167,12 @@ def _evaluate_network(config, cfg2, run_dir, store, test_uids, stage1_test, stag
     if jax.process_index() == 0:
         write_submission(sub, marks, diam)
     froc = compute_froc(store.findings(test_uids), store.excluded(test_uids), test_uids, marks,
-                        n_bootstrap=FROC_BOOTSTRAP, seed=int(config.seed))
+                        n_bootstrap=N_BOOTSTRAP, seed=int(config.seed))
     per_scan = {u: {"stage1": stage1_test[u]["seconds"], "stage2": sec2[u],
                     "total": stage1_test[u]["seconds"] + sec2[u]} for u in test_uids}
     record = {
         "network": cfg2.model.name, "step": clf.step, "fold": int(config.data.fold),
-        "uids": list(test_uids), "cpm": froc.cpm, "cpm_ci95": cpm_interval(froc),
+        "uids": list(test_uids), "cpm": froc.cpm, "cpm_ci95": froc.cpm_ci95,
         "froc_new": froc.froc_new,
         "sensitivities": np.asarray(froc.sensitivities).tolist(),
         "sensitivity_at_1fp": float(froc.sensitivities[ONE_FP]),

@@ -235,9 +235,7 @@ def detect_volume(apply_fn: Callable, volume_zyx: np.ndarray, cfg: AnchorConfig,
         if mask.shape != np.shape(volume_zyx):
             raise ValueError(f"lung_mask shape {mask.shape} differs from the volume's "
                              f"{np.shape(volume_zyx)}")
-        v = np.clip(np.rint(np.asarray(ce, np.float64)).astype(np.int64), 0,
-                    np.asarray(mask.shape) - 1).reshape(-1, 3)
-        keep = mask[tuple(v.T)] > 0
+        keep = screening.inside_mask(mask, ce)
         sc, ce, di = np.asarray(sc)[keep], np.asarray(ce)[keep], np.asarray(di)[keep]
     return select_candidates(sc, ce, di, threshold=threshold, **select_kw)
 

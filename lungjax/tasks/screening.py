@@ -557,6 +557,15 @@ class Candidates:
                           self.score[index])
 
 
+def inside_mask(mask: np.ndarray, points_zyx: np.ndarray) -> np.ndarray:
+    """(K,) bool: whether each point's nearest voxel (clipped into the volume) is set in
+    ``mask`` ((D, H, W), e.g. a lung mask). ``points_zyx``: (K, 3) voxel coordinates."""
+    mask = np.asarray(mask)
+    v = np.rint(np.asarray(points_zyx, np.float64)).astype(np.int64).reshape(-1, 3)
+    v = np.clip(v, 0, np.asarray(mask.shape) - 1)
+    return mask[tuple(v.T)] > 0
+
+
 def nms_radius_cells(radius_mm: float, mapping: OutputMapping,
                      spacing_zyx: Sequence[float]) -> np.ndarray:
     """(3,) suppression radius in score cells for a radius in mm on a grid of this spacing."""
