@@ -1,9 +1,9 @@
 """Measures every convolution formulation on the layer shapes of the benchmark networks and
 of the lungjax models, and writes the table that ``impl="auto"`` reads on CPU:
-``lungjax/models/conv_table.json``.
+``lungjax/models/conv/table.json``.
 
 Per convolution shape: each pass (forward, input-gradient, weight-gradient) alone in each of
-its ``split`` choices (``lungjax.models.conv_split``), the fastest per pass composed into one
+its ``split`` choices (``lungjax.models.conv.split``), the fastest per pass composed into one
 ``"split_FIW"`` plan, then the full forward + backward of that plan and of the reference
 formulations (``--full``, default "matmul,xla"); the fastest full timing is the entry's
 "best". Transposed convolutions: the full timing of each of their formulations.
@@ -24,9 +24,9 @@ only the strided convolutions (after a change to how those are computed), ``--wi
 (implies ``--merge``) only those the Winograd choice applies to (stride 1, undilated).
 ``--max-buffer-gb`` bounds each formulation's
 temporary memory as XLA compiled it (``conv_tune.temp_bytes``): per-pass choices over it run
-over the batch in chunks (``"split_FIWbK"``, see ``conv_split``). Run it on the
+over the batch in chunks (``"split_FIWbK"``, see ``split``). Run it on the
 CPU the table is meant for, with the allocator setting the programs will use (``--malloc
-keep`` = ``lungjax.models.conv_malloc.keep_freed_memory``, the default: with it, large column
+keep`` = ``lungjax.models.conv.malloc.keep_freed_memory``, the default: with it, large column
 buffers stop page-faulting and the choice shifts toward im2col). Timings on a shared machine
 are noisy (medians of --reps).
 """
@@ -42,7 +42,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from lungjax.models import conv_malloc  # noqa: E402
+from lungjax.models.conv import malloc as conv_malloc  # noqa: E402
 
 
 def _parse():
@@ -51,7 +51,7 @@ def _parse():
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--full", default="matmul,xla", help="formulations timed in full besides "
                    "the per-pass plan")
-    p.add_argument("--out", default=None, help="default: lungjax/models/conv_table.json")
+    p.add_argument("--out", default=None, help="default: lungjax/models/conv/table.json")
     p.add_argument("--merge", action="store_true")
     p.add_argument("--missing", action="store_true", help="only shapes absent from the table "
                    "(implies --merge)")
@@ -79,15 +79,19 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import conv_nets  # noqa: E402
-from lungjax.data.tables import atomic_write_text  # noqa: E402
-from lungjax.models import conv_ops, conv_select, conv_split, conv_tune  # noqa: E402
+from lungjax.atomic import atomic_write_text  # noqa: E402
+from lungjax.models.conv import ops as conv_ops  # noqa: E402
+from lungjax.models.conv import primitives  # noqa: E402
+from lungjax.models.conv import select as conv_select  # noqa: E402
+from lungjax.models.conv import split as conv_split  # noqa: E402
+from lungjax.models.conv import tune as conv_tune  # noqa: E402
 
 
 def _model_nets():
     """The lungjax models at their training patch sizes: name -> (factory, shape, batch)."""
     from lungjax.models.fcn import Dou2017FCN
-    from lungjax.models.fpn import XieFPN
-    from lungjax.models.fpr import Dou2017FPR
+    from lungjax.models.fp_reduction import Dou2017FPR
+    from lungjax.models.resnet_fpn import XieFPN
     return {"model_fcn": (Dou2017FCN, (10, 30, 30, 1), 64),
             "model_fpr": (Dou2017FPR, (24, 60, 60, 1), 16),
             "model_fpn": (XieFPN, (96, 96, 96, 1), 2)}
@@ -113,8 +117,8 @@ def net_keys(names):
 def key_flops(key) -> int:
     """Multiply-adds x 2 of the forward of ``key`` (the two gradients cost the same each)."""
     if key.kind == "conv":
-        out = conv_ops.conv_out_shape(key.spatial, key.kernel, key.strides, key.pads,
-                                      key.dilation)
+        out = primitives.conv_out_shape(key.spatial, key.kernel, key.strides, key.pads,
+                                        key.dilation)
     else:  # every input sample meets every tap once
         out = key.spatial
     return 2 * key.batch * math.prod(out) * math.prod(key.kernel) * key.cin * key.cout

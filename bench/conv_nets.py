@@ -1,9 +1,11 @@
-"""The benchmark networks of ``bench/conv_vs_torch.py`` in Flax, built on
-``lungjax.models.layers`` (twins of ``bench/nets_torch.py``: same layers, same parameter
-counts). Channels-last; inputs (B, D, H, W, 1) or (B, H, W, 1) float32.
+"""The benchmark networks of ``bench/conv_vs_torch.py`` in Flax: lungjax's own models where
+lungjax has the network, otherwise built on ``lungjax.models.layers`` (twins of
+``bench/nets_torch.py``: same layers, same parameter counts). Channels-last; inputs
+(B, D, H, W, 1) or (B, H, W, 1) float32.
 
-* ``fcn``: dou2017-like stage-1 3D FCN on 10x30x30 patches: conv64 (3,5,5), max-pool (1,2,2),
-  conv64 (3,5,5), conv150 (3,5,5), conv150 (4,5,5), conv2 (1,1,1); ReLU; -> (B,1,1,1,2).
+* ``fcn``: lungjax's stage-1 3D FCN, ``lungjax.models.fcn.Dou2017FCN``, on 10x30x30 patches:
+  conv64 (3,5,5), max-pool (1,2,2), conv64 (3,5,5), conv150 (3,5,5), conv150 (4,5,5),
+  conv2 (1,1,1); ReLU; -> (B,1,1,1,2).
 * ``fpr``: 3D residual false-positive-reduction net on 24x60x60: conv32 stem, six
   pre-activation residual units 32, 32, 64/2, 64, 128/2, 128 (BN-ReLU-conv3-BN-ReLU-conv3,
   1x1x1 projection when shape changes), BN-ReLU, global average pool, dense 2.
@@ -12,7 +14,7 @@ counts). Channels-last; inputs (B, D, H, W, 1) or (B, H, W, 1) float32.
   (conv64 3^3, ReLU, conv 9 anchors x 5) on P2 (24^3) and P3 (12^3).
 * ``unet``: 2D U-Net on 256^2, 64..1024 channels, double conv3x3+BN+ReLU, max-pool 2,
   2x2 stride-2 up-convolutions, concatenation skips, 1x1 conv to 2 classes.
-* ``dou2017_fpr``: lungjax's own stage-2 network, ``lungjax.models.fpr.Dou2017FPR`` as
+* ``dou2017_fpr``: lungjax's own stage-2 network, ``lungjax.models.fp_reduction.Dou2017FPR`` as
   ResNet+HL (the paper's trunk 64-64-150 with (3,5,5) kernels, two residual stages,
   classification and regression heads) on 24x60x60; the loss sums both heads.
 """
@@ -25,21 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lungjax.models.fpr import Dou2017FPR
+from lungjax.models.fcn import Dou2017FCN
+from lungjax.models.fp_reduction import Dou2017FPR
 from lungjax.models.layers import BatchNorm, Conv, ConvTranspose, max_pool
 
 N_ANCHORS = 9
-
-
-class FCN(nn.Module):
-    @nn.compact
-    def __call__(self, x, train: bool = True):
-        x = nn.relu(Conv(64, (3, 5, 5), padding="VALID")(x))
-        x = max_pool(x, (1, 2, 2))
-        x = nn.relu(Conv(64, (3, 5, 5), padding="VALID")(x))
-        x = nn.relu(Conv(150, (3, 5, 5), padding="VALID")(x))
-        x = nn.relu(Conv(150, (4, 5, 5), padding="VALID")(x))
-        return Conv(2, (1, 1, 1))(x)
 
 
 def _bn(train):
@@ -119,7 +111,7 @@ class UNet(nn.Module):
 
 # name -> (module factory, input shape (channels-last), batch)
 NETS = {
-    "fcn": (FCN, (10, 30, 30, 1), 64),
+    "fcn": (Dou2017FCN, (10, 30, 30, 1), 64),
     "fpr": (FPR, (24, 60, 60, 1), 16),
     "det": (Detector, (96, 96, 96, 1), 2),
     "unet": (UNet, (256, 256, 1), 2),

@@ -13,7 +13,7 @@ Usage:
                                 [--scan 300 | --small | --scan 0] [--same-process]
 
 ``--jax-impls`` lists global overrides (``lungjax.models.layers.set_conv_impl``): "xla" is
-XLA's native convolution, "auto" the per-layer choice from ``lungjax/models/conv_table.json``,
+XLA's native convolution, "auto" the per-layer choice from ``lungjax/models/conv/table.json``,
 "im2col"/"matmul"/"hybrid" force one formulation everywhere. Prints a table of median step
 seconds and the ratio JAX / PyTorch (<= 1.0: JAX no slower). Timings on a shared machine
 are noisy: medians of ``--rounds`` x ``--steps`` steps (default 4 x 3) after ``--warmup``
@@ -59,14 +59,14 @@ def _parse():
     p.add_argument("--row-json", default="", help=argparse.SUPPRESS)  # a child's result
     p.add_argument("--batch", type=str, default="", help="override batch sizes: fcn=8,det=1")
     p.add_argument("--malloc", choices=("keep", "default"), default="keep",
-                   help="keep: glibc keeps freed memory (lungjax.models.conv_malloc), for "
+                   help="keep: glibc keeps freed memory (lungjax.models.conv.malloc), for "
                    "both frameworks; default: glibc's defaults")
     return p.parse_args()
 
 
 ARGS = _parse()
 if ARGS.malloc == "keep":
-    from lungjax.models import conv_malloc
+    from lungjax.models.conv import malloc as conv_malloc
 
     # Before JAX or torch start their threads. Restarting with the environment form also
     # switches on transparent huge pages for malloc, which a running process cannot.

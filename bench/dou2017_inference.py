@@ -50,7 +50,8 @@ def main() -> None:
     from lungjax import train as train_lib
     from lungjax.data.coords import Geometry
     from lungjax.detect import DetectionSettings, detect_volume
-    from lungjax.methods import dou2017_stages as st
+    from lungjax import stages
+    from lungjax.methods import candidates as st
     from lungjax.steps import make_predict_fn
     from lungjax.tasks.screening import output_mapping
 
@@ -73,12 +74,12 @@ def main() -> None:
     volume = rng.random((n, n, n), dtype=np.float32)
     geom = Geometry(np.ones(3), np.zeros(3), np.eye(3))
 
-    c2 = st.stage2_config(c, "resnet_hl", None)
+    c2 = stages.stage_config(c, "fpr", dict(stages.stage_specs(c))["fpr"])
     model2, task2 = train_lib.build_model(c2), train_lib.build_task(c2)
     x2 = np.zeros((1, *c2.data.patch_size_zyx, 1), np.float32)
     v2 = jax.jit(model2.init)(jax.random.key(1), x2)
     clf = st.CandidateClassifier(model2, task2, v2, c2.data.patch_size_zyx,
-                                 int(c.stage2.inference_batch))
+                                 int(c.stages.classify.batch))
 
     print(f"dou2017 {args.variant}: {n}^3 scan at 1 mm, FCN tiles "
           f"{tuple(c.detection.tile_zyx) or 'none (one pass)'}, conv_impl "

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lungjax.models.fpn import XieFPN
+from lungjax.models.resnet_fpn import XieFPN
 from lungjax.tasks.anchors import AnchorDetectionTask, anchor_table, assign_targets
 from lungjax.tasks.anchors_decode import detect_volume
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lungjax.models.fpn import XieFPN
+from lungjax.models.resnet_fpn import XieFPN
 from lungjax.tasks.anchors import AnchorDetectionTask
 from lungjax.tasks.anchors_decode import decode_dense, select_candidates
 

@@ -2,7 +2,7 @@
 
 XLA:CPU allocates a step's temporaries afresh at every call; whether glibc hands the same
 pages back or the kernel has to fault in (and zero) new ones decides a large part of a big
-step's time (``lungjax.models.conv_malloc``). Each setting runs in its own process (glibc
+step's time (``lungjax.models.conv.malloc``). Each setting runs in its own process (glibc
 reads them before JAX starts its threads), the benchmark network's jitted step
 (``bench/conv_nets.py``) ``--steps`` times after compiling:
 
@@ -45,7 +45,7 @@ def _parse():
 def child(mode: str, net: str, steps: int) -> None:
     """One setting, in this process: prints one JSON line per step."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from lungjax.models import conv_malloc
+    from lungjax.models.conv import malloc as conv_malloc
 
     if mode in ("keep", "trim2g", "env+keep"):
         conv_malloc.keep_freed_memory()
@@ -78,7 +78,7 @@ def main():
     if args.child:
         child(args.child, args.net, args.steps)
         return
-    from lungjax.models.conv_malloc import MALLOC_ENV
+    from lungjax.models.conv.malloc import MALLOC_ENV
 
     print(f"{args.net}: {args.steps} steps per setting, each setting in a fresh process")
     summary = []

@@ -130,8 +130,8 @@ class UNet(nn.Module):
 
 
 class Dou2017FPR(nn.Module):
-    """``lungjax.models.fpr.Dou2017FPR`` (ResNet+HL): VALID trunk convolutions, pre-activation
-    residual units, classification and regression heads over flattened features."""
+    """``lungjax.models.fp_reduction.Dou2017FPR`` (ResNet+HL): VALID trunk convolutions,
+    pre-activation residual units, classification and regression heads over flattened features."""
 
     def __init__(self):
         super().__init__()

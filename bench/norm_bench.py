@@ -16,7 +16,7 @@ import argparse
 import statistics
 import time
 
-from lungjax.models import conv_malloc
+from lungjax.models.conv import malloc as conv_malloc
 
 
 def main() -> None:

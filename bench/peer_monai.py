@@ -78,8 +78,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from lungjax.data.coords import Geometry, voxel_to_world  # noqa: E402
-from lungjax.data.tables import (Marks, atomic_write_bytes, atomic_write_json,  # noqa: E402
-                                 atomic_write_text)
+from lungjax.atomic import (atomic_write_bytes, atomic_write_json,  # noqa: E402
+                            atomic_write_text)
+from lungjax.data.tables import Marks  # noqa: E402
 
 INSTALL = ("python3 -m venv /work/peer_venv && /work/peer_venv/bin/pip install torch==2.14.1 "
            "torchvision==0.29.1 monai && /work/peer_venv/bin/pip install -e .")

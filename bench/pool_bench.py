@@ -14,7 +14,7 @@ import argparse
 import statistics
 import time
 
-from lungjax.models import conv_malloc
+from lungjax.models.conv import malloc as conv_malloc
 
 conv_malloc.keep_freed_memory()  # as the tuner and conv_vs_torch, before JAX starts
 

@@ -42,7 +42,7 @@ def _parse():
 
 
 ARGS = _parse()
-from lungjax.models import conv_malloc  # noqa: E402
+from lungjax.models.conv import malloc as conv_malloc  # noqa: E402
 
 # As conv_vs_torch does, before JAX starts its threads: the environment form (restarting
 # this script) also gives malloc transparent huge pages; without it a large step's

@@ -14,7 +14,7 @@ import argparse
 import statistics
 import time
 
-from lungjax.models import conv_malloc
+from lungjax.models.conv import malloc as conv_malloc
 
 conv_malloc.keep_freed_memory()  # as the tuner and conv_vs_torch, before JAX starts
 
@@ -22,7 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lungjax.models import conv_ops, conv_split  # noqa: E402
+from lungjax.models.conv import ops as conv_ops, split as conv_split  # noqa: E402
 
 # (input (N, D, H, W, C_in), C_out): stride-2 3x3x3 layers of fpr, det and model_fpr.
 SHAPES = [((16, 24, 60, 60, 32), 64), ((16, 12, 30, 30, 64), 128),

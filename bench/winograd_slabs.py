@@ -29,7 +29,7 @@ from functools import partial
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from lungjax.models import conv_malloc  # noqa: E402
+from lungjax.models.conv import malloc as conv_malloc  # noqa: E402
 
 
 def main() -> None:
@@ -49,7 +49,7 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from lungjax.models import conv_split, conv_winograd
+    from lungjax.models.conv import split as conv_split, winograd as conv_winograd
 
     shape = tuple(int(v) for v in args.shape.split("x"))
     kernel = tuple(int(v) for v in args.kernel.split("x"))

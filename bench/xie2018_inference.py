@@ -9,7 +9,7 @@ prepared store (generated default data unless ``--config.data.root`` says otherw
 On a shared machine the numbers are noisy.
 
     python bench/xie2018_inference.py --scans=3 [--tile=z,y,x|none] [--conv_impl=auto]
-    python bench/xie2018_inference.py --workdir=runs/xie2018 --scans=5 --arg=default
+    python bench/xie2018_inference.py --workdir=runs/xie2018/detector --scans=5 --arg=default
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from lungjax import modes, train as train_lib  # noqa: E402
+from lungjax import stages, train as train_lib  # noqa: E402
 from lungjax.methods.xie2018 import detect_scans  # noqa: E402
 
 
@@ -43,7 +43,9 @@ def _config(arg: str):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arg", default="default", help="config variant of configs/xie2018.py")
-    p.add_argument("--workdir", default=None, help="run whose latest checkpoint to use")
+    p.add_argument("--workdir", default=None,
+                   help="a trained 'detector' stage folder (e.g. runs/xie2018/detector) "
+                        "whose latest checkpoint to use")
     p.add_argument("--scans", type=int, default=3, help="scans to time (after one warm-up)")
     p.add_argument("--cache_dir", default=None, help="config.data.cache_dir")
     p.add_argument("--threshold", type=float, default=None, help="detection.threshold")
@@ -71,10 +73,10 @@ def main(argv=None) -> int:
 
     store_path = prepare_data(c)
     store = PatchStore.open(store_path)
-    model = modes._scan_model(c)
+    model = stages.scan_model(c)
     task = train_lib.build_task(c)
     if args.workdir:
-        variables, step = modes._variables(args.workdir)
+        variables, step = stages.restore_variables(args.workdir)
     else:
         x = np.zeros((1, *c.data.patch_size_zyx, 1), np.float32)
         variables, step = jax.jit(model.init)(jax.random.key(0), x), 0

@@ -24,7 +24,7 @@ def get_config():
 
     # --- process settings (lungjax.main, before the first computation) ---------------
     c.runtime = config_dict.ConfigDict()
-    # On CPU, glibc keeps freed memory in the heap (lungjax.models.conv_malloc): XLA's
+    # On CPU, glibc keeps freed memory in the heap (lungjax.models.conv.malloc): XLA's
     # per-call buffers stop page-faulting (~70% fewer faults, FCN step 4.3 -> 3.3 s), but
     # heap fragmentation raises peak resident memory (2.4 -> 5.9 GB for that FCN; a 64^3 x 8
     # xie2018 run went past 21 GB and was killed), so it is opt-in.
@@ -51,6 +51,13 @@ def get_config():
     c.data.workers = 0  # Grain multiprocess prefetch workers (0 = in-process)
     c.data.prefetch_buffer = 2
     c.data.eval_patches = 512  # held-out patches for the patch-level eval hook
+    # Store nodule masks: "consensus" (the dataset's masks where present, else spheres of
+    # the annotated diameter) | "sphere" (always spheres, as Shrey et al. draw them).
+    c.data.nodule_mask = "consensus"
+    c.data.batch_mask = False  # batches carry "mask": the nodule mask, transformed as the image
+    # Batches carry "malignancy" (median reader score) and "malignant" (1 / 0 / -1 excluded).
+    c.data.batch_malignancy = False
+    c.data.malignancy_uncertain = "exclude"  # median 3, ties 2.5 / 3.5: exclude|benign|malignant
 
     # --- augmentation (lungjax.data.augment.AugmentConfig fields) ---------------------
     c.augment = config_dict.ConfigDict()
@@ -66,6 +73,8 @@ def get_config():
     c.sampler.name = "balanced"
     c.sampler.steps_per_round = 0  # 0 = one round for the whole run
     c.sampler.hard_negative_fraction = 0.0  # of negatives drawn from high-loss ones
+    c.sampler.slice_context = 5  # balanced_slices: slices kept before/after each nodule; -1 = all
+    c.sampler.roi_balance = True  # nodule_roi: exact malignant share (data.positive_fraction)
 
     # --- model / task ---------------------------------------------------------------
     c.model = config_dict.ConfigDict()
@@ -112,6 +121,14 @@ def get_config():
     # pairs "src/path:dst/path" of module paths.
     c.train.init_from = OPTIONAL(str)
     c.train.init_paths = ()
+    c.train.init_network = ""  # network of train.init_from's run to take params from ("" = its only one)
+    # Name of the network built from c.model / c.optimizer (the task's: evaluated, exported).
+    c.train.network = "net"
+    c.train.step = "supervised"  # a lungjax.registry.STEPS key: how a step updates the networks
+    # Further networks of the stage, trained in the same step (e.g. an adversary): name ->
+    # dict(model=dict(name=<MODELS key>, ...), optimizer=dict(<overrides of c.optimizer>),
+    # input_channels=int). Empty = one network.
+    c.networks = config_dict.ConfigDict()
 
     # --- evaluation hooks: name -> dict(type=<EVALUATORS key>, every_steps=N, ...) ---------
     c.evals = config_dict.ConfigDict()
@@ -133,10 +150,22 @@ def get_config():
     # Convolution formulation for whole-scan scoring and export: the CPU-fast im2col
     # formulations materialise patch matrices that do not fit in memory at scan size.
     c.detection.conv_impl = "xla"
+    # Whole-scan detector of a "detect" stage (lungjax.registry.DETECTORS): "score_volume"
+    # thresholds a fully convolutional network's score volume.
+    c.detection.detector = "score_volume"
+
+    # --- the method: its stages, in order (lungjax.stages) ---------------------------
+    # name -> dict of lungjax.stages.STAGE_FIELDS (kind, sections, network, init_from, ...)
+    c.stages = config_dict.ConfigDict()
+    c.stage_order = ()  # the stages' names in the order they run
 
     # --- cross-validation -----------------------------------------------------------
     c.cv = config_dict.ConfigDict()
     c.cv.folds = ()  # empty = range(data.num_folds)
+    # Variants run beside the method on every fold (ablations): name -> dict(stages={stage:
+    # fields merged over the method's}, until=last stage to run ("" = all)).
+    c.cv.variants = config_dict.ConfigDict()
+    c.cv.report = ""  # a lungjax.registry.CV_REPORTS key: the method's own tables
 
     # --- export ---------------------------------------------------------------------
     c.export = config_dict.ConfigDict()

@@ -1,12 +1,14 @@
 """Dou et al., "Automated pulmonary nodule detection via 3D ConvNets with online sample
 filtering and hybrid-loss residual learning", MICCAI 2017 (arXiv 1708.03867).
 
-The complete two-stage method (``lungjax.methods.dou2017``):
+The complete two-stage method, as the stages ``fcn`` -> ``screen`` -> ``fpr`` ->
+``classify`` run by ``lungjax.stages`` (``lungjax.methods.dou2017``: the stage-2 network's
+derived fields and the paper's tables):
 
 1. stage 1: the 3D screening FCN (``lungjax.models.fcn``) trained on 10x30x30 (z, y, x)
    patches with online sample filtering, applied fully-convolutionally to whole scans:
    threshold, 3D NMS, index mapping to voxels / world mm -> candidates;
-2. stage 2: the hybrid-loss 3D residual network (``lungjax.models.fpr``, ResNet+HL) on
+2. stage 2: the hybrid-loss 3D residual network (``lungjax.models.fp_reduction``, ResNet+HL) on
    24x60x60 patches around stage-1 candidates of the *training* scans (true nodules as
    positives, stage-1 false positives as hard negatives, held in the host-side sampler),
    conv1-3 initialised from the trained FCN, lambda 0.5, weight decay beta = 1e-4;
@@ -30,7 +32,7 @@ Variants (``:arg``):
     held-out patches (stage 1: 512 every 200 steps; stage 2: 64 every 50), the stage-1 threshold
     is 0.5 (a network trained this briefly is not calibrated to the paper's 0.85), and
     stage-2 hard negatives come from 6 of the 45 training scans
-    (``dou2017.train_scans_screened``; whole-scan screening dominates the CPU time);
+    (``stages.screen.train_scans``; whole-scan screening dominates the CPU time);
   * ``paper``: the paper's widths and a GPU-sized schedule (stage 1: 20k steps of 64,
     threshold 0.85; stage 2: 20k steps of 32), for real LUNA16 data;
   * ``tiny``: seconds on CPU (generated "tiny" data, minute widths), used by the tests.
@@ -39,13 +41,14 @@ Variants (``:arg``):
 (``fold``, ``steps`` = stage-1 steps, ``steps2`` = stage-2 steps).
 
 ``--mode=cv`` runs ``cv.folds`` (default all 10 LUNA16 subsets) in ``<workdir>/fold_<k>``
-(each resumable) and with ``dou2017.ablations`` (default on in cv) also trains the
-ablations of the paper's tables: the FCN without OSF (stage-1 sensitivity and FPs/scan
-with and without OSF) and the DeepNet / ResNet stage-2 networks (sensitivity at 1 FP/scan
-for the three networks). The single-ablation configs are under ``configs/baselines/``.
+(each resumable) with the ablations of the paper's tables as ``cv.variants``: the FCN
+without OSF (``no_osf``: stage-1 sensitivity and FPs/scan with and without OSF) and the
+DeepNet / ResNet stage-2 networks (``deepnet``, ``resnet``: sensitivity at 1 FP/scan for
+the three networks), each sharing the method's stages where they are the same. The
+single-ablation configs are under ``configs/baselines/``.
 
 Decisions where the paper is silent (switchable by flags):
-  * exact layer sizes (its figure is lost): ``lungjax/models/fcn.py``, ``fpr.py``;
+  * exact layer sizes (its figure is lost): ``lungjax/models/fcn.py``, ``fp_reduction.py``;
   * stage-1 batch: half positives (augmented as the paper lists), half negatives from
     candidates and random lung points (``data.positive_fraction``);
   * OSF on every stage-1 batch: hardest 50% + a random half of the rest (``train.osf.*``);
@@ -53,7 +56,7 @@ Decisions where the paper is silent (switchable by flags):
   * stage 2 positives are the annotated nodule centres, translated within the nodule
     radius by augmentation (so they sit where stage-1 candidates on the nodule sit);
     negatives are stage-1 false positives on the training scans only
-    (``stage2.sampler.negative_mix``).
+    (``stages.fpr.sections.sampler.negative_mix``).
 """
 
 import importlib.util
@@ -74,16 +77,15 @@ def _base():
 
 
 def _stage2(c):
-    """Stage-2 sections: merged over the run config for the FP-reduction network
-    (``lungjax.methods.dou2017.stage2_config``); ``model`` and ``task`` replace the
-    stage-1 ones, the other sections override field by field."""
+    """Sections of the FP-reduction stage ``fpr``, merged over the run config; ``model``,
+    ``task`` and ``evals`` replace the stage-1 ones, the other sections override field by
+    field."""
     s = config_dict.ConfigDict()
-    s.networks = ("resnet_hl",)  # trained in --mode=train; cv adds the ablations
     # conv1-3 (trunk_features / trunk_kernels) are always the stage-1 FCN's, whose
-    # trained weights initialise them.
+    # trained weights initialise them (lungjax.methods.dou2017.fpr_config).
     s.model = config_dict.ConfigDict(dict(
-        stage_features=(64, 128), reg_features=32, fc_features=128, init_std=0.01,
-        conv_impl="auto"))
+        name="dou2017_fpr_resnet_hl", stage_features=(64, 128), reg_features=32,
+        fc_features=128, init_std=0.01, conv_impl="auto"))
     s.task = config_dict.ConfigDict(dict(
         name="hybrid", num_classes=2, positive_class=1, lam=0.5,  # paper: lambda = 0.5
         reg_normalizer="positives", patch_size_zyx=(24, 60, 60),
@@ -108,14 +110,34 @@ def _stage2(c):
                       translate_mm=0.0, translate_nodule_fraction=0.0)))
     s.evals = config_dict.ConfigDict(dict(patches=dict(type="patch_classification",
                                                        every_steps=0)))
-    s.inference_batch = 32  # candidate patches per stage-2 call
+    return s
+
+
+def _stages(c):
+    """The method's stages (``lungjax.stages``) and its cross-validation variants."""
+    c.stages.fcn = dict(kind="train")
+    # Training scans screened for stage-2 hard negatives (0 = all, the paper). Whole-scan
+    # screening is the CPU schedule's largest cost, so it screens a spread subset.
+    c.stages.screen = dict(kind="screen", network="fcn", train_scans=6)
+    c.stages.fpr = dict(kind="train", sections=_stage2(c), replace=("model", "task", "evals"),
+                        derive="dou2017_fpr", init_from="fcn", hard_negatives_from="screen")
     # Where a stage-2 mark sits: False = the stage-1 candidate (refined to the centroid of
     # its score blob, detection.refine_radius_mm), True = the regressed nodule centre.
     # After 200 CPU steps the regression moved marks by a median 3.5 voxels and took 8 of
     # 25 hit nodules out of their radius on the generated data, so the CPU schedule keeps
     # the candidate position; a converged regression head (paper schedule) may do better.
-    s.regressed_position = False
-    return s
+    c.stages.classify = dict(kind="classify_candidates", network="fpr",
+                             candidates_from="screen", batch=32, regressed_position=False,
+                             evaluator="froc")
+    c.stage_order = ("fcn", "screen", "fpr", "classify")
+    c.cv.variants = dict(
+        no_osf=dict(stages=dict(fcn=dict(sections=dict(train=dict(osf=dict(enabled=False))))),
+                    until="screen"),
+        deepnet=dict(stages=dict(fpr=dict(sections=dict(model=dict(
+            name="dou2017_fpr_deepnet"))))),
+        resnet=dict(stages=dict(fpr=dict(sections=dict(model=dict(
+            name="dou2017_fpr_resnet"))))))
+    c.cv.report = "dou2017_tables"
 
 
 def get_config(arg: str | None = None):
@@ -123,7 +145,6 @@ def get_config(arg: str | None = None):
     variant, kv = base.parse_variant(arg, VARIANTS, "configs/dou2017.py")
     c = base.get_config()
     c.name = "dou2017" if variant == "default" else f"dou2017_{variant}"
-    c.method = "dou2017"  # lungjax.registry.METHODS: the two-stage orchestration
 
     c.data.patch_size_zyx = (10, 30, 30)
     c.data.spacing_zyx = (1.0, 1.0, 1.0)
@@ -186,13 +207,7 @@ def get_config(arg: str | None = None):
     c.detection.tile_zyx = ()
     c.cv.folds = ()
 
-    c.dou2017 = config_dict.ConfigDict(dict(
-        ablations=False,  # --mode=train: the method only
-        cv_ablations=True,  # --mode=cv: also FCN without OSF, DeepNet, ResNet
-        # Training scans screened for stage-2 hard negatives (0 = all, the paper). Whole-scan
-        # screening is the CPU schedule's largest cost, so it screens a spread subset.
-        train_scans_screened=6,
-        progress=True))
+    _stages(c)
 
     if variant == "paper":
         c.model.features = (64, 64, 150, 150)
@@ -202,7 +217,7 @@ def get_config(arg: str | None = None):
         c.sampler.steps_per_round = 1000
         c.evals.patches.every_steps = 2000
         c.detection.threshold = 0.85  # paper (grid-searched on validation)
-        c.dou2017.train_scans_screened = 0
+        c.stages.screen.train_scans = 0
         c.detection.tile_zyx = (64, 128, 128)  # real scans at 1 mm are ~300^3
     elif variant == "tiny":
         c.data.synthetic_preset = "tiny"
@@ -222,36 +237,37 @@ def get_config(arg: str | None = None):
         # Few candidates per scan: stage 2 scores each one as a 24x60x60 patch.
         c.detection.max_candidates_per_scan = 16
         c.cv.folds = (0, 1)
-        c.dou2017.progress = False
+        c.stages.screen.progress = False
+        c.stages.classify.progress = False
 
-    c.stage2 = _stage2(c)
+    s2 = c.stages.fpr.sections
     if variant == "paper":
-        c.stage2.train.num_steps = 20_000
-        c.stage2.train.batch_size = 32
-        c.stage2.train.log_every = 100
-        c.stage2.train.checkpoint_every = 1000
-        c.stage2.evals.patches.every_steps = 2000
+        s2.train.num_steps = 20_000
+        s2.train.batch_size = 32
+        s2.train.log_every = 100
+        s2.train.checkpoint_every = 1000
+        s2.evals.patches.every_steps = 2000
     elif variant == "tiny":
-        c.stage2.model.stage_features = (8, 8)
-        c.stage2.model.reg_features = 4
-        c.stage2.model.fc_features = 8
-        c.stage2.optimizer.warmup_steps = 0
-        c.stage2.train.batch_size = 8
-        c.stage2.train.num_steps = 4
-        c.stage2.train.log_every = 2
-        c.stage2.train.checkpoint_every = 4
-        c.stage2.inference_batch = 16
-        c.stage2.evals = {}  # the test budget: no patch evaluation hook in stage 2
+        s2.model.stage_features = (8, 8)
+        s2.model.reg_features = 4
+        s2.model.fc_features = 8
+        s2.optimizer.warmup_steps = 0
+        s2.train.batch_size = 8
+        s2.train.num_steps = 4
+        s2.train.log_every = 2
+        s2.train.checkpoint_every = 4
+        c.stages.classify.batch = 16
+        s2.evals = {}  # the test budget: no patch evaluation hook in stage 2
     else:
-        c.stage2.model.stage_features = (32, 64)
-        c.stage2.model.reg_features = 16
-        c.stage2.model.fc_features = 64
-        c.stage2.train.num_steps = 200
-        c.stage2.train.checkpoint_every = 50
+        s2.model.stage_features = (32, 64)
+        s2.model.reg_features = 16
+        s2.model.fc_features = 64
+        s2.train.num_steps = 200
+        s2.train.checkpoint_every = 50
         # The learning curve on 64 held-out patches every 50 steps (~4 s a call; 512
         # patches of 24x60x60 would cost ~30 s).
-        c.stage2.evals = dict(patches=dict(type="patch_classification", every_steps=50))
-        c.stage2.data.eval_patches = 64
+        s2.evals = dict(patches=dict(type="patch_classification", every_steps=50))
+        s2.data.eval_patches = 64
 
     for k, v in kv.items():
         if k == "fold":
@@ -259,7 +275,7 @@ def get_config(arg: str | None = None):
         elif k == "steps":
             c.train.num_steps = int(v)
         elif k == "steps2":
-            c.stage2.train.num_steps = int(v)
+            s2.train.num_steps = int(v)
         else:
             raise ValueError(f"configs/dou2017.py: unknown config arg {k!r} "
                              "(fold | steps | steps2)")

@@ -1,7 +1,7 @@
 """Xie, "Towards single-phase single-stage detection of pulmonary nodules in chest CT
 imaging", arXiv 1807.05972 (2018).
 
-3D ResNet + FPN with RReLU (``lungjax.models.fpn``), two output heads (strides 2 and 4)
+3D ResNet + FPN with RReLU (``lungjax.models.resnet_fpn``), two output heads (strides 2 and 4)
 with regression anchors 3-40 mm, sphere-IoU targets (positive > 0.3, negative < 0.001),
 cross entropy with OHEM (k = 5 negatives per patch) + smooth L1 (``lungjax.tasks.anchors``),
 anchor-based patch sampling with provisional tests every t epochs
@@ -30,7 +30,7 @@ epoch (``sampler.samples_per_round`` patches).
 
 Decisions where the paper is silent (switchable by flags):
   * widths / depths / normalisation and which head carries which anchors: see
-    ``lungjax/models/fpn.py`` (small anchors on the stride-2 head, large on stride 4);
+    ``lungjax/models/resnet_fpn.py`` (small anchors on the stride-2 head, large on stride 4);
   * overlap = exact sphere IoU (``task.iou="cube"`` for cubes); each nodule's best anchor
     is also positive (``task.force_best``);
   * round 0 batches are patches around ground-truth nodules only; later rounds mix ground
@@ -162,7 +162,16 @@ def get_config(arg=None):
     # from 0.41 to 0.22.
     c.detection.lung_only = True
 
+    c.detection.detector = "xie2018_detection"
+
+    # --- the method's stages (lungjax.stages): train the detector, detect held-out scans
+    c.stages.detector = dict(kind="train")
+    c.stages.detect = dict(kind="detect", network="detector", evaluator="froc")
+    c.stage_order = ("detector", "detect")
     c.cv.folds = (0, 1, 2, 3, 4)  # paper: 5-fold CV
+    # Table 1: the fixed-anchor ablation on every fold, then an ensemble of the two.
+    c.cv.variants = dict(fixed_anchors=dict(stages=dict(detector=dict(
+        sections=dict(sampler=dict(update_anchors=False))))))
     c.cv.report = "xie2018_table1"  # single model, fixed-anchor ablation, ensemble
 
     if variant == "default":

@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lungjax.data.store import StoreError, prepare_dataset
+from lungjax.data.prepare import prepare_dataset
+from lungjax.data.store import StoreError
 
 
 def _floats(text: str, n: int, what: str) -> tuple[float, ...]:

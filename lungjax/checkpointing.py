@@ -2,7 +2,8 @@
 
 One checkpoint = three items saved together under ``<workdir>/checkpoints/<step>/``:
 
-* ``state``: the ``TrainState`` (sharded jax arrays);
+* ``state``: the ``TrainStates`` of the stage's networks (sharded jax arrays), stored as
+  ``{network name: {step, params, model_state, opt_state, rng}}``;
 * ``data``: the Grain iterator state (one JSON file per process, via Grain's handler),
   or an empty JSON object when the data stream needs none;
 * ``host``: host-side state as a pytree of numpy arrays / scalars (sampler state, round
@@ -61,7 +62,7 @@ class Checkpointer:
 
         Args:
           step: the number of optimizer steps the state has taken.
-          state: the TrainState (or any pytree of jax arrays).
+          state: the TrainStates (or any pytree of jax arrays).
           data_iterator: a Grain ``DatasetIterator`` (``get_state``/``set_state``) or None.
           host_state: pytree of numpy arrays / python scalars; must not be empty.
         """
@@ -140,11 +141,22 @@ def _grain_compatible(it):
     return _JsonBytesState(it)
 
 
-def restore_params(directory: str | os.PathLike, step: int | None = None) -> dict:
-    """Params (and model state) of a checkpoint as numpy trees, without the optimizer.
+def restore_params(directory: str | os.PathLike, step: int | None = None,
+                   network: str | None = None) -> dict:
+    """One network's params (and model state) of a checkpoint as numpy trees, without
+    the optimizer.
 
     Used by two-stage methods (initialise a stage from another's trained weights) and by
-    export / evaluation. Returns ``{"params": ..., "model_state": ..., "step": int}``.
+    export / evaluation.
+
+    Args:
+      directory: a run's ``checkpoints`` directory.
+      step: a specific step; default the latest.
+      network: which network of the stage's ``TrainStates`` (e.g. "segmenter"); None
+        for a stage with a single network.
+
+    Returns:
+      ``{"params": ..., "model_state": ..., "step": int, "network": str}``.
     """
     directory = os.path.abspath(os.fspath(directory))
     with ocp.CheckpointManager(directory, item_handlers={
@@ -153,11 +165,20 @@ def restore_params(directory: str | os.PathLike, step: int | None = None) -> dic
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {directory}")
         out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    st = out["state"]
-    get = (lambda k: st[k]) if isinstance(st, dict) else (lambda k: getattr(st, k))
-    return {"params": jax.tree_util.tree_map(np.asarray, get("params")),
-            "model_state": jax.tree_util.tree_map(np.asarray, get("model_state") or {}),
-            "step": int(step)}
+    # Without a target Orbax gives the TrainStates back as {name: {field: ...}}.
+    states = dict(out["state"])
+    if network is None:
+        if len(states) != 1:
+            raise ValueError(f"checkpoint {directory} step {step} holds networks "
+                             f"{', '.join(states)}; pick one by name")
+        network = next(iter(states))
+    if network not in states:
+        raise KeyError(f"checkpoint {directory} step {step} has no network {network!r}; "
+                       f"networks: {', '.join(states)}")
+    st = states[network]
+    return {"params": jax.tree_util.tree_map(np.asarray, st["params"]),
+            "model_state": jax.tree_util.tree_map(np.asarray, st["model_state"] or {}),
+            "step": int(step), "network": network}
 
 
 # Orbax pytrees want array leaves and non-empty containers; host state is small and

@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from scipy import special
 
-from lungjax.data.coords import Geometry
+from lungjax.data.coords import Geometry, within_sphere
 from lungjax.data.tables import Findings, Marks, write_marks_csv
 from lungjax.tasks.screening import (Candidates, OutputMapping, candidates_from_scores,
                                      inside_mask, score_volume)
@@ -314,11 +314,9 @@ def write_submission(path: str | os.PathLike, marks: Marks,
 
 
 def _hits(points: np.ndarray, centres: np.ndarray, radii: np.ndarray) -> np.ndarray:
-    """(P, C) bool: squared distance < radius^2 (LUNA16's rule)."""
-    if len(points) == 0 or len(centres) == 0:
-        return np.zeros((len(points), len(centres)), bool)
-    d2 = ((points[:, None, :] - centres[None, :, :]) ** 2).sum(-1)
-    return d2 < (radii[None, :] ** 2)
+    """(P, C) bool: world point p (P, 3) inside sphere c (C, 3), radius (C,) mm."""
+    return within_sphere(np.reshape(points, (-1, 1, 3)), np.reshape(centres, (1, -1, 3)),
+                         np.reshape(radii, (1, -1)))
 
 
 def screening_stats(marks: Marks, annotations: Findings, uids: Sequence[str],

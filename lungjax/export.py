@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from lungjax.data.tables import atomic_write_bytes, atomic_write_text
+from lungjax.atomic import atomic_write_bytes, atomic_write_text
 
 FORMAT_VERSION = 1
 
@@ -85,6 +85,29 @@ def export_predictor(out_dir: str, predict_fn: Callable, variables: Any,
     atomic_write_text(os.path.join(out_dir, "export.json"),
                       json.dumps(sidecar, indent=2, sort_keys=True, default=_json_default) + "\n")
     return sidecar
+
+
+def export_network(out_dir: str, checkpoint_dir: str, predict_fn: Callable, input_size_zyx,
+                   metadata: dict, network: str | None = None, step: int | None = None,
+                   channels: int = 1, min_size_zyx=None) -> dict:
+    """``export_predictor`` of one network of a run's checkpoint.
+
+    Args:
+      checkpoint_dir: the run's ``checkpoints`` directory.
+      network: the network of the stage to export (e.g. "segmenter"); None for a stage
+        with a single network.
+      step: a checkpoint step; default the latest.
+      out_dir, predict_fn, input_size_zyx, metadata, channels, min_size_zyx: as in
+        ``export_predictor``; the sidecar also records ``network`` and
+        ``checkpoint_step``.
+    """
+    from lungjax.checkpointing import restore_params
+
+    ck = restore_params(checkpoint_dir, step=step, network=network)
+    variables = {"params": ck["params"], **ck["model_state"]}
+    meta = {**metadata, "network": ck["network"], "checkpoint_step": ck["step"]}
+    return export_predictor(out_dir, predict_fn, variables, input_size_zyx, meta,
+                            channels=channels, min_size_zyx=min_size_zyx)
 
 
 def _json_default(o):

@@ -1,4 +1,4 @@
-"""lungjax entry point (kept short on purpose; the work is in train.py and friends).
+"""lungjax entry point (kept short on purpose; the work is in stages.py and train.py).
 
     python -m lungjax.main --config=configs/dou2017.py[:variant] [--workdir=DIR] \
         [--mode=train|cv|evaluate|export] [--config.a.b=value ...]
@@ -50,12 +50,12 @@ def _configure_malloc(config) -> None:
 
     XLA:CPU allocates its buffers afresh at every call and glibc maps and unmaps the large
     ones, so each step page-faults its whole working set again
-    (``lungjax.models.conv_malloc``). The setting only reaches XLA's worker threads if made
+    (``lungjax.models.conv.malloc``). The setting only reaches XLA's worker threads if made
     before they exist (set after the backend started, it leaves the faults as they were).
     """
     if not config.runtime.keep_freed_memory or not _runs_on_cpu():
         return
-    from lungjax.models.conv_malloc import keep_freed_memory
+    from lungjax.models.conv.malloc import keep_freed_memory
 
     if keep_freed_memory():
         print("runtime.keep_freed_memory: glibc malloc keeps freed memory (fewer page faults "
@@ -74,13 +74,13 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     config = FLAGS.config
     _configure_malloc(config)  # first: before anything can start a JAX backend
-    from lungjax import modes, sharding, train
+    from lungjax import sharding, stages, train
 
     sharding.initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     train.validate_config(config)
     workdir = FLAGS.workdir or os.path.join("runs", config.name)
     try:
-        modes.run(FLAGS.mode, config, workdir)
+        stages.run(FLAGS.mode, config, workdir)
     except train.NonFiniteLossError as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -4,6 +4,9 @@
 (``{"step": int, "split": "train"|..., "<name>": float, ...}``) and writes the same scalars
 as TensorBoard summaries under ``<workdir>/tb/<split>/``. Only process 0 writes.
 ``read_jsonl`` reads the log back and ``metric_series`` turns it into curves per split.
+A stage with several networks logs each network's training metrics as
+``"<network>/<name>"`` (e.g. "segmenter/loss"; TensorBoard groups them by network);
+``network_rows`` gives one network's view of a log.
 """
 
 from __future__ import annotations
@@ -111,6 +114,20 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 _RECORD_KEYS = ("step", "split", "time")
+
+
+def network_rows(rows: Iterable[Mapping], network: str) -> list[dict]:
+    """One network's view of a log of several networks' metrics.
+
+    Keys "<network>/<name>" become "<name>"; other networks' keys ("<other>/<name>")
+    are dropped; unprefixed keys (record keys, held-out figures) are kept.
+    """
+    pre = network + "/"
+    out = []
+    for r in rows:
+        out.append({(k[len(pre):] if k.startswith(pre) else k): v for k, v in r.items()
+                    if k.startswith(pre) or "/" not in k})
+    return out
 
 
 def metric_series(rows: Iterable[Mapping]) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:

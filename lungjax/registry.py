@@ -82,20 +82,30 @@ class Registry:
 
 # Modules whose entries register on import; a listed module that does not exist (a method
 # not built in this checkout) just contributes nothing.
-MODELS = Registry("model", ("lungjax.models.fcn", "lungjax.models.fpr", "lungjax.models.fpn"))
+MODELS = Registry("model", ("lungjax.models.fcn", "lungjax.models.fp_reduction",
+                            "lungjax.models.resnet_fpn"))
 TASKS = Registry("task", ("lungjax.tasks.classification", "lungjax.tasks.hybrid",
-                          "lungjax.tasks.anchors"))
+                          "lungjax.tasks.anchors", "lungjax.tasks.segmentation"))
 # Losses are registered functions ``loss(logits, labels) -> (B,)`` used by tasks.
 LOSSES = Registry("loss", ("lungjax.tasks.classification",))
-EVALUATORS = Registry("evaluator", ("lungjax.train",))
+EVALUATORS = Registry("evaluator", ("lungjax.train", "lungjax.evaluation.evaluators"))
 TRANSFORMS = Registry("transform", ("lungjax.data.augment",))
-# Multi-stage methods chosen by ``config.method``: ``run(mode, config, workdir)`` replaces
-# the single-network modes of ``lungjax.modes`` (e.g. dou2017: screening FCN + FP reduction).
-METHODS = Registry("method", ("lungjax.methods.dou2017",))
+# Train-step factories chosen by ``config.train.step``: ``factory(config, networks, task) ->
+# [(network name, update)]`` (lungjax.steps); per-batch sample selection inside the train
+# step: ``factory(**kwargs) -> filter`` with ``filter(losses, seed) -> (B,) float32 0/1
+# mask`` (``losses`` (B,) float32 per-sample losses without gradient, ``seed`` () uint32).
+STEPS = Registry("step", ("lungjax.steps", "lungjax.methods.sathish2020"))
+SAMPLE_FILTERS = Registry("sample_filter", ("lungjax.steps",))
+# A method is stages (lungjax.stages): stage kinds by ``config.stages.<s>.kind``
+# (``run(StageRun) -> record``), their exports, and fields a method computes for one of its
+# stages from its config (``config.stages.<s>.derive``: ``fn(stage_config, config)``).
+STAGES = Registry("stage", ("lungjax.stages", "lungjax.methods.candidates"))
+STAGE_EXPORTS = Registry("stage export", ("lungjax.stages", "lungjax.methods.candidates"))
+STAGE_CONFIGS = Registry("stage config", ("lungjax.methods.dou2017",))
 # Training-data sources chosen by ``config.sampler.name`` ("balanced" = the plain
 # ``lungjax.data.pipeline.StoreTrainData``), whole-scan detectors chosen by
-# ``config.task.name`` (tasks without a ``layer_specs`` screening network), and extra
-# cross-validation reports chosen by ``config.cv.report``.
-SAMPLERS = Registry("sampler", ("lungjax.methods.xie2018",))
-DETECTORS = Registry("detector", ("lungjax.methods.xie2018",))
-CV_REPORTS = Registry("cv_report", ("lungjax.methods.xie2018",))
+# ``config.detection.detector`` for "detect" stages, and a method's own cross-validation
+# report chosen by ``config.cv.report``.
+SAMPLERS = Registry("sampler", ("lungjax.methods.xie2018", "lungjax.data.dense_sampling"))
+DETECTORS = Registry("detector", ("lungjax.stages", "lungjax.methods.xie2018"))
+CV_REPORTS = Registry("cv_report", ("lungjax.methods.dou2017", "lungjax.methods.xie2018"))

@@ -2,13 +2,15 @@
 
 ``TrainState`` holds only arrays (no functions), so it shards, donates and checkpoints
 without adapters. The optimizer (an ``optax.GradientTransformation``) lives beside it in
-the step factory. Methods with several networks (e.g. a segmenter and its adversary, each
-with its own optimizer) keep a ``dict`` of ``TrainState``s, which is a pytree too.
+the step factory. A stage's networks (one, or several such as a segmenter and its adversary,
+each with its own optimizer, step count, batch statistics and rng) are held by name in a
+``TrainStates``, a pytree too; the training loop, checkpoints and evaluators see only that.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+import dataclasses
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import flax
 import flax.linen as nn
@@ -40,6 +42,128 @@ class TrainState:
     def variables(self) -> dict:
         """The Flax variables dict for ``model.apply``."""
         return {"params": self.params, **self.model_state}
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class TrainStates(Mapping[str, TrainState]):
+    """The ``TrainState`` of every network of a stage, by name, in a fixed order.
+
+    A pytree whose children are the networks' states (key paths ``['<name>']``, like a
+    dict's), so it shards, donates and checkpoints as one tree. The order is the stage's
+    (``config.train.network`` first, then ``config.networks`` in declaration order); it
+    fixes each network's rng (``create_train_states``) and the tree structure a checkpoint
+    restores into.
+
+    A stage with a single network reads like that network's ``TrainState``: ``params``,
+    ``model_state``, ``opt_state``, ``rng``, ``step`` and ``variables()`` are those of
+    ``only``, so code written for one network (evaluators, provisional tests) needs no
+    change; with several networks they raise, naming the networks to pick from.
+    """
+
+    __slots__ = ("_states",)
+
+    def __init__(self, states: Mapping[str, Any]):
+        self._states = dict(states)
+        if not self._states:
+            raise ValueError("TrainStates needs at least one network")
+
+    def __getitem__(self, name: str) -> TrainState:
+        try:
+            return self._states[name]
+        except KeyError:
+            raise KeyError(f"no network {name!r} in this stage; networks: "
+                           f"{', '.join(self._states)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._states)
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def __repr__(self) -> str:
+        return f"TrainStates({self._states!r})"
+
+    def replace(self, **states: Any) -> "TrainStates":
+        """A copy with the named networks' states replaced (names must exist)."""
+        for name in states:
+            self[name]  # noqa: B018 -- raises for an unknown name
+        return TrainStates({**self._states, **states})
+
+    @property
+    def only(self) -> TrainState:
+        """The state of the stage's single network; ValueError when it has several."""
+        if len(self._states) != 1:
+            raise ValueError(f"this stage has {len(self._states)} networks "
+                             f"({', '.join(self._states)}); pick one by name")
+        return next(iter(self._states.values()))
+
+    @property
+    def step(self):
+        return self.only.step
+
+    @property
+    def params(self):
+        return self.only.params
+
+    @property
+    def model_state(self):
+        return self.only.model_state
+
+    @property
+    def opt_state(self):
+        return self.only.opt_state
+
+    @property
+    def rng(self):
+        return self.only.rng
+
+    def variables(self) -> dict:
+        return self.only.variables()
+
+    def tree_flatten_with_keys(self):
+        names = tuple(self._states)
+        return [(jax.tree_util.DictKey(n), self._states[n]) for n in names], names
+
+    @classmethod
+    def tree_unflatten(cls, names, children):
+        out = object.__new__(cls)
+        out._states = dict(zip(names, children))
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+    """One trainable network of a stage, as built from the config.
+
+    Attributes:
+      name: its key in ``TrainStates`` and the prefix of its metrics ("<name>/loss").
+      model: the Flax module.
+      tx: its optimizer.
+      sample_input: an input of the training shape, e.g. (1, 10, 30, 30, 1) float32
+        (only shape and dtype matter).
+      init_params: params overriding the random ones (``transfer_params``), or None.
+    """
+
+    name: str
+    model: nn.Module
+    tx: optax.GradientTransformation
+    sample_input: jax.Array
+    init_params: Any = None
+
+
+def create_train_states(networks: Sequence[Network], rng: jax.Array) -> TrainStates:
+    """Initial ``TrainStates`` of a stage; pure, so it can be jitted with ``out_shardings``.
+
+    Network ``i`` (in the stage's order) is created by ``create_train_state`` from
+    ``rng`` itself when ``i == 0`` and from ``fold_in(rng, i)`` otherwise, so a stage's
+    first network draws exactly what a single-network stage of the same seed draws.
+    """
+    out = {}
+    for i, net in enumerate(networks):
+        key = rng if i == 0 else jax.random.fold_in(rng, i)
+        out[net.name] = create_train_state(net.model, net.tx, net.sample_input, key,
+                                           init_params=net.init_params)
+    return TrainStates(out)
 
 
 SCHEDULES = ("constant", "cosine", "step", "plateau")

@@ -1,5 +1,21 @@
 """Factories of pure step functions: train, eval, predict.
 
+A training step updates the ``TrainStates`` of a stage (``lungjax.state``): one network, or
+several updated in turn inside one jitted, sharded step (an adversarial segmenter: the
+discriminator's update, then the segmenter's). What a stage's step does is a registered
+*step factory* chosen by ``config.train.step``::
+
+    @STEPS.register("my_stage")
+    def my_stage(config, networks, task) -> list[tuple[str, Update]]: ...
+
+``networks`` is the stage's ordered ``{name: lungjax.state.Network}`` (the first is the
+task's network, built from ``config.model`` / ``config.optimizer``); each ``Update`` is
+``fn(states, batch) -> (new TrainState of that network, metrics, host_outputs)`` and sees
+the states as updated by the updates before it (``make_alternating_step``). Helpers for
+writing updates: ``model_rngs`` (the model's random streams for this step),
+``apply_gradients``, ``make_supervised_update``. "supervised" (one network, the task's
+loss, an optional sample filter) is the default.
+
 Every step returns ``(state, metrics, host_outputs)``:
 
 * ``metrics``: dict of () float32 scalars, means over the global batch;
@@ -15,13 +31,21 @@ optional ``index`` (B,) int64/int32 sample ids.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from lungjax.state import TrainState, plateau_scale, step_key
+from lungjax.registry import SAMPLE_FILTERS, STEPS
+from lungjax.state import Network, TrainState, TrainStates, plateau_scale, step_key
+
+# STEPS: step factories chosen by ``config.train.step`` (see the module docstring);
+# SAMPLE_FILTERS: per-batch sample selection inside the train step (lungjax.registry).
+
+Update = Callable[[TrainStates, Mapping[str, jax.Array]], tuple[TrainState, dict, dict]]
+SampleFilter = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def _image(batch: Mapping[str, jax.Array], spatial_dims: int) -> jax.Array:
@@ -37,7 +61,20 @@ def _image(batch: Mapping[str, jax.Array], spatial_dims: int) -> jax.Array:
 def _weights(batch: Mapping[str, jax.Array]) -> jax.Array:
     if "weight" in batch:
         return batch["weight"].astype(jnp.float32)
-    return jnp.ones(batch["label"].shape[:1], jnp.float32)
+    return jnp.ones(batch["image"].shape[:1], jnp.float32)
+
+
+def _with_step(batch: Mapping[str, jax.Array], state: TrainState) -> dict:
+    """The batch with ``"step"`` () int32, the updates applied so far: tasks whose loss
+    follows a schedule (segmentation's BCE-then-Dice) read it inside the jitted step."""
+    return {**batch, "step": state.step}
+
+
+def _per_sample(host: Mapping[str, jax.Array], batch_size: int) -> dict:
+    """The (B,) host outputs only: the train step's outputs feed host-side samplers, and
+    full-size maps (a segmentation's probabilities) would be copied to the host for
+    nothing at every step."""
+    return {k: v for k, v in host.items() if v.ndim == 1 and v.shape[0] == batch_size}
 
 
 def hash_uniform(seed: jax.Array, n: int) -> jax.Array:
@@ -86,6 +123,48 @@ def online_sample_filter(losses: jax.Array, seed: jax.Array, hard_fraction: floa
     return jnp.zeros((b,), jnp.float32).at[keep].set(1.0)
 
 
+@SAMPLE_FILTERS.register("online_sample_filter")
+def make_online_sample_filter(hard_fraction: float = 0.5, easy_keep: float = 0.5
+                              ) -> SampleFilter:
+    """``online_sample_filter`` with fixed shares, as a sample filter."""
+
+    def select(losses, seed):
+        return online_sample_filter(losses, seed, hard_fraction, easy_keep)
+
+    return select
+
+
+def build_sample_filter(osf: Mapping[str, Any] | None) -> SampleFilter | None:
+    """The sample filter of ``config.train.osf`` (``enabled``, ``hard_fraction``,
+    ``easy_keep``): "online_sample_filter" when enabled, else None (every sample)."""
+    if not osf or not osf["enabled"]:
+        return None
+    return SAMPLE_FILTERS.get("online_sample_filter")(
+        hard_fraction=float(osf["hard_fraction"]), easy_keep=float(osf["easy_keep"]))
+
+
+def rng_streams(model) -> tuple[str, ...]:
+    """Names of the random streams ``model`` draws from in training.
+
+    "dropout", then the value of every ``str`` field of the module whose name ends in
+    ``_stream`` (the convention by which a module names a stream it needs, e.g. an RReLU
+    network's ``rrelu_stream="rrelu"``), in field order.
+    """
+    names = ["dropout"]
+    for f in dataclasses.fields(model):
+        value = getattr(model, f.name, None)
+        if f.name.endswith("_stream") and isinstance(value, str) and value not in names:
+            names.append(value)
+    return tuple(names)
+
+
+def model_rngs(key: jax.Array, streams: tuple[str, ...]) -> dict[str, jax.Array]:
+    """``{stream: key}`` for ``model.apply``: stream ``i`` gets ``key`` itself when
+    ``i == 0`` and ``fold_in(key, i)`` otherwise (fixed by the order of ``streams``)."""
+    return {name: key if i == 0 else jax.random.fold_in(key, i)
+            for i, name in enumerate(streams)}
+
+
 def _apply(model, state_or_vars, params, model_state, image, train, rngs):
     mutable = [k for k in model_state] if train else False
     variables = {"params": params, **model_state}
@@ -96,49 +175,38 @@ def _apply(model, state_or_vars, params, model_state, image, train, rngs):
     return model.apply(variables, image, train=train, rngs=rngs), model_state
 
 
-def make_train_step(model, task, tx: optax.GradientTransformation, *, spatial_dims: int = 3,
-                    osf: Mapping[str, Any] | None = None, rng_impl: str = "rbg",
-                    state_shardings: Any = None, mesh: Any = None, donate: bool = True):
-    """Returns a jitted ``train_step(state, batch) -> (state, metrics, host_outputs)``.
+def make_supervised_update(model, task, tx: optax.GradientTransformation, *,
+                           spatial_dims: int = 3, sample_filter: SampleFilter | None = None,
+                           streams: tuple[str, ...] | None = None, rng_impl: str = "rbg"):
+    """Pure ``update(state, batch) -> (state, metrics, host_outputs)`` of one network.
 
-    Args:
-      model: Flax module ``(x, train) -> outputs``.
-      task: a task object (``per_sample_loss``, ``per_sample_metrics``, ``host_outputs``).
-      tx: the optimizer.
-      spatial_dims: 3 for volumes, 2 for slices.
-      osf: ``dict(enabled, hard_fraction, easy_keep)`` for online sample filtering,
-        applied inside the step; None or ``enabled=False`` trains on every sample.
-      state_shardings / mesh: when given, the step is jitted with explicit shardings
-        (state as ``state_shardings``, batch split on "data", outputs replicated); else
-        plain ``jax.jit``.
-      donate: donate the input state (its buffers are reused for the output).
-      rng_impl: PRNG implementation of ``state.rng`` (dropout and other model noise).
+    The task's per-sample loss, averaged over the weighted samples the ``sample_filter``
+    keeps (every weighted sample when None); one optimizer update. ``streams``: the
+    model's random streams (default ``rng_streams(model)``), keyed by ``model_rngs`` from
+    ``step_key(state)``. The filter's seed is ``state.rng[0] ^ (step * 2654435761)``.
 
     The optimizer's ``update`` receives ``value=`` the batch's mean loss over every
-    weighted sample (``loss_all``: with OSF the selected samples change from step to step,
-    so their mean is a poorer progress signal), read by a plateau schedule and ignored by
-    other optimizers. With a plateau schedule the metrics include ``lr_scale``.
+    weighted sample (``loss_all``: with a filter the selected samples change from step to
+    step, so their mean is a poorer progress signal), read by a plateau schedule and
+    ignored by other optimizers. With a plateau schedule the metrics include ``lr_scale``.
     """
-    use_osf = bool(osf and osf.get("enabled", True))
     tx = optax.with_extra_args_support(tx)
+    streams = rng_streams(model) if streams is None else tuple(streams)
 
-    def train_step(state: TrainState, batch):
-        dropout_rng = step_key(state, rng_impl)
-        osf_seed = state.rng[0] ^ (state.step.astype(jnp.uint32) * jnp.uint32(2654435761))
+    def update(state: TrainState, batch):
+        rngs = model_rngs(step_key(state, rng_impl), streams)
+        seed = state.rng[0] ^ (state.step.astype(jnp.uint32) * jnp.uint32(2654435761))
+        batch = _with_step(batch, state)
         image = _image(batch, spatial_dims)
         w = _weights(batch)
 
         def loss_fn(params):
             outputs, new_model_state = _apply(model, None, params, state.model_state, image,
-                                              True, {"dropout": dropout_rng,
-                                                     # RReLU slopes (xie2018) draw apart
-                                                     "rrelu": jax.random.fold_in(
-                                                         dropout_rng, 1)})
+                                              True, rngs)
             losses = task.per_sample_loss(outputs, batch)
             sel = w
-            if use_osf:
-                sel = w * online_sample_filter(losses, osf_seed, osf.get("hard_fraction", 0.5),
-                                               osf.get("easy_keep", 0.5))
+            if sample_filter is not None:
+                sel = w * sample_filter(losses, seed)
             loss = jnp.sum(sel * losses) / jnp.maximum(jnp.sum(sel), 1e-8)
             return loss, (outputs, losses, sel, new_model_state)
 
@@ -162,12 +230,63 @@ def make_train_step(model, task, tx: optax.GradientTransformation, *, spatial_di
             metrics["lr_scale"] = scale.astype(jnp.float32)
         for k, v in task.per_sample_metrics(outputs, batch).items():
             metrics[k] = jnp.sum(w * v) / wsum
-        host = {"loss": losses, "selected": sel, **task.host_outputs(outputs, batch)}
+        host = {"loss": losses, "selected": sel,
+                **_per_sample(task.host_outputs(outputs, batch), losses.shape[0])}
         if "index" in batch:
             host["index"] = batch["index"]
         return new_state, metrics, host
 
-    return _jit(train_step, state_shardings, mesh, donate)
+    return update
+
+
+def make_train_step(model, task, tx: optax.GradientTransformation, *, spatial_dims: int = 3,
+                    osf: Mapping[str, Any] | None = None,
+                    sample_filter: SampleFilter | None = None, rng_impl: str = "rbg",
+                    state_shardings: Any = None, mesh: Any = None, donate: bool = True):
+    """Jitted ``train_step(state, batch) -> (state, metrics, host_outputs)`` of one network.
+
+    ``make_supervised_update`` on a bare ``TrainState``, jitted.
+
+    Args:
+      model: Flax module ``(x, train) -> outputs``.
+      task: a task object (``per_sample_loss``, ``per_sample_metrics``, ``host_outputs``).
+      tx: the optimizer.
+      spatial_dims: 3 for volumes, 2 for slices.
+      osf: ``dict(enabled, hard_fraction, easy_keep)``: online sample filtering
+        (``build_sample_filter``); or give ``sample_filter`` directly (not both).
+      rng_impl: PRNG implementation of ``state.rng`` (dropout and other model noise).
+      state_shardings / mesh: when given, the step is jitted with explicit shardings
+        (state as ``state_shardings``, batch split on "data", outputs replicated); else
+        plain ``jax.jit``.
+      donate: donate the input state (its buffers are reused for the output).
+    """
+    if osf is not None and sample_filter is not None:
+        raise ValueError("make_train_step: give osf or sample_filter, not both")
+    if osf is not None:
+        sample_filter = build_sample_filter({"hard_fraction": 0.5, "easy_keep": 0.5,
+                                             "enabled": True, **osf})
+    update = make_supervised_update(model, task, tx, spatial_dims=spatial_dims,
+                                    sample_filter=sample_filter, rng_impl=rng_impl)
+    return _jit(update, state_shardings, mesh, donate)
+
+
+@STEPS.register("supervised")
+def supervised_step(config, networks: Mapping[str, Network], task) -> list[tuple[str, Update]]:
+    """The default stage step: the task's loss on its single network.
+
+    Reads ``config.data.spatial_dims``, ``config.train.osf`` (the sample filter) and
+    ``config.rng_impl``.
+    """
+    if len(networks) != 1:
+        raise ValueError(f"config.train.step='supervised' trains one network, the stage has "
+                         f"{len(networks)} ({', '.join(networks)}); choose a step that "
+                         f"updates them all (registered: {', '.join(STEPS.names())})")
+    (name, net), = networks.items()
+    update = make_supervised_update(
+        net.model, task, net.tx, spatial_dims=config.data.spatial_dims,
+        sample_filter=build_sample_filter(config.train.osf.to_dict()),
+        rng_impl=config.rng_impl)
+    return [(name, lambda states, batch: update(states[name], batch))]
 
 
 def apply_gradients(state: TrainState, tx: optax.GradientTransformation, grads,
@@ -185,8 +304,8 @@ def apply_gradients(state: TrainState, tx: optax.GradientTransformation, grads,
                          model_state=state.model_state if model_state is None else model_state)
 
 
-def make_alternating_step(updates, *, state_shardings: Any = None, mesh: Any = None,
-                          donate: bool = True):
+def make_alternating_step(updates, *, prefix: bool = True, state_shardings: Any = None,
+                          mesh: Any = None, donate: bool = True):
     """Jitted step over several networks updated in turn, each with its own optimizer.
 
     For methods such as an adversarial segmenter: first the discriminator update, then
@@ -194,39 +313,46 @@ def make_alternating_step(updates, *, state_shardings: Any = None, mesh: Any = N
 
     Args:
       updates: sequence of ``(name, fn)``; ``fn(states, batch) -> (new_state, metrics,
-        host_outputs)`` where ``states`` is the dict of every network's ``TrainState``
-        as updated by the functions before it, and ``new_state`` replaces ``states[name]``.
+        host_outputs)`` where ``states`` (``TrainStates``) holds every network's
+        ``TrainState`` as updated by the functions before it, and ``new_state`` replaces
+        ``states[name]``.
+      prefix: name the metrics and host outputs "<name>/<key>" (a stage with several
+        networks); False keeps the keys as the update returns them (a single network).
       state_shardings / mesh / donate: as in ``make_train_step`` (``state_shardings`` is
-        the dict of per-network shardings).
+        the ``TrainStates`` of per-network shardings).
 
     Returns:
-      ``step(states, batch) -> (states, metrics, host_outputs)``; metric and host-output
-      names are prefixed "<name>/".
+      ``step(states, batch) -> (states, metrics, host_outputs)``.
     """
     updates = list(updates)
 
-    def step(states, batch):
+    def step(states: TrainStates, batch):
         metrics, host = {}, {}
         for name, fn in updates:
             new, m, h = fn(states, batch)
-            states = {**states, name: new}
-            metrics.update({f"{name}/{k}": v for k, v in m.items()})
-            host.update({f"{name}/{k}": v for k, v in h.items()})
+            states = states.replace(**{name: new})
+            pre = f"{name}/" if prefix else ""
+            metrics.update({pre + k: v for k, v in m.items()})
+            host.update({pre + k: v for k, v in h.items()})
         return states, metrics, host
 
     return _jit(step, state_shardings, mesh, donate)
 
 
-def make_eval_step(model, task, *, spatial_dims: int = 3, state_shardings: Any = None,
-                   mesh: Any = None):
+def make_eval_step(model, task, *, spatial_dims: int = 3, network: str | None = None,
+                   state_shardings: Any = None, mesh: Any = None):
     """Returns ``eval_step(state, batch) -> (state, metrics, host_outputs)``.
 
-    ``metrics`` here are weighted SUMS plus ``"weight"`` (the sum of weights) so the
-    caller can accumulate over batches of an epoch and divide once; the state is returned
-    unchanged.
+    ``state``: a ``TrainState``, or with ``network`` set the stage's ``TrainStates``,
+    of which that network is evaluated. ``metrics`` here are weighted SUMS plus
+    ``"weight"`` (the sum of weights) so the caller can accumulate over batches of an
+    epoch and divide once; the state is returned unchanged.
     """
 
-    def eval_core(state: TrainState, batch):
+    def eval_core(state, batch):
+        if network is not None:
+            state = state[network]
+        batch = _with_step(batch, state)
         image = _image(batch, spatial_dims)
         w = _weights(batch)
         outputs, _ = _apply(model, None, state.params, state.model_state, image, False, {})
@@ -264,16 +390,6 @@ def make_predict_fn(model, task, spatial_dims: int = 3, output: str = "probabili
         return score(model.apply(variables, x, train=False))
 
     return predict
-
-
-def make_predict_step(model, task, *, spatial_dims: int = 3):
-    """Returns a jitted ``predict_step(state, batch) -> (state, {}, {"score": ...})``."""
-    fn = jax.jit(make_predict_fn(model, task, spatial_dims))
-
-    def predict_step(state, batch):
-        return state, {}, {"score": fn(state.variables(), batch["image"])}
-
-    return predict_step
 
 
 def _jit(fn, state_shardings, mesh, donate, returns_state=True):

@@ -24,8 +24,9 @@ from lungjax import sharding as shd
 from lungjax.checkpointing import Checkpointer, PreemptionGuard, restore_params
 from lungjax.metrics_log import METRICS_JSONL, MetricWriter, banner
 from lungjax.registry import EVALUATORS, MODELS, TASKS
-from lungjax.state import create_train_state, make_optimizer, param_count, transfer_params
-from lungjax.steps import make_eval_step, make_train_step
+from lungjax.state import (Network, TrainStates, create_train_states, make_optimizer,
+                           param_count, transfer_params)
+from lungjax.steps import STEPS, make_alternating_step, make_eval_step
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -81,14 +82,52 @@ def build_task(config):
     return TASKS.build(config.task)
 
 
-def sample_input(config, batch: int = 1) -> jax.Array:
-    """A zero input of the training patch shape: (batch, *patch, 1) float32."""
-    return jnp.zeros((batch, *config.data.patch_size_zyx, 1), jnp.float32)
+def sample_input(config, batch: int = 1, channels: int = 1) -> jax.Array:
+    """A zero input of the training patch shape: (batch, *patch, channels) float32."""
+    return jnp.zeros((batch, *config.data.patch_size_zyx, channels), jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSettings:
+    """How a config lays out its stage's networks (configs/base.py).
+
+    Attributes:
+      network: ``config.train.network``, the name of the network built from
+        ``config.model`` / ``config.optimizer``: the task's network (evaluated, exported).
+      step: ``config.train.step``, the ``lungjax.steps.STEPS`` factory of the train step.
+      init_network: ``config.train.init_network``, the network of ``train.init_from``'s
+        run whose params initialise ``network`` ("" = that run's only network).
+      networks: ``config.networks``, the stage's further networks: name -> dict(model=
+        <MODELS config>, optimizer=<overrides of config.optimizer>, input_channels=int).
+    """
+
+    network: str
+    step: str
+    init_network: str
+    networks: dict
+
+
+_NETWORK_FIELDS = ("input_channels", "model", "optimizer")
+
+
+def stage_settings(config) -> StageSettings:
+    """The ``StageSettings`` of ``config``.
+
+    A config whose base declares none of these fields trains one network, "net", with
+    the "supervised" step.
+    """
+    return StageSettings(config.train.network, config.train.step, config.train.init_network,
+                         config_dict(config.networks))
 
 
 @dataclasses.dataclass
 class Engine:
-    """Everything built from a config before the first step."""
+    """Everything built from a config before the first step.
+
+    ``model`` / ``task`` / ``tx`` are those of the task's network ``network``;
+    ``networks`` holds every network of the stage in order (that one first). States are
+    ``lungjax.state.TrainStates`` keyed by network name.
+    """
 
     config: Any
     mesh: Any
@@ -98,42 +137,78 @@ class Engine:
     init_state: Callable[[], Any]  # a fresh sharded initial state (compiled once)
     state_shardings: Any
     abstract_state: Any
-    train_step: Callable
-    eval_step: Callable
+    train_step: Callable  # (TrainStates, global batch) -> (TrainStates, metrics, host)
+    eval_step: Callable  # of the task's network
+    network: str = "net"
+    networks: dict[str, Network] = dataclasses.field(default_factory=dict)
 
     @property
     def state(self):
         """A fresh initial state (the train step donates its input, so never reuse one)."""
         return self.init_state()
 
+    @property
+    def loss_keys(self) -> tuple[str, ...]:
+        """Metric names of the training losses: "loss", or "<name>/loss" per network."""
+        if len(self.networks) == 1:
+            return ("loss",)
+        return tuple(f"{name}/loss" for name in self.networks)
+
+
+def _build_networks(config, settings: StageSettings) -> list[Network]:
+    """The stage's networks: ``settings.network`` from config.model / config.optimizer,
+    then ``config.networks`` in order."""
+    model = build_model(config)
+    nets = [Network(settings.network, model,
+                    make_optimizer(config.optimizer, config.train.num_steps),
+                    sample_input(config), _init_params(config, settings, model))]
+    dtype = config.train.compute_dtype
+    extra = {} if dtype == "float32" else {"dtype": _DTYPES[dtype]}
+    for name, spec in settings.networks.items():
+        if name == settings.network:
+            raise ValueError(f"config.networks.{name}: the name of config.train.network")
+        if sorted(spec) != sorted(_NETWORK_FIELDS):
+            raise ValueError(f"config.networks.{name}: fields must be exactly "
+                             f"{', '.join(_NETWORK_FIELDS)}; got {', '.join(sorted(spec))}")
+        opt = {**config_dict(config.optimizer), **spec["optimizer"]}
+        nets.append(Network(name, MODELS.build(spec["model"], **extra),
+                            make_optimizer(opt, config.train.num_steps),
+                            sample_input(config, channels=int(spec["input_channels"]))))
+    return nets
+
+
+def _init_params(config, settings: StageSettings, model) -> Any:
+    """Params of the task's network from ``train.init_from`` (``train.init_paths``), or
+    None for a random initialisation."""
+    if not config.train.init_from:
+        return None
+    src = restore_params(os.path.join(config.train.init_from, "checkpoints"),
+                         network=settings.init_network or None)["params"]
+    pairs = [tuple(p.split(":", 1)) for p in config.train.init_paths]
+    base = jax.jit(model.init)(jax.random.key(config.seed, impl=config.rng_impl),
+                               sample_input(config))["params"]
+    return transfer_params(base, src, pairs)
+
 
 def build_engine(config, mesh=None) -> Engine:
-    """Mesh, model, task, optimizer, sharded initial state and the jitted steps."""
+    """Mesh, networks, task, optimizers, sharded initial state and the jitted steps."""
     mesh = mesh or shd.make_mesh()
     shd.check_batch_size(config.train.batch_size, mesh)
-    model = build_model(config)
+    settings = stage_settings(config)
     task = build_task(config)
-    tx = make_optimizer(config.optimizer, config.train.num_steps)
-    init_params = None
-    if config.train.init_from:
-        src = restore_params(os.path.join(config.train.init_from, "checkpoints"))["params"]
-        pairs = [tuple(p.split(":", 1)) for p in config.train.init_paths]
-        base = jax.jit(model.init)(jax.random.key(config.seed, impl=config.rng_impl),
-                                   sample_input(config))["params"]
-        init_params = transfer_params(base, src, pairs)
-    init_fn = functools.partial(create_train_state, model, tx, sample_input(config),
-                                init_params=init_params)
+    nets = _build_networks(config, settings)
+    init_fn = functools.partial(create_train_states, nets)
     rng = jax.random.key(config.seed, impl=config.rng_impl)
     init, shardings, abstract = shd.make_sharded_init(init_fn, rng, mesh)
-    osf = config_dict(config.train.osf)
-    dims = config.data.spatial_dims
-    train_step = make_train_step(model, task, tx, spatial_dims=dims, osf=osf,
-                                 rng_impl=config.rng_impl,
-                                 state_shardings=shardings, mesh=mesh)
-    eval_step = make_eval_step(model, task, spatial_dims=dims, state_shardings=shardings,
-                               mesh=mesh)
-    return Engine(config, mesh, model, task, tx, functools.partial(init, rng), shardings,
-                  abstract, train_step, eval_step)
+    networks = {n.name: n for n in nets}
+    updates = STEPS.get(settings.step)(config, networks, task)
+    train_step = make_alternating_step(updates, prefix=len(nets) > 1,
+                                       state_shardings=shardings, mesh=mesh)
+    main = nets[0]
+    eval_step = make_eval_step(main.model, task, spatial_dims=config.data.spatial_dims,
+                               network=main.name, state_shardings=shardings, mesh=mesh)
+    return Engine(config, mesh, main.model, task, main.tx, functools.partial(init, rng),
+                  shardings, abstract, train_step, eval_step, main.name, networks)
 
 
 # ----------------------------------------------------------------------------------
@@ -213,7 +288,7 @@ def build_evaluators(config) -> list:
 
 
 def _write_config(config, workdir: str) -> None:
-    from lungjax.data.tables import atomic_write_text
+    from lungjax.atomic import atomic_write_text
 
     atomic_write_text(os.path.join(workdir, "config.json"),
                       config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
@@ -233,8 +308,9 @@ def train_and_evaluate(config, workdir: str, data=None, mesh=None,
         across cross-validation folds); default built here.
 
     Returns:
-      dict with "step", the last logged train metrics under "train", eval metrics under
-      "eval/<name>", and "preempted" (bool).
+      dict with "step", the last logged train metrics under "train" ("loss", ... for
+      one network, "<network>/loss", ... for several), eval metrics under "eval/<name>",
+      "preempted" (bool) and "state" (the final ``TrainStates``).
     """
     primary = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
@@ -242,9 +318,10 @@ def train_and_evaluate(config, workdir: str, data=None, mesh=None,
     if primary:
         _write_config(config, workdir)
     engine = engine or build_engine(config, mesh)
-    state = engine.init_state()
+    state: TrainStates = engine.init_state()
+    counts = ", ".join(f"{name} {param_count(s.params):,}" for name, s in state.items())
     print(f"devices: {jax.device_count()} ({jax.process_count()} process(es)); "
-          f"params: {param_count(state.params):,}", flush=True)
+          f"params: {counts}", flush=True)
     if data is None:
         from lungjax.train_data import build_train_data
 
@@ -277,12 +354,13 @@ def train_and_evaluate(config, workdir: str, data=None, mesh=None,
         nonlocal acc_n
         s, metrics, host_out = item
         m = shd.fetch_to_host(metrics)
-        loss = float(m["loss"])
-        if not np.isfinite(loss):
-            ckpt.wait()
-            raise NonFiniteLossError(
-                f"non-finite training loss {loss} at step {s}; stopping. The last good "
-                f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+        for key in engine.loss_keys:
+            loss = float(m[key])
+            if not np.isfinite(loss):
+                ckpt.wait()
+                raise NonFiniteLossError(
+                    f"non-finite training loss {key}={loss} at step {s}; stopping. The last "
+                    f"good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
         data.update(shd.fetch_to_host(host_out))
         for k, v in m.items():
             acc[k] = acc.get(k, 0.0) + float(v)
@@ -309,8 +387,7 @@ def train_and_evaluate(config, workdir: str, data=None, mesh=None,
                 if r != round_index:
                     flush()  # the next round's index sees every update of this round
                     round_index = r
-                    if hasattr(data, "begin_round"):  # e.g. xie2018's provisional test
-                        data.begin_round(round_index, engine, state)
+                    data.begin_round(round_index, engine, state)
                     it = data.iterator(round_index)
                 batch = next(it)
                 state, metrics, host_out = engine.train_step(
@@ -329,7 +406,7 @@ def train_and_evaluate(config, workdir: str, data=None, mesh=None,
                     last_logged["examples_per_sec"] = (
                         last_logged["steps_per_sec"] * config.train.batch_size)
                     writer.write(step, last_logged, "train")
-                    bar.set_postfix(loss=f"{last_logged['loss']:.4f}")
+                    bar.set_postfix(loss=f"{last_logged[engine.loss_keys[0]]:.4f}")
                     acc.clear()
                     acc_n = 0
                     t_log, n_log = time.perf_counter(), 0
@@ -363,19 +440,38 @@ def train_and_evaluate(config, workdir: str, data=None, mesh=None,
     if primary:
         # Also after a preemption or a resume of a finished run: the curve so far shows
         # whether the held-out figures still improve.
-        _plot_learning_curve(config, workdir)
+        _plot_learning_curve(config, workdir, list(engine.networks))
     result["state"] = state
     return result
 
 
-def _plot_learning_curve(config, workdir: str) -> None:
-    """``<workdir>/learning_curve.png`` from ``<workdir>/metrics.jsonl``."""
-    from lungjax.evaluation.plots import plot_learning_curve  # matplotlib only here
+def _plot_learning_curve(config, workdir: str, networks: list[str]) -> None:
+    """``<workdir>/learning_curve.png`` from ``<workdir>/metrics.jsonl``; with several
+    networks, that of the task's network (the first), and
+    ``learning_curve_<network>.png`` of each other one."""
+    import tempfile
 
-    path = os.path.join(workdir, LEARNING_CURVE_PNG)
-    plot_learning_curve(os.path.join(workdir, METRICS_JSONL), path,
-                        title=f"{config.name}: learning curve")
-    print(f"learning curve: {path}", flush=True)
+    from lungjax.evaluation.plots import plot_learning_curve  # matplotlib only here
+    from lungjax.metrics_log import network_rows, read_jsonl
+
+    log = os.path.join(workdir, METRICS_JSONL)
+    if len(networks) == 1:
+        path = os.path.join(workdir, LEARNING_CURVE_PNG)
+        plot_learning_curve(log, path, title=f"{config.name}: learning curve")
+        print(f"learning curve: {path}", flush=True)
+        return
+    rows = read_jsonl(log)
+    stem, ext = os.path.splitext(LEARNING_CURVE_PNG)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, name in enumerate(networks):
+            view = os.path.join(tmp, f"{name}.jsonl")
+            with open(view, "w", encoding="utf-8") as f:
+                for r in network_rows(rows, name):
+                    f.write(json.dumps(r) + "\n")
+            path = os.path.join(workdir, LEARNING_CURVE_PNG if i == 0
+                                else f"{stem}_{name}{ext}")
+            plot_learning_curve(view, path, title=f"{config.name}: learning curve ({name})")
+            print(f"learning curve: {path}", flush=True)
 
 
 def _run_eval(ev, engine, state, data, step, writer, result) -> None:
@@ -390,8 +486,3 @@ def _run_eval(ev, engine, state, data, step, writer, result) -> None:
         # tqdm.write keeps the line apart from a progress bar on the same terminal.
         tqdm.write(f"[eval {ev.name} @ step {step}] {shown} ({time.perf_counter() - t:.1f}s)")
 
-
-def summarize(result: dict) -> str:
-    """JSON-able summary of a ``train_and_evaluate`` result (drops the state)."""
-    return json.dumps({k: v for k, v in result.items() if k != "state"}, indent=2,
-                      sort_keys=True, default=float)

@@ -1,10 +1,11 @@
 """What the training loop needs from the data side, and an in-memory implementation.
 
-The loop trains in *rounds* of ``steps_per_round`` steps. At the start of round ``r`` it
-asks the data source for ``iterator(r)``: the source freezes its sample index as a pure
-function of (seed, r, its host-side state) and returns a Grain iterator of host-local
-batches. During the round the loop passes per-sample step outputs to ``update`` (e.g. hard
-negative mining); they may change the index of the next round only. Checkpoints save
+The loop trains in *rounds* of ``steps_per_round`` steps. Entering round ``r > 0`` it
+calls ``begin_round(r, engine, state)``; at the start of every round it asks the data
+source for ``iterator(r)``: the source freezes its sample index as a pure function of
+(seed, r, its host-side state) and returns a Grain iterator of host-local batches. During
+the round the loop passes per-sample step outputs to ``update`` (e.g. hard negative
+mining); they may change the index of the next round only. Checkpoints save
 ``state_dict()`` together with the iterator's position, so ``load_state_dict`` followed by
 ``iterator(r)`` must rebuild the very same round dataset (a source that mutates its state
 during a round keeps the round's frozen snapshot in its state dict).
@@ -25,7 +26,16 @@ import numpy as np
 
 
 class TrainData(Protocol):
+    """A training data source; subclass it to inherit the no-op ``begin_round``."""
+
     steps_per_round: int  # 0 = a single round for the whole run
+
+    def begin_round(self, round_index: int, engine: Any, state: Any) -> None:
+        """Called by the loop at a round boundary, after the last step of the previous
+        round and before ``iterator(round_index)``, with the ``lungjax.train.Engine`` and
+        the current ``TrainStates`` (e.g. a provisional test of the network whose
+        detections become the next round's sampling anchors). Default: nothing."""
+        del round_index, engine, state
 
     def iterator(self, round_index: int) -> Iterator[dict[str, np.ndarray]]: ...
 
@@ -51,7 +61,7 @@ class _Gather:
                 "index": np.int64(i)}
 
 
-class ArrayTrainData:
+class ArrayTrainData(TrainData):
     """Patches held in memory, drawn in a seeded shuffled order; used by tests and
     benchmarks, and as the engine's fallback when no store pipeline is configured.
 
@@ -144,7 +154,7 @@ def _synthetic_name(config) -> str:
     return f"synthetic_{d.synthetic_preset}_seed{d.synthetic_seed}_v{FORMAT_VERSION}"
 
 
-def _default_store_path(config) -> str:
+def default_store_path(config) -> str:
     d = config.data
     if d.root:
         name = "prepared_" + os.path.basename(os.path.normpath(d.root))
@@ -166,7 +176,7 @@ def prepare_data(config) -> str:
     d = config.data
     if d.store:
         return d.store
-    store_path = _default_store_path(config)
+    store_path = default_store_path(config)
     if jax.process_index() == 0:
         root = d.root
         if not root:
@@ -177,10 +187,11 @@ def prepare_data(config) -> str:
                                     workers=d.prepare_workers)
         elif not os.path.isdir(root):
             raise FileNotFoundError(f"config.data.root={root!r} is not a directory")
-        from lungjax.data.store import prepare_dataset
+        from lungjax.data.prepare import prepare_dataset
 
         prepare_dataset(root, store_path, spacing_zyx=tuple(d.spacing_zyx),
-                        workers=d.prepare_workers, hu_window=tuple(d.hu_window))
+                        workers=d.prepare_workers, hu_window=tuple(d.hu_window),
+                        nodule_mask=d.nodule_mask)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -203,7 +214,7 @@ def build_train_data(config, workdir: str | None = None):
     if config.data.source != "store":
         raise ValueError(f"config.data.source={config.data.source!r}: only 'store' builds "
                          "data from a config (pass ArrayTrainData directly for arrays)")
-    from lungjax.data.pipeline import StoreTrainData
+    from lungjax.data.pipeline import StoreTrainData, Targets
     from lungjax.data.store import PatchStore
 
     store = PatchStore.open(prepare_data(config))
@@ -217,5 +228,7 @@ def build_train_data(config, workdir: str | None = None):
         from lungjax.registry import SAMPLERS
 
         cls = SAMPLERS.get(config.sampler.name)
+    # What the batches carry besides image and label (masks, malignancy): data.batch_*.
     return cls(config, store, train_uids, held, seed=config.seed,
-               process_index=jax.process_index(), process_count=jax.process_count())
+               process_index=jax.process_index(), process_count=jax.process_count(),
+               targets=Targets.from_config(config))

@@ -9,10 +9,23 @@ if "xla_force_host_platform_device_count" not in _flags:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_until_killed(script: str, workdir) -> None:
+    """Runs ``python -c script workdir`` (the repository importable) and checks that it
+    died of SIGKILL, the way a preempted or OOM-killed run dies."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", script, str(workdir)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
 
 
 @pytest.fixture(scope="session")

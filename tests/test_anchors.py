@@ -11,8 +11,7 @@ from lungjax.data.coords import Geometry
 from lungjax.registry import TASKS
 from lungjax.tasks.anchors import (AnchorConfig, AnchorDetectionTask, anchor_table,
                                    assign_targets, cube_iou, decode, detection_loss, encode,
-                                   flatten_outputs, ohem_mask, smooth_l1, sphere_intersection,
-                                   sphere_iou)
+                                   flatten_outputs, ohem_mask, sphere_intersection, sphere_iou)
 from lungjax.tasks.anchors_decode import (Detections, decode_dense, detect_store, detect_volume,
                                           select_candidates, soft_nms, sphere_nms, to_marks)
 
@@ -217,11 +216,6 @@ def test_ohem_keeps_the_k_highest_scoring_negatives():
                                   [1, 1, 0, 1, 0, 1, 1])
     tied = ohem(jnp.zeros((1, 4)), jnp.zeros((1, 4), jnp.int32), 2)
     np.testing.assert_array_equal(np.asarray(tied)[0], [1, 1, 0, 0])
-
-
-def test_smooth_l1_values():
-    np.testing.assert_allclose(np.asarray(smooth_l1(jnp.array([0.5, -2.0, 1.0]))),
-                               [0.125, 1.5, 0.5])
 
 
 def test_detection_loss_hand_value_and_gradient_support():

@@ -4,7 +4,6 @@ host-state round trip."""
 import os
 import pathlib
 import signal
-import subprocess
 import sys
 import textwrap
 
@@ -12,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import run_until_killed
 from lungjax import train
 from lungjax.checkpointing import Checkpointer, _from_host_tree, _host_tree
 from lungjax.train_data import ArrayTrainData
@@ -106,10 +106,7 @@ def _resume_equals_reference(workdir, engine, ref_params):
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, reference, engine):
     ref_params, ref_sampler = reference
     workdir = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", KILLED_RUN.format(tests=str(TESTS)),
-                           str(workdir)], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    run_until_killed(KILLED_RUN.format(tests=str(TESTS)), workdir)
     steps = Checkpointer(workdir / "checkpoints").all_steps()
     assert steps and 3 <= max(steps) < NUM_STEPS, steps
 

@@ -1,12 +1,17 @@
 """Classification metrics against hand-computed values, brute force, Mann-Whitney U
 (scipy) and, when installed, scikit-learn."""
 
+import json
+
 import numpy as np
 import pytest
 from scipy import stats
 
-from lungjax.evaluation.classification import (binary_metrics, confusion_counts, roc_auc,
-                                               roc_curve, threshold_counts)
+from lungjax.evaluation.classification import (FIGURES, binary_metrics, bootstrap_intervals,
+                                               classification_record, confusion_counts,
+                                               confusion_matrix, macro_metrics,
+                                               multiclass_metrics, roc_auc, roc_curve,
+                                               threshold_counts)
 
 
 def test_binary_metrics_hand_computed():
@@ -93,3 +98,91 @@ def test_against_sklearn(drop):
     assert m["sensitivity"] == pytest.approx(skm.recall_score(y, pred))
     assert m["f1"] == pytest.approx(skm.f1_score(y, pred))
     assert m["specificity"] == pytest.approx(skm.recall_score(~y, ~pred))
+
+
+CM = np.array([[5, 1, 0],
+               [2, 3, 1],
+               [0, 1, 4]])
+
+
+def test_macro_metrics_of_a_literal_confusion_matrix():
+    m = macro_metrics(CM)
+    # Per class (one against the rest), N = 17:
+    #   class 0: TP 5, FN 1, FP 2, TN 9;  class 1: TP 3, FN 3, FP 2, TN 9;
+    #   class 2: TP 4, FN 1, FP 1, TN 11.
+    assert m["accuracy"] == pytest.approx(12 / 17)
+    assert m["f1"] == pytest.approx((10 / 13 + 6 / 11 + 8 / 10) / 3)
+    assert m["sensitivity"] == pytest.approx((5 / 6 + 3 / 6 + 4 / 5) / 3)
+    assert m["precision"] == pytest.approx((5 / 7 + 3 / 5 + 4 / 5) / 3)
+    assert m["specificity"] == pytest.approx((9 / 11 + 9 / 11 + 11 / 12) / 3)
+    np.testing.assert_allclose(m["per_class"]["f1"], [10 / 13, 6 / 11, 0.8])
+    # A class that never occurs is left out of the macro average; one never predicted
+    # has precision 0.
+    m4 = macro_metrics(np.pad(CM, (0, 1)))
+    assert m4["f1"] == pytest.approx(m["f1"]) and np.isnan(m4["per_class"]["f1"][3])
+    assert macro_metrics([[2, 0], [1, 0]])["precision"] == pytest.approx((2 / 3 + 0) / 2)
+
+
+def _labels_for(cm):
+    y, p = [], []
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            y += [i] * int(cm[i, j])
+            p += [j] * int(cm[i, j])
+    return np.array(y), np.array(p)
+
+
+def test_multiclass_metrics_from_probabilities():
+    y, pred = _labels_for(CM)
+    rng = np.random.default_rng(0)
+    prob = rng.random((y.size, 3)) * 0.3
+    prob[np.arange(y.size), pred] += 1.0              # argmax = pred
+    prob /= prob.sum(1, keepdims=True)
+    np.testing.assert_array_equal(confusion_matrix(y, pred, 3), CM)
+    m = multiclass_metrics(y, prob)
+    assert m["confusion"] == CM.tolist() and m["n_classes"] == 3
+    assert m["f1"] == pytest.approx(macro_metrics(CM)["f1"])
+    ovr = [roc_auc(y == k, prob[:, k]) for k in range(3)]
+    assert m["roc_auc"] == pytest.approx(np.mean(ovr))
+    with pytest.raises(ValueError, match="labels must be in"):
+        confusion_matrix([0, 3], [0, 1], 3)
+
+
+def _binary_case(n=120, seed=3):
+    rng = np.random.default_rng(seed)
+    y = rng.random(n) < 0.4
+    s = np.clip(rng.normal(0.35 + 0.3 * y, 0.2), 0, 1)
+    return y.astype(int), s
+
+
+def test_bootstrap_intervals_seeded_and_containing_the_estimate():
+    y, s = _binary_case()
+    r1 = classification_record(y, s, seed=7, n_bootstrap=300)
+    r2 = classification_record(y, s, seed=7, n_bootstrap=300)
+    r3 = classification_record(y, s, seed=8, n_bootstrap=300)
+    assert r1["ci"] == r2["ci"] and r1["ci"] != r3["ci"]
+    point = binary_metrics(y, s)
+    for k in FIGURES:
+        lo, hi = r1["ci"][k]
+        assert r1[k] == pytest.approx(point[k])
+        assert lo <= r1[k] <= hi and lo < hi, k
+    assert r1["kind"] == "binary" and r1["counts"]["tp"] == point["tp"] and r1["n"] == 120
+    json.loads(json.dumps(r1))
+    # A statistic undefined in some resamples: those replicates are left out.
+    ci = bootstrap_intervals(np.array([0, 0, 0, 1]), np.array([0.1, 0.2, 0.3, 0.9]),
+                             lambda t, p: {"auc": roc_auc(t, p)}, n_bootstrap=50, seed=0)
+    assert ci["auc"] == (1.0, 1.0)
+
+
+def test_classification_record_two_columns_and_multiclass():
+    y, s = _binary_case()
+    two = classification_record(y, np.stack([1 - s, s], 1), seed=0, n_bootstrap=20)
+    assert two == classification_record(y, s, seed=0, n_bootstrap=20)
+    yk, pred = _labels_for(CM)
+    prob = np.eye(3)[pred] * 0.8 + 0.1
+    rec = classification_record(yk, prob, seed=0, n_bootstrap=50)
+    assert rec["kind"] == "multiclass" and rec["confusion"] == CM.tolist()
+    assert rec["f1"] == pytest.approx(macro_metrics(CM)["f1"])
+    assert rec["ci"]["f1"][0] <= rec["f1"] <= rec["ci"]["f1"][1]
+    none = classification_record(y, s, seed=0, n_bootstrap=0)
+    assert all(np.isnan(v).all() for v in none["ci"].values())

@@ -104,7 +104,7 @@ def test_malloc_setting_applies_only_when_asked_and_on_cpu(monkeypatch):
     from ml_collections import config_dict
 
     from lungjax import main as cli
-    from lungjax.models import conv_malloc
+    from lungjax.models.conv import malloc as conv_malloc
 
     calls = []
     monkeypatch.setattr(conv_malloc, "keep_freed_memory", lambda: calls.append(1) or True)

@@ -1,11 +1,15 @@
-"""Batch-chunked split formulations (``"split_FIWbK"``) and memory-bounded tuning."""
+"""Batch-chunked split formulations (``"split_FIWbK"``), memory-bounded tuning, and the
+transposed convolution's "SAME"/"VALID" padding rule."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lungjax.models import conv_ops, conv_select, conv_split, conv_tune
+from lungjax.models.conv import ops as conv_ops
+from lungjax.models.conv import select as conv_select
+from lungjax.models.conv import split as conv_split
+from lungjax.models.conv import tune as conv_tune
 from lungjax.models.layers import Conv
 
 
@@ -143,3 +147,32 @@ def test_phase_decomposed_input_grad_equals_autodiff(ks, strides, pads, in_hw):
     got = conv_split.strided_input_grad_2d(dy, w, in_hw, strides, pads)
     assert got.shape == x.shape
     np.testing.assert_allclose(got, vjp(dy)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["SAME", "VALID"])
+def test_transpose_padding_matches_lax_conv_transpose(mode):
+    # Every (kernel, stride, dilation) on one axis, run as the lhs-dilated convolution
+    # with our pads, against lax.conv_transpose's own output (shape and values).
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 5, 3)), jnp.float32)
+    for k in range(1, 7):
+        for s in range(1, 5):
+            for d in (1, 2):
+                w = jnp.asarray(rng.normal(size=(k, 3, 2)), jnp.float32)
+                want = jax.lax.conv_transpose(x, w, (s,), mode, rhs_dilation=(d,),
+                                              dimension_numbers=("NWC", "WIO", "NWC"))
+                pads = conv_ops.transpose_padding(mode, (k,), (s,), (d,))
+                got = conv_ops.conv_transpose(x, w, strides=(s,), pads=pads, dilation=(d,),
+                                              impl="xla")
+                assert got.shape == want.shape, (k, s, d, pads)
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5,
+                                           err_msg=str((k, s, d)))
+    # 3-D, unequal per-axis strides and kernels, as the detector's up-convolutions use.
+    x = jnp.asarray(rng.normal(size=(1, 3, 4, 5, 2)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(2, 3, 4, 2, 3)), jnp.float32)
+    want = jax.lax.conv_transpose(x, w, (2, 1, 3), mode,
+                                  dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    pads = conv_ops.transpose_padding(mode.lower(), (2, 3, 4), (2, 1, 3), (1, 1, 1))
+    got = conv_ops.conv_transpose(x, w, strides=(2, 1, 3), pads=pads, dilation=(1, 1, 1),
+                                  impl="matmul")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -1,4 +1,4 @@
-"""Winograd convolutions (``conv_winograd``, split choices ``w``/``v``/``u``/``s``): each
+"""Winograd convolutions (``winograd``, split choices ``w``/``v``/``u``/``s``): each
 pass (the input-gradient in both its forms) equals XLA's native convolution to float32
 rounding on random shapes, and the layer uses it only where it applies (stride 1, no
 dilation)."""
@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 from jax import lax
 
-from lungjax.models import conv_select, conv_split, conv_tune, conv_winograd
+from lungjax.models.conv import select as conv_select
+from lungjax.models.conv import split as conv_split
+from lungjax.models.conv import tune as conv_tune
+from lungjax.models.conv import winograd as conv_winograd
 from lungjax.models.layers import Conv
 
 
@@ -60,7 +63,7 @@ CASES = [
 
 
 def _assert_passes_match_native(spatial, kernel, pads, batch, seed, **winograd):
-    """The three ``conv_winograd`` passes (keyword arguments ``tile`` / ``slabs``) against
+    """The three ``winograd`` passes (keyword arguments ``tile`` / ``slabs``) against
     XLA's convolution and its VJP on random (batch, *spatial, 5) -> 6 data."""
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal((batch, *spatial, 5)), jnp.float32)

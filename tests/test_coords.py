@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from lungjax.data.coords import Geometry, voxel_to_world, world_to_voxel
+from lungjax.data.coords import Geometry, voxel_to_world, within_sphere, world_to_voxel
 
 
 def _rotation(ax, ay, az):
@@ -49,3 +49,23 @@ def test_round_trip_batched_and_shifted():
 def test_bad_spacing_is_rejected(spacing):
     with pytest.raises(ValueError, match="spacing"):
         Geometry(np.array(spacing, float), np.zeros(3), np.eye(3))
+
+
+def test_within_sphere_is_strict_and_broadcasts():
+    centres = np.array([[0.0, 0.0, 0.0], [10.0, 0.0, 0.0]])
+    radii = np.array([3.0, 1.0])
+    points = np.array([[3.0, 0.0, 0.0],    # exactly on sphere 0: outside (LUNA16's <)
+                       [0.0, 2.9, 0.0],    # inside sphere 0
+                       [10.0, 0.0, -0.5],  # inside sphere 1
+                       [5.0, 5.0, 5.0]])   # inside neither
+    table = within_sphere(points[:, None], centres[None], radii[None])
+    np.testing.assert_array_equal(table, [[False, False], [True, False], [False, True],
+                                          [False, False]])
+    # Paired form: point i against sphere j.
+    np.testing.assert_array_equal(within_sphere(points[[1, 2]], centres[[0, 1]], radii),
+                                  [True, True])
+    assert within_sphere(np.zeros((0, 1, 3)), centres[None], radii[None]).shape == (0, 2)
+    # Voxel (z, y, x) points with spacing: 2 voxels of 2.5 mm along z is 5 mm.
+    sp = np.array([2.5, 0.7, 0.7])
+    assert not within_sphere([2.0, 0.0, 0.0], [0.0, 0.0, 0.0], 5.0, sp)
+    assert within_sphere([1.9, 0.0, 0.0], [0.0, 0.0, 0.0], 5.0, sp)

@@ -12,9 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from lungjax import modes
+from lungjax import stages
 from lungjax.data.tables import read_marks_csv
-from lungjax.methods import dou2017_stages as st
+from lungjax.methods import candidates as st
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -26,15 +26,22 @@ def _config(arg="tiny", path="configs/dou2017.py"):
     return mod.get_config(arg)
 
 
-def test_stage2_config_is_the_papers_stage2_on_the_fcn_trunk():
+def _stage(c, name):
+    return stages.stage_config(c, name, dict(stages.stage_specs(c))[name])
+
+
+def test_fpr_stage_config_is_the_papers_stage2_on_the_fcn_trunk():
     c = _config("")
-    c2 = st.stage2_config(c, "resnet_hl", "/runs/x/stage1")
+    specs = dict(stages.stage_specs(c))
+    assert [n for n, _ in stages.stage_specs(c)] == ["fcn", "screen", "fpr", "classify"]
+    assert specs["fpr"]["init_from"] == "fcn" and specs["fpr"]["hard_negatives_from"] == "screen"
+    assert specs["classify"]["network"] == "fpr" and specs["classify"]["evaluator"] == "froc"
+    c2 = _stage(c, "fpr")
     assert c2.model.name == "dou2017_fpr_resnet_hl" and c2.task.name == "hybrid"
     assert tuple(c2.model.trunk_features) == tuple(c.model.features[:3])
     assert [tuple(k) for k in c2.model.trunk_kernels] == [tuple(k) for k in c.model.kernels[:3]]
     assert tuple(c2.data.patch_size_zyx) == (24, 60, 60) == tuple(c2.task.patch_size_zyx)
     assert c2.task.lam == 0.5 and c2.optimizer.weight_decay == pytest.approx(2e-4)
-    assert c2.train.init_from == "/runs/x/stage1"
     assert tuple(c2.train.init_paths) == ("conv1:conv1", "conv2:conv2", "conv3:conv3")
     assert not c2.train.osf.enabled and c.train.osf.enabled
     assert dict(c2.sampler.negative_mix) == {"hard": 1.0}
@@ -42,23 +49,41 @@ def test_stage2_config_is_the_papers_stage2_on_the_fcn_trunk():
     assert "features" not in c2.model and c2.data.fold == c.data.fold
     assert c2.augment.positive.translate_nodule_fraction == 1.0
     assert c2.augment.positive.rot90 and tuple(c2.augment.positive.scale_range) == (0.9, 1.1)
-    assert st.stage1_config(c, False).train.osf.enabled is False
-    with pytest.raises(ValueError, match="unknown network 'vgg'"):
-        st.stage2_config(c, "vgg", None)
+    # the classify stage applies the fpr network: its config is fpr's
+    assert _stage(c, "classify").model.name == c2.model.name
+    no_osf = stages.variant_config(c, "no_osf")
+    assert _stage(no_osf, "fcn").train.osf.enabled is False
+    bad = _config("")
+    bad.stages.fpr.sections.model.name = "dou2017_fpr_vgg"
+    with pytest.raises(ValueError, match="dou2017_fpr_vgg"):
+        _stage(bad, "fpr")
     paper = _config("paper")
     assert tuple(paper.model.features) == (64, 64, 150, 150)
     assert paper.detection.threshold == 0.85
-    assert tuple(paper.stage2.model.stage_features) == (64, 128)
+    assert tuple(_stage(paper, "fpr").model.stage_features) == (64, 128)
+
+
+def test_variants_share_the_stages_they_do_not_change():
+    c = _config("tiny")
+    specs = dict(stages.stage_specs(c))
+    main = {n: stages.fingerprint(c, n, specs) for n in specs}
+    for variant, changed in (("deepnet", {"fpr", "classify"}), ("resnet", {"fpr", "classify"}),
+                             ("no_osf", {"fcn", "screen", "fpr", "classify"})):
+        v = stages.variant_config(c, variant)
+        vs = dict(stages.stage_specs(v))
+        diff = {n for n in vs if stages.fingerprint(v, n, vs) != main[n]}
+        assert diff == changed, variant
 
 
 def test_baseline_configs_change_one_thing():
     base = _config("tiny")
     for net in ("deepnet", "resnet", "resnet_hl"):
         c = _config("tiny", f"configs/baselines/dou2017_{net}.py")
-        assert tuple(c.stage2.networks) == (net,) and c.train.osf.enabled
+        assert _stage(c, "fpr").model.name == f"dou2017_fpr_{net}" and c.train.osf.enabled
         assert c.name == f"dou2017_{net}_tiny"
     c = _config("tiny", "configs/baselines/dou2017_fcn_no_osf.py")
-    assert not c.train.osf.enabled and tuple(c.stage2.networks) == tuple(base.stage2.networks)
+    assert not c.train.osf.enabled
+    assert _stage(c, "fpr").model.name == _stage(base, "fpr").model.name
 
 
 def test_crop_matches_store_read_patch_convention():
@@ -92,14 +117,13 @@ def test_candidates_round_trip(tmp_path):
 def tiny_fold(tmp_path_factory):
     """The ``tiny`` method (config seed) trained once on fold 0, in ``<root>/cv/fold_0``;
     ``rec`` is the fold record ``--mode=train`` returned."""
-    pytest.importorskip("lungjax.data.synthetic")
     c = _config("tiny")
     root = tmp_path_factory.mktemp("dou2017_tiny")
     c.data.cache_dir = str(root / "data_cache")
     c.detection.max_scans = 1
     c.cv.folds = (0,)
     fold_dir = root / "cv" / "fold_0"
-    rec = modes.run("train", c, str(fold_dir))
+    rec = stages.run("train", c, str(fold_dir))
     return types.SimpleNamespace(config=c, root=root, fold_dir=fold_dir, rec=rec)
 
 
@@ -107,52 +131,64 @@ def tiny_fold(tmp_path_factory):
 def test_tiny_end_to_end_train_export_cv(tiny_fold):
     c = tiny_fold.config.copy_and_resolve_references()
     root, fold_dir, rec = tiny_fold.root, tiny_fold.fold_dir, tiny_fold.rec
-    assert 0.0 <= rec["cpm"] <= 1.0 and len(rec["sensitivities"]) == 7
-    s1 = rec["stage1"]["osf"]
+    res = rec["result"]
+    assert rec["final_stage"] == "classify"
+    assert 0.0 <= res["cpm"] <= 1.0 and len(res["sensitivities"]) == 7
+    s1 = rec["stages"]["screen"]["stats"]
     assert s1["n_scans"] == 1 and s1["n_nodules"] >= 1 and s1["fps_per_scan"] >= 0
     # stage 2 scored every held-out stage-1 candidate, with a regressed diameter
-    cands = st.load_candidates(str(fold_dir / "stage1" / "candidates_test.npz"))
-    sub = read_marks_csv(rec["submission_csv"])
+    cands = st.load_candidates(str(fold_dir / "screen" / "candidates_test.npz"))
+    sub = read_marks_csv(res["submission_csv"])
     assert len(sub) == sum(len(v["score"]) for v in cands.values()) > 0
-    header = pathlib.Path(rec["submission_csv"]).read_text(encoding="utf-8").splitlines()[0].split(",")
+    header = pathlib.Path(res["submission_csv"]).read_text(encoding="utf-8").splitlines()[0].split(",")
     assert header[-1] == "diameter_mm"
-    png = pathlib.Path(rec["submission_csv"]).with_name("froc.png")
+    png = pathlib.Path(res["submission_csv"]).with_name("froc.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for name in ("learning_curve_stage1.png", "learning_curve_resnet_hl.png"):
+    for name in ("learning_curve_fcn.png", "learning_curve_fpr.png"):
         assert png.with_name(name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(np.unique(sub.uid)) <= set(rec["uids"])
     u = rec["uids"][0]
-    secs = rec["stage2"]["resnet_hl"]["seconds_per_scan"][u]
-    assert secs["total"] == pytest.approx(secs["stage1"] + secs["stage2"])
+    secs = res["seconds_per_scan"][u]
+    assert secs["total"] == pytest.approx(secs["screen"] + secs["classify"])
     # stage 2 trained on the training scans' stage-1 candidates: the training-scan
     # candidates exist and none of them is a held-out scan
-    train_c = st.load_candidates(str(fold_dir / "stage1" / "candidates_train.npz"))
+    train_c = st.load_candidates(str(fold_dir / "screen" / "candidates_train.npz"))
     assert train_c and not set(train_c) & set(rec["uids"])
-    assert json.loads((fold_dir / "dou2017.json").read_text(encoding="utf-8"))["cpm"] == rec["cpm"]
+    fold = json.loads((fold_dir / stages.FOLD_RECORD).read_text(encoding="utf-8"))
+    assert fold["result"]["cpm"] == res["cpm"]
+    for name in ("fcn", "screen", "fpr", "classify"):  # every stage left its record
+        assert (fold_dir / name / stages.STAGE_RECORD).is_file()
+
+    # a rerun skips every finished stage and returns the same record
+    again = stages.run("train", c, str(fold_dir))
+    assert again["result"]["cpm"] == res["cpm"]
+    assert again["stages"]["fpr"]["step"] == rec["stages"]["fpr"]["step"]
 
     # export: stage 2 gives (probability, diameter) per candidate patch, as the checkpoint
-    out = modes.run("export", c, str(fold_dir))
-    assert out["stage1"]["output_mapping"]["stride_zyx"] == [1, 2, 2]
+    out = stages.run("export", c, str(fold_dir))
+    assert out["screen"]["output_mapping"]["stride_zyx"] == [1, 2, 2]
+    method = json.loads((fold_dir / "export" / stages.METHOD_JSON).read_text(encoding="utf-8"))
+    assert [s["name"] for s in method["stages"]] == ["screen", "classify"]
     from lungjax import train
     from lungjax.checkpointing import restore_params
     from lungjax.export import load_predictor
 
-    predict, sidecar = load_predictor(str(fold_dir / "export" / "stage2"))
+    predict, sidecar = load_predictor(str(fold_dir / "export" / "classify"))
     x = np.random.default_rng(0).random((3, 24, 60, 60, 1), dtype=np.float32)
     y = np.asarray(predict(x))
     assert y.shape == (3, 2) and np.all((y[:, 0] >= 0) & (y[:, 0] <= 1)) and np.all(y[:, 1] > 0)
-    c2 = st.stage2_config(c, "resnet_hl", None)
-    ck = restore_params(str(fold_dir / "stage2_resnet_hl" / "checkpoints"))
+    c2 = _stage(c, "fpr")
+    ck = restore_params(str(fold_dir / "fpr" / "checkpoints"))
     model, task = train.build_model(c2), train.build_task(c2)
     ref = jax.jit(lambda v, x: task.decode(model.apply(v, x, train=False)))(
         {"params": ck["params"], **ck["model_state"]}, x)
     np.testing.assert_allclose(y[:, 0], np.asarray(ref["score"]), rtol=1e-4, atol=1e-6)
 
-    # cv: fold 0's method is done (reused); the ablations train (few steps) and the
+    # cv: fold 0's method is done (reused); the variants train (few steps) and the
     # paper's three tables + FROC curves are written
     c.train.num_steps = 4
-    c.stage2.train.num_steps = 2
-    report = modes.run("cv", c, str(root / "cv"))
+    c.stages.fpr.sections.train.num_steps = 2
+    report = stages.run("cv", c, str(root / "cv"))
     tables = (root / "cv" / "cv" / "dou2017_tables.md").read_text(encoding="utf-8")
     assert "without OSF" in tables and "with OSF" in tables
     for name in ("DeepNet", "ResNet", "ResNet+HL"):
@@ -161,9 +197,15 @@ def test_tiny_end_to_end_train_export_cv(tiny_fold):
     assert (root / "cv" / "cv" / "froc_cv.png").is_file()
     assert (root / "cv" / "cv" / "froc_systems.png").is_file()
     assert report["pooled"] is not None and "stage1_no_osf_sensitivity" in report["metrics"]
-    fold = json.loads((fold_dir / "dou2017.json").read_text(encoding="utf-8"))
-    assert set(fold["stage2"]) == {"deepnet", "resnet", "resnet_hl"}
-    assert fold["stage2"]["resnet_hl"]["cpm"] == rec["cpm"]  # the trained fold was reused
+    fold = json.loads((fold_dir / stages.FOLD_RECORD).read_text(encoding="utf-8"))
+    assert set(fold["variants"]) == {"no_osf", "deepnet", "resnet"}
+    assert fold["result"]["cpm"] == res["cpm"]  # the trained fold was reused
+    # a variant runs only the stages it changes: deepnet trains its own fpr on the
+    # method's fcn and screening
+    dn = fold["variants"]["deepnet"]["dirs"]
+    assert dn["fcn"] == fold["dirs"]["fcn"] and dn["screen"] == fold["dirs"]["screen"]
+    assert dn["fpr"] == str(fold_dir / "deepnet" / "fpr")
+    assert set(fold["variants"]["no_osf"]["stages"]) == {"fcn", "screen"}
 
 
 @pytest.mark.slow
@@ -175,7 +217,7 @@ def test_tiny_trained_stage1_beats_step0_on_the_held_out_fold(tiny_fold, tmp_pat
 
     * held-out patch AUC: the ``evals.patches`` evaluator over fold 0's nodule and
       candidate-negative 10x30x30 patches; the trained figure is the one the pipeline
-      recorded (``stage1/train_summary.json``), the step-0 one the same evaluator on the
+      recorded (``fcn/stage.json``), the step-0 one the same evaluator on the
       initial state. Observed: 0.301 at step 0, 0.732 trained.
     * whole-scan screening (``screen_scans``, threshold 0.5, at most 16 candidates per
       scan, as the pipeline): nodules hit by the stage-1 candidates, at no more false
@@ -198,11 +240,11 @@ def test_tiny_trained_stage1_beats_step0_on_the_held_out_fold(tiny_fold, tmp_pat
 
     c, fold_dir, rec = tiny_fold.config, tiny_fold.fold_dir, tiny_fold.rec
     assert c.seed == 0
-    cfg1 = st.stage1_config(c, True)
+    cfg1 = _stage(c, "fcn")
     engine = train.build_engine(cfg1)
     state0 = engine.init_state()
 
-    trained = json.loads((fold_dir / "stage1" / "train_summary.json").read_text(
+    trained = json.loads((fold_dir / "fcn" / stages.STAGE_RECORD).read_text(
         encoding="utf-8"))["eval/patches"]
     step0 = train.PatchClassificationEvaluator()(engine, state0, build_train_data(cfg1))
     print(f"stage-1 held-out patch AUC: step 0 {step0['auc']:.4f}, trained "
@@ -217,7 +259,8 @@ def test_tiny_trained_stage1_beats_step0_on_the_held_out_fold(tiny_fold, tmp_pat
     ck.close()
     store = PatchStore.open(prepare_data(c))
     det = st.screen_scans(cfg1, str(run0), store, rec["uids"], progress=False)
-    s0, s1 = store_screening_stats(det.marks, store, rec["uids"]), rec["stage1"]["osf"]
+    s0, s1 = (store_screening_stats(det.marks, store, rec["uids"]),
+              rec["stages"]["screen"]["stats"])
     print(f"stage-1 held-out screening: step 0 {s0['n_detected']}/{s0['n_nodules']} hit, "
           f"{s0['fps_per_scan']:.0f} FPs/scan; trained {s1['n_detected']}/{s1['n_nodules']} "
           f"hit, {s1['fps_per_scan']:.0f} FPs/scan")

@@ -15,8 +15,9 @@ import pytest
 from lungjax import sharding as shd
 from lungjax import train
 from lungjax.models.layers import Conv
-from lungjax.state import create_train_state, transfer_params
-from lungjax.steps import apply_gradients, make_alternating_step
+from lungjax.state import (Network, TrainStates, create_train_state, create_train_states,
+                           transfer_params)
+from lungjax.steps import apply_gradients, make_alternating_step, model_rngs, rng_streams
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from test_engine import tiny_config, toy_patches  # noqa: E402
@@ -39,8 +40,12 @@ def test_alternating_updates_each_network_with_its_own_optimizer():
     seg, disc = _Seg(), _Disc()
     tx_s, tx_d = optax.adam(1e-2), optax.sgd(1e-1)
     key = jax.random.key(0, impl="rbg")
-    states = {"seg": create_train_state(seg, tx_s, jnp.zeros((1, 16, 16, 1)), key),
-              "disc": create_train_state(disc, tx_d, jnp.zeros((1, 16, 16, 2)), key)}
+    states = create_train_states([Network("seg", seg, tx_s, jnp.zeros((1, 16, 16, 1))),
+                                  Network("disc", disc, tx_d, jnp.zeros((1, 16, 16, 2)))], key)
+    # The first network draws what a single-network stage of the same key draws.
+    alone = create_train_state(seg, tx_s, jnp.zeros((1, 16, 16, 1)), key)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, states["seg"], alone)
+    assert np.any(states["disc"].rng != alone.rng)
 
     def disc_update(states, batch):
         pred = jax.nn.sigmoid(seg.apply({"params": states["seg"].params}, batch["image"]))
@@ -85,6 +90,37 @@ def test_alternating_updates_each_network_with_its_own_optimizer():
         changed = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.asarray(a) != b)),
                                          states[name].params, before[name].params)
         assert all(jax.tree_util.tree_leaves(changed))
+
+
+def test_train_states_single_network_reads_as_its_state():
+    key = jax.random.key(0, impl="rbg")
+    one = create_train_states([Network("net", _Seg(), optax.sgd(0.1),
+                                       jnp.zeros((1, 8, 8, 1)))], key)
+    assert isinstance(one, TrainStates) and list(one) == ["net"]
+    assert one.params is one["net"].params and one.variables() == one["net"].variables()
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(one)
+    assert jax.tree_util.keystr(leaves[0][0]).startswith("['net']")
+    back = jax.tree_util.tree_unflatten(treedef, [x for _, x in leaves])
+    assert isinstance(back, TrainStates) and list(back) == ["net"]
+    with pytest.raises(KeyError, match="no network 'other'.*networks: net"):
+        one.replace(other=one["net"])
+
+
+def test_rng_streams_come_from_the_model():
+    class Noisy(nn.Module):
+        slope_stream: str = "slopes"
+
+        @nn.compact
+        def __call__(self, x, train=False):
+            return x
+
+    assert rng_streams(_Seg()) == ("dropout",)
+    assert rng_streams(Noisy()) == ("dropout", "slopes")
+    key = jax.random.key(3, impl="rbg")
+    rngs = model_rngs(key, ("dropout", "slopes"))
+    assert rngs["dropout"] is key
+    np.testing.assert_array_equal(jax.random.key_data(rngs["slopes"]),
+                                  jax.random.key_data(jax.random.fold_in(key, 1)))
 
 
 def test_transfer_params_copies_named_subtrees_and_checks_shapes():

@@ -109,7 +109,7 @@ def test_cli_duplicate_series_uid(tables, capsys):
 def test_module_entry_point(tables):
     sub = tables / "sub.csv"
     write_marks_csv(sub, Marks(["1.2.3.1"], [[0, 0, 0]], [0.5]))
-    proc = subprocess.run([sys.executable, "-m", "lungjax.evaluation.froc",
+    proc = subprocess.run([sys.executable, "-m", "lungjax.evaluation.froc_cli",
                            *_args(tables, sub, "--bootstrap", "0")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -124,12 +124,6 @@ def test_transform_targets_follow_the_augmented_image():
 # --------------------------------------------------------------------------- losses
 
 
-def test_smooth_l1_hand_values():
-    x = jnp.array([-2.0, -1.0, -0.5, 0.0, 0.5, 0.9, 1.0, 3.0])
-    np.testing.assert_allclose(hybrid.smooth_l1(x),
-                               [1.5, 0.5, 0.125, 0.0, 0.125, 0.405, 0.5, 2.5], rtol=1e-6)
-
-
 LN3 = math.log(3.0)
 LOGITS = jnp.array([[0.0, LN3], [0.0, 0.0], [LN3, 0.0], [0.0, 0.0]])
 LABELS = jnp.array([1, 0, 1, 0])
@@ -244,8 +238,8 @@ def test_task_per_sample_loss_and_metrics():
 
 def test_task_in_engine_eval_step():
     """The engine's jitted eval step with the hybrid network and task gives the hybrid
-    loss (gradients through the same network: tests/test_fpr.py)."""
-    from lungjax.models import fpr
+    loss (gradients through the same network: tests/test_fp_reduction.py)."""
+    from lungjax.models import fp_reduction as fpr
     from lungjax.state import TrainState
     from lungjax.steps import make_eval_step
 
@@ -283,7 +277,7 @@ def test_classify_scans_places_marks_at_the_regressed_centre():
     """Stage-2 marks sit at patch centre + regressed offset (world mm), or at the stage-1
     candidate when the position is not regressed."""
     from lungjax.data.coords import Geometry, voxel_to_world
-    from lungjax.methods.dou2017_stages import classify_scans
+    from lungjax.methods.candidates import classify_scans
 
     geom = Geometry(spacing=np.array([0.5, 1.0, 2.0]), origin=np.array([10.0, 20.0, 30.0]),
                     direction=np.eye(3))

@@ -10,7 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lungjax.models import conv_malloc, conv_ops, conv_select, conv_split, conv_tune
+from lungjax.models.conv import malloc as conv_malloc
+from lungjax.models.conv import ops as conv_ops
+from lungjax.models.conv import select as conv_select
+from lungjax.models.conv import split as conv_split
+from lungjax.models.conv import tune as conv_tune
 from lungjax.models.layers import (BatchNorm, Conv, ConvTranspose, conv_impl,
                                   get_conv_impl_override, max_pool, set_conv_impl)
 
@@ -247,7 +251,7 @@ def test_bad_inputs_have_clear_errors():
 
 def test_committed_table_is_valid_and_drives_auto():
     table = json.loads(conv_select.TABLE_PATH.read_text(encoding="utf-8"))
-    assert table["entries"], "conv_table.json has no measurements"
+    assert table["entries"], "table.json has no measurements"
     for e in table["entries"]:
         key = conv_select.ConvKey.from_json(e["key"])
         impls = conv_ops.CONV_IMPLS if key.kind == "conv" else conv_ops.CONV_TRANSPOSE_IMPLS

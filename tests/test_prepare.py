@@ -15,7 +15,8 @@ from lungjax.data import prepare as prepare_lib
 from lungjax.data.coords import voxel_to_world, world_to_voxel
 from lungjax.data.io import write_scan
 from lungjax.data.luna16 import Luna16Dataset
-from lungjax.data.store import PatchStore, StoreError, prepare_dataset
+from lungjax.data.prepare import prepare_dataset
+from lungjax.data.store import PatchStore, StoreError
 from test_preprocess import chest_phantom, phantom_geometry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from lungjax.data.tables import Findings, Marks
+from lungjax.evaluation.classification import classification_record
 from lungjax.evaluation.froc import compute_froc
 from lungjax.evaluation.plots import plot_froc_curves, plot_roc
-from lungjax.evaluation.reports import (cv_report, flatten_metrics, froc_table, pooled_froc,
-                                        summarize_folds)
+from lungjax.evaluation.reports import (cv_report, flatten_metrics, froc_table,
+                                        plot_fold_metrics, pooled_froc, summarize_folds)
 
 NOD = Findings(["a", "b", "c", "d"], [[0, 0, 0]] * 4, [10.0] * 4)
 FOLDS = [
@@ -86,7 +87,7 @@ def test_cv_report_files(tmp_path):
 def test_cv_report_without_froc(tmp_path):
     rep = cv_report([{"dice": 0.9, "hd95_mm": float("inf")}, {"dice": 0.8, "hd95_mm": 3.0}],
                     tmp_path, "seg")
-    assert set(rep["files"]) == {"json", "markdown"}
+    assert set(rep["files"]) == {"json", "markdown", "metrics_png"}
     data = json.loads((tmp_path / "cv_report.json").read_text(encoding="utf-8"))
     assert data["metrics"]["hd95_mm"]["per_fold"] == ["inf", 3.0]
 
@@ -98,3 +99,35 @@ def test_plots_write_png(tmp_path):
         assert (tmp_path / f).read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError):
         plot_froc_curves({}, tmp_path / "e.png")
+
+
+def test_cv_report_of_evaluator_records(tmp_path):
+    # Classification records: any numeric key is summarised, intervals included.
+    rng = np.random.default_rng(0)
+    folds = []
+    for k in range(3):
+        y = rng.random(60) < 0.5
+        s = np.clip(rng.normal(0.3 + 0.4 * y, 0.2), 0, 1)
+        folds.append({"fold": k, **classification_record(y.astype(int), s, seed=k,
+                                                           n_bootstrap=30)})
+    rep = cv_report(folds, tmp_path, "cls", metrics=["roc_auc", "f1", "ci.roc_auc[0]"])
+    assert list(rep["metrics"]) == ["roc_auc", "f1", "ci.roc_auc[0]"]
+    auc = [f["roc_auc"] for f in folds]
+    assert rep["metrics"]["roc_auc"]["mean"] == pytest.approx(np.mean(auc))
+    assert rep["metrics"]["roc_auc"]["std"] == pytest.approx(np.std(auc, ddof=1))
+    md = (tmp_path / "cv_report.md").read_text(encoding="utf-8")
+    assert "## Summary" in md and "| roc_auc | " in md
+    png = tmp_path / "cv_metrics.png"
+    assert rep["files"]["metrics_png"] == str(png) and png.read_bytes()[:4] == b"\x89PNG"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+    with pytest.raises(KeyError, match="not in the fold results"):
+        cv_report(folds, tmp_path, "cls", metrics=["nope"])
+    full = summarize_folds(folds)["metrics"]
+    assert "accuracy" in full and "ci.accuracy[1]" in full and "counts.tp" in full
+
+
+def test_plot_fold_metrics_with_non_finite_values(tmp_path):
+    s = summarize_folds([{"hd_mm": float("inf"), "dice": 0.8},
+                         {"hd_mm": float("inf"), "dice": 0.9}])
+    plot_fold_metrics(s, tmp_path / "m.png", title="x")
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"

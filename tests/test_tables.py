@@ -43,17 +43,3 @@ def test_real_luna16_tables(luna16_tables_dir):
     assert len(ann) == 1186 and len(np.unique(ann.uid)) == 601
     assert len(exc) == 35192 and len(uids) == 888
     assert set(ann.uid) <= set(uids)
-
-
-def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
-    p = tmp_path / "out.txt"
-    tables.atomic_write_text(p, "old")
-
-    def boom(*a, **k):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(tables.os, "replace", boom)
-    with pytest.raises(OSError):
-        tables.atomic_write_text(p, "new")
-    assert p.read_text(encoding="utf-8") == "old"
-    assert sorted(x.name for x in tmp_path.iterdir()) == ["out.txt"]

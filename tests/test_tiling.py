@@ -11,7 +11,7 @@ import pytest
 
 from lungjax.data.coords import Geometry
 from lungjax.models.fcn import Dou2017FCN
-from lungjax.models.fpn import XieFPN
+from lungjax.models.resnet_fpn import XieFPN
 from lungjax.tasks.anchors import AnchorConfig
 from lungjax.tasks.anchors_decode import decode_volume, detect_volume
 from lungjax.tasks.screening import (candidates_from_scores, output_mapping, plan_axis_tiles,

@@ -13,7 +13,7 @@ import pytest
 from lungjax.data import augment as aug
 from lungjax.data.pipeline import PatchTransform, PipelineConfig
 from lungjax.data.sampler import NODULE, SAMPLE_DTYPE, SampleIndex
-from lungjax.models.fpn import XieFPN
+from lungjax.models.resnet_fpn import XieFPN
 from lungjax.state import make_optimizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -65,9 +65,11 @@ def test_fixed_anchor_baseline_differs_only_in_sampling():
     assert abl.name != main.name and not abl.cv.report
     for part in ("model", "task", "optimizer", "train", "data", "detection"):
         assert getattr(abl, part).to_dict() == getattr(main, part).to_dict(), part
-    from lungjax.methods.xie2018 import fixed_anchors
+    from lungjax import stages
 
-    derived = fixed_anchors(main)
+    variant = stages.variant_config(main, "fixed_anchors")
+    derived = stages.stage_config(variant, "detector",
+                                  dict(stages.stage_specs(variant))["detector"])
     assert derived.sampler.to_dict() == abl.sampler.to_dict()
 
 
@@ -144,13 +146,6 @@ def test_patch_nodules_follow_the_augmentation():
         # Distances between nodules scale with the zoom, whatever the flips / rotation.
         np.testing.assert_allclose(np.linalg.norm(out["nodules_zyx"][1] - out["nodules_zyx"][0]),
                                    8.0 * scale, rtol=1e-4)
-
-
-def test_2d_patches_reject_nodule_lists():
-    cfg = {"data": {"patch_size_zyx": (32, 32), "max_nodules_per_patch": 2},
-           "train": {"batch_size": 2}}
-    with pytest.raises(ValueError, match="max_nodules_per_patch"):
-        PipelineConfig.from_config(cfg)
 
 
 # ---------------------------------------------------------------------------------

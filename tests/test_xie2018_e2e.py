@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from lungjax import modes, train as train_lib
+from lungjax import stages, train as train_lib
 from lungjax.checkpointing import Checkpointer, restore_params
 from lungjax.data.sampler import HARD_NEG, NODULE
 
@@ -44,10 +44,11 @@ def tiny(tmp_path_factory, cache_dir):
     c.data.cache_dir = cache_dir
     c.train.keep_checkpoints = 10  # every step's checkpoint (checkpoint_every = 1)
     cv = tmp_path_factory.mktemp("xie_cv")
-    engine = train_lib.build_engine(c)
-    summary = modes.train(c, str(cv / "fold_0"), engine=engine)
-    return types.SimpleNamespace(config=c, cv=cv, run=cv / "fold_0", engine=engine,
-                                 summary=summary)
+    engines = {}  # the runner's compiled engine, reused by the tests
+    rec = stages.run_fold(c, str(cv / "fold_0"), engines=engines)
+    (engine,) = engines.values()
+    return types.SimpleNamespace(config=c, cv=cv, run=cv / "fold_0" / "detector",
+                                 engine=engine, summary=rec["stages"]["detector"], rec=rec)
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +57,10 @@ def table1(tiny):
     trains its own fold 0 at the tiny budget; the ensemble detects with both."""
     c = tiny.config.copy_and_resolve_references()
     c.cv.folds = (0,)
-    report = modes.cross_validate(c, str(tiny.cv))
-    return types.SimpleNamespace(report=report, ablation=tiny.cv / "fixed_anchors" / "fold_0",
+    report = stages.cross_validate(c, str(tiny.cv))
+    fold = tiny.cv / "fold_0"
+    return types.SimpleNamespace(report=report, ablation=fold / "fixed_anchors" / "detector",
+                                 ablation_eval=fold / "fixed_anchors" / "detect" / "eval",
                                  ensemble=tiny.cv / "ensemble" / "fold_0")
 
 
@@ -140,12 +143,13 @@ def test_tiny_anchor_rounds_resume_evaluate(tmp_path, tiny):
                                                                    atol=1e-6),
                            _params(run_a), _params(run_b))
 
-    # Whole-scan detection of the held-out fold through the anchor-detector branch.
-    det = summary["detection"]
-    assert 0.0 <= det["cpm"] <= 1.0 and det["scans"] == 1 and det["marks"] > 0
-    record = json.loads((run_a / "eval" / "froc.json").read_text(encoding="utf-8"))
+    # Whole-scan detection of the held-out fold by the anchor detector (the "detect" stage).
+    det = tiny.rec["result"]
+    assert 0.0 <= det["cpm"] <= 1.0 and len(det["uids"]) == 1 and det["marks"] > 0
+    ev_dir = tiny.cv / "fold_0" / "detect" / "eval"
+    record = json.loads((ev_dir / "froc.json").read_text(encoding="utf-8"))
     assert record["cpm"] == pytest.approx(det["cpm"]) and len(record["sensitivities"]) == 7
-    sub = (run_a / "eval" / "submission.csv").read_text(encoding="utf-8").splitlines()
+    sub = (ev_dir / "submission.csv").read_text(encoding="utf-8").splitlines()
     assert sub[0].startswith("seriesuid,coordX,coordY,coordZ,probability")
 
 
@@ -159,8 +163,11 @@ def test_table1_trains_the_ablation_and_ensembles_two_different_members(tiny, ta
 
     # The ablation was trained here at the tiny budget (its own fold run, log and
     # detection), not copied from the single model: its anchors were never updated.
-    done = json.loads((abl / modes.DONE_FILE).read_text(encoding="utf-8"))
-    assert done["step"] == n and done["detection"]["scans"] == 1
+    done = json.loads((abl / stages.STAGE_RECORD).read_text(encoding="utf-8"))
+    assert done["step"] == n
+    abl_det = json.loads((table1.ablation_eval.parent / stages.STAGE_RECORD).read_text(
+        encoding="utf-8"))
+    assert len(abl_det["uids"]) == 1
     assert json.loads((abl / "config.json").read_text(encoding="utf-8"))["sampler"][
         "update_anchors"] is False
     logged = [json.loads(line)["step"] for line in
@@ -179,8 +186,8 @@ def test_table1_trains_the_ablation_and_ensembles_two_different_members(tiny, ta
     assert _max_abs_diff(_params(main), _params(abl)) > 1e-4
 
     # The ensemble is built from those two different members; its marks are neither's.
-    m_main = _marks(main / "eval" / "submission.csv")
-    m_abl = _marks(abl / "eval" / "submission.csv")
+    m_main = _marks(tiny.cv / "fold_0" / "detect" / "eval" / "submission.csv")
+    m_abl = _marks(table1.ablation_eval / "submission.csv")
     m_ens = _marks(table1.ensemble / "submission.csv")
     assert len(m_main) and len(m_abl) and len(m_ens)
     assert not _same_marks(m_main, m_abl)

@@ -14,9 +14,10 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 # name -> the one change from the method (Tables 1 and 2 of the paper).
 ABLATIONS = {
     "fcn_no_osf": lambda c: setattr(c.train.osf, "enabled", False),
-    "deepnet": lambda c: setattr(c.stage2, "networks", ("deepnet",)),
-    "resnet": lambda c: setattr(c.stage2, "networks", ("resnet",)),
-    "resnet_hl": lambda c: setattr(c.stage2, "networks", ("resnet_hl",)),
+    "deepnet": lambda c: setattr(c.stages.fpr.sections.model, "name", "dou2017_fpr_deepnet"),
+    "resnet": lambda c: setattr(c.stages.fpr.sections.model, "name", "dou2017_fpr_resnet"),
+    "resnet_hl": lambda c: setattr(c.stages.fpr.sections.model, "name",
+                                   "dou2017_fpr_resnet_hl"),
 }
 
 

@@ -22,8 +22,9 @@ def get_config(arg=None):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     c = mod.get_config(arg)
-    # The same changes as lungjax.methods.xie2018.fixed_anchors (which --mode=cv uses).
+    # The same change as the method's cv variant "fixed_anchors" (which --mode=cv runs).
     c.name = f"{c.name}_fixed_anchors"
     c.sampler.update_anchors = False
+    c.cv.variants = {}
     c.cv.report = ""
     return c

@@ -191,7 +191,7 @@ def read_size(out_shape_zyx: Sequence[int], scale: float, is_2d: bool = False) -
 
 
 def resample(crop: np.ndarray, out_shape_zyx: Sequence[int], scale: float,
-             is_2d: bool = False) -> np.ndarray:
+             is_2d: bool = False, order: int = 1) -> np.ndarray:
     """Zooms ``crop`` by ``scale`` about its centre voxel into ``out_shape_zyx``.
 
     Output voxel ``o`` takes the trilinear value at input index
@@ -204,6 +204,8 @@ def resample(crop: np.ndarray, out_shape_zyx: Sequence[int], scale: float,
       out_shape_zyx: (S_z, S_y, S_x).
       scale: zoom factor.
       is_2d: do not scale along z.
+      order: 1 = trilinear (images), 0 = nearest neighbour (masks and labels: no
+        value is invented between classes).
 
     Returns:
       (S_z, S_y, S_x) float32.
@@ -220,7 +222,7 @@ def resample(crop: np.ndarray, out_shape_zyx: Sequence[int], scale: float,
     # mode="nearest" only matters within one voxel of the crop border; the crop
     # already carries the store's zero padding where the scan ends.
     return ndimage.affine_transform(np.asarray(crop, np.float32), inv, offset=offset,
-                                    output_shape=out, order=1, mode="nearest")
+                                    output_shape=out, order=order, mode="nearest")
 
 
 def map_point(point_zyx: np.ndarray, crop_shape: Sequence[int], out_shape: Sequence[int],
@@ -272,7 +274,7 @@ def relative_to_center(point_zyx: np.ndarray, shape_zyx: Sequence[int]) -> np.nd
 
 
 def apply(crop: np.ndarray, out_shape_zyx: Sequence[int], params: AugmentParams,
-          is_2d: bool = False) -> np.ndarray:
+          is_2d: bool = False, order: int = 1) -> np.ndarray:
     """Scale -> rotate -> flip a crop read at ``read_size`` around the shifted centre.
 
     Args:
@@ -281,13 +283,15 @@ def apply(crop: np.ndarray, out_shape_zyx: Sequence[int], params: AugmentParams,
       out_shape_zyx: (S_z, S_y, S_x), final patch shape.
       params: the draw.
       is_2d: single-slice patch (no z scaling).
+      order: interpolation of the zoom, 1 = trilinear (images), 0 = nearest (masks);
+        the same params applied to an image and to its mask keep them aligned.
 
     Returns:
       (S_z, S_y, S_x) float32, C-contiguous.
     """
     out = tuple(int(s) for s in out_shape_zyx)
     pre = rotated_input_shape(out, params.rot_k)
-    x = resample(crop, pre, params.scale, is_2d)
+    x = resample(crop, pre, params.scale, is_2d, order)
     x = rot90_yx(x, params.rot_k)
     x = flip(x, params.flips)
     return np.ascontiguousarray(x, dtype=np.float32)

@@ -120,3 +120,35 @@ def world_to_voxel(world_xyz: np.ndarray, geometry: Geometry) -> np.ndarray:
     # direction is orthonormal, so its inverse is its transpose.
     index_xyz = (w @ geometry.direction) / geometry.spacing
     return index_xyz[..., ::-1]
+
+
+def within_sphere(points: np.ndarray, centres: np.ndarray, radii: np.ndarray,
+                  spacing: np.ndarray | None = None) -> np.ndarray:
+    """Whether each point lies strictly inside its sphere: |p - c| < r.
+
+    The official LUNA16 evaluation's rule (``noduleCADEvaluationLUNA16.py``): a point at
+    exactly the radius is outside. Every hit test in lungjax (FROC matching, screening
+    figures, sampler exclusions) goes through this one function.
+
+    The arguments broadcast against each other, so ``within_sphere(p[:, None], c[None],
+    r[None])`` gives the (P, C) table of every point against every sphere, and
+    ``within_sphere(p[i], c[j], r[j])`` tests given (point, sphere) pairs. The squared
+    distance is (d0^2 + d1^2) + d2^2 in float64, in the axis order given, compared with
+    r^2; no square root is taken.
+
+    Args:
+      points: (..., 3) world (x, y, z) mm, or voxel (z, y, x) with ``spacing``.
+      centres: (..., 3) sphere centres, in the same frame and axis order as ``points``.
+      radii: (...) sphere radii in mm.
+      spacing: None for world points; for voxel points, the (3,) voxel size in mm in the
+        points' axis order (z, y, x), which scales each coordinate difference to mm.
+
+    Returns:
+      (...) bool, the broadcast shape of points[..., 0], centres[..., 0] and radii.
+    """
+    d = np.asarray(points, np.float64) - np.asarray(centres, np.float64)
+    if spacing is not None:
+        d = d * np.asarray(spacing, np.float64)
+    d2 = d[..., 0] * d[..., 0] + d[..., 1] * d[..., 1] + d[..., 2] * d[..., 2]
+    r = np.asarray(radii, np.float64)
+    return d2 < r * r

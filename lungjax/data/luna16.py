@@ -9,6 +9,9 @@
     root/seriesuids.csv                the scan list of the challenge (optional)
     root/seg-lungs-LUNA16/<uid>.mhd    lung masks, 3/4 = lungs, 5 = trachea (optional)
     root/nodule-masks/<uid>.mhd        nodule instance labels (generated data only, optional)
+    root/malignancy.csv                per-nodule LIDC reader scores and mask label
+                                       (generated data only, optional; read by
+                                       :func:`lungjax.data.prepare.nodule_labels_table`)
 
 Inconsistencies (annotation rows whose UID has no scan, a UID in two subsets, ...) do
 not stop :meth:`Luna16Dataset.open`; they are listed in ``.problems``.

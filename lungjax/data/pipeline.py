@@ -29,7 +29,18 @@ process_count):
     "position":    (B,) int64, epoch * len(index) + row of the slot in the index
     with data.max_nodules_per_patch = M > 0 also "nodules_zyx" (B, M, 3) float32 patch
     voxels of every nodule reaching into the patch, "nodules_diameter_mm" (B, M)
-    (0 = padding) and "excluded_zyx" / "excluded_diameter_mm" likewise
+    (0 = padding) and "excluded_zyx" / "excluded_diameter_mm" likewise (2D patches
+    too: z is then the nodule centre's offset in slices from the patch's slice)
+    with ``Targets(mask=True)`` also
+    "mask":        (B, D, H, W) uint8 0/1 ((B, H, W) for 2D), the store's nodule mask
+                   (every nodule) under the same crop, zoom, rotation and flips as
+                   "image", zoomed by nearest neighbour
+    with ``Targets(malignancy=True)`` also
+    "malignancy":  (B,) float32 median reader malignancy of the sample's nodule (1..5
+                   in half steps; 0 = no score: negatives, LUNA16 annotations)
+    "malignant":   (B,) int32 1 = malignant (median >= 4), 0 = benign (<= 2), -1 =
+                   neither (3, the ties 2.5 / 3.5, no score) unless
+                   ``Targets.uncertain`` assigns 3 and the ties to a class
 
 Randomness: each sample's augmentation comes from a generator seeded by (seed,
 round, position in the full index), so batches do not depend on the number of
@@ -46,7 +57,40 @@ import numpy as np
 from absl import flags
 
 from lungjax.data import augment as aug
-from lungjax.data.sampler import CANDIDATE_NEG, NODULE, Sampler, SampleIndex, section
+from lungjax.train_data import TrainData
+from lungjax.data.sampler import (CANDIDATE_NEG, NODULE, UNCERTAIN_CHOICES, Sampler,
+                                   SampleIndex, malignant_label, section)
+
+
+@dataclasses.dataclass(frozen=True)
+class Targets:
+    """Dense targets and labels a batch carries besides the image. All off by default:
+    a config that asks for none gets exactly the batches it always got (the extra reads
+    draw no random numbers either way).
+
+    Attributes (config field in brackets):
+      mask: add "mask", the nodule mask transformed as the image [data.batch_mask].
+      malignancy: add "malignancy" and "malignant" [data.batch_malignancy].
+      uncertain: what "malignant" says for median 3 and the ties 2.5 / 3.5:
+        "exclude" (-1), "benign" (0) or "malignant" (1) [data.malignancy_uncertain].
+    """
+
+    mask: bool = False
+    malignancy: bool = False
+    uncertain: str = "exclude"
+
+    def __post_init__(self):
+        if self.uncertain not in UNCERTAIN_CHOICES:
+            raise ValueError(f"config.data.malignancy_uncertain must be one of "
+                             f"{UNCERTAIN_CHOICES}, got {self.uncertain!r}")
+
+    @classmethod
+    def from_config(cls, config) -> "Targets":
+        """From the declared fields data.batch_mask, data.batch_malignancy and
+        data.malignancy_uncertain (configs/base.py)."""
+        data = config.data
+        return cls(mask=bool(data.batch_mask), malignancy=bool(data.batch_malignancy),
+                   uncertain=str(data.malignancy_uncertain))
 
 
 
@@ -112,8 +156,6 @@ class PipelineConfig:
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
                 raise ValueError(f"config.{name} must be an integer >= {lo}, got {v!r}")
             ints[k] = int(v)
-        if ints["max_nodules"] and is_2d:
-            raise ValueError("config.data.max_nodules_per_patch is for 3D patches only")
         unknown = sorted(set(augd) - {"positive", "negative"})
         if unknown:
             raise ValueError(f"config.augment: unknown field(s) {unknown}; known: positive, "
@@ -142,8 +184,9 @@ class PatchTransform(grain.transforms.MapWithIndex):
 
     def __init__(self, store, index: SampleIndex, cfg: PipelineConfig, *, seed: int,
                  process_index: int, process_count: int, augment: bool = True,
-                 id_key: str = "sample_id"):
+                 id_key: str = "sample_id", targets: Targets = Targets()):
         self.store = store
+        self.targets = targets
         self.samples = index.samples
         self.uids = index.uids
         self.cfg = cfg
@@ -214,6 +257,12 @@ class PatchTransform(grain.transforms.MapWithIndex):
         image = image[0] if cfg.is_2d else image
         extra = (self._patch_findings(int(row["scan"]), center, size, params)
                  if cfg.max_nodules else {})
+        if self.targets.mask:
+            extra["mask"] = self._patch_mask(int(row["scan"]), center, size, params)
+        if self.targets.malignancy:
+            m = float(row["malignancy"])
+            extra["malignancy"] = np.float32(m)
+            extra["malignant"] = np.int32(malignant_label(m, self.targets.uncertain))
         return {**extra,
             "image": image[..., None],
             "label": np.int32(label),
@@ -225,6 +274,19 @@ class PatchTransform(grain.transforms.MapWithIndex):
             "position": np.int64(position),
         }
 
+
+    def _patch_mask(self, scan: int, center, size, params) -> np.ndarray:
+        """(D, H, W) or (H, W) uint8 0/1: the nodule mask read with the image's crop and
+        put through the image's transform (nearest-neighbour zoom)."""
+        uid = self.uids[scan]
+        if "nodules" in self.store.scan(uid).arrays:
+            labels = self.store.read_patch(uid, center, size, array="nodules")
+        else:  # a store without nodule masks: nothing to segment
+            labels = np.zeros(tuple(int(v) for v in size), np.float32)
+        mask = aug.apply((labels > 0).astype(np.float32), self.cfg.patch_size_zyx, params,
+                         self.cfg.is_2d, order=0)
+        mask = (mask > 0.5).astype(np.uint8)
+        return mask[0] if self.cfg.is_2d else mask
 
     def _patch_findings(self, scan: int, center, size, params) -> dict[str, np.ndarray]:
         """Every nodule / excluded finding of the scan whose sphere reaches into the
@@ -266,7 +328,8 @@ class PatchTransform(grain.transforms.MapWithIndex):
 
 def build_train_dataset(config, store, index: SampleIndex, *, seed: int, process_index: int = 0,
                         process_count: int = 1, augment: bool = True, repeat: bool = False,
-                        id_key: str = "sample_id") -> grain.IterDataset:
+                        id_key: str = "sample_id",
+                        targets: Targets = Targets()) -> grain.IterDataset:
     """This host's batches of one round as a Grain ``IterDataset``.
 
     Args:
@@ -281,6 +344,7 @@ def build_train_dataset(config, store, index: SampleIndex, *, seed: int, process
       repeat: False = one pass (``index.num_batches`` batches); True = endless, each
         further epoch reshuffled at the same per-batch positive count.
       id_key: batch key of the sample ids.
+      targets: extra batch keys (nodule mask, malignancy); none by default.
 
     Returns:
       An ``IterDataset`` of dicts (see the module docstring) with
@@ -292,7 +356,8 @@ def build_train_dataset(config, store, index: SampleIndex, *, seed: int, process
                          f"frozen for batches of {index.batch_size}")
     index.host_view(process_index, process_count)  # validates the host split
     transform = PatchTransform(store, index, cfg, seed=seed, process_index=process_index,
-                               process_count=process_count, augment=augment, id_key=id_key)
+                               process_count=process_count, augment=augment, id_key=id_key,
+                               targets=targets)
     ds = grain.MapDataset.range(transform.n_local)
     if repeat:
         ds = ds.repeat(None)
@@ -311,11 +376,13 @@ def build_train_dataset(config, store, index: SampleIndex, *, seed: int, process
 
 
 def build_eval_dataset(config, store, index: SampleIndex, *, process_index: int = 0,
-                       process_count: int = 1, id_key: str = "sample_id") -> grain.IterDataset:
+                       process_count: int = 1, id_key: str = "sample_id",
+                       targets: Targets = Targets()) -> grain.IterDataset:
     """One pass over ``index`` (e.g. ``Sampler.freeze_eval_index``) with plain
     centred crops; padding rows carry weight 0 and sample_id -1."""
     return build_train_dataset(config, store, index, seed=0, process_index=process_index,
-                               process_count=process_count, augment=False, id_key=id_key)
+                               process_count=process_count, augment=False, id_key=id_key,
+                               targets=targets)
 
 
 def describe(batch: Mapping[str, Any]) -> dict[str, tuple]:
@@ -323,7 +390,7 @@ def describe(batch: Mapping[str, Any]) -> dict[str, tuple]:
     return {k: (tuple(np.shape(v)), str(np.asarray(v).dtype)) for k, v in batch.items()}
 
 
-class StoreTrainData:
+class StoreTrainData(TrainData):
     """The engine's ``TrainData`` (lungjax/train_data.py) over a patch store.
 
     Round r trains on ``sampler.freeze_index(seed)`` at round r, endlessly repeated
@@ -344,12 +411,20 @@ class StoreTrainData:
         at most ``data.eval_patches``; none = no patch evaluation).
       seed: default ``config.seed``.
       process_index / process_count: this host.
+      targets: extra batch keys (nodule mask, malignancy); none by default.
+
+    Subclasses choose another pool through :meth:`make_sampler` and the held-out
+    patches' kinds through ``eval_kinds``.
     """
 
+    eval_kinds: tuple[int, ...] = (NODULE, CANDIDATE_NEG)
+
     def __init__(self, config, store, train_uids, eval_uids=None, *, seed: int | None = None,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1,
+                 targets: Targets = Targets()):
         self.config = config
         self.store = store
+        self.targets = targets
         if seed is None:
             seed = config.get("seed", 0) if isinstance(config, Mapping) \
                 else getattr(config, "seed", 0)
@@ -358,14 +433,19 @@ class StoreTrainData:
         sampler_cfg = section(config, "sampler")
         self.steps_per_round = int(sampler_cfg.get("steps_per_round", 0) or 0)
         self.score_key = str(sampler_cfg.get("score_key", "loss"))
-        self.sampler = Sampler.from_store(store, config, train_uids, seed=self.seed)
+        self.sampler = self.make_sampler(train_uids, random_negatives=True)
         self.eval_index = None
         if eval_uids:
-            held_out = Sampler.from_store(store, config, eval_uids, seed=self.seed,
-                                          random_negatives=False)
+            held_out = self.make_sampler(eval_uids, random_negatives=False)
             limit = int(section(config, "data").get("eval_patches", 0) or 0)
             self.eval_index = held_out.freeze_eval_index(
-                kinds=(NODULE, CANDIDATE_NEG), max_samples=limit or None, seed=self.seed)
+                kinds=self.eval_kinds, max_samples=limit or None, seed=self.seed)
+
+    def make_sampler(self, uids, *, random_negatives: bool) -> Sampler:
+        """The sampler over ``uids`` (training scans, or held-out ones with
+        ``random_negatives=False``)."""
+        return Sampler.from_store(self.store, self.config, uids, seed=self.seed,
+                                  random_negatives=random_negatives)
 
     def iterator(self, round_index: int):
         """Endless iterator of this host's batches for round ``round_index``.
@@ -378,7 +458,8 @@ class StoreTrainData:
             cur = self.sampler.freeze_index(self.seed)
         ds = build_train_dataset(self.config, self.store, cur, seed=self.seed,
                                  process_index=self.process_index,
-                                 process_count=self.process_count, repeat=True, id_key="index")
+                                 process_count=self.process_count, repeat=True, id_key="index",
+                                 targets=self.targets)
         return iter(ds)
 
     def update(self, host_outputs: Mapping[str, np.ndarray]) -> None:
@@ -398,4 +479,5 @@ class StoreTrainData:
             return iter(())
         return iter(build_eval_dataset(self.config, self.store, self.eval_index,
                                        process_index=self.process_index,
-                                       process_count=self.process_count, id_key="index"))
+                                       process_count=self.process_count, id_key="index",
+                                       targets=self.targets))

@@ -6,7 +6,17 @@ zarr arrays -> return the manifest record. Jobs run in ``workers`` spawned proce
 only the parent writes the manifest, so records never race. A bad scan is skipped
 with its reason and the run goes on. Re-running skips scans already recorded in the
 manifest (a record is written only after its arrays are complete), so an interrupted
-preparation resumes where it stopped.
+preparation resumes where it stopped. A store of an older format version is
+prepared again from scratch.
+
+Dense targets: every scan gets a nodule mask. With ``nodule_mask="consensus"`` it is
+the dataset's own ``nodule-masks/<uid>.mhd`` where present (the generated data's LIDC
+consensus masks); otherwise, or with ``nodule_mask="sphere"``, each annotated nodule is a
+ball of its annotated diameter at its annotated centre. Per nodule the record keeps the
+median reader malignancy from the dataset's ``malignancy.csv`` (the generated data) and
+NaN where the dataset has none (LUNA16's annotations.csv has no malignancy). Labels that
+cannot be right stop the run with a one-line error naming the scan: a malignancy outside
+1-5, a nodule mask whose shape, spacing, origin or direction differ from its scan's.
 """
 
 from __future__ import annotations
@@ -25,7 +35,11 @@ from lungjax.data import store as store_lib
 from lungjax.data.coords import voxel_to_world, world_to_voxel
 from lungjax.data.io import ScanReadError, read_scan
 from lungjax.data.luna16 import Luna16Dataset
-from lungjax.data.preprocess import DEFAULT_HU_WINDOW, LungMaskError, preprocess_scan, resample_to
+from lungjax.data.preprocess import (DEFAULT_HU_WINDOW, LungMaskError, preprocess_scan,
+                                     resample_to, sphere_labels)
+
+NODULE_MASK_MODES = ("consensus", "sphere")
+_MATCH_MM = 1e-3  # malignancy.csv and annotations.csv carry the same 6-decimal centres
 
 
 @dataclasses.dataclass
@@ -67,13 +81,84 @@ class PrepareReport:
         return "\n".join(lines)
 
 
-def _settings(spacing_zyx, hu_window, margin_mm, chunk, closing_mm, use_lung_masks) -> dict:
+def _settings(spacing_zyx, hu_window, margin_mm, chunk, closing_mm, use_lung_masks,
+              nodule_mask) -> dict:
     return {
         "spacing_zyx": None if spacing_zyx is None else [float(v) for v in spacing_zyx],
         "hu_window": [float(v) for v in hu_window],
         "margin_mm": float(margin_mm), "chunk": int(chunk), "closing_mm": float(closing_mm),
-        "use_lung_masks": bool(use_lung_masks),
+        "use_lung_masks": bool(use_lung_masks), "nodule_mask": str(nodule_mask),
     }
+
+
+class LabelError(ValueError):
+    """A scan's labels are inconsistent with it; one line naming the scan."""
+
+
+def _check_same_grid(uid: str, path: str, labels, scan) -> None:
+    """Raises ``LabelError`` unless a label volume lies on exactly the scan's grid: a
+    consensus mask resampled from another grid would no longer be the readers' mask."""
+    lg, sg = labels.geometry, scan.geometry
+    problems = []
+    if tuple(labels.array.shape) != tuple(scan.array.shape):
+        problems.append(f"shape {tuple(labels.array.shape)} vs {tuple(scan.array.shape)}")
+    if not np.allclose(lg.spacing, sg.spacing, atol=1e-4):
+        problems.append(f"spacing {np.round(lg.spacing, 4).tolist()} vs "
+                        f"{np.round(sg.spacing, 4).tolist()}")
+    if not np.allclose(lg.origin, sg.origin, atol=1e-3):
+        problems.append(f"origin {np.round(lg.origin, 3).tolist()} vs "
+                        f"{np.round(sg.origin, 3).tolist()}")
+    if not np.allclose(lg.direction, sg.direction, atol=1e-5):
+        problems.append("direction differs")
+    if problems:
+        raise LabelError(f"scan {uid}: nodule mask {path} does not match its scan: "
+                         + "; ".join(problems) + " (mask vs scan)")
+
+
+def nodule_labels_table(root: str | os.PathLike) -> dict[str, tuple[np.ndarray, ...]] | None:
+    """Per-nodule labels of a dataset, from its ``malignancy.csv`` (the generated data
+    writes one; LUNA16 has none).
+
+    Returns:
+      uid -> (xyz (n, 3) float64 world mm, malignancy (n,) float64, mask_label (n,)
+      int64), or None when the dataset has no such table.
+    """
+    path = os.path.join(os.fspath(root), "malignancy.csv")
+    if not os.path.isfile(path):
+        return None
+    from lungjax.data.synthetic import read_malignancy_csv
+
+    cols = read_malignancy_csv(path)
+    if not cols:
+        return {}
+    xyz = np.stack([cols["coordX"], cols["coordY"], cols["coordZ"]], axis=-1)
+    label = cols.get("mask_label", np.zeros(len(xyz), np.int64))
+    return {uid: (xyz[rows], cols["malignancy"][rows], label[rows])
+            for uid, rows in _rows_by_uid(cols["seriesuid"]).items()}
+
+
+def match_nodule_labels(uid: str, nodules_xyz: np.ndarray, table) -> tuple[np.ndarray, np.ndarray]:
+    """Malignancy and mask label of each annotated nodule of a scan.
+
+    Args:
+      uid: the scan.
+      nodules_xyz: (N, 3) world centres from annotations.csv.
+      table: :func:`nodule_labels_table` output, or None.
+
+    Returns:
+      (malignancy (N,) float64, NaN = no score; mask_label (N,) int64, 0 = unknown),
+      matched on the world centre.
+    """
+    n = len(nodules_xyz)
+    mal, lab = np.full(n, np.nan), np.zeros(n, np.int64)
+    if table is None or uid not in table or not n:
+        return mal, lab
+    xyz, t_mal, t_lab = table[uid]
+    d = np.abs(np.asarray(nodules_xyz)[:, None, :] - xyz[None]).max(-1)
+    j = np.argmin(d, axis=1)
+    hit = d[np.arange(n), j] <= _MATCH_MM
+    mal[hit], lab[hit] = t_mal[j[hit]], t_lab[j[hit]]
+    return mal, lab
 
 
 def _read_on_grid(path: str, scan, what: str) -> np.ndarray:
@@ -105,7 +190,8 @@ def prepare_scan(job: dict) -> tuple[str, str, dict | str]:
         settings, out.
 
     Returns:
-      ("done", uid, record_json) or ("skipped", uid, reason).
+      ("done", uid, record_json), ("skipped", uid, reason) or ("error", uid, message)
+      for labels that cannot be right (the run stops on those).
     """
     uid, s = job["uid"], job["settings"]
     try:
@@ -113,13 +199,19 @@ def prepare_scan(job: dict) -> tuple[str, str, dict | str]:
         lung_seg = None
         if s["use_lung_masks"] and job["lung_path"]:
             lung_seg = _read_on_grid(job["lung_path"], scan, "lung mask")
-        nodule_labels = _read_on_grid(job["nodule_path"], scan, "nodule mask") \
-            if job["nodule_path"] else None
+        nodule_labels = None
+        if s["nodule_mask"] == "consensus" and job["nodule_path"]:
+            labels = read_scan(job["nodule_path"])
+            _check_same_grid(uid, job["nodule_path"], labels, scan)
+            nodule_labels = labels.array
+            del labels
         pre = preprocess_scan(scan.array, scan.geometry, spacing_zyx=s["spacing_zyx"],
                               hu_window=s["hu_window"], margin_mm=s["margin_mm"],
                               lung_seg=lung_seg, nodule_labels=nodule_labels,
                               closing_mm=s["closing_mm"], name=job["scan_path"])
         del scan, lung_seg, nodule_labels
+    except LabelError as e:
+        return "error", uid, str(e)
     except (ScanReadError, LungMaskError, ValueError, RuntimeError, OSError) as e:
         return "skipped", uid, f"{type(e).__name__}: {e}"
 
@@ -138,9 +230,24 @@ def prepare_scan(job: dict) -> tuple[str, str, dict | str]:
     cand_zyx = world_to_voxel(job["candidates_xyz"], pre.geometry)
     cand_in = _inside(cand_zyx, shape)
 
-    arrays = {"image": pre.image, "lung": pre.lung}
+    # Nodule mask: the dataset's consensus labels, else balls of the annotated diameters
+    # drawn on the stored grid (every annotated nodule, also those whose centre was
+    # cropped away: part of the ball may still lie inside).
     if pre.nodules is not None:
-        arrays["nodules"] = pre.nodules
+        nodules, mask_source = pre.nodules, "consensus"
+        mask_label = np.asarray(job["mask_labels"], np.int64)
+        # A nodule the table does not name takes the label under its centre.
+        c = np.clip(np.rint(nod_zyx).astype(np.int64), 0, np.asarray(shape) - 1)
+        under = nodules[c[:, 0], c[:, 1], c[:, 2]].astype(np.int64) if len(c) else \
+            np.zeros(0, np.int64)
+        mask_label = np.where(mask_label > 0, mask_label, under)
+    else:
+        if len(nod_d) > 255:
+            return "error", uid, f"scan {uid}: {len(nod_d)} nodules do not fit a uint8 mask"
+        mask_label = np.arange(1, len(nod_d) + 1, dtype=np.int64)
+        nodules = sphere_labels(shape, pre.geometry.spacing_zyx, nod_zyx, nod_d, mask_label)
+        mask_source = "sphere"
+    arrays = {"image": pre.image, "lung": pre.lung, "nodules": nodules}
     try:
         store_lib.write_scan_arrays(job["out"], uid, arrays, chunk=s["chunk"])
     except (ValueError, RuntimeError, OSError) as e:
@@ -154,7 +261,9 @@ def prepare_scan(job: dict) -> tuple[str, str, dict | str]:
         excluded_diameter_mm=job["excluded_d"],
         candidates_zyx=cand_zyx[cand_in], candidates_world=job["candidates_xyz"][cand_in],
         candidates_label=job["candidates_label"][cand_in],
-        transforms=pre.transforms(), source=job["scan_path"], warnings=tuple(warnings))
+        transforms=pre.transforms(), source=job["scan_path"], warnings=tuple(warnings),
+        nodule_malignancy=np.asarray(job["malignancy"], np.float64)[inside],
+        nodule_mask_label=mask_label[inside], nodule_mask_source=mask_source)
     return "done", uid, record.to_json()
 
 
@@ -178,7 +287,8 @@ def prepare_dataset(root: str | os.PathLike, out: str | os.PathLike,
                     hu_window: Sequence[float] = DEFAULT_HU_WINDOW, margin_mm: float = 10.0,
                     subsets: Sequence[int] | None = None, *, chunk: int = store_lib.DEFAULT_CHUNK,
                     closing_mm: float = 5.0, use_lung_masks: bool = True,
-                    progress: bool = True, flush_every_s: float = 10.0) -> PrepareReport:
+                    nodule_mask: str = "consensus", progress: bool = True,
+                    flush_every_s: float = 10.0) -> PrepareReport:
     """Preprocesses a LUNA16-layout folder (real or generated) into a patch store.
 
     Args:
@@ -192,6 +302,8 @@ def prepare_dataset(root: str | os.PathLike, out: str | os.PathLike,
       chunk: zarr chunk edge in voxels.
       closing_mm: closing radius of the threshold lung mask.
       use_lung_masks: use ``seg-lungs-LUNA16`` masks where present.
+      nodule_mask: "consensus" (``nodule-masks/<uid>.mhd`` where present, else
+        spheres) or "sphere" (always balls of the annotated diameters).
       progress: show a progress bar.
       flush_every_s: rewrite the manifest at most this often (and always at the end or
         on interruption); scans finished but not yet recorded are redone on resume.
@@ -200,12 +312,22 @@ def prepare_dataset(root: str | os.PathLike, out: str | os.PathLike,
       :class:`PrepareReport`.
 
     Raises:
-      StoreError: the store exists with different settings.
+      StoreError: the store exists with different settings, or a scan's labels are
+        wrong (malignancy outside 1-5, a nodule mask off its scan's grid); the
+        message names the scan.
     """
     out = os.fspath(out)
+    if nodule_mask not in NODULE_MASK_MODES:
+        raise ValueError(f"nodule_mask must be one of {NODULE_MASK_MODES}, got {nodule_mask!r}")
     dataset = Luna16Dataset.open(root)
-    settings = _settings(spacing_zyx, hu_window, margin_mm, chunk, closing_mm, use_lung_masks)
-    manifest = store_lib.read_manifest(out)
+    labels_table = nodule_labels_table(root)
+    settings = _settings(spacing_zyx, hu_window, margin_mm, chunk, closing_mm, use_lung_masks,
+                         nodule_mask)
+    stale = None
+    try:
+        manifest = store_lib.read_manifest(out)
+    except store_lib.StoreVersionError as e:
+        manifest, stale = None, str(e)
     if manifest is None:
         manifest = {"format": store_lib.STORE_FORMAT, "version": store_lib.STORE_VERSION,
                     **settings, "source_root": os.path.abspath(os.fspath(root)), "scans": {},
@@ -217,6 +339,8 @@ def prepare_dataset(root: str | os.PathLike, out: str | os.PathLike,
                 f"{out}: store was prepared with {old}, this run asks for {settings}; "
                 "use another --out or the same settings")
     report = PrepareReport(out=out, problems=list(dataset.problems))
+    if stale:
+        report.warnings.append(f"{stale}: every scan prepared again")
     uids = dataset.uids if subsets is None else dataset.uids_in_folds(subsets)
     for uid in uids:
         rec = manifest["scans"].get(uid)
@@ -238,16 +362,21 @@ def prepare_dataset(root: str | os.PathLike, out: str | os.PathLike,
     def job(uid: str) -> dict:
         ann, exc, cand = (t.select(g.get(uid, empty)) for t, g in zip(
             (dataset.annotations, dataset.excluded, dataset.candidates), by_uid))
+        malignancy, mask_labels = match_nodule_labels(uid, ann.xyz, labels_table)
+        store_lib.check_malignancy(malignancy, uid)
         return {"uid": uid, "fold": dataset.fold_of(uid), "scan_path": dataset.scan_path(uid),
                 "lung_path": dataset.lung_mask_path(uid),
                 "nodule_path": dataset.nodule_mask_path(uid),
                 "nodules_xyz": ann.xyz, "nodules_d": ann.diameter_mm,
                 "excluded_xyz": exc.xyz, "excluded_d": exc.diameter_mm,
                 "candidates_xyz": cand.xyz, "candidates_label": cand.label,
+                "malignancy": malignancy, "mask_labels": mask_labels,
                 "settings": settings, "out": out}
 
     def record(result) -> None:
         status, uid, payload = result
+        if status == "error":
+            raise store_lib.StoreError(payload)
         if status == "done":
             manifest["scans"][uid] = payload
             manifest["skipped"].pop(uid, None)

@@ -294,6 +294,52 @@ def lung_mask_from_luna_seg(seg: np.ndarray, name: str = "mask") -> np.ndarray:
     return mask
 
 
+def sphere_labels(shape_zyx: Sequence[int], spacing_zyx: Sequence[float],
+                  centres_zyx: np.ndarray, diameters_mm: np.ndarray,
+                  labels: Sequence[int] | None = None) -> np.ndarray:
+    """Nodule instance labels drawn as balls of the annotated diameter (what an
+    annotation table alone gives: a centre and a diameter).
+
+    A voxel belongs to ball k when the distance in mm between its centre and the
+    annotated centre is at most half the diameter; where balls overlap the later one
+    wins. Balls reaching past the volume are clipped.
+
+    Args:
+      shape_zyx: (D, H, W) volume shape.
+      spacing_zyx: (3,) voxel size in mm.
+      centres_zyx: (N, 3) float voxel centres (z, y, x), integer = voxel centre.
+      diameters_mm: (N,) float diameters; non-positive ones draw nothing.
+      labels: (N,) values 1..255 to draw (default 1..N).
+
+    Returns:
+      (D, H, W) uint8, 0 = background.
+    """
+    shape = np.asarray(shape_zyx, np.int64).reshape(3)
+    spacing = np.asarray(spacing_zyx, np.float64).reshape(3)
+    centres = np.asarray(centres_zyx, np.float64).reshape(-1, 3)
+    diameters = np.asarray(diameters_mm, np.float64).reshape(-1)
+    labels = np.arange(1, len(centres) + 1) if labels is None else np.asarray(labels).reshape(-1)
+    if not (len(centres) == len(diameters) == len(labels)):
+        raise ValueError(f"sphere_labels: {len(centres)} centres, {len(diameters)} diameters, "
+                         f"{len(labels)} labels")
+    if len(labels) and (labels.min() < 1 or labels.max() > 255):
+        raise ValueError(f"sphere_labels: labels must be in 1..255, got {labels.tolist()}")
+    out = np.zeros(tuple(int(s) for s in shape), np.uint8)
+    for c, d, k in zip(centres, diameters, labels):
+        r = d / 2.0
+        if not r > 0:
+            continue
+        lo = np.maximum(np.ceil(c - r / spacing), 0).astype(np.int64)
+        hi = np.minimum(np.floor(c + r / spacing) + 1, shape).astype(np.int64)
+        if np.any(hi <= lo):
+            continue
+        zz, yy, xx = (((np.arange(a, b) - ci) * sp) ** 2
+                      for a, b, ci, sp in zip(lo, hi, c, spacing))
+        ball = zz[:, None, None] + yy[None, :, None] + xx[None, None, :] <= r * r
+        out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]][ball] = k
+    return out
+
+
 # ---------------------------------------------------------------------------
 # Crop and window.
 # ---------------------------------------------------------------------------

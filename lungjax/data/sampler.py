@@ -34,6 +34,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from lungjax.configcheck import dataclass_from_mapping
+from lungjax.data.coords import within_sphere
 
 NODULE, CANDIDATE_POS, CANDIDATE_NEG, RANDOM_NEG, HARD_NEG = range(5)
 KIND_NAMES = ("nodule", "candidate_pos", "candidate_neg", "random_neg", "hard_neg")
@@ -63,6 +64,9 @@ SAMPLE_DTYPE = np.dtype([
     ("label", np.int32),          # 1 nodule, 0 not
     ("kind", np.int8),            # NODULE .. HARD_NEG
     ("weight", np.float32),       # loss weight (0 for padding rows)
+    # Median reader malignancy of the target nodule (1..5); 0 = none (negatives, no score).
+    # 0 rather than NaN so that indices compare equal element by element.
+    ("malignancy", np.float32),
 ])
 
 
@@ -216,7 +220,7 @@ class SampleIndex:
         return self.samples[pos], pos
 
 
-def _cycle_draw(rng: np.random.Generator, rows: np.ndarray, n: int) -> np.ndarray:
+def cycle_draw(rng: np.random.Generator, rows: np.ndarray, n: int) -> np.ndarray:
     """n rows from ``rows``: whole random permutations, then a partial one, so every
     row appears floor(n / len) or ceil(n / len) times."""
     if n == 0:
@@ -247,16 +251,28 @@ class _ScanInfo:
     nodule_radius_mm: np.ndarray  # (N,)
     excluded_zyx: np.ndarray     # (E, 3)
     excluded_radius_mm: np.ndarray  # (E,)
+    nodule_malignancy: np.ndarray | None = None  # (N,) float, NaN or 0 = no score
+
+
+def scan_info(rec) -> _ScanInfo:
+    """What a sampler keeps of a ``ScanRecord``: grid, nodules, excluded findings."""
+    exc_d = np.asarray(rec.excluded_diameter_mm, np.float64)
+    return _ScanInfo(
+        shape_zyx=tuple(int(v) for v in rec.shape_zyx),
+        spacing_zyx=np.asarray(rec.spacing_zyx, np.float64),
+        nodules_zyx=np.asarray(rec.nodules_zyx, np.float64).reshape(-1, 3),
+        nodule_radius_mm=np.asarray(rec.nodule_diameter_mm, np.float64) / 2.0,
+        excluded_zyx=np.asarray(rec.excluded_zyx, np.float64).reshape(-1, 3),
+        excluded_radius_mm=np.where(exc_d > 0, exc_d, _EXCLUDED_UNKNOWN_DIAMETER_MM) / 2.0,
+        nodule_malignancy=np.asarray(rec.nodule_malignancy, np.float64).reshape(-1),
+    )
 
 
 def _within(points_zyx, centres_zyx, radius_mm, spacing_zyx) -> np.ndarray:
-    """(P,) bool: point strictly inside any sphere (centre, radius), distances in mm."""
-    p = np.asarray(points_zyx, np.float64).reshape(-1, 3)
-    c = np.asarray(centres_zyx, np.float64).reshape(-1, 3)
-    if len(c) == 0 or len(p) == 0:
-        return np.zeros(len(p), bool)
-    d2 = (((p[:, None, :] - c[None, :, :]) * spacing_zyx) ** 2).sum(-1)
-    return np.any(d2 < np.asarray(radius_mm)[None, :] ** 2, axis=1)
+    """(P,) bool: voxel point (z, y, x) inside any sphere (centre, radius mm)."""
+    p = np.reshape(points_zyx, (-1, 1, 3))
+    c = np.reshape(centres_zyx, (1, -1, 3))
+    return within_sphere(p, c, np.reshape(radius_mm, (1, -1)), spacing_zyx).any(axis=1)
 
 
 class Sampler:
@@ -267,7 +283,9 @@ class Sampler:
         if len(uids) != len(scans):
             raise ValueError("uids and scans differ in length")
         self.uids = tuple(uids)
-        self._scans = list(scans)
+        # What the sampler knows of each scan (grid, nodules, excluded findings), in
+        # ``uids`` order.
+        self.scans = tuple(scans)
         self._uid_to_scan = {u: i for i, u in enumerate(self.uids)}
         self.cfg = cfg
         self.batch_size = int(batch_size)
@@ -306,24 +324,14 @@ class Sampler:
         scans, parts, next_id = [], [], 0
         for s, uid in enumerate(uids):
             rec = store.scan(uid)
-            info = _ScanInfo(
-                shape_zyx=tuple(int(v) for v in rec.shape_zyx),
-                spacing_zyx=np.asarray(rec.spacing_zyx, np.float64),
-                nodules_zyx=np.asarray(rec.nodules_zyx, np.float64).reshape(-1, 3),
-                nodule_radius_mm=np.asarray(rec.nodule_diameter_mm, np.float64) / 2.0,
-                excluded_zyx=np.asarray(rec.excluded_zyx, np.float64).reshape(-1, 3),
-                excluded_radius_mm=np.where(
-                    np.asarray(rec.excluded_diameter_mm, np.float64) > 0,
-                    np.asarray(rec.excluded_diameter_mm, np.float64),
-                    _EXCLUDED_UNKNOWN_DIAMETER_MM) / 2.0,
-            )
+            info = scan_info(rec)
             scans.append(info)
             rows = _scan_rows(s, info, rec, cfg)
             if (random_negatives and cfg.random_negatives_per_scan
                     and dict(cfg.negative_mix).get("random", 0.0) > 0):
                 rng = np.random.default_rng(_uid_seed(seed, uid))
                 pts = _random_lung_points(store, rec, info, cfg, rng)
-                rows.append(_rows(s, pts, pts, 0.0, 0, RANDOM_NEG))
+                rows.append(pool_rows(s, pts, pts, 0.0, 0, RANDOM_NEG))
             block = np.concatenate(rows) if rows else np.zeros(0, SAMPLE_DTYPE)
             block["sample_id"] = np.arange(next_id, next_id + len(block))
             next_id += len(block)
@@ -368,7 +376,7 @@ class Sampler:
         if n == 0:
             n = -(-len(pos_rows) // p_b) * b if p_b else b
         blocks = max(1, n // b)
-        pos = _cycle_draw(rng, pos_rows, blocks * p_b)
+        pos = cycle_draw(rng, pos_rows, blocks * p_b)
         neg = self._draw_negatives(rng, blocks * q_b)
         grid = np.concatenate([pos.reshape(blocks, p_b), neg.reshape(blocks, q_b)], axis=1)
         grid = rng.permuted(grid, axis=1)
@@ -394,7 +402,7 @@ class Sampler:
             # Highest score first; ties by sample id, so the order is reproducible.
             order = np.lexsort((self.pool["sample_id"][scored], -self.scores[scored]))
             top = scored[order[:n_top]]
-            picks.append(_cycle_draw(rng, top, n_top))
+            picks.append(cycle_draw(rng, top, n_top))
         else:
             n_top = 0
         rest = n - n_top
@@ -407,7 +415,7 @@ class Sampler:
         if rest:
             counts = _split_counts(rest, np.array([w for _, w, _ in sources]))
             for (_, _, rows), c in zip(sources, counts):
-                picks.append(_cycle_draw(rng, rows, int(c)))
+                picks.append(cycle_draw(rng, rows, int(c)))
         return rng.permutation(np.concatenate(picks))
 
     def next_round(self) -> int:
@@ -509,7 +517,7 @@ class Sampler:
         scan_of = np.array([self._uid_to_scan[u] for u in uids], np.int64)
         added = []
         for s in np.unique(scan_of):
-            info = self._scans[s]
+            info = self.scans[s]
             sel = np.flatnonzero(scan_of == s)
             p, ps = pts[sel], sc[sel]
             bad = (_within(p, info.nodules_zyx, info.nodule_radius_mm, info.spacing_zyx)
@@ -532,7 +540,7 @@ class Sampler:
         if added:
             scan_ids = np.array([a[0] for a in added], np.int32)
             c = np.array([a[1] for a in added])
-            rows = _rows(scan_ids, c, c, 0.0, 0, HARD_NEG)
+            rows = pool_rows(scan_ids, c, c, 0.0, 0, HARD_NEG)
             rows["sample_id"] = np.arange(self.next_id, self.next_id + len(rows))
             self.next_id += len(rows)
             self.pool = np.concatenate([self.pool, rows])
@@ -594,7 +602,9 @@ class Sampler:
             n = len(np.asarray(cols["sample_id"]))
             out = np.zeros(n, SAMPLE_DTYPE)
             for f in SAMPLE_DTYPE.names:
-                out[f] = np.asarray(cols[f])
+                # States saved before rows carried malignancy restore it as 0 (none).
+                if f in cols or f != "malignancy":
+                    out[f] = np.asarray(cols[f])
             return out
 
         self.pool = rebuild(arrays["pool"])
@@ -616,6 +626,29 @@ class Sampler:
 def uids_digest(uids: Sequence[str]) -> int:
     """CRC32 of the ordered uid list: identifies the training split in a checkpoint."""
     return zlib.crc32("\n".join(uids).encode())
+
+
+UNCERTAIN_CHOICES = ("exclude", "benign", "malignant")
+
+
+def malignant_label(malignancy, uncertain: str = "exclude") -> np.ndarray:
+    """Binary malignancy label of median reader scores (yu2021's rule).
+
+    Args:
+      malignancy: float scores (any shape); NaN = no score.
+      uncertain: what median 3 and the ties 2.5 / 3.5 become: "exclude" (-1),
+        "benign" (0) or "malignant" (1).
+
+    Returns:
+      int32 array (scalar for a scalar input): 0 benign (<= 2), 1 malignant (>= 4),
+      -1 excluded (uncertain under "exclude", or no score: NaN or 0).
+    """
+    if uncertain not in UNCERTAIN_CHOICES:
+        raise ValueError(f"uncertain must be one of {UNCERTAIN_CHOICES}, got {uncertain!r}")
+    m = np.asarray(malignancy, np.float64)
+    mid = {"exclude": -1, "benign": 0, "malignant": 1}[uncertain]
+    out = np.where(m <= 2.0, 0, np.where(m >= 4.0, 1, mid))
+    return np.where(np.isnan(m) | (m <= 0), -1, out).astype(np.int32)
 
 
 def round_half_up(x: float) -> int:
@@ -649,7 +682,9 @@ def _plain(d) -> dict:
     return out
 
 
-def _rows(scan, centers, targets, diameter, label, kind) -> np.ndarray:
+def pool_rows(scan, centers, targets, diameter, label, kind, malignancy=0.0) -> np.ndarray:
+    """(K,) ``SAMPLE_DTYPE`` rows (sample_id 0, weight 1) from (K, 3) voxel centres and
+    targets; the other arguments are scalars or (K,) columns (malignancy NaN -> 0)."""
     c = np.asarray(centers, np.float64).reshape(-1, 3)
     out = np.zeros(len(c), SAMPLE_DTYPE)
     out["scan"] = scan
@@ -659,14 +694,17 @@ def _rows(scan, centers, targets, diameter, label, kind) -> np.ndarray:
     out["label"] = label
     out["kind"] = kind
     out["weight"] = 1.0
+    out["malignancy"] = np.nan_to_num(np.asarray(malignancy, np.float64), nan=0.0)
     return out
 
 
 def _scan_rows(s: int, info: _ScanInfo, rec, cfg: SamplerConfig) -> list[np.ndarray]:
     rows = []
     nod = info.nodules_zyx
+    mal = info.nodule_malignancy if info.nodule_malignancy is not None \
+        else np.full(len(nod), np.nan)
     if "nodules" in cfg.positive_sources and len(nod):
-        rows.append(_rows(s, nod, nod, info.nodule_radius_mm * 2, 1, NODULE))
+        rows.append(pool_rows(s, nod, nod, info.nodule_radius_mm * 2, 1, NODULE, mal))
     cand = np.asarray(rec.candidates_zyx, np.float64).reshape(-1, 3)
     lab = np.asarray(rec.candidates_label).reshape(-1)
     if "candidates" in cfg.positive_sources and np.any(lab > 0):
@@ -674,11 +712,12 @@ def _scan_rows(s: int, info: _ScanInfo, rec, cfg: SamplerConfig) -> list[np.ndar
         if len(nod):
             d = np.linalg.norm((cp[:, None] - nod[None]) * info.spacing_zyx, axis=-1)
             j = np.argmin(d, axis=1)
-            rows.append(_rows(s, cp, nod[j], info.nodule_radius_mm[j] * 2, 1, CANDIDATE_POS))
+            rows.append(pool_rows(s, cp, nod[j], info.nodule_radius_mm[j] * 2, 1, CANDIDATE_POS,
+                              mal[j]))
         else:  # label-1 candidate whose nodule lies outside the stored volume
-            rows.append(_rows(s, cp, cp, 0.0, 1, CANDIDATE_POS))
+            rows.append(pool_rows(s, cp, cp, 0.0, 1, CANDIDATE_POS))
     if np.any(lab == 0):
-        rows.append(_rows(s, cand[lab == 0], cand[lab == 0], 0.0, 0, CANDIDATE_NEG))
+        rows.append(pool_rows(s, cand[lab == 0], cand[lab == 0], 0.0, 0, CANDIDATE_NEG))
     return rows
 
 

@@ -6,14 +6,21 @@ Layout under the store root (a local folder or a bucket URL)::
     manifest.json               dataset settings + one record per finished scan
     scans/<uid>/image/          zarr uint8 (z, y, x): HU window scaled to 0..255
     scans/<uid>/lung/           zarr uint8 0/1 lung mask
-    scans/<uid>/nodules/        zarr uint8 instance labels (only when nodule masks exist)
+    scans/<uid>/nodules/        zarr uint8 nodule instance labels (0 = background)
 
 ``manifest.json`` holds ``format``/``version``, the preprocessing settings
 (``spacing_zyx`` (null = native grid), ``hu_window``, ``margin_mm``, ``closing_mm``,
 ``chunk``, ``use_lung_masks``), ``source_root``, ``scans`` (uid -> :class:`ScanRecord`
 JSON: fold, shape, stored-grid geometry, nodules / excluded findings / candidates in
-voxel and world coordinates, and the transforms: source and resampled geometry, crop
-box) and ``skipped`` (uid -> reason, from the last run).
+voxel and world coordinates, per nodule its median reader malignancy (null = the source
+has none) and its label in the ``nodules`` array, where the nodule mask came from
+(``nodule_mask_source``: "consensus" = the dataset's own masks, "sphere" = balls of the
+annotated diameters), and the transforms: source and resampled geometry, crop box) and
+``skipped`` (uid -> reason, from the last run).
+
+Version 2 added the nodule mask of every scan (a sphere where the dataset has no
+consensus mask) and the per-nodule malignancy and mask labels; a version-1 store is
+prepared again rather than read.
 
 A scan is finished only when its record is in the manifest; the manifest is
 rewritten atomically after each scan, so a reader never sees a record whose arrays
@@ -35,13 +42,16 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import tensorstore as ts
 
+from lungjax.atomic import atomic_write_text
 from lungjax.data.coords import Geometry, voxel_to_world
 from lungjax.data.preprocess import uint8_to_unit
-from lungjax.data.tables import Findings, atomic_write_text
+from lungjax.data.tables import Findings
 
 MANIFEST = "manifest.json"
 STORE_FORMAT = "lungjax-patch-store"
-STORE_VERSION = 1
+STORE_VERSION = 2
+NODULE_MASK_SOURCES = ("consensus", "sphere", "none")
+MALIGNANCY_RANGE = (1.0, 5.0)  # LIDC reader scores; medians of 2 or 4 readers can be x.5
 ARRAYS = ("image", "lung", "nodules")
 DEFAULT_CHUNK = 32
 _UID_RE = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -49,6 +59,10 @@ _UID_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 
 class StoreError(ValueError):
     """The store or its manifest is missing or malformed; the message names it."""
+
+
+class StoreVersionError(StoreError):
+    """The manifest is a lungjax store of another version (prepare it again)."""
 
 
 # ---------------------------------------------------------------------------
@@ -122,7 +136,7 @@ def read_manifest(path_or_url, context: ts.Context | None = None) -> dict | None
         raise StoreError(f"{where}: not a {STORE_FORMAT} manifest (format = "
                          f"{manifest.get('format')!r})")
     if manifest.get("version") != STORE_VERSION:
-        raise StoreError(f"{where}: store version {manifest.get('version')} is not the "
+        raise StoreVersionError(f"{where}: store version {manifest.get('version')} is not the "
                          f"supported {STORE_VERSION}; prepare the store again")
     return manifest
 
@@ -191,6 +205,18 @@ def delete_scan_arrays(path_or_url, uid: str) -> None:
 # Records.
 # ---------------------------------------------------------------------------
 
+def check_malignancy(values, uid: str) -> np.ndarray:
+    """(N,) float64 malignancy scores, NaN = missing; anything else outside 1..5 raises
+    a one-line ``StoreError`` naming the scan."""
+    m = np.asarray(values, np.float64).reshape(-1)
+    lo, hi = MALIGNANCY_RANGE
+    bad = ~np.isnan(m) & ~((m >= lo) & (m <= hi))
+    if bad.any():
+        raise StoreError(f"scan {uid}: malignancy {m[bad].tolist()} outside {lo:g}-{hi:g} "
+                         "(median LIDC reader score)")
+    return m
+
+
 def _points(values, n_cols: int = 3) -> np.ndarray:
     return np.asarray(values if values is not None else [], np.float64).reshape(-1, n_cols)
 
@@ -216,6 +242,13 @@ class ScanRecord:
         (diameter -1 = unknown), all of them, inside the volume or not.
       candidates_zyx / candidates_world / candidates_label: (K, 3), (K, 3), (K,) int
         candidates inside the stored volume.
+      nodule_malignancy: (N,) float64 median reader malignancy (1..5, in half steps
+        where the readers split evenly) of each nodule of ``nodules_zyx``; NaN = the
+        source has no score (LUNA16's annotations.csv).
+      nodule_mask_label: (N,) int64 value of each nodule in the "nodules" array
+        (0 = not in the mask).
+      nodule_mask_source: "consensus" (the dataset's masks), "sphere" (balls of the
+        annotated diameters) or "none" (no "nodules" array).
       transforms: JSON record of resampling and cropping (see
         :meth:`lungjax.data.preprocess.Preprocessed.transforms`).
       source: path of the scan that was read.
@@ -241,6 +274,25 @@ class ScanRecord:
     transforms: dict
     source: str = ""
     warnings: tuple[str, ...] = ()
+    nodule_malignancy: np.ndarray | None = None
+    nodule_mask_label: np.ndarray | None = None
+    nodule_mask_source: str = "none"
+
+    def __post_init__(self):
+        n = len(np.asarray(self.nodule_diameter_mm).reshape(-1))
+        mal = np.full(n, np.nan) if self.nodule_malignancy is None else \
+            np.asarray(self.nodule_malignancy, np.float64).reshape(-1)
+        lab = np.zeros(n, np.int64) if self.nodule_mask_label is None else \
+            np.asarray(self.nodule_mask_label, np.int64).reshape(-1)
+        if len(mal) != n or len(lab) != n:
+            raise StoreError(f"scan {self.uid}: {n} nodules but {len(mal)} malignancy scores "
+                             f"and {len(lab)} mask labels")
+        check_malignancy(mal, self.uid)
+        if self.nodule_mask_source not in NODULE_MASK_SOURCES:
+            raise StoreError(f"scan {self.uid}: nodule_mask_source "
+                             f"{self.nodule_mask_source!r} not in {NODULE_MASK_SOURCES}")
+        object.__setattr__(self, "nodule_malignancy", mal)
+        object.__setattr__(self, "nodule_mask_label", lab)
 
     @property
     def spacing_zyx(self) -> np.ndarray:
@@ -281,6 +333,11 @@ class ScanRecord:
             "candidates_label": self.candidates_label.tolist(),
             "transforms": self.transforms, "source": self.source,
             "warnings": list(self.warnings),
+            # JSON has no NaN: a missing score is null.
+            "nodule_malignancy": [None if np.isnan(m) else float(m)
+                                  for m in self.nodule_malignancy],
+            "nodule_mask_label": self.nodule_mask_label.tolist(),
+            "nodule_mask_source": self.nodule_mask_source,
         }
 
     @classmethod
@@ -303,7 +360,13 @@ class ScanRecord:
                 candidates_label=np.asarray(d.get("candidates_label", []), np.int64),
                 transforms=dict(d.get("transforms", {})), source=d.get("source", ""),
                 warnings=tuple(d.get("warnings", ())),
+                nodule_malignancy=None if d.get("nodule_malignancy") is None else np.asarray(
+                    [np.nan if m is None else m for m in d["nodule_malignancy"]], np.float64),
+                nodule_mask_label=d.get("nodule_mask_label"),
+                nodule_mask_source=d.get("nodule_mask_source", "none"),
             )
+        except StoreError:
+            raise
         except (KeyError, TypeError, ValueError) as e:
             raise StoreError(f"manifest record for {d.get('uid', '?')!r} is malformed: {e!r}")
 
@@ -474,11 +537,3 @@ class PatchStore:
     def read_volume(self, uid: str, array: str = "image") -> np.ndarray:
         """The whole stored array as (z, y, x) float32 (image in [0, 1])."""
         return self._convert(self._array(uid, array).read().result(), array)
-
-
-def prepare_dataset(root, out, *args, **kwargs):
-    """Preprocesses a LUNA16-layout folder into a store; see
-    :func:`lungjax.data.prepare.prepare_dataset`."""
-    from lungjax.data.prepare import prepare_dataset as _prepare
-
-    return _prepare(root, out, *args, **kwargs)

@@ -30,10 +30,10 @@ import zlib
 
 import numpy as np
 
+from lungjax.atomic import atomic_write_text
 from lungjax.data import io
 from lungjax.data.synthetic_scan import PRESETS, SCORE_NAMES, Preset, generate_scan
-from lungjax.data.tables import (Findings, atomic_write_text, read_findings_csv,
-                                 write_findings_csv)
+from lungjax.data.tables import Findings, write_findings_csv
 
 UID_PREFIX = "1.3.6.1.4.1.14519.5.2.1.6279.6001."
 MARKER = "synthetic.json"
@@ -289,10 +289,3 @@ def generate_dataset(out_dir: str | os.PathLike, preset: str = "tiny", seed: int
                       _readme(cfg, seed, ordered, os.path.basename(library.source)))
     atomic_write_text(marker, json.dumps(dict(params=params, uids=uids), indent=1) + "\n")
     return out_dir
-
-
-def load_generated_findings(out_dir: str | os.PathLike) -> tuple[Findings, Findings]:
-    """(annotations, excluded) of a generated dataset."""
-    out_dir = os.fspath(out_dir)
-    return (read_findings_csv(os.path.join(out_dir, "annotations.csv")),
-            read_findings_csv(os.path.join(out_dir, "annotations_excluded.csv")))

@@ -4,10 +4,10 @@ of it, and a coronal slice, read back through the ordinary scan reader."""
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 
+from lungjax.atomic import atomic_path
 from lungjax.data import io
 from lungjax.data.coords import world_to_voxel
 from lungjax.data.tables import read_findings_csv
@@ -90,16 +90,9 @@ def render_scan_png(dataset_dir: str | os.PathLike, png_path: str | os.PathLike,
                  f"{sp[0]:.3g} x {sp[1]:.3g} x {sp[2]:.3g} mm, window L-600 W1500", fontsize=9)
     fig.tight_layout()
     png_path = os.fspath(png_path)
-    directory = os.path.dirname(os.path.abspath(png_path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, png_path)
+        with atomic_path(png_path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return png_path

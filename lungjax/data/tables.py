@@ -1,5 +1,5 @@
 """Column tables for findings (reference nodules, excluded findings) and marks
-(a system's detections), with LUNA16 CSV reading and atomic writing.
+(a system's detections), with LUNA16 CSV reading and writing.
 
 Both are plain dataclasses of numpy columns so that the evaluation code can stay
 vectorised and free of pandas.
@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
-import tempfile
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from lungjax.atomic import atomic_write_text
 
 XYZ_COLUMNS = ("coordX", "coordY", "coordZ")
 
@@ -159,48 +159,6 @@ def read_uid_list(path: str | os.PathLike) -> list[str]:
     with open(path, encoding="utf-8") as f:
         uids = [line.strip().split(",")[0] for line in f if line.strip()]
     return [u for u in uids if u != "seriesuid"]
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Writes ``data`` to ``path`` via a temporary file + rename, so readers never
-    see a half-written file and an interrupted write leaves the old file intact."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """``atomic_write_bytes`` of ``text`` as UTF-8, line endings as given."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _json_plain(o):
-    """JSON fallback for run records: NumPy scalars/arrays as Python values, objects with
-    ``to_json()`` through it, anything else as its ``str``."""
-    if isinstance(o, (np.integer, np.floating)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if hasattr(o, "to_json"):
-        return o.to_json()
-    return str(o)
-
-
-def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    """``obj`` as indented, key-sorted JSON (NumPy values converted), written atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_plain)
-                      + "\n")
 
 
 def _csv_text(header: Sequence[str], rows: Iterable[Sequence]) -> str:

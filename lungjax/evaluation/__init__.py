@@ -2,7 +2,7 @@
 cross-validation reports and plots.
 
 Names are imported lazily (on first attribute access), so that
-``python -m lungjax.evaluation.froc`` runs its module once and importing the package
+``python -m lungjax.evaluation.froc_cli`` runs its module once and importing the package
 stays cheap (``plots`` pulls in matplotlib).
 """
 

@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write blob_baseline.json here")
     args = p.parse_args(argv)
     from lungjax.data.luna16 import Luna16Dataset
-    from lungjax.data.tables import atomic_write_json
+    from lungjax.atomic import atomic_write_json
 
     if not os.path.isdir(args.data):
         print(f"--data {args.data}: not a directory", file=sys.stderr)

@@ -1,7 +1,9 @@
-"""Binary classification metrics as pure numpy functions.
+"""Binary and multi-class classification metrics as pure numpy functions.
 
 Accuracy, sensitivity (recall), specificity, precision, F1, the ROC curve and its
-area. The ROC points follow scikit-learn's ``roc_curve`` exactly (same thresholds,
+area; their multi-class macro averages (one class against the rest); seeded bootstrap
+intervals; and :func:`classification_record`, the JSON-able record of a held-out
+evaluation. The ROC points follow scikit-learn's ``roc_curve`` exactly (same thresholds,
 same ``drop_intermediate`` rule), so numbers can be compared one to one with code
 that uses it; scikit-learn itself is not a dependency.
 
@@ -10,6 +12,9 @@ Conventions:
   * ``y_score`` is (N,) float, higher = more likely positive.
   * A metric whose denominator is zero (e.g. specificity with no negatives) is
     ``nan``; no warning is raised, so callers can aggregate with ``np.nanmean``.
+  * Multi-class: ``y_true`` (N,) int in [0, K), ``y_prob`` (N, K) float class
+    probabilities, prediction = argmax; confusion matrices are (K, K) with rows = true
+    class, columns = predicted class.
 """
 
 from __future__ import annotations
@@ -19,14 +24,23 @@ from typing import NamedTuple
 import numpy as np
 
 __all__ = [
+    "FIGURES",
     "RocCurve",
     "binary_metrics",
+    "bootstrap_intervals",
+    "classification_record",
     "confusion_counts",
+    "confusion_matrix",
     "drop_collinear",
+    "macro_metrics",
+    "multiclass_metrics",
     "roc_auc",
     "roc_curve",
     "threshold_counts",
 ]
+
+# The figures reported (and bootstrapped) for every classifier, in report order.
+FIGURES = ("accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc")
 
 
 def _as_labels(y_true, name: str = "y_true") -> np.ndarray:
@@ -205,3 +219,209 @@ def binary_metrics(y_true, y_score, *, threshold: float = 0.5) -> dict[str, floa
         "n_positive": int(np.count_nonzero(t)),
         **c,
     }
+
+
+# ----------------------------------------------------------------------------------
+# Multi-class (macro averages, one class against the rest)
+# ----------------------------------------------------------------------------------
+
+
+def _as_classes(y_true, num_classes: int, name: str = "y_true") -> np.ndarray:
+    y = np.asarray(y_true).reshape(-1)
+    if y.size and (not np.issubdtype(y.dtype, np.integer) and y.dtype != bool):
+        if not np.all(y == np.round(y)):
+            raise ValueError(f"{name}: class labels must be integers")
+    y = y.astype(np.int64)
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"{name}: labels must be in [0, {num_classes}), found "
+                         f"{np.unique(y[(y < 0) | (y >= num_classes)])[:5].tolist()}")
+    return y
+
+
+def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
+    """(K, K) int64 counts: ``cm[i, j]`` = samples of true class i predicted as j.
+
+    Args:
+      y_true: (N,) int in [0, K).
+      y_pred: (N,) int in [0, K).
+      num_classes: K.
+    """
+    t = _as_classes(y_true, num_classes)
+    p = _as_classes(y_pred, num_classes, "y_pred")
+    if t.shape != p.shape:
+        raise ValueError(f"y_pred: {p.size} values for {t.size} labels")
+    return np.bincount(t * num_classes + p, minlength=num_classes ** 2).reshape(
+        num_classes, num_classes).astype(np.int64)
+
+
+def _zero_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    return np.divide(num, den, out=np.zeros(num.shape, np.float64), where=den > 0)
+
+
+def macro_metrics(cm) -> dict:
+    """Macro-averaged figures of a (K, K) confusion matrix (rows true, columns predicted).
+
+    Each class is scored against the rest (its row and column) and the figures are
+    averaged over the classes that occur as a true or a predicted label; a ratio with
+    a zero denominator counts 0 there (scikit-learn's ``zero_division=0``).
+
+    Returns:
+      dict with ``accuracy`` (trace / N, not averaged), macro ``sensitivity``
+      (recall), ``specificity``, ``precision``, ``f1`` (mean of per-class
+      ``2TP / (2TP + FP + FN)``), ``n``, and ``per_class`` {figure: [K floats]}
+      (classes that never occur are nan there).
+    """
+    cm = np.asarray(cm, np.float64)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+        raise ValueError(f"confusion matrix must be (K, K), got shape {cm.shape}")
+    n = cm.sum()
+    tp = np.diag(cm)
+    fn = cm.sum(1) - tp
+    fp = cm.sum(0) - tp
+    tn = n - tp - fn - fp
+    seen = (cm.sum(1) + cm.sum(0)) > 0
+    per = {
+        "sensitivity": _zero_div(tp, tp + fn),
+        "specificity": _zero_div(tn, tn + fp),
+        "precision": _zero_div(tp, tp + fp),
+        "f1": _zero_div(2 * tp, 2 * tp + fp + fn),
+    }
+    out: dict = {"accuracy": _ratio(tp.sum(), n)}
+    for k, v in per.items():
+        out[k] = float(v[seen].mean()) if seen.any() else float("nan")
+    out["n"] = int(n)
+    out["per_class"] = {k: np.where(seen, v, np.nan).tolist() for k, v in per.items()}
+    return out
+
+
+def multiclass_metrics(y_true, y_prob) -> dict:
+    """Figures of a K-class classifier (prediction = argmax of the probabilities).
+
+    Args:
+      y_true: (N,) int in [0, K).
+      y_prob: (N, K) float class probabilities (or any scores, higher = more likely).
+
+    Returns:
+      :func:`macro_metrics` of the confusion matrix plus ``roc_auc`` (mean over classes
+      of the one-vs-rest ROC AUC, over the classes that have both positives and
+      negatives in ``y_true``; nan when none has), ``confusion`` (K x K nested list)
+      and ``n_classes``.
+    """
+    prob = np.asarray(y_prob, np.float64)
+    if prob.ndim != 2:
+        raise ValueError(f"y_prob must be (N, K), got shape {prob.shape}")
+    k = prob.shape[1]
+    t = _as_classes(y_true, k)
+    if t.size != prob.shape[0]:
+        raise ValueError(f"y_prob: {prob.shape[0]} rows for {t.size} labels")
+    cm = confusion_matrix(t, np.argmax(prob, axis=1), k)
+    out = macro_metrics(cm)
+    aucs = [roc_auc(t == c, prob[:, c]) for c in range(k)]
+    aucs = [a for a in aucs if np.isfinite(a)]
+    out["roc_auc"] = float(np.mean(aucs)) if aucs else float("nan")
+    out["confusion"] = cm.tolist()
+    out["n_classes"] = k
+    return out
+
+
+# ----------------------------------------------------------------------------------
+# Bootstrap intervals and the evaluation record
+# ----------------------------------------------------------------------------------
+
+
+def bootstrap_intervals(y_true, y_score, statistic, *, n_bootstrap: int = 1000,
+                        seed: int = 0, confidence: float = 0.95
+                        ) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of every figure ``statistic`` returns.
+
+    Samples are drawn with replacement (N of N) from a ``numpy.random.default_rng(seed)``
+    stream, so the same inputs and seed give the same intervals. A replicate whose
+    figure is undefined (nan, e.g. an AUC of a resample with one class) is left out of
+    that figure's interval.
+
+    Args:
+      y_true: (N,) labels.
+      y_score: (N,) or (N, K) scores, resampled along axis 0 with ``y_true``.
+      statistic: ``f(y_true, y_score) -> {name: float}`` (non-float entries ignored).
+      n_bootstrap: resamples.
+      seed: resampling seed.
+      confidence: interval coverage (0.95 = the 2.5th and 97.5th percentiles).
+
+    Returns:
+      {name: (lower, upper)}; (nan, nan) for a figure no replicate defines.
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    t = np.asarray(y_true)
+    s = np.asarray(y_score)
+    n = t.shape[0]
+    rng = np.random.default_rng(seed)
+    reps: dict[str, list[float]] = {}
+    for _ in range(int(n_bootstrap)):
+        idx = rng.integers(0, n, n)
+        for k, v in statistic(t[idx], s[idx]).items():
+            if isinstance(v, (float, np.floating)):
+                reps.setdefault(k, []).append(float(v))
+    alpha = 100 * (1 - confidence) / 2
+    out = {}
+    for k, vals in reps.items():
+        v = np.asarray(vals)
+        v = v[np.isfinite(v)]
+        out[k] = ((float(np.percentile(v, alpha)), float(np.percentile(v, 100 - alpha)))
+                  if v.size else (float("nan"), float("nan")))
+    return out
+
+
+def classification_record(y_true, y_score, *, seed: int, n_bootstrap: int,
+                          threshold: float = 0.5, confidence: float = 0.95) -> dict:
+    """Held-out classification figures with seeded bootstrap intervals, JSON-able.
+
+    Args:
+      y_true: (N,) labels: 0/1 (binary) or int in [0, K).
+      y_score: (N,) float positive-class probabilities (binary, positive when
+        ``>= threshold``), or (N, K) class probabilities (K = 2: binary on column 1;
+        K > 2: macro averages, prediction = argmax).
+      seed: bootstrap seed.
+      n_bootstrap: bootstrap resamples (0 = no intervals).
+      threshold: binary decision threshold.
+      confidence: interval coverage.
+
+    Returns:
+      dict with ``kind`` ("binary" | "multiclass"), each of ``FIGURES`` as a float,
+      ``ci`` {figure: [lower, upper]}, ``n``, ``n_classes``, ``confidence``,
+      ``n_bootstrap``, ``seed``; binary adds ``threshold`` and ``counts``
+      {tp, fp, tn, fn}, multi-class adds ``confusion`` (K x K) and ``per_class``.
+      Undefined figures are nan (``json.dumps`` writes NaN).
+    """
+    s = np.asarray(y_score, np.float64)
+    if s.ndim == 2 and s.shape[1] == 2:
+        s = s[:, 1]
+    if s.ndim == 1:
+        def stat(t, p):
+            m = binary_metrics(t, p, threshold=threshold)
+            return {k: m[k] for k in FIGURES}
+
+        full = binary_metrics(y_true, s, threshold=threshold)
+        y = _as_labels(y_true).astype(np.int64)
+        rec: dict = {"kind": "binary", "n_classes": 2, "threshold": float(threshold),
+                     "counts": {k: full[k] for k in ("tp", "fp", "tn", "fn")}}
+    elif s.ndim == 2:
+        def stat(t, p):
+            m = multiclass_metrics(t, p)
+            return {k: m[k] for k in FIGURES}
+
+        full = multiclass_metrics(y_true, s)
+        y = _as_classes(y_true, s.shape[1])
+        rec = {"kind": "multiclass", "n_classes": int(s.shape[1]),
+               "confusion": full["confusion"], "per_class": full["per_class"]}
+    else:
+        raise ValueError(f"y_score must be (N,) or (N, K), got shape {s.shape}")
+    for k in FIGURES:
+        rec[k] = float(full[k])
+    ci = (bootstrap_intervals(y, s, stat, n_bootstrap=n_bootstrap, seed=seed,
+                              confidence=confidence) if n_bootstrap > 0 else {})
+    nan = float("nan")
+    rec["ci"] = {k: list(ci.get(k, (nan, nan))) for k in FIGURES}
+    rec.update({"n": int(y.size), "confidence": float(confidence),
+                "n_bootstrap": int(n_bootstrap), "seed": int(seed)})
+    return rec

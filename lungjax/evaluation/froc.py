@@ -37,10 +37,10 @@ different ways, so all three are reported (``FrocResult.readings``):
 * ``"first_at_or_above"``: the first operating point, in order of decreasing
   threshold, with FPs/scan >= the rate; the last point when the curve never gets there.
 
-Command line (writes summary.txt, summary.json, froc.png, froc_curve.csv,
-bootstrap.csv, missed_nodules.csv)::
+Command line (``lungjax.evaluation.froc_cli``; writes summary.txt, summary.json, froc.png,
+froc_curve.csv, bootstrap.csv, missed_nodules.csv)::
 
-    python -m lungjax.evaluation.froc --annotations annotations.csv \
+    python -m lungjax.evaluation.froc_cli --annotations annotations.csv \
         --excluded annotations_excluded.csv --seriesuids seriesuids.csv \
         --submission sub.csv --out DIR [--bootstrap 1000] [--seed 0]
 """
@@ -54,6 +54,7 @@ from typing import Sequence
 import numpy as np
 from scipy.spatial import cKDTree
 
+from lungjax.data.coords import within_sphere
 from lungjax.data.tables import Findings, Marks
 from lungjax.evaluation.classification import threshold_counts
 
@@ -329,8 +330,9 @@ def cap_marks(scan: np.ndarray, prob: np.ndarray, max_marks: int) -> np.ndarray:
     return prob > cut[scan]
 
 
-def _match(f_scan, f_xyz, f_r2, m_scan, m_xyz):
-    """All (finding, mark) pairs in the same scan with squared distance < radius^2.
+def _match(f_scan, f_xyz, f_radius, m_scan, m_xyz):
+    """All (finding, mark) pairs in the same scan with the mark inside the finding's sphere
+    (``lungjax.data.coords.within_sphere``: distance < radius, world (x, y, z) mm).
 
     A k-d tree over (x, y, z, scan * 1e4 mm) proposes candidates (points of different
     scans are >= 1e4 mm apart, far beyond any nodule radius); each candidate is then
@@ -342,7 +344,7 @@ def _match(f_scan, f_xyz, f_r2, m_scan, m_xyz):
     if f_scan.size == 0 or m_scan.size == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     tree = cKDTree(np.c_[m_xyz, m_scan * _SCAN_SEPARATION_MM])
-    radius = np.sqrt(f_r2) * (1 + 1e-9) + 1e-9       # superset of the strict test
+    radius = f_radius * (1 + 1e-9) + 1e-9            # superset of the strict test
     lists = tree.query_ball_point(np.c_[f_xyz, f_scan * _SCAN_SEPARATION_MM], radius,
                                   return_sorted=False)
     counts = np.fromiter((len(x) for x in lists), np.int64, count=len(lists))
@@ -350,10 +352,7 @@ def _match(f_scan, f_xyz, f_r2, m_scan, m_xyz):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     f_idx = np.repeat(np.arange(f_scan.size), counts)
     m_idx = np.fromiter((k for x in lists for k in x), np.int64, count=int(counts.sum()))
-    d = f_xyz[f_idx] - m_xyz[m_idx]
-    # Same operation order as the script: (dx^2 + dy^2) + dz^2 in float64.
-    d2 = d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2]
-    hit = d2 < f_r2[f_idx]
+    hit = within_sphere(m_xyz[m_idx], f_xyz[f_idx], f_radius[f_idx])
     return f_idx[hit], m_idx[hit]
 
 
@@ -556,9 +555,7 @@ def compute_froc(annotations: Findings, excluded: Findings, seriesuids: Sequence
     f_xyz = np.concatenate([nodules.xyz, excluded.xyz[e_sel]])
     diam = np.r_[nodules.diameter_mm, excluded.diameter_mm[e_sel]]
     diam = np.where(diam < 0.0, UNKNOWN_DIAMETER_MM, diam)
-    f_r2 = (diam / 2.0) * (diam / 2.0)
-
-    hit_f, hit_m = _match(f_scan, f_xyz, f_r2, m_scan, m_xyz)
+    hit_f, hit_m = _match(f_scan, f_xyz, diam / 2.0, m_scan, m_xyz)
     on_nodule = hit_f < n_nod
     best = np.full(n_nod, -np.inf)
     np.maximum.at(best, hit_f[on_nodule], m_prob[hit_m[on_nodule]])
@@ -601,9 +598,3 @@ def compute_froc(annotations: Findings, excluded: Findings, seriesuids: Sequence
         n_false_positives=int(is_fp.sum()), n_ignored_excluded=int(ignored.sum()),
         n_double_hits=int(np.maximum(n_hits - 1, 0).sum()), unknown_uids=unknown,
         max_marks_per_scan=int(max(max_marks_per_scan, 0)), bootstrap=boot)
-
-
-if __name__ == "__main__":
-    from lungjax.evaluation.froc_cli import main
-
-    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""Command line of the LUNA16 FROC evaluation (``python -m lungjax.evaluation.froc``).
+"""Command line of the LUNA16 FROC evaluation (``python -m lungjax.evaluation.froc_cli``).
 
 Reads the standard LUNA16 tables and a submission CSV (seriesuid, coordX, coordY,
 coordZ, probability; extra columns are ignored) and writes into ``--out``, each file
@@ -24,8 +24,9 @@ import warnings
 
 import numpy as np
 
-from lungjax.data.tables import (TableError, atomic_write_text, read_findings_csv,
-                                 read_marks_csv, read_uid_list, write_findings_csv)
+from lungjax.atomic import atomic_write_text
+from lungjax.data.tables import (TableError, read_findings_csv, read_marks_csv, read_uid_list,
+                                 write_findings_csv)
 from lungjax.evaluation.froc import (N_BOOTSTRAP, FrocResult, compute_froc, validate_findings,
                                     validate_marks)
 
@@ -97,7 +98,7 @@ def evaluate_files(annotations: str, excluded: str, seriesuids: str, submission:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m lungjax.evaluation.froc",
+        prog="python -m lungjax.evaluation.froc_cli",
         description="LUNA16 FROC / CPM evaluation of a submission CSV.")
     p.add_argument("--annotations", required=True, help="annotations.csv")
     p.add_argument("--excluded", required=True, help="annotations_excluded.csv")

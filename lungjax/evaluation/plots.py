@@ -9,13 +9,13 @@ then renamed.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Mapping
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedFormatter, FixedLocator, MaxNLocator
 
+from lungjax.atomic import atomic_path
 from lungjax.evaluation.froc import FP_RATES, FROC_MAX_X, FROC_MIN_X, FrocResult
 from lungjax.metrics_log import METRICS_JSONL, metric_series, read_jsonl
 
@@ -24,20 +24,10 @@ __all__ = ["plot_froc", "plot_froc_curves", "plot_learning_curve", "plot_roc",
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 150) -> None:
-    """Saves ``fig`` to ``path`` (format from the extension) via temp file + rename."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    ext = os.path.splitext(path)[1] or ".png"
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=ext)
-    os.close(fd)
-    try:
+    """Saves ``fig`` to ``path`` (format from the extension, PNG without one), atomically."""
+    ext = os.path.splitext(os.fspath(path))[1] or ".png"
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format=ext.lstrip("."))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _froc_axes(fig: Figure, title: str | None):

@@ -1,5 +1,6 @@
 """Cross-validation reports: per-fold figures, mean +- std, pooled FROC, in the style
-of the LUNA16 papers' tables, written as JSON + Markdown (+ FROC plots).
+of the LUNA16 papers' tables, written as JSON + Markdown + plots (per-fold values of
+every metric with mean +- std bars; FROC curves).
 
 LUNA16 papers report the FROC of all folds pooled: every fold's test scans scored by
 the model that did not see them, merged into one submission and evaluated once over
@@ -10,6 +11,10 @@ A fold result is a plain dict, e.g. ``{"fold": 0, "cpm": 0.83, "loss": 0.12,
 "froc": FrocResult, "dice": 0.97}``: numbers, nested dicts of numbers (flattened to
 ``"a.b"``), lists of numbers (``"a[0]"``...) and :class:`FrocResult` values (expanded to
 ``cpm``, ``froc_new`` and ``sens@<rate>``) are summarised; other values are ignored.
+Whatever an evaluator measured is reported this way, e.g. the records of
+:func:`lungjax.evaluation.segmentation.segmentation_record` (``pooled.dice``, ...) and
+:func:`lungjax.evaluation.classification.classification_record` (``roc_auc``,
+``ci.roc_auc[0]``, ...).
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from lungjax.data.tables import Findings, Marks, atomic_write_text
+from lungjax.atomic import atomic_write_text
+from lungjax.data.tables import Findings, Marks
 from lungjax.evaluation.froc import FP_RATES, FrocResult, compute_froc
 
-__all__ = ["cv_report", "flatten_metrics", "froc_table", "pooled_froc", "summarize_folds"]
+__all__ = ["cv_report", "flatten_metrics", "froc_table", "plot_fold_metrics", "pooled_froc",
+           "summarize_folds"]
 
 
 def pooled_froc(annotations: Findings, excluded: Findings,
@@ -116,12 +123,15 @@ def flatten_metrics(d: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
-def summarize_folds(fold_results: Sequence[Mapping[str, Any]], *, ddof: int = 1) -> dict:
+def summarize_folds(fold_results: Sequence[Mapping[str, Any]], *, ddof: int = 1,
+                    metrics: Sequence[str] | None = None) -> dict:
     """Per-fold values and mean +- std of every metric.
 
     Args:
       fold_results: one dict per fold; ``"fold"`` labels the fold (default: position).
       ddof: delta degrees of freedom of the std (1 = sample std, as most papers).
+      metrics: flattened names to keep, in this order (None = every metric, in order of
+        first appearance); a name no fold has is an error.
 
     Returns:
       {"folds": [labels], "metrics": {name: {"per_fold": [float|None], "mean", "std",
@@ -133,6 +143,11 @@ def summarize_folds(fold_results: Sequence[Mapping[str, Any]], *, ddof: int = 1)
     names: list[str] = []
     for f in flat:
         names += [n for n in f if n not in names]
+    if metrics is not None:
+        unknown = [n for n in metrics if n not in names]
+        if unknown:
+            raise KeyError(f"metrics {unknown} not in the fold results; found {names}")
+        names = list(metrics)
     metrics = {}
     for n in names:
         vals = [f.get(n) for f in flat]
@@ -155,17 +170,76 @@ def _json_safe(x):
     return x
 
 
+def plot_fold_metrics(summary: Mapping[str, Any], path: str | os.PathLike, *,
+                      title: str | None = None, ncols: int = 4) -> None:
+    """One panel per metric: each fold's value (labelled points) and the mean with a
+    +- std bar; written atomically (temporary file, then rename).
+
+    Args:
+      summary: :func:`summarize_folds` output.
+      path: output image (.png, .pdf, .svg).
+      title: figure title.
+      ncols: panels per row.
+
+    Non-finite fold values (an infinite HD) are left out of the panel; a metric with no
+    finite value gets an empty panel saying so.
+    """
+    from matplotlib.figure import Figure
+
+    from lungjax.evaluation.plots import save_figure
+
+    names = list(summary["metrics"])
+    if not names:
+        raise ValueError("plot_fold_metrics: no metrics")
+    labels = list(summary["folds"])
+    ncols = max(1, min(ncols, len(names)))
+    nrows = -(-len(names) // ncols)
+    fig = Figure(figsize=(3.2 * ncols, 2.8 * nrows + (0.4 if title else 0)),
+                 layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).reshape(-1)
+    x = np.arange(len(labels), dtype=np.float64)
+    for ax, name in zip(axes, names):
+        m = summary["metrics"][name]
+        vals = np.asarray([np.nan if v is None else v for v in m["per_fold"]], np.float64)
+        ok = np.isfinite(vals)
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks(x, labels, fontsize=7)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.grid(True, axis="y", alpha=0.4)
+        if not ok.any():
+            ax.text(0.5, 0.5, "no finite value", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=8)
+            continue
+        ax.plot(x[ok], vals[ok], "o", color="C0", ms=5, label="fold")
+        mean, std = m["mean"], m["std"]
+        if math.isfinite(mean):
+            xm = len(labels) - 0.5 + 0.25
+            ax.axhline(mean, color="C1", lw=1, ls="--")
+            ax.errorbar([xm], [mean], yerr=[std if math.isfinite(std) else 0.0],
+                        fmt="s", color="C1", capsize=4, label="mean ± std")
+            ax.set_xticks([*x, xm], [*labels, "mean ± sd"], fontsize=7)
+            ax.set_xlim(-0.5, xm + 0.5)
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    save_figure(fig, path)
+
+
 def cv_report(fold_results: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike,
               title: str, *, pooled: FrocResult | None = None,
               systems: Mapping[str, FrocResult] | None = None, ddof: int = 1,
-              digits: int = 4) -> dict:
+              digits: int = 4, metrics: Sequence[str] | None = None) -> dict:
     """Writes a cross-validation report into ``out_dir``.
 
     Files (each written atomically):
       cv_report.json   the summary returned here
-      cv_report.md     per-fold table + mean ± std; the FROC table (folds, mean ± std,
-                       pooled) when folds carry a ``"froc"`` FrocResult or ``pooled`` is
-                       given; a systems table when ``systems`` is given
+      cv_report.md     per-fold table + mean ± std, a summary table (one row per
+                       metric); the FROC table (folds, mean ± std, pooled) when folds
+                       carry a ``"froc"`` FrocResult or ``pooled`` is given; a systems
+                       table when ``systems`` is given
+      cv_metrics.png   per-fold values and mean ± std of every metric (when there are
+                       numeric metrics)
       froc_cv.png      per-fold and pooled FROC curves (when there are FROC results)
       froc_systems.png FROC curves of ``systems`` (e.g. method vs baselines)
 
@@ -178,6 +252,8 @@ def cv_report(fold_results: Sequence[Mapping[str, Any]], out_dir: str | os.PathL
       systems: {name: FrocResult} to compare (each typically pooled over folds).
       ddof: std degrees of freedom (1 = sample std).
       digits: decimals in the Markdown tables.
+      metrics: flattened metric names to report, in order (None = all; see
+        :func:`summarize_folds`).
 
     Returns:
       dict with "title", "folds", "metrics" (see :func:`summarize_folds`), "pooled"
@@ -187,7 +263,7 @@ def cv_report(fold_results: Sequence[Mapping[str, Any]], out_dir: str | os.PathL
         raise ValueError("cv_report: no fold results")
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    summary = summarize_folds(fold_results, ddof=ddof)
+    summary = summarize_folds(fold_results, ddof=ddof, metrics=metrics)
     names = list(summary["metrics"])
     md = [f"# {title}", "", f"{len(fold_results)} folds; mean ± std over folds "
           f"(std with ddof={ddof}).", "", "## Per fold", ""]
@@ -200,12 +276,20 @@ def cv_report(fold_results: Sequence[Mapping[str, Any]], out_dir: str | os.PathL
         md.append("| mean ± std | " + " | ".join(
             f"{_fmt(summary['metrics'][n]['mean'], digits)} ± "
             f"{_fmt(summary['metrics'][n]['std'], digits)}" for n in names) + " |")
+        md += ["", "## Summary", "", "| Metric | mean ± std | folds |", "|---|---|---|"]
+        for n in names:
+            m = summary["metrics"][n]
+            md.append(f"| {n} | {_fmt(m['mean'], digits)} ± {_fmt(m['std'], digits)} "
+                      f"| {m['n']} |")
     else:
         md.append("(no numeric metrics)")
     fold_froc = {f"fold {summary['folds'][i]}": fr["froc"] for i, fr in enumerate(fold_results)
                  if isinstance(fr.get("froc"), FrocResult)}
     files = {"json": os.path.join(out_dir, "cv_report.json"),
              "markdown": os.path.join(out_dir, "cv_report.md")}
+    if names:
+        files["metrics_png"] = os.path.join(out_dir, "cv_metrics.png")
+        plot_fold_metrics(summary, files["metrics_png"], title=title)
     if fold_froc or pooled is not None:
         from lungjax.evaluation.plots import plot_froc_curves
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 from typing import Any, Sequence
@@ -95,7 +94,7 @@ def detection_kwargs(config, model) -> dict:
 
 
 def detect_scans(config, model, task, variables, store, uids: Sequence[str], *,
-                 ensemble: bool = False):
+                 ensemble: bool = False, progress: bool = False):
     """Detections of whole stored scans (the ``--mode=evaluate`` detector).
 
     Args:
@@ -105,10 +104,13 @@ def detect_scans(config, model, task, variables, store, uids: Sequence[str], *,
       variables: Flax variables (numpy or jax); with ``ensemble`` a list of them.
       store: ``PatchStore``; uids: scans, in order.
 
+      progress: unused (one line per scan is printed by the decoder's caller).
+
     Returns:
       ``lungjax.detect.DetectionRun`` (marks in world mm, per-scan seconds; no
       per-scan candidate objects).
     """
+    del progress
     from lungjax.detect import DetectionRun
     from lungjax.tasks.anchors_decode import detect_store
 
@@ -127,13 +129,17 @@ DETECTORS.register("xie2018_detection", detect_scans)
 # ----------------------------------------------------------------------------------
 
 
-def _hits(points_zyx: np.ndarray, centres_zyx: np.ndarray, radius_mm: np.ndarray,
-          spacing_zyx: np.ndarray) -> np.ndarray:
-    """(N,) bool: nodule n has a point within its radius."""
+def _nodules_hit(points_zyx: np.ndarray, centres_zyx: np.ndarray, radius_mm: np.ndarray,
+                 spacing_zyx: np.ndarray) -> np.ndarray:
+    """(N,) bool: nodule n (voxel centre, radius in mm) has one of the (P, 3) voxel points
+    inside its sphere (the LUNA16 rule: distance < radius)."""
+    from lungjax.data.coords import within_sphere
+
     if not len(points_zyx) or not len(centres_zyx):
         return np.zeros(len(centres_zyx), bool)
-    d2 = (((centres_zyx[:, None] - points_zyx[None]) * spacing_zyx) ** 2).sum(-1)
-    return np.any(d2 <= radius_mm[:, None] ** 2, axis=1)
+    inside = within_sphere(points_zyx[None], centres_zyx[:, None], radius_mm[:, None],
+                           spacing=spacing_zyx)
+    return np.any(inside, axis=1)
 
 
 @SAMPLERS.register("xie2018_anchors")
@@ -209,8 +215,8 @@ class AnchorSamplingData(StoreTrainData):
             scan_ids.append(np.full(len(det), s, np.int32))
             centres.append(det.centre_zyx)
             scores.append(det.score)
-            info = self.sampler._scans[s]
-            hit += int(_hits(det.centre_zyx, info.nodules_zyx, info.nodule_radius_mm,
+            info = self.sampler.scans[s]
+            hit += int(_nodules_hit(det.centre_zyx, info.nodules_zyx, info.nodule_radius_mm,
                              info.spacing_zyx).sum())
             n_nod += len(info.nodules_zyx)
         scan_ids = np.concatenate(scan_ids)
@@ -272,39 +278,19 @@ class AnchorSamplingData(StoreTrainData):
 # ----------------------------------------------------------------------------------
 
 
-def fixed_anchors(config):
-    """The fixed-anchor ablation of an xie2018 config: same network, targets, schedule
-    and folds; the sampling anchors stay the ground-truth nodules for the whole run."""
-    c = config.copy_and_resolve_references()
-    with c.unlocked():
-        c.name = f"{config.name}_fixed_anchors"
-        c.sampler.update_anchors = False
-        c.cv.report = ""
-    return c
-
-
-def _fold_marks(fold_dir: str):
-    from lungjax.data.tables import read_marks_csv
-
-    rec = os.path.join(fold_dir, "eval", "froc.json")
-    with open(rec, encoding="utf-8") as f:
-        uids = json.load(f)["uids"]
-    return uids, read_marks_csv(os.path.join(fold_dir, "eval", "submission.csv"))
-
-
 def ensemble_fold(config, members: Sequence[str], out_dir: str, uids: Sequence[str], store):
     """Ensemble detection of one fold's held-out scans with the latest checkpoints of
-    ``members`` (run directories of the same model config); writes ``submission.csv``
-    in ``out_dir`` (reused when present) and returns the marks."""
-    from lungjax import modes, train as train_lib
+    ``members`` ("train" stage folders of the same model config); writes
+    ``submission.csv`` in ``out_dir`` (reused when present) and returns the marks."""
+    from lungjax import train as train_lib
     from lungjax.data.tables import read_marks_csv, write_marks_csv
+    from lungjax.stages import restore_variables, scan_model
 
     sub = os.path.join(out_dir, "submission.csv")
     if os.path.isfile(sub):
         return read_marks_csv(sub)
-    model = modes._scan_model(config)
-    task = train_lib.build_task(config)
-    variables = [modes._variables(m)[0] for m in members]
+    model, task = scan_model(config), train_lib.build_task(config)
+    variables = [restore_variables(m)[0] for m in members]
     run = detect_scans(config, model, task, variables, store, uids, ensemble=True)
     os.makedirs(out_dir, exist_ok=True)
     if jax.process_index() == 0:
@@ -313,37 +299,38 @@ def ensemble_fold(config, members: Sequence[str], out_dir: str, uids: Sequence[s
 
 
 @CV_REPORTS.register("xie2018_table1")
-def table1(config, workdir: str, report: dict) -> dict:
+def table1(config, workdir: str, records: Sequence[dict], report: dict) -> dict:
     """The paper's Table 1 over the cross-validation folds (called by ``--mode=cv`` after
-    the method's own folds, ``report`` being their report).
+    the folds, with the method's fold records and report).
 
-    Writes ``<workdir>/fixed_anchors/`` (the ablation's folds and report),
-    ``<workdir>/ensemble/fold_<k>/submission.csv`` and ``<workdir>/table1/`` (cv_report
-    with per-fold CPM / FROC[new] of each system and the pooled FROC table).
+    Each fold holds the method (``fold_<k>/detector``) and the fixed-anchor ablation (the
+    variant ``fixed_anchors``: ``fold_<k>/fixed_anchors/detector``); this writes
+    ``<workdir>/ensemble/fold_<k>/submission.csv`` (the two detectors' dense predictions
+    averaged before NMS) and ``<workdir>/table1/`` (cv_report with per-fold CPM /
+    FROC[new] of each system and the pooled FROC table).
     """
-    from lungjax import modes
     from lungjax.data.store import PatchStore
     from lungjax.evaluation.froc import compute_froc
     from lungjax.evaluation.reports import cv_report, pooled_froc
+    from lungjax.stages import fold_marks, stage_specs
     from lungjax.train_data import prepare_data
 
-    folds = list(config.cv.folds) or list(range(config.data.num_folds))
-    abl_dir = os.path.join(workdir, "fixed_anchors")
-    modes.cross_validate(fixed_anchors(config), abl_dir)
+    variant = "fixed_anchors"
+    net = next(n for n, s in stage_specs(config) if s["kind"] == "train")
     store = PatchStore.open(prepare_data(config))
     systems = {"single model": [], "fixed anchors": [], "ensemble": []}
     per_fold = []
-    for k in folds:
+    for rec in records:
+        k = int(rec["fold"])
         cfg = config.copy_and_resolve_references()
         with cfg.unlocked():
-            cfg.data.fold = int(k)
-        main_dir, abl_fold = (os.path.join(workdir, f"fold_{k}"),
-                              os.path.join(abl_dir, f"fold_{k}"))
-        uids, single = _fold_marks(main_dir)
-        _, ablation = _fold_marks(abl_fold)
-        ens = ensemble_fold(cfg, [main_dir, abl_fold],
-                            os.path.join(workdir, "ensemble", f"fold_{k}"), uids, store)
-        row: dict[str, Any] = {"fold": int(k)}
+            cfg.data.fold = k
+        uids, single = fold_marks(rec)
+        _, ablation = fold_marks(rec, variant)
+        members = [rec["dirs"][net], rec["variants"][variant]["dirs"][net]]
+        ens = ensemble_fold(cfg, members, os.path.join(workdir, "ensemble", f"fold_{k}"),
+                            uids, store)
+        row: dict[str, Any] = {"fold": k}
         ann, exc = store.findings(uids), store.excluded(uids)
         for name, marks in (("single model", single), ("fixed anchors", ablation),
                             ("ensemble", ens)):
@@ -356,7 +343,7 @@ def table1(config, workdir: str, report: dict) -> dict:
     ann, exc = store.findings(all_uids), store.excluded(all_uids)
     pooled = {name: pooled_froc(ann, exc, parts) for name, parts in systems.items()}
     out = cv_report(per_fold, os.path.join(workdir, "table1"),
-                    title=f"{config.name}: Table 1 ({len(folds)}-fold cross-validation; "
+                    title=f"{config.name}: Table 1 ({len(records)}-fold cross-validation; "
                           "single model, fixed-anchor ablation, ensemble)",
                     pooled=pooled["single model"], systems=pooled)
     for name, r in pooled.items():

@@ -7,10 +7,10 @@ Parameters are created directly in these modules with ``flax.linen.Conv`` /
 C_in, C_out), "bias": (C_out,)), so a checkpoint trained with one formulation loads in any
 other, and in plain ``flax.linen`` models.
 
-Choosing the formulation (see ``lungjax.models.conv_select``):
+Choosing the formulation (see ``lungjax.models.conv.select``):
 
 * ``impl="auto"`` (default): XLA's native convolution on GPU/TPU; on CPU the formulation
-  measured fastest for the nearest layer shape in ``lungjax/models/conv_table.json``
+  measured fastest for the nearest layer shape in ``lungjax/models/conv/table.json``
   (regenerate with ``python bench/conv_autotune.py``), or tuned on first use and cached on
   disk when ``LUNGJAX_CONV_AUTOTUNE=1``; a choice whose temporary buffers (im2col patches)
   would exceed ``conv_select.BUFFER_BUDGET_BYTES`` (1 GiB, env ``LUNGJAX_CONV_BUFFER_BYTES``)
@@ -18,7 +18,7 @@ Choosing the formulation (see ``lungjax.models.conv_select``):
   (``jax.export``) is budgeted per example; symbolic spatial sizes run "xla".
 * ``impl="xla" | "im2col" | "matmul" | "hybrid"`` forces one for that layer;
   ``impl="split_FIW"`` picks a formulation per pass (forward, input-gradient,
-  weight-gradient; see ``lungjax.models.conv_split``), which is what the table mostly holds:
+  weight-gradient; see ``lungjax.models.conv.split``), which is what the table mostly holds:
   for 3-D layers often ``f``, the depth-folded form that runs a 3-D convolution as one
   2-D convolution (which XLA:CPU hands to YNNPACK), or ``w``/``v``, Winograd's minimal
   filtering with 4 or 6 outputs per tile and axis (stride-1 layers).
@@ -30,7 +30,7 @@ values and gradients, faster on CPU); ``BatchNorm`` is ``flax.linen.BatchNorm`` 
 variables, statistics and running averages) in a form whose gradient is cheaper.
 
 On CPU, large convolution buffers are cheaper when freed memory stays in the process
-(``lungjax.models.conv_malloc.keep_freed_memory()``, called early by a training or inference
+(``lungjax.models.conv.malloc.keep_freed_memory()``, called early by a training or inference
 program).
 """
 
@@ -45,8 +45,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lungjax.models import conv_ops
-from lungjax.models.conv_select import (ConvKey, conv_impl, get_conv_impl_override, resolve,
+from lungjax.models.conv import ops as conv_ops
+from lungjax.models.conv.select import (ConvKey, conv_impl, get_conv_impl_override, resolve,
                                         set_conv_impl)
 
 __all__ = ["BatchNorm", "Conv", "ConvTranspose", "max_pool", "set_conv_impl",

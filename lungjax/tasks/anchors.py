@@ -1,5 +1,5 @@
 """xie2018 detector pieces: regression anchors, sphere IoU, target assignment, box coding,
-OHEM loss, decoding and sphere-IoU NMS (the network itself is ``lungjax.models.fpn``).
+OHEM loss, decoding and sphere-IoU NMS (the network itself is ``lungjax.models.resnet_fpn``).
 
 Conventions (one for the whole module):
 
@@ -42,6 +42,7 @@ import numpy as np
 import optax
 
 from lungjax.registry import TASKS
+from lungjax.tasks.losses import smooth_l1
 from lungjax.tasks.screening import OutputMapping
 
 # ---------------------------------------------------------------------------
@@ -93,7 +94,7 @@ class AnchorConfig:
 
     @classmethod
     def from_model(cls, model, **kw) -> "AnchorConfig":
-        """The anchors of a ``lungjax.models.fpn.XieFPN`` (its ``heads()``) + rule fields."""
+        """The anchors of a ``lungjax.models.resnet_fpn.XieFPN`` (its ``heads()``) + rule fields."""
         return cls(heads=model.heads(), **kw)
 
     def head_mapping(self, i: int) -> OutputMapping:
@@ -323,15 +324,6 @@ def ohem_mask(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     rows = jnp.arange(logits.shape[0])[:, None]
     sel = jnp.zeros(labels.shape, bool).at[rows, idx].set(vals > -jnp.inf)
     return sel & neg
-
-
-def smooth_l1(x: jax.Array, beta: float = 1.0) -> jax.Array:
-    """Elementwise smooth L1 (Huber with slope 1): 0.5 x^2 / beta if |x| < beta else
-    |x| - 0.5 beta."""
-    a = jnp.abs(x)
-    if beta <= 0:
-        return a
-    return jnp.where(a < beta, 0.5 * a * a / beta, a - 0.5 * beta)
 
 
 def detection_loss(outputs_flat: jax.Array, labels: jax.Array, targets: jax.Array,

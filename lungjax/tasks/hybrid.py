@@ -52,6 +52,7 @@ import optax
 
 from lungjax.data.coords import Geometry, voxel_to_world
 from lungjax.registry import TASKS
+from lungjax.tasks.losses import smooth_l1
 
 REGRESSION_ORDER = ("z", "y", "x", "log_diameter")
 LAMBDA = 0.5  # paper
@@ -204,13 +205,6 @@ def transform_targets(t, params, patch_size_zyx: Sequence[int]) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- losses
-
-
-def smooth_l1(x) -> jax.Array:
-    """The paper's dist(a): 0.5 a^2 where |a| < 1, else |a| - 0.5 (elementwise, float32)."""
-    x = jnp.asarray(x, jnp.float32)
-    ax = jnp.abs(x)
-    return jnp.where(ax < 1.0, 0.5 * x * x, ax - 0.5)
 
 
 def localization_loss(pred, target) -> jax.Array:

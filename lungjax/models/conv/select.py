@@ -6,11 +6,11 @@ Resolution, done once per layer when it is traced:
    variable ``LUNGJAX_CONV_IMPL``; "auto" or unset means no override;
 2. the layer's own ``impl`` attribute when it is not "auto";
 3. "auto": off CPU (GPU/TPU) always ``"xla"``; on CPU the formulation measured fastest for
-   the nearest layer shape in the committed table ``conv_table.json`` (produced by
+   the nearest layer shape in the committed table ``table.json`` (produced by
    ``python bench/conv_autotune.py``: for every layer shape of the benchmark networks and
    the lungjax models, each pass (forward, input-gradient, weight-gradient) timed alone in
    each of its formulations, the fastest per pass composed into a ``"split_FIW"`` plan
-   (``conv_split``), and that plan's full forward + backward timed against the reference
+   (``split``), and that plan's full forward + backward timed against the reference
    formulations, on this project's 2-core CPU machine), merged with the on-disk cache of shapes tuned on first use when
    ``LUNGJAX_CONV_AUTOTUNE=1`` (``~/.cache/lungjax/conv_autotune.json``, or
    ``LUNGJAX_CONV_CACHE``). A committed table keeps "auto" deterministic and free of
@@ -47,7 +47,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lungjax.models import conv_ops, conv_split
+from lungjax.models.conv import ops as conv_ops
+from lungjax.models.conv import primitives
+from lungjax.models.conv import split as conv_split
 
 ENV_IMPL = "LUNGJAX_CONV_IMPL"
 ENV_AUTOTUNE = "LUNGJAX_CONV_AUTOTUNE"
@@ -55,7 +57,7 @@ ENV_CACHE = "LUNGJAX_CONV_CACHE"
 ENV_BUDGET = "LUNGJAX_CONV_BUFFER_BYTES"
 #: Largest temporary buffer (bytes) a formulation picked by "auto" may build per layer.
 BUFFER_BUDGET_BYTES = 1 << 30
-TABLE_PATH = pathlib.Path(__file__).with_name("conv_table.json")
+TABLE_PATH = pathlib.Path(__file__).with_name("table.json")
 ALL_IMPLS = ("auto",) + tuple(dict.fromkeys(conv_ops.CONV_IMPLS + conv_ops.CONV_TRANSPOSE_IMPLS))
 # Used on CPU when neither the table nor the cache has an entry of this rank.
 DEFAULT_CPU = {"conv": "matmul", "conv_transpose": "matmul"}
@@ -125,14 +127,14 @@ def _check(impl: str | None, where: str) -> str | None:
         conv_split.parse(impl, 3)  # a clear error for a malformed plan
         return impl
     raise ValueError(f"{where}: convolution impl {impl!r} unknown; expected one of {ALL_IMPLS} "
-                     "or 'split_FIW' (see lungjax.models.conv_split)")
+                     "or 'split_FIW' (see lungjax.models.conv.split)")
 
 
 def set_conv_impl(impl: str | None) -> None:
     """Forces one formulation for every ``Conv``/``ConvTranspose`` traced from now on.
 
     Args:
-      impl: "xla", "im2col", "matmul", "hybrid", "split_FIW" (see ``conv_split``; a
+      impl: "xla", "im2col", "matmul", "hybrid", "split_FIW" (see ``split``; a
         transposed convolution, which has no hybrid or split form, then runs "matmul"),
         "auto" (per-layer choice) or None (clear the
         override, falling back to ``LUNGJAX_CONV_IMPL``).
@@ -218,9 +220,9 @@ def lookup(key: ConvKey) -> tuple[str, str]:
 
 def record(key: ConvKey, ms: dict[str, float]) -> str:
     """Adds a measurement to the on-disk cache (atomic rewrite); returns the best impl."""
-    from lungjax.data.tables import atomic_write_text
+    from lungjax.atomic import atomic_write_text
 
-    from lungjax.models.conv_tune import pick_best
+    from lungjax.models.conv.tune import pick_best
 
     best = pick_best(ms)
     with _lock:
@@ -234,7 +236,7 @@ def record(key: ConvKey, ms: dict[str, float]) -> str:
 
 
 def _autotune(key: ConvKey) -> str:
-    from lungjax.models import conv_tune
+    from lungjax.models.conv import tune as conv_tune
 
     return record(key, conv_tune.tune_key(key)["ms"])
 
@@ -304,7 +306,7 @@ def buffer_bytes(impl: str, key: ConvKey) -> int:
         out = [(n - 1) * s + 1 + lo + hi - (k - 1) * d for n, s, (lo, hi), k, d in
                zip(key.spatial, key.strides, key.pads, key.kernel, key.dilation)]
         return key.batch * math.prod(out) * kvol * key.cin * item
-    out = conv_ops.conv_out_shape(key.spatial, key.kernel, key.strides, key.pads, key.dilation)
+    out = primitives.conv_out_shape(key.spatial, key.kernel, key.strides, key.pads, key.dilation)
     if conv_split.is_split(impl):
         plan = conv_split.parse(impl, len(key.kernel))
         # A "bK" plan builds one batch chunk's buffers at a time (when K divides the batch).

@@ -22,8 +22,8 @@ Formulations of ``conv`` (``CONV_IMPLS``):
   lowest peak memory of the CPU formulations.
 * ``"split_FIW"``: one formulation per pass (forward, input-gradient, weight-gradient),
   including partial im2col, shifted-slice accumulation, depth folding and Winograd's
-  minimal filtering (``conv_winograd``); ``"split_FIWbK"`` runs those
-  passes over the batch in K sequential chunks to bound their memory; see ``conv_split``.
+  minimal filtering (``winograd``); ``"split_FIWbK"`` runs those
+  passes over the batch in K sequential chunks to bound their memory; see ``split``.
 
 Formulations of ``conv_transpose`` (``CONV_TRANSPOSE_IMPLS``): ``"xla"``
 (``lax.conv_transpose``), ``"matmul"`` (a per-pixel matmul C_in -> K*C_out followed by
@@ -45,7 +45,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-Pads = tuple[tuple[int, int], ...]
+from lungjax.models.conv import split as conv_split
+from lungjax.models.conv.primitives import (Pads, acc_dtype, conv_xla, dot_last, input_grad_col2im,
+                                            patches, transposed_correlation)
 
 CONV_IMPLS = ("xla", "im2col", "matmul", "hybrid")
 CONV_TRANSPOSE_IMPLS = ("xla", "matmul", "im2col")
@@ -102,104 +104,16 @@ def canonical_padding(padding: Any, kernel_size: Sequence[int], strides: Sequenc
                      "(low, high) pairs")
 
 
-def conv_out_shape(in_spatial: Sequence[int], kernel_size: Sequence[int], strides: Sequence[int],
-                   pads: Pads, dilation: Sequence[int]) -> tuple[int, ...]:
-    """Output spatial shape of a convolution (floor mode, as XLA)."""
-    out = []
-    for n, k, s, (lo, hi), d in zip(in_spatial, kernel_size, strides, pads, dilation):
-        span = n + lo + hi - ((k - 1) * d + 1)
-        if span < 0:
-            raise ValueError(f"convolution window ({k} dilated by {d}) larger than the padded "
-                             f"input ({n} + {lo} + {hi}) on a spatial axis")
-        out.append(span // s + 1)
-    return tuple(out)
-
-
-def _compute_dtype(x, w):
-    return jnp.result_type(x.dtype, w.dtype)
-
-
-def acc_dtype(dtype):
-    """``preferred_element_type`` of a matmul on ``dtype`` inputs: float32 for inputs
-    narrower than 32 bits (bfloat16 products summed in bfloat16 lose precision), else None
-    (the inputs' own type)."""
-    return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else None
-
-
-def _dot_last(a, b, out_dtype):
-    """(..., K) @ (K, M) -> (..., M), accumulating in float32 for low-precision inputs."""
-    acc = acc_dtype(a.dtype)
-    y = lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())), preferred_element_type=acc)
-    return y.astype(out_dtype)
-
-
 # ----------------------------------------------------------------------------------------
 # Forward formulations
 # ----------------------------------------------------------------------------------------
-
-
-def patches(x, kernel_size: Sequence[int], strides: Sequence[int], pads: Pads,
-            dilation: Sequence[int], lhs_dilation: Sequence[int] | None = None):
-    """Shifted-slice im2col.
-
-    Args:
-      x: (N, *spatial, C).
-      kernel_size, strides, dilation: per spatial axis; pads: (low, high) per axis (may be
-        negative, meaning a crop); lhs_dilation: zeros inserted between input samples
-        (``s - 1`` per axis), as in a transposed convolution.
-
-    Returns:
-      (N, *out, K*C) with K = prod(kernel_size); taps in row-major kernel order, channels
-      fastest, matching ``kernel.reshape(K*C_in, C_out)``.
-    """
-    rank = len(kernel_size)
-    lhs_dilation = lhs_dilation or (1,) * rank
-    cfg = [(0, 0, 0)] + [(lo, hi, ld - 1) for (lo, hi), ld in zip(pads, lhs_dilation)] + [(0, 0, 0)]
-    if any(c != (0, 0, 0) for c in cfg):
-        x = lax.pad(x, jnp.zeros((), x.dtype), cfg)
-    out = conv_out_shape(x.shape[1:-1], kernel_size, strides, ((0, 0),) * rank, dilation)
-    if all(k == 1 for k in kernel_size):
-        limit = [x.shape[0]] + [(o - 1) * s + 1 for o, s in zip(out, strides)] + [x.shape[-1]]
-        return lax.slice(x, [0] * x.ndim, limit, (1, *strides, 1))
-    # One axis at a time (last spatial axis first, so the first axis ends up outermost in
-    # the channel order): sum(k) slices instead of prod(k), which keeps XLA's compile time
-    # and the autodiff graph small; the intermediate results are at most the final size.
-    for ax in reversed(range(rank)):
-        k, s, d, o = kernel_size[ax], strides[ax], dilation[ax], out[ax]
-        if k == 1 and s == 1:
-            continue
-        cols = []
-        for t in range(k):
-            start = [0] * x.ndim
-            start[1 + ax] = t * d
-            limit = list(x.shape)
-            limit[1 + ax] = t * d + (o - 1) * s + 1
-            step = [1] * x.ndim
-            step[1 + ax] = s
-            cols.append(lax.slice(x, start, limit, step))
-        # stack + reshape, not concatenate: XLA:CPU fuses the slices into one loop that
-        # writes the columns once; a concatenate runs as a copy of separately
-        # materialised slices (3x slower on a 2x26^3x64 input).
-        x = cols[0] if k == 1 else jnp.stack(cols, axis=-2).reshape(*cols[0].shape[:-1], -1)
-    return x
-
-
-def conv_xla(x, w, strides, pads, dilation):
-    """``lax.conv_general_dilated`` channels-last; low-precision inputs accumulate in f32."""
-    rank = w.ndim - 2
-    spec = "N" + "DHW"[3 - rank:] + "C" if rank <= 3 else None
-    if spec is None:
-        raise ValueError(f"only 1D/2D/3D convolutions are supported, got kernel rank {w.ndim}")
-    dn = lax.conv_dimension_numbers(x.shape, w.shape, (spec, spec[1:-1] + "IO", spec))
-    return lax.conv_general_dilated(x, w, tuple(strides), tuple(pads), rhs_dilation=tuple(dilation),
-                                    dimension_numbers=dn)
 
 
 def conv_im2col(x, w, strides, pads, dilation):
     """Convolution as shifted-slice im2col + one matmul; autodiff gradients."""
     ks = w.shape[:-2]
     cols = patches(x, ks, strides, pads, dilation)
-    return _dot_last(cols, w.reshape(-1, w.shape[-1]), x.dtype)
+    return dot_last(cols, w.reshape(-1, w.shape[-1]), x.dtype)
 
 
 def _weight_grad(x, dy, w_shape, w_dtype, strides, pads, dilation):
@@ -212,17 +126,6 @@ def _weight_grad(x, dy, w_shape, w_dtype, strides, pads, dilation):
     return dw.reshape(w_shape).astype(w_dtype)
 
 
-def transposed_correlation(w, in_spatial, out_spatial, strides, pads, dilation):
-    """The input-gradient of a convolution as a stride-1 correlation: (flipped kernel with
-    C_in and C_out swapped (*kernel, C_out, C_in), pads) to apply to dy (N, *out_spatial,
-    C_out) spread out by ``s - 1`` zeros between samples (``lhs_dilation=strides``):
-    pads' = ((k-1)d - lo, n + lo - len(dy_dilated)) per axis."""
-    rank = len(w.shape) - 2
-    new_pads = tuple(((k - 1) * d - lo, n + lo - ((o - 1) * s + 1)) for n, k, s, (lo, _), d, o
-                     in zip(in_spatial, w.shape[:rank], strides, pads, dilation, out_spatial))
-    return jnp.flip(w, axis=tuple(range(rank))).swapaxes(-1, -2), new_pads
-
-
 def _input_grad_matmul(dy, w, in_spatial, strides, pads, dilation):
     """dx of a convolution as an im2col correlation of dy with the flipped kernel
     (``transposed_correlation``)."""
@@ -231,7 +134,7 @@ def _input_grad_matmul(dy, w, in_spatial, strides, pads, dilation):
     w_t, new_pads = transposed_correlation(w, in_spatial, dy.shape[1:-1], strides, pads,
                                            dilation)
     cols = patches(dy, ks, (1,) * rank, new_pads, dilation, lhs_dilation=strides)
-    return _dot_last(cols, w_t.reshape(-1, w_t.shape[-1]), dy.dtype)
+    return dot_last(cols, w_t.reshape(-1, w_t.shape[-1]), dy.dtype)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -244,13 +147,6 @@ def _conv_matmul_fwd(x, w, strides, pads, dilation):
     return conv_im2col(x, w, strides, pads, dilation), (x, w)
 
 
-def _input_grad_col2im(x, dy, w, strides, pads, dilation):
-    """dx as (dy @ W^T) scattered back through the transpose of ``patches`` (pad + add)."""
-    cols_grad = _dot_last(dy, w.reshape(-1, w.shape[-1]).T, dy.dtype)
-    _, vjp = jax.vjp(lambda xx: patches(xx, w.shape[:-2], strides, pads, dilation), x)
-    return vjp(cols_grad)[0]
-
-
 def _conv_matmul_bwd(strides, pads, dilation, res, dy):
     x, w = res
     # Both input-gradient forms are one matmul; pick the smaller intermediate:
@@ -259,7 +155,7 @@ def _conv_matmul_bwd(strides, pads, dilation, res, dy):
     out_cols = int(np.prod(dy.shape[:-1])) * k * w.shape[-2]
     in_cols = int(np.prod(x.shape[:-1])) * k * w.shape[-1]
     if out_cols <= in_cols:
-        dx = _input_grad_col2im(x, dy, w, strides, pads, dilation).astype(x.dtype)
+        dx = input_grad_col2im(x, dy, w, strides, pads, dilation).astype(x.dtype)
     else:
         dx = _input_grad_matmul(dy, w, x.shape[1:-1], strides, pads, dilation).astype(x.dtype)
     dw = _weight_grad(x, dy, w.shape, w.dtype, strides, pads, dilation)
@@ -300,7 +196,7 @@ def conv(x, w, *, strides: Sequence[int], pads: Pads, dilation: Sequence[int], i
       w: (*kernel, C_in, C_out).
       strides, dilation: ints per spatial axis; pads: explicit (low, high) per axis.
       impl: one of ``CONV_IMPLS``, or ``"split_FIW[bK]"`` (a formulation per pass, K batch
-        chunks; see ``lungjax.models.conv_split``).
+        chunks; see ``lungjax.models.conv.split``).
 
     Returns:
       (N, *out, C_out) in ``x``'s dtype; identical (to rounding) across ``impl``.
@@ -310,8 +206,6 @@ def conv(x, w, *, strides: Sequence[int], pads: Pads, dilation: Sequence[int], i
                          "(expected (N, *spatial, C_in) and (*kernel, C_in, C_out))")
     args = (x, w, tuple(strides), tuple(tuple(p) for p in pads), tuple(dilation))
     if isinstance(impl, str) and impl.startswith("split_"):
-        from lungjax.models import conv_split  # imports this module
-
         return conv_split.conv(*args, impl)
     if impl not in _CONV_FNS:
         raise ValueError(f"conv impl={impl!r}; expected one of {CONV_IMPLS} or 'split_FIW'")
@@ -323,6 +217,27 @@ def conv(x, w, *, strides: Sequence[int], pads: Pads, dilation: Sequence[int], i
 # ----------------------------------------------------------------------------------------
 
 
+def _string_transpose_pads(extent: int, stride: int, mode: str) -> tuple[int, int]:
+    """(low, high) pads, on one axis, of the stride-1 convolution over the input spread out
+    by ``stride - 1`` zeros that ``lax.conv_transpose`` runs for a padding string.
+
+    ``extent`` is the dilated kernel's length k. The spread input of n samples has
+    (n - 1) * s + 1 of them, and a stride-1 convolution returns low + high - (k - 1) more
+    than it gets. Low = k - 1 lets every tap of the first sample reach the output.
+    SAME: output n * s, so low + high = k + s - 2; when s < k - 1 that total is split as
+    evenly as it goes, low the larger half. VALID: output n * s + max(k - s, 0) (the
+    forward VALID convolution's input size when the windows overlap), so
+    high = s - 1 + max(k - s, 0).
+    """
+    if mode == "SAME":
+        total = extent + stride - 2
+        low = extent - 1 if stride > extent - 1 else -(-total // 2)
+    else:
+        total = extent + stride - 2 + max(extent - stride, 0)
+        low = extent - 1
+    return low, total - low
+
+
 def transpose_padding(padding: Any, kernel_size: Sequence[int], strides: Sequence[int],
                       dilation: Sequence[int]) -> Pads:
     """Explicit pads of the lhs-dilated convolution that ``lax.conv_transpose`` runs.
@@ -332,13 +247,11 @@ def transpose_padding(padding: Any, kernel_size: Sequence[int], strides: Sequenc
     """
     rank = len(kernel_size)
     if isinstance(padding, str):
-        from jax._src.lax.convolution import _conv_transpose_padding  # the reference rule
-
         mode = padding.upper()
         if mode not in ("SAME", "VALID"):
             raise ValueError(f"padding={padding!r}: only 'SAME', 'VALID', ints or pairs "
                              "are supported")
-        return tuple(_conv_transpose_padding((k - 1) * d + 1, s, mode)
+        return tuple(_string_transpose_pads((k - 1) * d + 1, s, mode)
                      for k, s, d in zip(kernel_size, strides, dilation))
     return canonical_padding(padding, kernel_size, (1,) * rank, dilation, (0,) * rank)
 
@@ -354,7 +267,7 @@ def conv_transpose_xla(x, w, strides, pads, dilation):
 def conv_transpose_im2col(x, w, strides, pads, dilation):
     ks = w.shape[:-2]
     cols = patches(x, ks, (1,) * len(ks), pads, dilation, lhs_dilation=strides)
-    return _dot_last(cols, w.reshape(-1, w.shape[-1]), x.dtype)
+    return dot_last(cols, w.reshape(-1, w.shape[-1]), x.dtype)
 
 
 def conv_transpose_matmul(x, w, strides, pads, dilation):
@@ -368,7 +281,7 @@ def conv_transpose_matmul(x, w, strides, pads, dilation):
     rank = len(ks)
     n, spatial, cin, cout = x.shape[0], x.shape[1:-1], w.shape[-2], w.shape[-1]
     wf = jnp.flip(w, axis=tuple(range(rank)))  # tap order as placed in the output
-    z = _dot_last(x, jnp.moveaxis(wf, -2, 0).reshape(cin, -1), x.dtype)  # (N, *S, K*C_out)
+    z = dot_last(x, jnp.moveaxis(wf, -2, 0).reshape(cin, -1), x.dtype)  # (N, *S, K*C_out)
     z = z.reshape(n, *spatial, *ks, cout)
     crop = [(lo - (k - 1) * d, hi - (k - 1) * d) for (lo, hi), k, d in zip(pads, ks, dilation)]
     if all(k == s for k, s in zip(ks, strides)) and all(d == 1 for d in dilation):

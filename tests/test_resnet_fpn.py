@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lungjax.models.fpn import XieFPN
+from lungjax.models.resnet_fpn import XieFPN
 from lungjax.models.rrelu import RReLU
 from lungjax.registry import MODELS
 from lungjax.tasks.anchors import AnchorDetectionTask

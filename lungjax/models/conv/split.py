@@ -25,7 +25,7 @@ computations, and on XLA:CPU the fastest way to run each depends on the layer sh
   through the stacked columns.
 * ``w`` (any pass, stride-1 undilated convolutions with a kernel larger than 1): Winograd's
   minimal filtering, F(4, k) per axis: transforms plus one batched matmul with 8-12.5x
-  fewer multiply-adds than the direct convolution (``conv_winograd``). ``v``: the same
+  fewer multiply-adds than the direct convolution (``winograd``). ``v``: the same
   with F(6, k), for kernels of at most 3 taps per axis (F(6, 5) needs interpolation points
   whose transforms lose float32 accuracy): 11.4x fewer for 3x3x3, smaller buffers. ``u``:
   per axis the tile size that fits the output length best (at most 8 transformed samples
@@ -40,7 +40,7 @@ computations, and on XLA:CPU the fastest way to run each depends on the layer sh
 For example ``"split_2cx"``: partial im2col over (H, W) with accumulation over the D taps in
 the forward, col2im input-gradient and XLA's weight-gradient. ``bench/conv_autotune.py``
 times every choice of each pass separately per layer shape and writes the winner into
-``conv_table.json`` for ``impl="auto"``.
+``table.json`` for ``impl="auto"``.
 
 A suffix ``b<K>`` (``"split_2c1b4"``) runs every matmul-based pass over the batch in ``K``
 chunks, one after another (``lax.map``): XLA:CPU keeps all shifted slices of a pass alive
@@ -63,7 +63,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lungjax.models import conv_ops, conv_winograd
+from lungjax.models.conv import primitives
+from lungjax.models.conv import winograd as conv_winograd
 
 PREFIX = "split_"
 _PATTERN = re.compile(r"^split_([xfsuvw0-3])([xcfsuvw0-3])([xfsuvw0-3])(?:b([1-9][0-9]*))?$")
@@ -224,7 +225,7 @@ def contraction_size(pass_name: str, choice: str, kernel, cin: int, cout: int) -
 def _outer_views(x, ks, strides, pads, dilation, inner, lhs_dilation=None):
     """Yields (outer tap index, view (N, *out, K_inner*C)) of partial-im2col columns.
 
-    The last ``inner`` spatial axes are gathered into the channel axis (``conv_ops.patches``
+    The last ``inner`` spatial axes are gathered into the channel axis (``primitives.patches``
     with unit kernel on the outer axes, which leaves them padded at full length); each outer
     tap is then a strided slice of those columns.
     """
@@ -232,9 +233,9 @@ def _outer_views(x, ks, strides, pads, dilation, inner, lhs_dilation=None):
     n_outer = rank - inner
     ks_in = (1,) * n_outer + tuple(ks[n_outer:])
     st_in = (1,) * n_outer + tuple(strides[n_outer:])
-    cols = conv_ops.patches(x, ks_in, st_in, pads, dilation, lhs_dilation)
-    out = conv_ops.conv_out_shape(cols.shape[1:1 + n_outer], ks[:n_outer], strides[:n_outer],
-                                  ((0, 0),) * n_outer, dilation[:n_outer])
+    cols = primitives.patches(x, ks_in, st_in, pads, dilation, lhs_dilation)
+    out = primitives.conv_out_shape(cols.shape[1:1 + n_outer], ks[:n_outer], strides[:n_outer],
+                                    ((0, 0),) * n_outer, dilation[:n_outer])
     for taps in itertools.product(*[range(k) for k in ks[:n_outer]]):
         if n_outer == 0:
             yield taps, cols
@@ -259,7 +260,7 @@ def conv_forward(x, w, strides, pads, dilation, inner: int, lhs_dilation=None):
       (N, *out, C_out) in x's dtype, equal to ``lax.conv_general_dilated``.
     """
     ks = w.shape[:-2]
-    acc = conv_ops.acc_dtype(x.dtype)
+    acc = primitives.acc_dtype(x.dtype)
     y = None
     for taps, view in _outer_views(x, ks, strides, pads, dilation, inner, lhs_dilation):
         wt = w[taps].reshape(-1, w.shape[-1])
@@ -273,7 +274,7 @@ def weight_grad(x, dy, w_shape, w_dtype, strides, pads, dilation, inner: int):
     """dW (*kernel, C_in, C_out) = sum over rows of columns^T @ dy, one matmul per outer tap."""
     ks = w_shape[:-2]
     n_outer = len(ks) - inner
-    acc = conv_ops.acc_dtype(x.dtype)
+    acc = primitives.acc_dtype(x.dtype)
     dy2 = dy.reshape(-1, dy.shape[-1])
     parts = []
     for _, view in _outer_views(x, ks, strides, pads, dilation, inner):
@@ -290,8 +291,8 @@ def weight_grad(x, dy, w_shape, w_dtype, strides, pads, dilation, inner: int):
 def input_grad(dy, w, in_spatial, strides, pads, dilation, inner: int):
     """dx as the correlation of the stride-dilated dy with the flipped kernel (partial im2col)."""
     rank = w.ndim - 2
-    w_t, new_pads = conv_ops.transposed_correlation(w, in_spatial, dy.shape[1:-1], strides,
-                                                    pads, dilation)
+    w_t, new_pads = primitives.transposed_correlation(w, in_spatial, dy.shape[1:-1], strides,
+                                                      pads, dilation)
     return conv_forward(dy, w_t, (1,) * rank, new_pads, dilation, inner, lhs_dilation=strides)
 
 
@@ -302,7 +303,7 @@ def _fold_columns(x, kd, stride, pad, dilation):
     lo, hi = pad
     if lo or hi:
         x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (lo, hi, 0)] + [(0, 0, 0)] * 3)
-    do = conv_ops.conv_out_shape(x.shape[1:2], (kd,), (stride,), ((0, 0),), (dilation,))[0]
+    do = primitives.conv_out_shape(x.shape[1:2], (kd,), (stride,), ((0, 0),), (dilation,))[0]
     taps = [lax.slice_in_dim(x, t * dilation, t * dilation + (do - 1) * stride + 1, stride,
                              axis=1) for t in range(kd)]
     # stack + reshape (tap-major, channels fastest) fuses into one loop on XLA:CPU.
@@ -327,7 +328,7 @@ def fold_forward(x, w, strides, pads, dilation):
       (N, D_out, H_out, W_out, C_out) in x's dtype, equal to ``lax.conv_general_dilated``.
     """
     cols, do = _fold_columns(x, w.shape[0], strides[0], pads[0], dilation[0])
-    y = conv_ops.conv_xla(cols, _fold_kernel(w), strides[1:], pads[1:], dilation[1:])
+    y = primitives.conv_xla(cols, _fold_kernel(w), strides[1:], pads[1:], dilation[1:])
     return y.reshape(x.shape[0], do, *y.shape[1:])
 
 
@@ -367,8 +368,8 @@ def strided_input_grad_2d(dy, w, in_hw, strides, pads):
             d = lax.pad(dy, jnp.zeros((), dy.dtype),
                         [(0, 0, 0), (mh - 1, q[0] - dy.shape[1], 0),
                          (mw - 1, q[1] - dy.shape[2], 0), (0, 0, 0)])
-            phases.append(conv_ops.conv_xla(d, jnp.flip(sub, (0, 1)).swapaxes(2, 3), (1, 1),
-                                            ((0, 0), (0, 0)), (1, 1)).astype(dy.dtype))
+            phases.append(primitives.conv_xla(d, jnp.flip(sub, (0, 1)).swapaxes(2, 3), (1, 1),
+                                              ((0, 0), (0, 0)), (1, 1)).astype(dy.dtype))
         rows.append(jnp.stack(phases, axis=3))  # (N, Q_h, Q_w, s_w, C_in)
     full = jnp.stack(rows, axis=2).reshape(n, q[0] * strides[0], q[1] * strides[1], cin)
     (lo_h, _), (lo_w, _) = pads
@@ -393,8 +394,8 @@ def fold_input_grad(x, w, dy, strides, pads, dilation):
     if max(strides[1:]) > 1 and tuple(dilation[1:]) == (1, 1):
         dcols = strided_input_grad_2d(dy2, wk, cols.shape[1:3], strides[1:], pads[1:])
     else:  # stride 1: XLA's input-gradient is itself a YNNPACK convolution
-        _, vjp = jax.vjp(lambda c: conv_ops.conv_xla(c, wk, strides[1:], pads[1:],
-                                                     dilation[1:]), cols)
+        _, vjp = jax.vjp(lambda c: primitives.conv_xla(c, wk, strides[1:], pads[1:],
+                                                       dilation[1:]), cols)
         dcols = vjp(dy2)[0]
     return unfold(dcols.astype(x.dtype))[0]
 
@@ -411,7 +412,7 @@ def _chunks_for(x, f: str, chunks: int) -> int:
 
 def _fwd(x, w, strides, pads, dilation, f, chunks=1):
     if f == "x":
-        return conv_ops.conv_xla(x, w, strides, pads, dilation)
+        return primitives.conv_xla(x, w, strides, pads, dilation)
     if f == "f":
         fn = lambda xc: fold_forward(xc, w, strides, pads, dilation)  # noqa: E731
     elif f in WINOGRAD_TILES:
@@ -424,10 +425,10 @@ def _fwd(x, w, strides, pads, dilation, f, chunks=1):
 
 def _igrad(x, w, dy, strides, pads, dilation, i, chunks=1):
     if i == "x":
-        _, vjp = jax.vjp(lambda xx: conv_ops.conv_xla(xx, w, strides, pads, dilation), x)
+        _, vjp = jax.vjp(lambda xx: primitives.conv_xla(xx, w, strides, pads, dilation), x)
         return vjp(dy)[0]
     if i == "c":
-        fn = lambda xc, dyc: conv_ops._input_grad_col2im(  # noqa: E731
+        fn = lambda xc, dyc: primitives.input_grad_col2im(  # noqa: E731
             xc, dyc, w, strides, pads, dilation)
     elif i == "f":
         fn = lambda xc, dyc: fold_input_grad(xc, w, dyc, strides, pads, dilation)  # noqa: E731
@@ -442,7 +443,7 @@ def _igrad(x, w, dy, strides, pads, dilation, i, chunks=1):
 
 def _wgrad(x, w, dy, strides, pads, dilation, wc, chunks=1):
     if wc == "x":
-        _, vjp = jax.vjp(lambda ww: conv_ops.conv_xla(x, ww, strides, pads, dilation), w)
+        _, vjp = jax.vjp(lambda ww: primitives.conv_xla(x, ww, strides, pads, dilation), w)
         return vjp(dy)[0]
     if wc == "f":
         def fold_w(xc, dyc):
@@ -481,7 +482,7 @@ conv_split.defvjp(_conv_split_fwd, _conv_split_bwd)
 
 
 def conv(x, w, strides, pads, dilation, impl: str):
-    """``conv_ops.conv`` for a ``"split_FIW[bK]"`` impl (see module docstring)."""
+    """``ops.conv`` for a ``"split_FIW[bK]"`` impl (see module docstring)."""
     plan = parse(impl, w.ndim - 2)
     for c in sorted(set(plan) & set(WINOGRAD_TILES)):
         if not winograd_ok(w.shape[:-2], strides, dilation, c):

@@ -1,4 +1,4 @@
-"""Stage-2 networks of dou2017 (lungjax.models.fpr): layout, parameter counts, ablations,
+"""Stage-2 networks of dou2017 (lungjax.models.fp_reduction): layout, parameter counts, ablations,
 forward + gradient at the full 24x60x60 patch, and initialisation from the stage-1 FCN."""
 
 import math
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lungjax.models import fpr
+from lungjax.models import fp_reduction as fpr
 from lungjax.models.fcn import Dou2017FCN
 from lungjax.registry import MODELS
 

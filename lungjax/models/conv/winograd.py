@@ -29,7 +29,7 @@ against 12288 per sample and channel), and ``input_grad`` takes whichever is few
 Tilings: the ``"w"`` (F(4, k)), ``"v"`` (F(6, k): fewer multiplications and a (8/6)^rank
 instead of (6/4)^rank larger transformed buffer, twice the rounding error) and ``"u"``
 (``tile=0``: per axis the tile that wastes least on that axis's output length, at most
-``MAX_ALPHA`` transformed samples) choices of ``conv_split``'s split plans. On the FCN's
+``MAX_ALPHA`` transformed samples) choices of ``split``'s split plans. On the FCN's
 64-channel (3, 5, 5) layer (6x9x9 outputs) ``u`` takes F(6, 3) x F(3, 5) x F(3, 5):
 8*7*7 transformed positions times 3*3 tiles per sample, against F(4, k)'s 6*8*8 times
 2*3*3, half the transformed buffer and matmul work.
@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lungjax.models import conv_ops
+from lungjax.models.conv import primitives
 
 # Interpolation points of the Toom-Cook construction (plus the point at infinity), in the
 # order that keeps the transforms' entries smallest (best float32 accuracy).
@@ -380,7 +380,7 @@ def forward(x, w, pads, tile: int = TILE, slabs: bool = False):
     out, ms, _, alphas = _geometry(x.shape[1:-1], pads, ks, tile)
     u = _transform_tiles(x, pads, ks, tile)
     wt = _transformed_kernel(w, ms, alphas, x.dtype)
-    acc = conv_ops.acc_dtype(x.dtype)
+    acc = primitives.acc_dtype(x.dtype)
     mm = lax.dot_general(u, wt, (((2,), (1,)), ((0,), (0,))), preferred_element_type=acc)
     return _untransform_tiles(mm, x.shape[0], out, ks, tile).astype(x.dtype)
 
@@ -403,7 +403,7 @@ def _transposed_input_grad(dy, w, in_spatial, pads, tile):
     _, ms, _, alphas = _geometry(in_spatial, pads, ks, tile)
     v = _transform_output_grad(dy, ks, tile)
     wt = _transformed_kernel(w, ms, alphas, dy.dtype)
-    acc = conv_ops.acc_dtype(dy.dtype)
+    acc = primitives.acc_dtype(dy.dtype)
     du = lax.dot_general(v, wt, (((2,), (2,)), ((0,), (0,))), preferred_element_type=acc)
     return _transform_tiles_transpose(du.astype(dy.dtype), (dy.shape[0], *in_spatial,
                                                             w.shape[-2]), pads, ks, tile)
@@ -459,8 +459,8 @@ def input_grad(dy, w, in_spatial, pads, tile: int = TILE, slabs: bool = False,
             return _transposed_input_grad_slabs(dy, w, in_spatial, pads)
         return _transposed_input_grad(dy, w, in_spatial, pads, tile)
     ones = (1,) * rank
-    return forward(dy, *conv_ops.transposed_correlation(w, in_spatial, out, ones,
-                                                        pads, ones), tile, slabs)
+    return forward(dy, *primitives.transposed_correlation(w, in_spatial, out, ones,
+                                                          pads, ones), tile, slabs)
 
 
 def _weight_grad_slabs(x, dy, w_shape, w_dtype, pads):

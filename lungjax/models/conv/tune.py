@@ -1,6 +1,6 @@
 """Timing of one convolution shape in each formulation (forward + backward), and of each
 pass (forward, input-gradient, weight-gradient) alone in each of its ``split`` choices, for
-the per-shape choice of ``impl="auto"`` on CPU (see ``conv_select``, ``conv_split``)."""
+the per-shape choice of ``impl="auto"`` on CPU (see ``select``, ``split``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lungjax.models import conv_ops, conv_split
+from lungjax.models.conv import ops as conv_ops
+from lungjax.models.conv import primitives
+from lungjax.models.conv import split as conv_split
 
 
 def _loss_fn(key, impl: str):
@@ -190,7 +192,7 @@ def full_buffer_bytes(key, impl: str) -> int:
     native and the ``split`` formulations (whose passes are checked one by one)."""
     if key.kind != "conv" or impl not in ("im2col", "matmul", "hybrid"):
         return 0
-    out = conv_ops.conv_out_shape(key.spatial, key.kernel, key.strides, key.pads, key.dilation)
+    out = primitives.conv_out_shape(key.spatial, key.kernel, key.strides, key.pads, key.dilation)
     return (key.batch * int(np.prod(out)) * int(np.prod(key.kernel)) * key.cin
             * jnp.dtype(key.dtype).itemsize)
 

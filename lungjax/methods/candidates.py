@@ -1,0 +1,324 @@
+"""Candidate stages: screen whole scans for candidates with a fully convolutional
+network ("screen"), then score each candidate's patch with a second network
+("classify_candidates"), as dou2017's two stages do. Both run on ``lungjax.stages``.
+
+On disk, a "screen" stage folder holds ``candidates_test.npz`` (held-out scans) and,
+when a later stage mines hard negatives from it (``hard_negatives_from``),
+``candidates_train.npz`` (a spread subset of ``train_scans`` training scans, 0 = all); a
+"classify_candidates" stage folder holds ``eval/`` (submission.csv, froc.json, froc.png).
+
+All voxel coordinates are in the prepared store's grid, (z, y, x); world points are
+(x, y, z) mm (``lungjax.data.coords``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lungjax import train as train_lib
+from lungjax.atomic import atomic_write_npz
+from lungjax.data.sampler import spread_subset
+from lungjax.data.tables import Marks
+from lungjax.registry import STAGE_EXPORTS, STAGES
+from lungjax.stages import (StageRun, evaluate_marks, export_network, restore_variables,
+                            scan_model)
+
+
+# ---------------------------------------------------------------------------- records
+
+
+def save_candidates(path: str, cands: Mapping[str, Any], seconds: Mapping[str, dict]) -> None:
+    """Stage-1 candidates of several scans -> one .npz (written atomically).
+
+    Arrays: uid (K,) str, voxel_zyx (K, 3), world_xyz (K, 3), score (K,), and per scan
+    ``scan_uid`` / ``scan_seconds`` (every screened scan, with or without candidates).
+    """
+    uids = list(cands)
+    def cat(name, width):
+        parts = [np.asarray(getattr(cands[u], name), np.float64).reshape(-1, width)
+                 for u in uids]
+        return np.concatenate(parts) if parts else np.zeros((0, width))
+    arrays = {
+        "uid": np.concatenate([np.full(len(cands[u]), u) for u in uids]) if uids
+        else np.zeros(0, str),
+        "voxel_zyx": cat("voxel_zyx", 3), "world_xyz": cat("world_xyz", 3),
+        "score": cat("score", 1).reshape(-1),
+        "scan_uid": np.asarray(uids, str),
+        "scan_seconds": np.asarray([seconds[u]["total"] for u in uids], np.float64),
+    }
+    if jax.process_index() == 0:
+        atomic_write_npz(path, **arrays)
+
+
+def load_candidates(path: str) -> dict[str, dict[str, np.ndarray]]:
+    """``save_candidates`` file -> {uid: {"voxel_zyx", "world_xyz", "score", "seconds"}}."""
+    with np.load(path) as z:
+        d = {k: z[k] for k in z.files}
+    out = {}
+    for u, sec in zip(d["scan_uid"], d["scan_seconds"]):
+        m = d["uid"] == u
+        out[str(u)] = {"voxel_zyx": d["voxel_zyx"][m], "world_xyz": d["world_xyz"][m],
+                       "score": d["score"][m], "seconds": float(sec)}
+    return out
+
+
+def candidate_marks(cands: Mapping[str, Mapping[str, np.ndarray]]) -> Marks:
+    """Stage-1 candidates as LUNA16 marks (world mm, stage-1 score)."""
+    return Marks.concatenate([Marks(np.full(len(c["score"]), u), c["world_xyz"], c["score"])
+                              for u, c in cands.items()])
+
+
+# ---------------------------------------------------------------------------- screening
+
+
+def screen_scans(config, network_dir: str, store, uids: Sequence[str], *,
+                 progress: bool = True):
+    """Screens whole stored scans with the latest checkpoint of a fully convolutional
+    scoring network (its ``layer_specs`` map output cells to input voxels).
+
+    Args:
+      config: the network's run config (``detection`` section: threshold, NMS, ...).
+      network_dir: the "train" stage folder of the network.
+      store: ``PatchStore``; uids: scans, in order.
+
+    Returns:
+      ``lungjax.detect.DetectionRun`` (candidates in store voxels and world mm).
+    """
+    from lungjax.detect import DetectionSettings, run_detection
+    from lungjax.steps import make_predict_fn
+    from lungjax.tasks.screening import output_mapping
+
+    model, task = scan_model(config), train_lib.build_task(config)
+    variables, _ = restore_variables(network_dir)
+    mapping = output_mapping(model.layer_specs(), center="patch")
+    # Ranked by log-odds: a trained FCN's probabilities saturate at 1.0 over many cells.
+    settings = dataclasses.replace(DetectionSettings.from_config(config.detection.to_dict()),
+                                   log_odds=True)
+    predict = make_predict_fn(model, task, config.data.spatial_dims, output="log_odds")
+    return run_detection(predict, store, list(uids), mapping, settings, variables=variables,
+                         progress=progress and jax.process_index() == 0)
+
+
+# ---------------------------------------------------------------------------- scoring
+
+
+def crop(volume: np.ndarray, center_zyx, size_zyx) -> np.ndarray:
+    """``PatchStore.read_patch`` on an in-memory volume: box starting at
+    ``center - size // 2``, outside filled with 0. (size) float32."""
+    size = np.asarray(size_zyx, np.int64)
+    start = np.asarray(center_zyx, np.int64) - size // 2
+    shape = np.asarray(volume.shape)
+    lo, hi = np.clip(start, 0, shape), np.clip(start + size, 0, shape)
+    out = np.zeros(tuple(size), np.float32)
+    if np.all(hi > lo):
+        a, b = lo - start, hi - start
+        out[a[0]:b[0], a[1]:b[1], a[2]:b[2]] = volume[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    return out
+
+
+class CandidateClassifier:
+    """Stage-2 scoring of candidate patches with an FP-reduction network.
+
+    Args:
+      model: the stage-2 Flax module; task: its ``HybridTask``.
+      variables: its variables ({"params", "batch_stats"}).
+      size_zyx: patch size (24, 60, 60).
+      batch: patches per network call (the last call is padded: one compilation).
+      step: checkpoint step the variables come from (for records).
+    """
+
+    def __init__(self, model, task, variables, size_zyx, batch: int = 32, step: int = 0):
+        self.model, self.task, self.variables = model, task, variables
+        self.size = tuple(int(s) for s in size_zyx)
+        self.batch = int(batch)
+        self.step = int(step)
+
+        @jax.jit
+        def _decode(variables, x):
+            return task.decode(model.apply(variables, x, train=False))
+
+        self._decode = _decode
+
+    @classmethod
+    def from_checkpoint(cls, config, network_dir: str, batch: int = 32) -> "CandidateClassifier":
+        """The latest checkpoint of the "train" stage folder ``network_dir`` (run config
+        ``config``)."""
+        variables, step = restore_variables(network_dir)
+        return cls(train_lib.build_model(config), train_lib.build_task(config), variables,
+                   config.data.patch_size_zyx, batch, step)
+
+    def __call__(self, volume: np.ndarray, voxel_zyx: np.ndarray) -> dict[str, np.ndarray]:
+        """Scores the candidates of one volume.
+
+        Args:
+          volume: (D, H, W) float32 in [0, 1], the store's image of the scan.
+          voxel_zyx: (K, 3) candidate voxels (rounded to the patch centre voxel).
+
+        Returns:
+          ``score`` (K,) float64 and, for the hybrid network, ``diameter_mm`` (K,) and
+          ``offset_zyx`` (K, 3) (voxels from the patch's geometric centre).
+        """
+        centers = np.rint(np.asarray(voxel_zyx, np.float64).reshape(-1, 3)).astype(np.int64)
+        parts: dict[str, list] = {}
+        for i in range(0, len(centers), self.batch):
+            c = centers[i:i + self.batch]
+            x = np.zeros((self.batch, *self.size, 1), np.float32)
+            for j, cj in enumerate(c):
+                x[j, ..., 0] = crop(volume, cj, self.size)
+            out = jax.device_get(self._decode(self.variables, jnp.asarray(x)))
+            for k, v in out.items():
+                parts.setdefault(k, []).append(np.asarray(v, np.float64)[:len(c)])
+        if not parts:
+            out = {"score": np.zeros(0)}
+            if getattr(self.model, "regression", False):
+                out.update(diameter_mm=np.zeros(0), offset_zyx=np.zeros((0, 3)))
+            return out
+        return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def classify_scans(classifier: CandidateClassifier, store, cands: Mapping[str, Mapping],
+                   uids: Sequence[str], *, regressed_position: bool = False
+                   ) -> tuple[Marks, np.ndarray | None, dict[str, float]]:
+    """Stage 2 on the stage-1 candidates of ``uids``.
+
+    Args:
+      regressed_position: a network with a regression head places each mark at its
+        regressed nodule centre (the paper's T_x, T_y, T_z) instead of the stage-1
+        candidate voxel, which sits on the score volume's stride-2 grid and can fall just
+        outside a small nodule's radius.
+
+    Returns:
+      (marks at the regressed centres (or the candidates' positions) in world mm with the
+      stage-2 probability, (M,) regressed diameters in mm or None for classification-only
+      networks, {uid: stage-2 seconds}).
+    """
+    from lungjax.data.coords import voxel_to_world
+    from lungjax.tasks.hybrid import patch_geometric_center
+
+    marks, diam, seconds = [], [], {}
+    for uid in uids:
+        t0 = time.perf_counter()
+        c = cands[uid]
+        volume = store.read_volume(uid) if len(c["score"]) else np.zeros((1, 1, 1), np.float32)
+        out = classifier(volume, c["voxel_zyx"])
+        xyz = c["world_xyz"]
+        if regressed_position and "offset_zyx" in out and len(out["score"]):
+            read = np.rint(np.asarray(c["voxel_zyx"], np.float64).reshape(-1, 3))
+            vox = patch_geometric_center(read, classifier.size) + out["offset_zyx"]
+            xyz = voxel_to_world(vox, store.scan(uid).geometry).reshape(-1, 3)
+        marks.append(Marks(np.full(len(out["score"]), uid), xyz, out["score"]))
+        if "diameter_mm" in out:
+            diam.append(out["diameter_mm"])
+        seconds[uid] = time.perf_counter() - t0
+    d = np.concatenate(diam) if diam else None
+    return Marks.concatenate(marks), d, seconds
+
+
+# ---------------------------------------------------------------------------- stages
+
+
+@STAGES.register("screen")
+def screen_stage(run: StageRun) -> dict:
+    """Candidates of the held-out scans (and, for a later ``hard_negatives_from``, of
+    ``train_scans`` training scans) from the network of stage ``network``; the record
+    holds the held-out screening figures (every candidate counts)."""
+    from lungjax.detect import store_screening_stats
+
+    ctx, spec = run.ctx, run.spec
+    train_uids = ctx.train_uids
+    n = int(spec["train_scans"])
+    if n and n < len(train_uids):  # CPU schedule: hard negatives from a spread subset
+        train_uids = [train_uids[i] for i in spread_subset(len(train_uids), n)]
+    parts = [("test", ctx.test_uids)]
+    if run.needs_train_candidates and not ctx.evaluate_only:
+        parts.append(("train", train_uids))
+    cands, files = {}, {}
+    for part, uids in parts:
+        path = os.path.join(run.dir, f"candidates_{part}.npz")
+        # A killed stage keeps the scans screened in full: screening is its largest cost.
+        if ctx.evaluate_only or not os.path.isfile(path):
+            banner_line = f"{run.name}: screening {len(uids)} {part} scans"
+            print(banner_line, flush=True)
+            det = screen_scans(run.config, run.dirs[spec["network"]], ctx.store, uids,
+                               progress=run.progress)
+            save_candidates(path, det.candidates, det.seconds)
+        cands[part] = load_candidates(path)
+        files[f"candidates_{part}"] = path
+    stats = store_screening_stats(candidate_marks(cands["test"]), ctx.store, ctx.test_uids)
+    stats.pop("missed")
+    line = (f"sensitivity {stats['sensitivity']:.3f} ({stats['n_detected']}/"
+            f"{stats['n_nodules']}), {stats['fps_per_scan']:.1f} FPs/scan, "
+            f"{stats['candidates_per_scan']:.1f} candidates/scan")
+    return {"stats": stats, **files, "network_dir": run.dirs[spec["network"]],
+            "summary_line": line}
+
+
+@STAGES.register("classify_candidates")
+def classify_stage(run: StageRun) -> dict:
+    """Scores the held-out candidates of stage ``candidates_from`` with the network of
+    stage ``network`` (patches of its ``data.patch_size_zyx`` centred on each candidate);
+    marks at the candidate (or, ``regressed_position``, the regressed centre)."""
+    spec, ctx = run.spec, run.ctx
+    src = spec["candidates_from"]
+    clf = CandidateClassifier.from_checkpoint(run.config, run.dirs[spec["network"]],
+                                              int(spec["batch"]))
+    cands = load_candidates(os.path.join(run.dirs[src], "candidates_test.npz"))
+    marks, diam, seconds = classify_scans(clf, ctx.store, cands, ctx.test_uids,
+                                          regressed_position=bool(spec["regressed_position"]))
+    per_scan = {u: {src: cands[u]["seconds"], run.name: seconds[u],
+                    "total": cands[u]["seconds"] + seconds[u]} for u in ctx.test_uids}
+    screened = run.records[src]
+    return evaluate_marks(run, marks, diam, per_scan, clf.step,
+                          {"candidates": screened["stats"]} if "stats" in screened else None)
+
+
+def _export_screen(run: StageRun) -> dict:
+    """The screening network on whole scans: spatial sizes stay symbolic (any size from
+    the receptive field up) unless ``export.input_size_zyx`` fixes them."""
+    from lungjax.steps import make_predict_fn
+    from lungjax.tasks.screening import output_mapping
+
+    cfg = run.config
+    model, task = scan_model(cfg), train_lib.build_task(cfg)
+    m = output_mapping(model.layer_specs(), center="patch")
+    size = tuple(cfg.export.input_size_zyx) or (None,) * len(cfg.data.patch_size_zyx)
+    min_size = None if cfg.export.input_size_zyx else tuple(int(r) for r in
+                                                            m.receptive_field_zyx)
+    meta = {"output_mapping": m.to_json(), "detection": cfg.detection.to_dict(),
+            "output": "nodule probability per output cell"}
+    return export_network(run, make_predict_fn(model, task), size, meta, min_size)
+
+
+def _export_classify(run: StageRun) -> dict:
+    """The candidate classifier on (B, *patch, 1) patches: column 0 the probability,
+    column 1 (networks with a regression head) the diameter in mm."""
+    cfg = run.config
+    model, task = train_lib.build_model(cfg), train_lib.build_task(cfg)
+    if cfg.detection.conv_impl:
+        # Measured per-shape convolution choices need concrete shapes; the export's batch
+        # size is symbolic.
+        model = model.clone(conv_impl=cfg.detection.conv_impl)
+
+    def predict(variables, image):
+        dec = task.decode(model.apply(variables, image, train=False))
+        cols = [dec["score"]]
+        if "diameter_mm" in dec:
+            cols.append(dec["diameter_mm"])
+        return jnp.stack(cols, axis=-1)
+
+    meaning = ("column 0: nodule probability of the candidate patch"
+               + ("; column 1: regressed diameter (mm)" if model.regression else ""))
+    size = tuple(int(s) for s in cfg.data.patch_size_zyx)
+    return export_network(run, predict, size, {
+        "output_columns": meaning, "patch_start": "candidate voxel - patch_size // 2"})
+
+
+STAGE_EXPORTS.register("screen", _export_screen)
+STAGE_EXPORTS.register("classify_candidates", _export_classify)

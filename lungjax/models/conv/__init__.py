@@ -1,0 +1,1 @@
+"""CPU-fast convolution behind ``lungjax.models.layers.Conv``: formulations and their choice."""
