@@ -153,6 +153,12 @@ def get_config():
     # Whole-scan detector of a "detect" stage (lungjax.registry.DETECTORS): "score_volume"
     # thresholds a fully convolutional network's score volume.
     c.detection.detector = "score_volume"
+    # Anchor detectors (xie2018): suppression across heads, "iou" | "soft" (soft-NMS) |
+    # "distance" (nms_distance_mm), and the context around each tile (voxels).
+    c.detection.nms = "iou"
+    c.detection.nms_iou = 0.1
+    c.detection.soft_nms_sigma = 0.5
+    c.detection.halo = 32
 
     # --- the method: its stages, in order (lungjax.stages) ---------------------------
     # name -> dict of lungjax.stages.STAGE_FIELDS (kind, sections, network, init_from, ...)

@@ -29,7 +29,7 @@ from scipy import special
 from lungjax.data.coords import Geometry, within_sphere
 from lungjax.data.tables import Findings, Marks, write_marks_csv
 from lungjax.tasks.screening import (Candidates, OutputMapping, candidates_from_scores,
-                                     inside_mask, score_volume)
+                                     crop_patch, inside_mask, score_volume)
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ class DetectionSettings:
                    tile_zyx=tuple(tile) if tile else None, batch=int(get("batch", 1) or 1),
                    max_candidates=int(cap) if cap else None,
                    lung_only=bool(get("lung_only", False)),
+                   log_odds=bool(get("log_odds", False)),
                    refine_radius_mm=float(get("refine_radius_mm", 0.0)))
 
 
@@ -268,6 +269,25 @@ def detect_scan(predict_fn: Callable, scan_path: str | os.PathLike,
       lungjax.data.io.ScanReadError: unreadable scan.
       lungjax.data.preprocess.LungMaskError: no lung found.
     """
+    volume, geometry, lung, uid, info = read_preprocessed(scan_path, preprocess_cfg, uid=uid)
+    t0 = time.perf_counter()
+    cands = detect_volume(predict_fn, volume, geometry, mapping, settings,
+                          lung_mask=lung, variables=variables, jit=jit)
+    info["seconds"]["detect"] = time.perf_counter() - t0
+    info["seconds"]["total"] += info["seconds"]["detect"]
+    info["candidates"] = len(cands)
+    return Marks(np.full(len(cands), uid), cands.world_xyz, cands.score), info
+
+
+def read_preprocessed(scan_path: str | os.PathLike, preprocess_cfg: Mapping[str, Any], *,
+                      uid: str | None = None):
+    """Reads a scan file and preprocesses it as the store did.
+
+    Returns:
+      (volume (D, H, W) float32 in [0, 1], its Geometry, lung mask (D, H, W) bool, uid,
+      info {uid, shape_zyx, seconds {read, preprocess, total}}); ``uid`` defaults to the
+      file name without extension (the LUNA16 naming).
+    """
     from lungjax.data.io import read_scan
     from lungjax.data.preprocess import preprocess_scan, uint8_to_unit
 
@@ -286,13 +306,9 @@ def detect_scan(predict_fn: Callable, scan_path: str | os.PathLike,
     del scan
     volume = uint8_to_unit(pre.image)
     t2 = time.perf_counter()
-    cands = detect_volume(predict_fn, volume, pre.geometry, mapping, settings,
-                          lung_mask=pre.lung, variables=variables, jit=jit)
-    t3 = time.perf_counter()
-    info = {"uid": uid, "shape_zyx": list(volume.shape), "candidates": len(cands),
-            "seconds": {"read": t1 - t0, "preprocess": t2 - t1, "detect": t3 - t2,
-                        "total": t3 - t0}}
-    return Marks(np.full(len(cands), uid), cands.world_xyz, cands.score), info
+    info = {"uid": uid, "shape_zyx": list(volume.shape),
+            "seconds": {"read": t1 - t0, "preprocess": t2 - t1, "total": t2 - t0}}
+    return volume, pre.geometry, pre.lung, uid, info
 
 
 def write_submission(path: str | os.PathLike, marks: Marks,
@@ -425,14 +441,119 @@ def load_exported_detector(export_dir: str | os.PathLike):
     return predict, mapping, preprocess_cfg, settings, sidecar
 
 
+METHOD_JSON = "method.json"  # lungjax.stages.METHOD_JSON: the stages of a method export
+
+
+@dataclasses.dataclass
+class ExportedMethod:
+    """A trained method as a function of one preprocessed volume.
+
+    Attributes:
+      preprocessing: the store's settings the method was trained on (spacing_zyx,
+        hu_window, margin_mm, closing_mm): every scan is read and preprocessed with them.
+      find: ``find(volume (D, H, W) float32 in [0, 1], geometry, lung (D, H, W) bool or
+        None) -> (world_xyz (K, 3) mm, score (K,) probability, diameter_mm (K,) or None)``.
+      description: the stages it runs, for the console.
+    """
+
+    preprocessing: Mapping[str, Any]
+    find: Callable
+    description: str
+
+
+def _screening(export_dir: str, changes: Mapping[str, Any]):
+    """(find, sidecar, settings) of an exported screening network: candidates of its
+    score volume."""
+    predict, mapping, _, settings, sidecar = load_exported_detector(export_dir)
+    settings = dataclasses.replace(settings, **changes)
+
+    def find(volume, geometry, lung):
+        # The loaded predictor returns numpy: it runs as is, not under jit.
+        c = detect_volume(predict, volume, geometry, mapping, settings, lung_mask=lung,
+                          jit=False)
+        return c.world_xyz, c.score, None
+
+    return find, sidecar, settings
+
+
+def load_method(export_dir: str | os.PathLike, changes: Mapping[str, Any] | None = None
+                ) -> ExportedMethod:
+    """The folder ``--mode=export`` prints (its ``method.json`` lists the stages), or one
+    exported screening network, as an :class:`ExportedMethod`.
+
+    Methods it runs: a "detect" stage (a score-volume network, or a detector registered in
+    ``lungjax.registry.EXPORTED_DETECTORS``), or "screen" then "classify_candidates"
+    (candidates of the screening network, each scored on its patch by the classifier).
+    ``changes`` override the screening settings (threshold, nms_radius_mm, ...).
+
+    Raises:
+      FileNotFoundError / ValueError naming the folder and what it lacks.
+    """
+    import json
+
+    from lungjax.export import load_predictor
+    from lungjax.registry import EXPORTED_DETECTORS
+
+    export_dir = os.fspath(export_dir)
+    changes = dict(changes or {})
+    path = os.path.join(export_dir, METHOD_JSON)
+    if not os.path.isfile(path):  # a single exported screening network
+        find, sidecar, _ = _screening(export_dir, changes)
+        return ExportedMethod(sidecar.get("preprocessing", sidecar), find, "screening")
+    with open(path, encoding="utf-8") as f:
+        stages = json.load(f)["stages"]
+    if not stages:
+        raise ValueError(f"{path}: no exported stage")
+    final = stages[-1]
+    sub = os.path.join(export_dir, final["dir"])
+    if final["kind"] == "detect":
+        with open(os.path.join(sub, "export.json"), encoding="utf-8") as f:
+            sidecar = json.load(f)
+        detector = sidecar["detection"]["detector"]
+        if detector == "score_volume":
+            find, sidecar, _ = _screening(sub, changes)
+        else:
+            find = EXPORTED_DETECTORS.get(detector).load(sub)
+        return ExportedMethod(sidecar["preprocessing"], find, f"{final['name']} ({detector})")
+    if final["kind"] == "classify_candidates":
+        screen = [s for s in stages if s["kind"] == "screen"]
+        if not screen:
+            raise ValueError(f"{path}: stage {final['name']!r} scores candidates but no "
+                             "'screen' stage was exported")
+        screen_dir = os.path.join(export_dir, screen[-1]["dir"])
+        predict, mapping, _, settings, sidecar = load_exported_detector(screen_dir)
+        settings = dataclasses.replace(settings, **changes)
+        classify, side2 = load_predictor(sub)
+        size = tuple(int(v) for v in side2["preprocessing"]["patch_size_zyx"])
+        batch = 32
+
+        def find(volume, geometry, lung):
+            c = detect_volume(predict, volume, geometry, mapping, settings, lung_mask=lung,
+                              jit=False)
+            centres = np.rint(c.voxel_zyx).astype(np.int64)
+            cols = []
+            for i in range(0, len(centres), batch):
+                x = np.stack([crop_patch(volume, v, size) for v in centres[i:i + batch]])
+                cols.append(np.asarray(classify(x[..., None]), np.float64).reshape(len(x), -1))
+            out = np.concatenate(cols) if cols else np.zeros((0, 2))
+            return c.world_xyz, out[:, 0], out[:, 1] if out.shape[1] > 1 else None
+
+        return ExportedMethod(sidecar["preprocessing"], find,
+                              f"{screen[-1]['name']} -> {final['name']}")
+    raise ValueError(f"{path}: the final stage {final['name']!r} ({final['kind']}) does not "
+                     "give marks on a scan")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m lungjax.detect --model=DIR --scan=A.mhd [--scan=B.mhd] --out=marks.csv``"""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m lungjax.detect",
-                                     description="Screen CT scans with an exported model and "
-                                                 "write LUNA16 marks (world mm).")
-    parser.add_argument("--model", required=True, help="export directory (lungjax.export)")
+                                     description="Find nodules in CT scans with an exported "
+                                                 "method and write LUNA16 marks (world mm).")
+    parser.add_argument("--model", required=True,
+                        help="the folder --mode=export printed (all the method's stages), or "
+                             "one exported screening network")
     parser.add_argument("--scan", required=True, action="append",
                         help=".mhd/.mha/.nii(.gz) file or DICOM folder; repeat for several")
     parser.add_argument("--out", required=True, help="submission CSV to write")
@@ -454,7 +575,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_cli(args) -> int:
-    predict, mapping, pre, settings, _ = load_exported_detector(args.model)
     changes = {k: v for k, v in (("threshold", args.threshold), ("nms_radius_mm", args.nms_mm),
                                  ("max_candidates", args.max_candidates),
                                  ("batch", args.batch)) if v is not None}
@@ -462,20 +582,40 @@ def _run_cli(args) -> int:
         changes["lung_only"] = True
     if args.tile:
         changes["tile_zyx"] = tuple(int(v) for v in args.tile.split(","))
-    settings = dataclasses.replace(settings, **changes)
-    parts = []
+    method = load_method(args.model, changes)
+    print(f"method: {method.description}", flush=True)
+    parts, diameters = [], []
     for path in args.scan:
-        # The loaded predictor returns numpy: it runs as is, not under jit.
-        marks, info = detect_scan(predict, path, pre, mapping, settings, jit=False)
+        marks, info = detect_scan_with(method, path)
         sec = info["seconds"]
-        print(f"{info['uid']}: {len(marks)} candidates, {sec['total']:.1f} s (read "
+        print(f"{info['uid']}: {len(marks)} marks, {sec['total']:.1f} s (read "
               f"{sec['read']:.1f}, preprocess {sec['preprocess']:.1f}, detect "
               f"{sec['detect']:.1f}); volume {tuple(info['shape_zyx'])}", flush=True)
         parts.append(marks)
+        diameters.append(info["diameter_mm"])
     marks = Marks.concatenate(parts)
-    write_submission(args.out, marks)
+    diam = None if any(d is None for d in diameters) else np.concatenate(diameters)
+    write_submission(args.out, marks, diam)
     print(f"wrote {len(marks)} marks to {args.out}")
     return 0
+
+
+def detect_scan_with(method: ExportedMethod, scan_path: str | os.PathLike, *,
+                     uid: str | None = None) -> tuple[Marks, dict]:
+    """:func:`detect_scan` with a whole exported method (:func:`load_method`).
+
+    Returns:
+      (marks in world mm, info: uid, shape_zyx, seconds {read, preprocess, detect, total},
+      diameter_mm (K,) or None).
+    """
+    volume, geometry, lung, uid, info = read_preprocessed(scan_path, method.preprocessing,
+                                                          uid=uid)
+    t0 = time.perf_counter()
+    world, score, diam = method.find(volume, geometry, lung)
+    info["seconds"]["detect"] = time.perf_counter() - t0
+    info["seconds"]["total"] += info["seconds"]["detect"]
+    info["diameter_mm"] = None if diam is None else np.asarray(diam, np.float64)
+    return Marks(np.full(len(score), uid), np.asarray(world).reshape(-1, 3), score), info
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ _SPATIAL_NAMES = ("d", "h", "w")
 
 def export_predictor(out_dir: str, predict_fn: Callable, variables: Any,
                      input_size_zyx, metadata: dict, channels: int = 1,
-                     min_size_zyx=None) -> dict:
+                     min_size_zyx=None, multiple_of: int = 1) -> dict:
     """Writes the artifact; returns the sidecar dict.
 
     Args:
@@ -48,6 +48,8 @@ def export_predictor(out_dir: str, predict_fn: Callable, variables: Any,
       input_size_zyx: spatial input size the function is exported for (e.g. (10, 30, 30));
         an entry None makes that axis symbolic. The batch size is always symbolic.
       min_size_zyx: lower bounds of symbolic axes (e.g. the receptive field).
+      multiple_of: symbolic axes take only multiples of this (a network whose strided
+        stages and upsampling must line up, e.g. 16 for a stride-16 backbone + FPN).
       metadata: extra sidecar fields (preprocessing, model name, ...).
       channels: input channels (channels-last).
     """
@@ -56,11 +58,12 @@ def export_predictor(out_dir: str, predict_fn: Callable, variables: Any,
     names = _SPATIAL_NAMES[-len(input_size_zyx):]
     sym = [n for n, s in zip(names, input_size_zyx) if s is None]
     mins = min_size_zyx or (1,) * len(input_size_zyx)
-    constraints = [f"{n} >= {int(m)}" for n, s, m in zip(names, input_size_zyx, mins)
+    k = int(multiple_of)
+    constraints = [f"{n} >= {-(-int(m) // k)}" for n, s, m in zip(names, input_size_zyx, mins)
                    if s is None]
     dims = jax.export.symbolic_shape(", ".join(["b", *sym]), constraints=constraints)
     b, sym_dims = dims[0], iter(dims[1:])
-    spatial = [next(sym_dims) if s is None else int(s) for s in input_size_zyx]
+    spatial = [k * next(sym_dims) if s is None else int(s) for s in input_size_zyx]
     img_spec = jax.ShapeDtypeStruct((b, *spatial, channels), jnp.float32)
     exported = jax.export.export(jax.jit(predict_fn), platforms=("cpu", "cuda"))(
         var_spec, img_spec)
@@ -89,7 +92,7 @@ def export_predictor(out_dir: str, predict_fn: Callable, variables: Any,
 
 def export_network(out_dir: str, checkpoint_dir: str, predict_fn: Callable, input_size_zyx,
                    metadata: dict, network: str | None = None, step: int | None = None,
-                   channels: int = 1, min_size_zyx=None) -> dict:
+                   channels: int = 1, min_size_zyx=None, multiple_of: int = 1) -> dict:
     """``export_predictor`` of one network of a run's checkpoint.
 
     Args:
@@ -97,8 +100,8 @@ def export_network(out_dir: str, checkpoint_dir: str, predict_fn: Callable, inpu
       network: the network of the stage to export (e.g. "segmenter"); None for a stage
         with a single network.
       step: a checkpoint step; default the latest.
-      out_dir, predict_fn, input_size_zyx, metadata, channels, min_size_zyx: as in
-        ``export_predictor``; the sidecar also records ``network`` and
+      out_dir, predict_fn, input_size_zyx, metadata, channels, min_size_zyx, multiple_of:
+        as in ``export_predictor``; the sidecar also records ``network`` and
         ``checkpoint_step``.
     """
     from lungjax.checkpointing import restore_params
@@ -107,7 +110,8 @@ def export_network(out_dir: str, checkpoint_dir: str, predict_fn: Callable, inpu
     variables = {"params": ck["params"], **ck["model_state"]}
     meta = {**metadata, "network": ck["network"], "checkpoint_step": ck["step"]}
     return export_predictor(out_dir, predict_fn, variables, input_size_zyx, meta,
-                            channels=channels, min_size_zyx=min_size_zyx)
+                            channels=channels, min_size_zyx=min_size_zyx,
+                            multiple_of=multiple_of)
 
 
 def _json_default(o):
@@ -153,6 +157,7 @@ def load_predictor(export_dir: str) -> tuple[Callable[[np.ndarray], np.ndarray],
         x = np.asarray(image, np.float32)
         if x.ndim == len(sidecar["input"]["shape"]) - 1:
             x = x[..., None]
-        return np.asarray(exported.call(variables, x))
+        # One array, or a tuple of them for a network with several heads.
+        return jax.tree_util.tree_map(np.asarray, exported.call(variables, x))
 
     return predict, sidecar

@@ -1,7 +1,7 @@
 """lungjax entry point (kept short on purpose; the work is in stages.py and train.py).
 
     python -m lungjax.main --config=configs/dou2017.py[:variant] [--workdir=DIR] \
-        [--mode=train|cv|evaluate|export] [--config.a.b=value ...]
+        [--mode=train|cv|evaluate|export] [--restart] [--config.a.b=value ...]
 
 Without ``--workdir`` the run goes to ``runs/<config.name>``. Multi-host: pass
 ``--coordinator=host:port --num_processes=N --process_id=i`` (or the LUNGJAX_* env vars).
@@ -21,6 +21,8 @@ config_flags.DEFINE_config_file("config", None, "Method config file[:variant].",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (default runs/<config.name>).")
 flags.DEFINE_enum("mode", "train", ["train", "cv", "evaluate", "export"], "What to do.")
+flags.DEFINE_bool("restart", False, "Start over every stage whose folder holds results of "
+                  "another configuration (the old folder is kept beside it).")
 flags.DEFINE_string("coordinator", None, "Multi-host coordinator address host:port.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's id.")
@@ -80,8 +82,8 @@ def main(argv):
     train.validate_config(config)
     workdir = FLAGS.workdir or os.path.join("runs", config.name)
     try:
-        stages.run(FLAGS.mode, config, workdir)
-    except train.NonFiniteLossError as e:
+        stages.run(FLAGS.mode, config, workdir, restart=FLAGS.restart)
+    except (train.NonFiniteLossError, stages.StageConfigError, stages.StageError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

@@ -108,4 +108,8 @@ STAGE_CONFIGS = Registry("stage config", ("lungjax.methods.dou2017",))
 # report chosen by ``config.cv.report``.
 SAMPLERS = Registry("sampler", ("lungjax.methods.xie2018", "lungjax.data.dense_sampling"))
 DETECTORS = Registry("detector", ("lungjax.stages", "lungjax.methods.xie2018"))
+# A detector's "detect" stage export and its loader for ``python -m lungjax.detect``:
+# ``export(StageRun) -> sidecar``, ``load(export_dir) -> find(volume, geometry, lung) ->
+# (world_xyz, score, diameter_mm)``; keyed like DETECTORS ("score_volume" is built in).
+EXPORTED_DETECTORS = Registry("exported detector", ("lungjax.methods.xie2018",))
 CV_REPORTS = Registry("cv_report", ("lungjax.methods.dou2017", "lungjax.methods.xie2018"))

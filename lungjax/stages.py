@@ -50,6 +50,7 @@ from lungjax.metrics_log import banner
 from lungjax.registry import CV_REPORTS, DETECTORS, STAGE_EXPORTS, STAGES
 
 STAGE_RECORD = "stage.json"
+STAGE_CONFIG = "stage_config.json"  # what the stage computes from, written when it starts
 FOLD_RECORD = "fold.json"
 METHOD_JSON = "method.json"
 
@@ -75,6 +76,13 @@ STAGE_FIELDS: dict[str, Any] = {
 # Run-config fields that do not change what a stage computes (the other stages, the
 # cross-validation plan, the run's name).
 NOT_COMPUTED = ("name", "stages", "stage_order", "cv")
+# Fields a rerun may change on a finished or interrupted stage: how often it logs and
+# saves, how its data is read, what is shown; everything else changes its results.
+NO_EFFECT = ("config.train.log_every", "config.train.checkpoint_every",
+             "config.train.keep_checkpoints", "config.train.async_checkpoint",
+             "config.train.progress_bar", "config.data.workers", "config.data.prefetch_buffer",
+             "config.data.prepare_workers", "config.runtime.", "config.export.",
+             "spec.progress", "spec.batch")
 
 
 class StageError(ValueError):
@@ -182,18 +190,83 @@ def stage_config(config, name: str, spec: Mapping[str, Any]):
     return cfg
 
 
-def fingerprint(config, name: str, specs: Mapping[str, dict]) -> str:
-    """Hash of what stage ``name`` computes: its spec, its run config and, recursively,
-    the stages it takes from. Equal fingerprints = the same results."""
+def computed_from(config, name: str, specs: Mapping[str, dict]) -> dict:
+    """What stage ``name`` computes from: its spec and its run config (JSON-able)."""
     spec = specs[name]
     parts = {"spec": spec, "config": _plain(stage_config(config, name, spec))}
     for key in NOT_COMPUTED:
         parts["config"].pop(key, None)
+    return parts
+
+
+def fingerprint(config, name: str, specs: Mapping[str, dict]) -> str:
+    """Hash of what stage ``name`` computes: its spec, its run config and, recursively,
+    the stages it takes from. Equal fingerprints = the same results."""
+    spec = specs[name]
+    parts = computed_from(config, name, specs)
     for field in ("network", "init_from", "hard_negatives_from", "candidates_from"):
         if spec[field]:
             parts[field] = fingerprint(config, spec[field], specs)
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _flat(tree, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, Mapping):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: tree}
+
+
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Fields of :func:`computed_from` records that differ and change a stage's results
+    (not :data:`NO_EFFECT`), as ``"field: old -> new"``, sorted."""
+    a, b = _flat(json.loads(json.dumps(old, default=str))), \
+        _flat(json.loads(json.dumps(new, default=str)))
+    # The spec's sections / replace / derive act through the run config, compared already.
+    skip = NO_EFFECT + ("spec.sections", "spec.replace", "spec.derive")
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == n or key.startswith(n) for n in skip):
+            continue
+        if a.get(key, "(unset)") != b.get(key, "(unset)"):
+            out.append(f"{key.removeprefix('config.')}: {a.get(key, '(unset)')!r} -> "
+                       f"{b.get(key, '(unset)')!r}")
+    return out
+
+
+class StageConfigError(ValueError):
+    """A rerun asks a stage folder for results of another configuration."""
+
+
+def _check_or_restart(d: str, name: str, computed: dict, restart: bool) -> bool:
+    """Compares a stage folder's recorded configuration with ``computed``; returns True
+    when the folder was moved aside (``restart``), raises :class:`StageConfigError`
+    naming the changed fields when it differs and ``restart`` is off."""
+    old = read_json(os.path.join(d, STAGE_CONFIG))
+    if old is None:
+        return False
+    changes = config_changes(old, computed)
+    if not changes:
+        return False
+    if not restart:
+        shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more"
+                                           if len(changes) > 6 else "")
+        raise StageConfigError(
+            f"{d}: stage {name!r} was run with another configuration ({shown}); rerun with "
+            "--restart to start it over (the old folder is kept beside it) or use another "
+            "--workdir")
+    return True
+
+
+def _move_aside(d: str) -> str:
+    aside = f"{d}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+    if jax.process_index() == 0:
+        os.replace(d, aside)
+    print(f"--restart: {d} moved to {aside}", flush=True)
+    return aside
 
 
 # ----------------------------------------------------------------------------------
@@ -275,7 +348,8 @@ def fold_context(config, fold_dir: str, evaluate_only: bool = False,
 
 
 def run_stages(ctx: FoldContext, config, base_dir: str, *, until: str = "",
-               shared: Mapping[str, tuple[str, dict]] | None = None) -> dict[str, Any]:
+               shared: Mapping[str, tuple[str, dict]] | None = None,
+               restart: bool = False) -> dict[str, Any]:
     """Runs the stages of ``config`` for one fold, in order.
 
     Args:
@@ -285,6 +359,9 @@ def run_stages(ctx: FoldContext, config, base_dir: str, *, until: str = "",
       until: last stage to run ("" = all).
       shared: fingerprint -> (folder, record) of stages already run (a variant reuses
         the method's stages that compute the same thing).
+      restart: a stage folder whose recorded configuration differs in a field that
+        changes results is moved aside and the stage, with every later one, run again;
+        without it that is a :class:`StageConfigError` naming the fields.
 
     Returns:
       ``{"dirs", "records", "fingerprints"}`` keyed by stage name.
@@ -296,6 +373,7 @@ def run_stages(ctx: FoldContext, config, base_dir: str, *, until: str = "",
     if until:
         specs = specs[:[n for n, _ in specs].index(until) + 1]
     dirs, records, configs, fps = {}, {}, {}, {}
+    restarted = False  # a restarted stage invalidates every later one
     for i, (name, spec) in enumerate(specs):
         fp = fingerprint(config, name, by_name)
         fps[name] = fp
@@ -306,6 +384,11 @@ def run_stages(ctx: FoldContext, config, base_dir: str, *, until: str = "",
         else:
             d = os.path.join(base_dir, name)
             path = os.path.join(d, STAGE_RECORD)
+            computed = computed_from(config, name, by_name)
+            if os.path.isdir(d) and (restarted or _check_or_restart(d, name, computed,
+                                                                    restart)):
+                _move_aside(d)
+                restarted = True
             rec = read_json(path)
             # A stage that applies a trained network (``network`` set) is what
             # --mode=evaluate reruns.
@@ -320,6 +403,7 @@ def run_stages(ctx: FoldContext, config, base_dir: str, *, until: str = "",
                                needs_train_candidates=any(
                                    s["hard_negatives_from"] == name for _, s in later))
                 os.makedirs(d, exist_ok=True)
+                write_json(os.path.join(d, STAGE_CONFIG), computed)
                 banner(f"stage {name} ({spec['kind']}): fold {ctx.config.data.fold}")
                 rec = STAGES.get(spec["kind"])(run)
                 write_json(path, rec)
@@ -364,13 +448,13 @@ def _merge_stage(dst: ConfigDict, src: Mapping[str, Any], where: str) -> None:
 
 
 def run_fold(config, fold_dir: str, *, variants: bool = False, evaluate_only: bool = False,
-             engines: dict | None = None) -> dict:
+             engines: dict | None = None, restart: bool = False) -> dict:
     """The method on one fold (``config.data.fold`` held out); returns the fold record
     (also ``<fold_dir>/fold.json``)."""
     os.makedirs(fold_dir, exist_ok=True)
     t0 = time.perf_counter()
     ctx = fold_context(config, fold_dir, evaluate_only, engines)
-    main = run_stages(ctx, config, fold_dir)
+    main = run_stages(ctx, config, fold_dir, restart=restart)
     final = final_stage(config)
     record: dict[str, Any] = {"fold": int(config.data.fold), "uids": list(ctx.test_uids),
                               "final_stage": final,
@@ -384,7 +468,7 @@ def run_fold(config, fold_dir: str, *, variants: bool = False, evaluate_only: bo
             vcfg = variant_config(config, vname)
             until = str(_plain(config.cv.variants[vname]).get("until", ""))
             out = run_stages(ctx, vcfg, os.path.join(fold_dir, vname), until=until,
-                             shared=shared)
+                             shared=shared, restart=restart)
             record["variants"][vname] = {"stages": out["records"], "dirs": out["dirs"]}
     record["result"] = main["records"][final]
     record["wall_seconds"] = time.perf_counter() - t0
@@ -419,15 +503,16 @@ def print_fold(record: dict, fold_dir: str) -> None:
 # ----------------------------------------------------------------------------------
 
 
-def run(mode: str, config, workdir: str) -> dict:
-    """``--mode``: train | evaluate | cv | export (see the module docstring)."""
+def run(mode: str, config, workdir: str, *, restart: bool = False) -> dict:
+    """``--mode``: train | evaluate | cv | export (see the module docstring); ``restart``:
+    see :func:`run_stages`."""
     if mode in ("train", "evaluate"):
         banner(f"{config.name}: fold {config.data.fold} in {workdir}")
-        record = run_fold(config, workdir, evaluate_only=mode == "evaluate")
+        record = run_fold(config, workdir, evaluate_only=mode == "evaluate", restart=restart)
         print_fold(record, workdir)
         return record
     if mode == "cv":
-        return cross_validate(config, workdir)
+        return cross_validate(config, workdir, restart=restart)
     if mode == "export":
         return export(config, workdir)
     raise ValueError(f"unknown mode {mode!r} (train | cv | evaluate | export)")
@@ -437,8 +522,9 @@ def cv_folds(config) -> list[int]:
     return [int(k) for k in (list(config.cv.folds) or range(config.data.num_folds))]
 
 
-def cross_validate(config, workdir: str) -> dict:
-    """Every fold of ``cv.folds`` (each resumable) with the variants, then the reports."""
+def cross_validate(config, workdir: str, *, restart: bool = False) -> dict:
+    """Every fold of ``cv.folds`` (each resumable: finished stages are skipped) with the
+    variants, then the reports."""
     from lungjax.evaluation.reports import cv_report
 
     records, engines = [], {}
@@ -447,12 +533,8 @@ def cross_validate(config, workdir: str) -> dict:
         cfg = config.copy_and_resolve_references()
         with cfg.unlocked():
             cfg.data.fold = k
-        rec = read_json(os.path.join(fold_dir, FOLD_RECORD))
-        if rec is not None and set(rec["variants"]) == set(config.cv.variants):
-            banner(f"cv: fold {k} already done ({fold_dir})")
-        else:
-            rec = run_fold(cfg, fold_dir, variants=True, engines=engines)
-            print_fold(rec, fold_dir)
+        rec = run_fold(cfg, fold_dir, variants=True, engines=engines, restart=restart)
+        print_fold(rec, fold_dir)
         records.append(rec)
     out = os.path.join(workdir, "cv")
     report = cv_report([fold_metrics(r) for r in records], out,
@@ -709,25 +791,25 @@ def froc_evaluation(run: StageRun, marks, out_dir: str) -> dict:
 EVALUATIONS: dict[str, Callable[..., dict]] = {"froc": froc_evaluation}
 
 
-def export_network(run: StageRun, predict, size, extra_meta: Mapping[str, Any],
-                   min_size_zyx=None) -> dict:
+def export_stage(run: StageRun, predict, size, extra_meta: Mapping[str, Any],
+                 min_size_zyx=None, multiple_of: int = 1) -> dict:
     """Exports stage ``run``'s network (the latest checkpoint of stage ``network``) with
     ``predict(variables, image)`` to ``run.dir``; the sidecar carries the preprocessing
     the store applied, so a predictor reads scans exactly as training did."""
     from lungjax import export as export_lib
 
     cfg = run.config
-    variables, step = restore_variables(run.dirs[run.spec["network"]])
     meta = {"model": _plain(cfg.model), "task": _plain(cfg.task), "config_name": cfg.name,
-            "stage": run.name, "kind": run.spec["kind"], "checkpoint_step": step,
+            "stage": run.name, "kind": run.spec["kind"],
             "preprocessing": {"spacing_zyx": list(cfg.data.spacing_zyx),
                               "hu_window": list(cfg.data.hu_window),
                               "intensity": "clip(HU, hu_window) scaled linearly to [0, 1]",
                               "patch_size_zyx": list(cfg.data.patch_size_zyx)}}
     meta["preprocessing"].update(store_preprocessing(cfg))
     meta.update(extra_meta)
-    return export_lib.export_predictor(run.dir, predict, variables, size, meta,
-                                       min_size_zyx=min_size_zyx)
+    return export_lib.export_network(
+        run.dir, os.path.join(run.dirs[run.spec["network"]], "checkpoints"), predict, size,
+        meta, network=cfg.train.network, min_size_zyx=min_size_zyx, multiple_of=multiple_of)
 
 
 def store_preprocessing(config) -> dict:
@@ -745,28 +827,22 @@ def store_preprocessing(config) -> dict:
 
 
 def _export_detect(run: StageRun) -> dict:
+    from lungjax.registry import EXPORTED_DETECTORS
     from lungjax.steps import make_predict_fn
+    from lungjax.tasks.screening import output_mapping
 
     cfg = run.config
+    if cfg.detection.detector != "score_volume":  # the detector knows how it exports
+        return EXPORTED_DETECTORS.get(cfg.detection.detector).export(run)
     model, task = scan_model(cfg), train_lib.build_task(cfg)
-    size = tuple(cfg.export.input_size_zyx) or tuple(cfg.data.patch_size_zyx)
-    meta: dict[str, Any] = {"detection": _plain(cfg.detection)}
-    min_size = None
-    if cfg.detection.detector == "score_volume":
-        # A screening network runs on whole scans: spatial sizes stay symbolic (any size
-        # from the receptive field up) unless export.input_size_zyx fixes them.
-        from lungjax.tasks.screening import output_mapping
-
-        m = output_mapping(model.layer_specs(), center="patch")
-        meta["output_mapping"] = m.to_json()
-        if not cfg.export.input_size_zyx:
-            size = (None,) * len(size)
-            min_size = tuple(int(r) for r in m.receptive_field_zyx)
-        predict = make_predict_fn(model, task)
-    else:  # the detector decodes the raw heads itself
-        def predict(variables, image):
-            return model.apply(variables, image, train=False)
-    return export_network(run, predict, size, meta, min_size)
+    # A screening network runs on whole scans: spatial sizes stay symbolic (any size from
+    # the receptive field up) unless export.input_size_zyx fixes them.
+    m = output_mapping(model.layer_specs(), center="patch")
+    size = tuple(cfg.export.input_size_zyx) or (None,) * len(cfg.data.patch_size_zyx)
+    min_size = None if cfg.export.input_size_zyx else tuple(int(r) for r in
+                                                            m.receptive_field_zyx)
+    meta = {"detection": _plain(cfg.detection), "output_mapping": m.to_json()}
+    return export_stage(run, make_predict_fn(model, task), size, meta, min_size)
 
 
 STAGE_EXPORTS.register("detect", _export_detect)

@@ -233,7 +233,7 @@ def test_cli_runs_an_exported_tile_sized_model(tmp_path, capsys):
                         f"--out={out}"]) == 0
     marks = read_marks_csv(out)
     assert len(marks) == 1 and np.linalg.norm(marks.xyz[0] - nodule) <= 1.5
-    assert "1.9.8: 1 candidates" in capsys.readouterr().out
+    assert "1.9.8: 1 marks" in capsys.readouterr().out
     assert detect.main([f"--model={tmp_path / 'model'}", f"--scan={tmp_path / 'none.mhd'}",
                         f"--out={out}"]) == 2
     assert "none.mhd" in capsys.readouterr().err

@@ -15,6 +15,7 @@ import pytest
 from lungjax import stages
 from lungjax.data.tables import read_marks_csv
 from lungjax.methods import candidates as st
+from lungjax.tasks.screening import crop_patch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -24,6 +25,15 @@ def _config(arg="tiny", path="configs/dou2017.py"):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.get_config(arg)
+
+
+def _scan_file(c, uid):
+    """The generated dataset's .mhd of ``uid`` (what a user would point the CLI at)."""
+    from lungjax.data.luna16 import Luna16Dataset
+    from lungjax.data.store import read_manifest
+    from lungjax.train_data import prepare_data
+
+    return Luna16Dataset.open(read_manifest(prepare_data(c))["source_root"]).scan_path(uid)
 
 
 def _stage(c, name):
@@ -88,9 +98,9 @@ def test_baseline_configs_change_one_thing():
 
 def test_crop_matches_store_read_patch_convention():
     vol = np.arange(5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7)
-    p = st.crop(vol, (2, 3, 3), (3, 4, 4))  # start = center - size // 2 = (1, 1, 1)
+    p = crop_patch(vol, (2, 3, 3), (3, 4, 4))  # start = center - size // 2 = (1, 1, 1)
     np.testing.assert_array_equal(p, vol[1:4, 1:5, 1:5])
-    edge = st.crop(vol, (0, 0, 6), (2, 2, 2))  # start (-1, -1, 5): outside is 0
+    edge = crop_patch(vol, (0, 0, 6), (2, 2, 2))  # start (-1, -1, 5): outside is 0
     expect = np.zeros((2, 2, 2), np.float32)
     expect[1, 1, :] = vol[0, 0, 5:7]
     np.testing.assert_array_equal(edge, expect)
@@ -184,10 +194,23 @@ def test_tiny_end_to_end_train_export_cv(tiny_fold):
         {"params": ck["params"], **ck["model_state"]}, x)
     np.testing.assert_allclose(y[:, 0], np.asarray(ref["score"]), rtol=1e-4, atol=1e-6)
 
-    # cv: fold 0's method is done (reused); the variants train (few steps) and the
-    # paper's three tables + FROC curves are written
-    c.train.num_steps = 4
-    c.stages.fpr.sections.train.num_steps = 2
+    # the whole method on a scan file, from the folder export printed: screening, then
+    # each candidate's patch scored by the stage-2 network, with its diameter
+    from lungjax import detect
+
+    out_csv = root / "detect" / "marks.csv"
+    u = rec["uids"][0]
+    assert detect.main(["--model", str(fold_dir / "export"), "--scan", _scan_file(c, u),
+                        "--out", str(out_csv)]) == 0
+    got = read_marks_csv(str(out_csv))
+    header = out_csv.read_text(encoding="utf-8").splitlines()[0].split(",")
+    assert header[-1] == "diameter_mm" and set(np.unique(got.uid)) <= {u}
+    assert np.all((got.probability >= 0) & (got.probability <= 1))
+    print(f"detect CLI on {u}: {len(got)} marks; the fold's stage-2 marks of that scan: "
+          f"{int(np.sum(sub.uid == u))}")
+
+    # cv: fold 0's method is done (reused); the variants train and the paper's three
+    # tables + FROC curves are written
     report = stages.run("cv", c, str(root / "cv"))
     tables = (root / "cv" / "cv" / "dou2017_tables.md").read_text(encoding="utf-8")
     assert "without OSF" in tables and "with OSF" in tables

@@ -76,9 +76,20 @@ def test_tiny_train_evaluate_export_cv(tmp_path, cache_dir):
         {"params": ck["params"]}, x)
     np.testing.assert_allclose(predict(x), np.asarray(ref), rtol=1e-5, atol=1e-6)
 
-    # cv: fold 0 is done (skipped), fold 1 trains; one report over both
+    # a rerun with a field that changes results fails in one line naming it, before
+    # anything is written; one that does not (logging) is allowed
     c.cv.folds = (0, 1)
-    c.train.num_steps = 4
+    steps = c.train.num_steps
+    c.train.num_steps = steps + 1
+    with pytest.raises(stages.StageConfigError,
+                       match=rf"stage 'net' was run with another configuration \(train.num_steps: "
+                             rf"{steps} -> {steps + 1}\); rerun with --restart"):
+        stages.cross_validate(c, str(tmp_path / "cv"))
+    assert not (tmp_path / "cv" / "fold_1").exists()
+    c.train.num_steps = steps
+    c.train.log_every = 1
+
+    # cv: fold 0 is done (skipped), fold 1 trains; one report over both
     report = stages.cross_validate(c, str(tmp_path / "cv"))
     assert len(report["folds"]) == 2 and "cpm" in report["metrics"]
     assert report["pooled"] is not None  # both folds' marks pooled into one FROC

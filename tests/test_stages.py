@@ -192,3 +192,19 @@ def test_toy_method_rerun_skips_finished_stages(toy_cv, capsys):
         assert f"{name}: done" in out
     assert rec["result"]["cpm"] == before["result"]["cpm"]
     assert rec["stages"]["cls"]["step"] == before["stages"]["cls"]["step"]
+
+
+def test_changed_stage_config_fails_then_restart_reruns_it_and_later_stages(toy_cv):
+    c, cv, _ = toy_cv
+    cfg = c.copy_and_resolve_references()
+    cfg.data.fold = 0
+    cfg.stages.cls.sections.train = dict(num_steps=c.train.num_steps + 1)
+    with pytest.raises(stages.StageConfigError, match=r"stage 'cls' was run with another "
+                                                      r"configuration \(train.num_steps: 6 -> 7\)"):
+        stages.run("train", cfg, str(cv / "fold_0"))
+    rec = stages.run("train", cfg, str(cv / "fold_0"), restart=True)
+    assert rec["stages"]["cls"]["step"] == 7
+    fold = cv / "fold_0"
+    moved = sorted(p.name.split(".old-")[0] for p in fold.iterdir() if ".old-" in p.name)
+    assert moved == ["cls", "score"]  # the changed stage and the one after it; seg kept
+    assert (fold / "seg" / stages.STAGE_RECORD).is_file()

@@ -224,3 +224,26 @@ def test_tiny_trained_beats_step0_on_held_out_patches(tiny, table1):
     assert step0["count"] == trained["count"] == ablation["count"] > 0
     assert trained["loss"] < step0["loss"] - 2e-4
     assert ablation["loss"] < step0["loss"] - 2e-4
+
+
+def test_exported_detector_runs_on_a_scan_file(tiny, tmp_path):
+    """``--mode=export`` of the fold, then ``python -m lungjax.detect`` on the held-out
+    scan's .mhd: the anchor detector exported for any multiple of its coarsest stride."""
+    from lungjax import detect
+    from lungjax.data.luna16 import Luna16Dataset
+    from lungjax.data.store import read_manifest
+    from lungjax.data.tables import read_marks_csv
+    from lungjax.train_data import prepare_data
+
+    c = tiny.config
+    fold = tiny.cv / "fold_0"
+    sidecars = stages.run("export", c, str(fold))
+    assert sidecars["detect"]["coarsest_stride"] == 16
+    uid = tiny.rec["uids"][0]
+    scan = Luna16Dataset.open(read_manifest(prepare_data(c))["source_root"]).scan_path(uid)
+    out = tmp_path / "marks.csv"
+    assert detect.main(["--model", str(fold / "export"), "--scan", scan, "--out", str(out)]) == 0
+    got = read_marks_csv(str(out))
+    assert len(got) > 0 and set(np.unique(got.uid)) == {uid}
+    assert np.all((got.probability >= 0) & (got.probability <= 1))
+    assert out.read_text(encoding="utf-8").splitlines()[0].split(",")[-1] == "diameter_mm"

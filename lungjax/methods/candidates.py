@@ -27,7 +27,8 @@ from lungjax.atomic import atomic_write_npz
 from lungjax.data.sampler import spread_subset
 from lungjax.data.tables import Marks
 from lungjax.registry import STAGE_EXPORTS, STAGES
-from lungjax.stages import (StageRun, evaluate_marks, export_network, restore_variables,
+from lungjax.tasks.screening import crop_patch
+from lungjax.stages import (StageRun, evaluate_marks, export_stage, restore_variables,
                             scan_model)
 
 
@@ -109,20 +110,6 @@ def screen_scans(config, network_dir: str, store, uids: Sequence[str], *,
 # ---------------------------------------------------------------------------- scoring
 
 
-def crop(volume: np.ndarray, center_zyx, size_zyx) -> np.ndarray:
-    """``PatchStore.read_patch`` on an in-memory volume: box starting at
-    ``center - size // 2``, outside filled with 0. (size) float32."""
-    size = np.asarray(size_zyx, np.int64)
-    start = np.asarray(center_zyx, np.int64) - size // 2
-    shape = np.asarray(volume.shape)
-    lo, hi = np.clip(start, 0, shape), np.clip(start + size, 0, shape)
-    out = np.zeros(tuple(size), np.float32)
-    if np.all(hi > lo):
-        a, b = lo - start, hi - start
-        out[a[0]:b[0], a[1]:b[1], a[2]:b[2]] = volume[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-    return out
-
-
 class CandidateClassifier:
     """Stage-2 scoring of candidate patches with an FP-reduction network.
 
@@ -171,7 +158,7 @@ class CandidateClassifier:
             c = centers[i:i + self.batch]
             x = np.zeros((self.batch, *self.size, 1), np.float32)
             for j, cj in enumerate(c):
-                x[j, ..., 0] = crop(volume, cj, self.size)
+                x[j, ..., 0] = crop_patch(volume, cj, self.size)
             out = jax.device_get(self._decode(self.variables, jnp.asarray(x)))
             for k, v in out.items():
                 parts.setdefault(k, []).append(np.asarray(v, np.float64)[:len(c)])
@@ -291,9 +278,13 @@ def _export_screen(run: StageRun) -> dict:
     size = tuple(cfg.export.input_size_zyx) or (None,) * len(cfg.data.patch_size_zyx)
     min_size = None if cfg.export.input_size_zyx else tuple(int(r) for r in
                                                             m.receptive_field_zyx)
-    meta = {"output_mapping": m.to_json(), "detection": cfg.detection.to_dict(),
-            "output": "nodule probability per output cell"}
-    return export_network(run, make_predict_fn(model, task), size, meta, min_size)
+    # Log-odds and log-odds ranking, as the stage screened: a trained FCN's float32
+    # probability is 1.0 on many cells, which would tie them.
+    meta = {"output_mapping": m.to_json(), "detection": {**cfg.detection.to_dict(),
+                                                         "log_odds": True},
+            "output": "nodule log-odds per output cell"}
+    return export_stage(run, make_predict_fn(model, task, output="log_odds"), size, meta,
+                        min_size)
 
 
 def _export_classify(run: StageRun) -> dict:
@@ -316,7 +307,7 @@ def _export_classify(run: StageRun) -> dict:
     meaning = ("column 0: nodule probability of the candidate patch"
                + ("; column 1: regressed diameter (mm)" if model.regression else ""))
     size = tuple(int(s) for s in cfg.data.patch_size_zyx)
-    return export_network(run, predict, size, {
+    return export_stage(run, predict, size, {
         "output_columns": meaning, "patch_start": "candidate voxel - patch_size // 2"})
 
 

@@ -37,7 +37,7 @@ import numpy as np
 
 from lungjax.data.pipeline import StoreTrainData
 from lungjax.data.sampler import HARD_NEG, NODULE, spread_subset
-from lungjax.registry import CV_REPORTS, DETECTORS, SAMPLERS
+from lungjax.registry import CV_REPORTS, DETECTORS, EXPORTED_DETECTORS, SAMPLERS
 
 # ----------------------------------------------------------------------------------
 # Whole-scan detection
@@ -73,24 +73,32 @@ def ensemble_apply_fn(model):
 
 
 def detection_kwargs(config, model) -> dict:
-    """``anchors_decode.detect_store`` arguments from ``config.detection``.
+    """``anchors_decode.detect_store`` arguments from ``config.detection`` (see
+    :func:`detection_settings`) for ``model`` (its coarsest stride pads the volume)."""
+    return detection_settings(config.detection.to_dict(), config.data.spacing_zyx,
+                              int(model.backbone_strides()[-1]))
+
+
+def detection_settings(detection, spacing_zyx, multiple: int) -> dict:
+    """``anchors_decode.detect_volume`` arguments from a ``detection`` section (a config's,
+    or an export's sidecar).
 
     Fields: threshold, nms ("iou" | "soft" | "distance"), nms_iou, soft_nms_sigma,
     nms_distance_mm, max_candidates_per_scan (0 = no cap), tile_zyx (empty = one pass),
     halo (voxels of context around each tile; rounded up to a multiple of the coarsest
-    stride), lung_only (detections inside the store's lung mask only).
+    stride), lung_only (detections inside the lung mask only). ``multiple``: the
+    network's coarsest stride.
     """
-    d = config.detection
-    cap = int(d.max_candidates_per_scan or 0)
-    tile = tuple(int(t) for t in (d.tile_zyx or ()))
-    mm = float(np.mean(config.data.spacing_zyx))
-    return dict(threshold=float(d.threshold), method=str(d.get("nms", "iou")),
-                iou_threshold=float(d.get("nms_iou", 0.1)),
-                sigma=float(d.get("soft_nms_sigma", 0.5)),
-                radius=float(d.nms_distance_mm) / mm,
+    d = detection
+    cap = int(d["max_candidates_per_scan"] or 0)
+    tile = tuple(int(t) for t in (d["tile_zyx"] or ()))
+    mm = float(np.mean(spacing_zyx))
+    return dict(threshold=float(d["threshold"]), method=str(d["nms"]),
+                iou_threshold=float(d["nms_iou"]), sigma=float(d["soft_nms_sigma"]),
+                radius=float(d["nms_distance_mm"]) / mm,
                 max_candidates=cap or None, tile_zyx=tile or None,
-                halo=int(d.get("halo", 32)) if tile else 0,
-                multiple=int(model.backbone_strides()[-1]), lung_only=bool(d.lung_only))
+                halo=int(d["halo"]) if tile else 0, multiple=int(multiple),
+                lung_only=bool(d["lung_only"]))
 
 
 def detect_scans(config, model, task, variables, store, uids: Sequence[str], *,
@@ -122,6 +130,54 @@ def detect_scans(config, model, task, variables, store, uids: Sequence[str], *,
 
 
 DETECTORS.register("xie2018_detection", detect_scans)
+
+
+@EXPORTED_DETECTORS.register("xie2018_detection")
+class ExportedAnchorDetector:
+    """The detector as a "detect" stage export: the network's raw heads exported for any
+    input whose sides are multiples of its coarsest stride, the anchors and detection
+    settings in the sidecar; ``load`` gives what ``python -m lungjax.detect`` runs."""
+
+    @staticmethod
+    def export(run) -> dict:
+        from lungjax import train as train_lib
+        from lungjax.stages import export_stage
+
+        cfg = run.config
+        # Shape-polymorphic export: XLA's own convolutions (the CPU-fast plans are chosen
+        # per concrete shape).
+        model = train_lib.build_model(cfg).clone(conv_impl="xla")
+        multiple = int(model.backbone_strides()[-1])
+
+        def predict(variables, image):
+            return model.apply(variables, image, train=False)
+
+        meta = {"detection": cfg.detection.to_dict(), "coarsest_stride": multiple,
+                "output": "per head (B, d, h, w, anchors, 5): noduleness logit, box deltas"}
+        return export_stage(run, predict, (None, None, None), meta, multiple_of=multiple)
+
+    @staticmethod
+    def load(export_dir: str):
+        """``find(volume, geometry, lung) -> (world_xyz (K, 3), score (K,), diameter_mm
+        (K,))`` of the export in ``export_dir``."""
+        from lungjax.data.coords import voxel_to_world
+        from lungjax.export import load_predictor
+        from lungjax.registry import TASKS
+        from lungjax.tasks.anchors_decode import detect_volume
+
+        predict, sidecar = load_predictor(export_dir)
+        task = TASKS.build(sidecar["task"])
+        spacing = sidecar["preprocessing"]["spacing_zyx"]
+        kw = detection_settings(sidecar["detection"], spacing, sidecar["coarsest_stride"])
+        lung_only = kw.pop("lung_only")
+
+        def find(volume, geometry, lung):
+            det = detect_volume(predict, volume, task.cfg, jit=False,
+                                lung_mask=lung if lung_only else None, **kw)
+            world = voxel_to_world(det.centre_zyx, geometry).reshape(-1, 3)
+            return world, det.score, det.diameter * float(np.mean(spacing))
+
+        return find
 
 
 # ----------------------------------------------------------------------------------

@@ -655,3 +655,18 @@ def candidates_from_scores(scores: np.ndarray, mapping: OutputMapping, geometry:
         voxels = np.clip(voxels, 0, np.asarray(shape_zyx, np.float64) - 1)
     return Candidates(cells, voxels.reshape(-1, 3), voxel_to_world(voxels, geometry).reshape(-1, 3),
                       values.astype(np.float64))
+
+
+def crop_patch(volume: np.ndarray, center_zyx, size_zyx) -> np.ndarray:
+    """``PatchStore.read_patch`` on an in-memory volume: the (size) float32 box starting at
+    ``center - size // 2`` of a (D, H, W) volume, outside filled with 0 (air after
+    windowing)."""
+    size = np.asarray(size_zyx, np.int64)
+    start = np.asarray(center_zyx, np.int64) - size // 2
+    shape = np.asarray(volume.shape)
+    lo, hi = np.clip(start, 0, shape), np.clip(start + size, 0, shape)
+    out = np.zeros(tuple(size), np.float32)
+    if np.all(hi > lo):
+        a, b = lo - start, hi - start
+        out[a[0]:b[0], a[1]:b[1], a[2]:b[2]] = volume[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    return out
