@@ -52,9 +52,12 @@ def get_config():
     c.data.prefetch_buffer = 2
     c.data.eval_patches = 512  # held-out patches for the patch-level eval hook
     # Store nodule masks: "consensus" (the dataset's masks where present, else spheres of
-    # the annotated diameter) | "sphere" (always spheres, as Shrey et al. draw them).
+    # the annotated diameter) | "sphere" (always balls of the annotated diameter) | "disc"
+    # (an axial disc of the annotated diameter on every slice the nodule spans, as Shrey
+    # et al. draw them). Each rule has its own default store (train_data.default_store_path).
     c.data.nodule_mask = "consensus"
     c.data.batch_mask = False  # batches carry "mask": the nodule mask, transformed as the image
+    c.data.batch_mask_array = "nodules"  # the stored mask "mask" is: "nodules" | "lung"
     # Batches carry "malignancy" (median reader score) and "malignant" (1 / 0 / -1 excluded).
     c.data.batch_malignancy = False
     c.data.malignancy_uncertain = "exclude"  # median 3, ties 2.5 / 3.5: exclude|benign|malignant
@@ -75,6 +78,9 @@ def get_config():
     c.sampler.hard_negative_fraction = 0.0  # of negatives drawn from high-loss ones
     c.sampler.slice_context = 5  # balanced_slices: slices kept before/after each nodule; -1 = all
     c.sampler.roi_balance = True  # nodule_roi: exact malignant share (data.positive_fraction)
+    # nodule_roi without roi_balance: times each (benign, malignant) ROI enters a round's
+    # pass (oversampling; Shrey et al. repeat benign ROIs 3x: (3, 1)).
+    c.sampler.roi_class_repeat = (1, 1)
 
     # --- model / task ---------------------------------------------------------------
     c.model = config_dict.ConfigDict()

@@ -83,7 +83,9 @@ class Registry:
 # Modules whose entries register on import; a listed module that does not exist (a method
 # not built in this checkout) just contributes nothing.
 MODELS = Registry("model", ("lungjax.models.fcn", "lungjax.models.fp_reduction",
-                            "lungjax.models.resnet_fpn"))
+                            "lungjax.models.resnet_fpn", "lungjax.models.shrey2020",
+                            "lungjax.models.classifiers2d", "lungjax.models.sathish2020",
+                            "lungjax.models.yu2021"))
 TASKS = Registry("task", ("lungjax.tasks.classification", "lungjax.tasks.hybrid",
                           "lungjax.tasks.anchors", "lungjax.tasks.segmentation"))
 # Losses are registered functions ``loss(logits, labels) -> (B,)`` used by tasks.
@@ -99,17 +101,20 @@ SAMPLE_FILTERS = Registry("sample_filter", ("lungjax.steps",))
 # A method is stages (lungjax.stages): stage kinds by ``config.stages.<s>.kind``
 # (``run(StageRun) -> record``), their exports, and fields a method computes for one of its
 # stages from its config (``config.stages.<s>.derive``: ``fn(stage_config, config)``).
-STAGES = Registry("stage", ("lungjax.stages", "lungjax.methods.candidates"))
+STAGES = Registry("stage", ("lungjax.stages", "lungjax.methods.candidates",
+                            "lungjax.methods.shrey2020", "lungjax.methods.yu2021"))
 STAGE_EXPORTS = Registry("stage export", ("lungjax.stages", "lungjax.methods.candidates"))
-STAGE_CONFIGS = Registry("stage config", ("lungjax.methods.dou2017",))
+STAGE_CONFIGS = Registry("stage config", ("lungjax.methods.dou2017", "lungjax.methods.yu2021"))
 # Training-data sources chosen by ``config.sampler.name`` ("balanced" = the plain
 # ``lungjax.data.pipeline.StoreTrainData``), whole-scan detectors chosen by
 # ``config.detection.detector`` for "detect" stages, and a method's own cross-validation
 # report chosen by ``config.cv.report``.
-SAMPLERS = Registry("sampler", ("lungjax.methods.xie2018", "lungjax.data.dense_sampling"))
+SAMPLERS = Registry("sampler", ("lungjax.methods.xie2018", "lungjax.data.dense_sampling",
+                                "lungjax.methods.yu2021"))
 DETECTORS = Registry("detector", ("lungjax.stages", "lungjax.methods.xie2018"))
 # A detector's "detect" stage export and its loader for ``python -m lungjax.detect``:
 # ``export(StageRun) -> sidecar``, ``load(export_dir) -> find(volume, geometry, lung) ->
 # (world_xyz, score, diameter_mm)``; keyed like DETECTORS ("score_volume" is built in).
 EXPORTED_DETECTORS = Registry("exported detector", ("lungjax.methods.xie2018",))
-CV_REPORTS = Registry("cv_report", ("lungjax.methods.dou2017", "lungjax.methods.xie2018"))
+CV_REPORTS = Registry("cv_report", ("lungjax.methods.dou2017", "lungjax.methods.xie2018",
+                                    "lungjax.methods.shrey2020", "lungjax.methods.yu2021"))

@@ -161,7 +161,10 @@ def default_store_path(config) -> str:
     else:
         name = _synthetic_name(config)
     sp = "x".join(f"{v:g}" for v in d.spacing_zyx)
-    return os.path.join(d.cache_dir, name, f"store_{sp}mm")
+    # A store is prepared with one nodule-mask rule (prepare_dataset refuses another), so
+    # the drawn rules ("sphere", "disc") get their own store beside the consensus one.
+    masks = "" if d.nodule_mask == "consensus" else f"_{d.nodule_mask}"
+    return os.path.join(d.cache_dir, name, f"store_{sp}mm{masks}")
 
 
 def prepare_data(config) -> str:

@@ -19,6 +19,14 @@ SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session")
+def tiny_data_cache(tmp_path_factory) -> str:
+    """One ``data.cache_dir`` for every end-to-end test of the session: the generated
+    ``tiny`` dataset is made once, and each store variant (spacing, nodule-mask rule) is
+    prepared once beside it."""
+    return str(tmp_path_factory.mktemp("tiny_data_cache"))
+
+
 def run_until_killed(script: str, workdir) -> None:
     """Runs ``python -c script workdir`` (the repository importable) and checks that it
     died of SIGKILL, the way a preempted or OOM-killed run dies."""

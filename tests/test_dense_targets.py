@@ -188,12 +188,13 @@ def config(patch=(6, 10, 10), batch=4, name="balanced", **sampler):
     c.train = dict(batch_size=batch)
     c.data = dict(patch_size_zyx=patch, positive_fraction=0.5, workers=0, read_threads=1,
                   prefetch_batches=2, eval_patches=0, batch_mask=True, batch_malignancy=True,
-                  malignancy_uncertain="exclude")
+                  batch_mask_array="nodules", malignancy_uncertain="exclude")
     c.augment = dict(
         positive=dict(flip_axes=(0, 1, 2), rot90=True, translate_nodule_fraction=1.0),
         negative=dict(flip_axes=(0, 1, 2), rot90=True, translate_mm=3.0))
     c.sampler = dict(name=name, steps_per_round=0, random_negatives_per_scan=4,
-                     samples_per_round=16, slice_context=2, roi_balance=True)
+                     samples_per_round=16, slice_context=2, roi_balance=True,
+                     roi_class_repeat=(1, 1))
     c.sampler.update(sampler)
     return c
 

@@ -30,8 +30,8 @@ def screening_method():
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data_cache"))
+def cache_dir(tiny_data_cache):
+    return tiny_data_cache
 
 
 def test_tiny_train_evaluate_export_cv(tmp_path, cache_dir):

@@ -147,9 +147,9 @@ def toy_method(cache_dir):
 
 
 @pytest.fixture(scope="module")
-def toy_cv(tmp_path_factory):
+def toy_cv(tmp_path_factory, tiny_data_cache):
     root = tmp_path_factory.mktemp("toy_method")
-    c = toy_method(str(root / "data_cache"))
+    c = toy_method(tiny_data_cache)
     report = stages.run("cv", c, str(root / "cv"))
     return c, root / "cv", report
 

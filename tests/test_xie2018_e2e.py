@@ -33,8 +33,8 @@ def xie_config(arg="tiny"):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("xie_data_cache"))
+def cache_dir(tiny_data_cache):
+    return tiny_data_cache
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,12 @@ for patches; the frozen index stays a pure function of (seed, round, pool + scor
   is the binary malignancy (:func:`~lungjax.data.sampler.malignant_label`); uncertain
   nodules (median 3 and the ties 2.5 / 3.5) are left out under "exclude". With
   ``balance`` each batch holds exactly ``round(B * positive_fraction)`` malignant ROIs
-  (the smaller class is repeated); without, a round is a shuffled pass over the ROIs.
+  (the smaller class is repeated); without, a round is a shuffled pass over the ROIs
+  with each class's ROIs repeated ``class_repeat`` (benign, malignant) times
+  (shrey2020 oversamples benign ROIs 3x).
 
 Config (configs/base.py): ``sampler.name`` picks them; ``sampler.slice_context``,
-``sampler.roi_balance``, ``data.batch_mask``, ``data.batch_malignancy`` and
+``sampler.roi_balance``, ``sampler.roi_class_repeat``, ``data.batch_mask``, ``data.batch_malignancy`` and
 ``data.malignancy_uncertain`` tune them, next to the usual ``data.positive_fraction``
 and ``sampler.samples_per_round``.
 """
@@ -124,12 +126,19 @@ class RoiSampler(Sampler):
 
     ``balance``: every global batch holds exactly ``round(B * positive_fraction)``
     malignant ROIs, both classes cycled (the smaller one repeats); otherwise a round
-    is shuffled passes over all ROIs. The index is drawn from (seed, round) alone.
+    is shuffled passes over all ROIs, each benign ROI ``class_repeat[0]`` times and each
+    malignant one ``class_repeat[1]`` times per pass. The index is drawn from (seed,
+    round) alone.
     """
 
-    def __init__(self, *args, balance: bool = True, **kw):
+    def __init__(self, *args, balance: bool = True, class_repeat: Sequence[int] = (1, 1),
+                 **kw):
         super().__init__(*args, **kw)
         self.balance = bool(balance)
+        self.class_repeat = tuple(int(r) for r in class_repeat)
+        if len(self.class_repeat) != 2 or min(self.class_repeat) < 1:
+            raise ValueError(f"sampler.roi_class_repeat must be two ints >= 1 (benign, "
+                             f"malignant), got {class_repeat}")
 
     def freeze_index(self, seed: int, round: int | None = None,
                      batch_size: int | None = None) -> SampleIndex:
@@ -155,6 +164,8 @@ class RoiSampler(Sampler):
                                   axis=1)
             order = rng.permuted(grid, axis=1).reshape(-1)
         else:
+            rows = np.concatenate([np.repeat(neg, self.class_repeat[0]),
+                                   np.repeat(pos, self.class_repeat[1])])
             if n == 0:
                 n = -(-len(rows) // b) * b
             order = cycle_draw(rng, rows, max(1, n // b) * b)
@@ -167,7 +178,8 @@ class RoiSampler(Sampler):
 
 
 def roi_sampler(store, uids: Sequence[str], cfg: SamplerConfig, batch_size: int, *,
-                uncertain: str = "exclude", balance: bool = True) -> RoiSampler:
+                uncertain: str = "exclude", balance: bool = True,
+                class_repeat: Sequence[int] = (1, 1)) -> RoiSampler:
     """ROIs centred on each annotated nodule with a malignancy label.
 
     Args:
@@ -178,6 +190,7 @@ def roi_sampler(store, uids: Sequence[str], cfg: SamplerConfig, batch_size: int,
       batch_size: global batch size.
       uncertain: "exclude", "benign" or "malignant" for median 3 and the ties.
       balance: exact malignant share per batch (else shuffled passes).
+      class_repeat: without ``balance``, (benign, malignant) repeats of each ROI per pass.
 
     Returns:
       The sampler at round 0: rows of kind ``NODULE``, centre = target = the nodule,
@@ -195,7 +208,8 @@ def roi_sampler(store, uids: Sequence[str], cfg: SamplerConfig, batch_size: int,
         parts.append(rows)
     pool = np.concatenate(parts) if parts else np.zeros(0, SAMPLE_DTYPE)
     pool["sample_id"] = np.arange(len(pool))
-    return RoiSampler(list(uids), scans, pool, cfg, batch_size, balance=balance)
+    return RoiSampler(list(uids), scans, pool, cfg, batch_size, balance=balance,
+                      class_repeat=class_repeat)
 
 
 @SAMPLERS.register("balanced_slices")
@@ -219,13 +233,14 @@ class SliceTrainData(StoreTrainData):
 @SAMPLERS.register("nodule_roi")
 class RoiTrainData(StoreTrainData):
     """``StoreTrainData`` over :func:`roi_sampler` (config ``sampler.name =
-    "nodule_roi"``; reads ``sampler.roi_balance``, ``data.malignancy_uncertain`` and the
-    ``Targets`` fields)."""
+    "nodule_roi"``; reads ``sampler.roi_balance``, ``sampler.roi_class_repeat``,
+    ``data.malignancy_uncertain`` and the ``Targets`` fields)."""
 
     eval_kinds = (NODULE,)
 
     def __init__(self, config, store, train_uids, eval_uids=None, **kw):
         self.balance = bool(config.sampler.roi_balance)
+        self.class_repeat = tuple(int(r) for r in config.sampler.roi_class_repeat)
         self.uncertain = str(config.data.malignancy_uncertain)
         kw.setdefault("targets", Targets.from_config(config))
         super().__init__(config, store, train_uids, eval_uids, **kw)
@@ -234,4 +249,4 @@ class RoiTrainData(StoreTrainData):
         del random_negatives
         return roi_sampler(self.store, uids, SamplerConfig.from_config(self.config),
                            _batch_size(self.config), uncertain=self.uncertain,
-                           balance=self.balance)
+                           balance=self.balance, class_repeat=self.class_repeat)

@@ -34,7 +34,8 @@ process_count):
     with ``Targets(mask=True)`` also
     "mask":        (B, D, H, W) uint8 0/1 ((B, H, W) for 2D), the store's nodule mask
                    (every nodule) under the same crop, zoom, rotation and flips as
-                   "image", zoomed by nearest neighbour
+                   "image", zoomed by nearest neighbour; the lung mask instead with
+                   ``Targets(mask_array="lung")``
     with ``Targets(malignancy=True)`` also
     "malignancy":  (B,) float32 median reader malignancy of the sample's nodule (1..5
                    in half steps; 0 = no score: negatives, LUNA16 annotations)
@@ -62,6 +63,10 @@ from lungjax.data.sampler import (CANDIDATE_NEG, NODULE, UNCERTAIN_CHOICES, Samp
                                    SampleIndex, malignant_label, section)
 
 
+# Stored masks a batch's "mask" can come from (lungjax.data.store arrays).
+MASK_ARRAYS = ("nodules", "lung")
+
+
 @dataclasses.dataclass(frozen=True)
 class Targets:
     """Dense targets and labels a batch carries besides the image. All off by default:
@@ -70,6 +75,8 @@ class Targets:
 
     Attributes (config field in brackets):
       mask: add "mask", the nodule mask transformed as the image [data.batch_mask].
+      mask_array: the stored mask "mask" is read from: "nodules" (every nodule) or
+        "lung" (the lung mask, for lung segmentation) [data.batch_mask_array].
       malignancy: add "malignancy" and "malignant" [data.batch_malignancy].
       uncertain: what "malignant" says for median 3 and the ties 2.5 / 3.5:
         "exclude" (-1), "benign" (0) or "malignant" (1) [data.malignancy_uncertain].
@@ -78,19 +85,24 @@ class Targets:
     mask: bool = False
     malignancy: bool = False
     uncertain: str = "exclude"
+    mask_array: str = "nodules"
 
     def __post_init__(self):
+        if self.mask_array not in MASK_ARRAYS:
+            raise ValueError(f"config.data.batch_mask_array must be one of {MASK_ARRAYS}, "
+                             f"got {self.mask_array!r}")
         if self.uncertain not in UNCERTAIN_CHOICES:
             raise ValueError(f"config.data.malignancy_uncertain must be one of "
                              f"{UNCERTAIN_CHOICES}, got {self.uncertain!r}")
 
     @classmethod
     def from_config(cls, config) -> "Targets":
-        """From the declared fields data.batch_mask, data.batch_malignancy and
-        data.malignancy_uncertain (configs/base.py)."""
+        """From the declared fields data.batch_mask, data.batch_mask_array,
+        data.batch_malignancy and data.malignancy_uncertain (configs/base.py)."""
         data = config.data
         return cls(mask=bool(data.batch_mask), malignancy=bool(data.batch_malignancy),
-                   uncertain=str(data.malignancy_uncertain))
+                   uncertain=str(data.malignancy_uncertain),
+                   mask_array=str(data.batch_mask_array))
 
 
 
@@ -276,12 +288,14 @@ class PatchTransform(grain.transforms.MapWithIndex):
 
 
     def _patch_mask(self, scan: int, center, size, params) -> np.ndarray:
-        """(D, H, W) or (H, W) uint8 0/1: the nodule mask read with the image's crop and
-        put through the image's transform (nearest-neighbour zoom)."""
+        """(D, H, W) or (H, W) uint8 0/1: the nodule mask (or the lung mask, with
+        ``targets.mask_array="lung"``) read with the image's crop and put through the
+        image's transform (nearest-neighbour zoom)."""
         uid = self.uids[scan]
-        if "nodules" in self.store.scan(uid).arrays:
-            labels = self.store.read_patch(uid, center, size, array="nodules")
-        else:  # a store without nodule masks: nothing to segment
+        array = self.targets.mask_array
+        if array in self.store.scan(uid).arrays:
+            labels = self.store.read_patch(uid, center, size, array=array)
+        else:  # a store without that mask: nothing to segment
             labels = np.zeros(tuple(int(v) for v in size), np.float32)
         mask = aug.apply((labels > 0).astype(np.float32), self.cfg.patch_size_zyx, params,
                          self.cfg.is_2d, order=0)

@@ -12,7 +12,8 @@ prepared again from scratch.
 Dense targets: every scan gets a nodule mask. With ``nodule_mask="consensus"`` it is
 the dataset's own ``nodule-masks/<uid>.mhd`` where present (the generated data's LIDC
 consensus masks); otherwise, or with ``nodule_mask="sphere"``, each annotated nodule is a
-ball of its annotated diameter at its annotated centre. Per nodule the record keeps the
+ball of its annotated diameter at its annotated centre; ``nodule_mask="disc"`` draws an
+axial disc of the annotated diameter on every slice the nodule spans (Shrey et al. 2020). Per nodule the record keeps the
 median reader malignancy from the dataset's ``malignancy.csv`` (the generated data) and
 NaN where the dataset has none (LUNA16's annotations.csv has no malignancy). Labels that
 cannot be right stop the run with a one-line error naming the scan: a malignancy outside
@@ -36,9 +37,9 @@ from lungjax.data.coords import voxel_to_world, world_to_voxel
 from lungjax.data.io import ScanReadError, read_scan
 from lungjax.data.luna16 import Luna16Dataset
 from lungjax.data.preprocess import (DEFAULT_HU_WINDOW, LungMaskError, preprocess_scan,
-                                     resample_to, sphere_labels)
+                                     disc_labels, resample_to, sphere_labels)
 
-NODULE_MASK_MODES = ("consensus", "sphere")
+NODULE_MASK_MODES = ("consensus", "sphere", "disc")
 _MATCH_MM = 1e-3  # malignancy.csv and annotations.csv carry the same 6-decimal centres
 
 
@@ -245,8 +246,9 @@ def prepare_scan(job: dict) -> tuple[str, str, dict | str]:
         if len(nod_d) > 255:
             return "error", uid, f"scan {uid}: {len(nod_d)} nodules do not fit a uint8 mask"
         mask_label = np.arange(1, len(nod_d) + 1, dtype=np.int64)
-        nodules = sphere_labels(shape, pre.geometry.spacing_zyx, nod_zyx, nod_d, mask_label)
-        mask_source = "sphere"
+        mask_source = "disc" if s["nodule_mask"] == "disc" else "sphere"
+        draw = disc_labels if mask_source == "disc" else sphere_labels
+        nodules = draw(shape, pre.geometry.spacing_zyx, nod_zyx, nod_d, mask_label)
     arrays = {"image": pre.image, "lung": pre.lung, "nodules": nodules}
     try:
         store_lib.write_scan_arrays(job["out"], uid, arrays, chunk=s["chunk"])
@@ -303,7 +305,8 @@ def prepare_dataset(root: str | os.PathLike, out: str | os.PathLike,
       closing_mm: closing radius of the threshold lung mask.
       use_lung_masks: use ``seg-lungs-LUNA16`` masks where present.
       nodule_mask: "consensus" (``nodule-masks/<uid>.mhd`` where present, else
-        spheres) or "sphere" (always balls of the annotated diameters).
+        spheres), "sphere" (always balls of the annotated diameters) or "disc" (axial
+        discs of the annotated diameter on every slice the nodule spans).
       progress: show a progress bar.
       flush_every_s: rewrite the manifest at most this often (and always at the end or
         on interruption); scans finished but not yet recorded are redone on resume.

@@ -340,6 +340,47 @@ def sphere_labels(shape_zyx: Sequence[int], spacing_zyx: Sequence[float],
     return out
 
 
+def disc_labels(shape_zyx: Sequence[int], spacing_zyx: Sequence[float],
+                centres_zyx: np.ndarray, diameters_mm: np.ndarray,
+                labels: Sequence[int] | None = None) -> np.ndarray:
+    """Nodule instance labels drawn as axial discs of the annotated diameter on every
+    slice the nodule spans (Shrey et al. 2020): a cylinder along z, not a ball.
+
+    A slice z is spanned when its centre lies within half the diameter (in mm) of the
+    annotated centre along z; on it, a voxel belongs to disc k when its in-plane
+    distance in mm to the annotated centre is at most half the diameter. So the disc
+    equals :func:`sphere_labels`' ball on the central slice and is wider on every other
+    one. Where discs overlap the later one wins; discs reaching past the volume are
+    clipped.
+
+    Args and Returns: as :func:`sphere_labels` ((D, H, W) uint8, 0 = background).
+    """
+    shape = np.asarray(shape_zyx, np.int64).reshape(3)
+    spacing = np.asarray(spacing_zyx, np.float64).reshape(3)
+    centres = np.asarray(centres_zyx, np.float64).reshape(-1, 3)
+    diameters = np.asarray(diameters_mm, np.float64).reshape(-1)
+    labels = np.arange(1, len(centres) + 1) if labels is None else np.asarray(labels).reshape(-1)
+    if not (len(centres) == len(diameters) == len(labels)):
+        raise ValueError(f"disc_labels: {len(centres)} centres, {len(diameters)} diameters, "
+                         f"{len(labels)} labels")
+    if len(labels) and (labels.min() < 1 or labels.max() > 255):
+        raise ValueError(f"disc_labels: labels must be in 1..255, got {labels.tolist()}")
+    out = np.zeros(tuple(int(s) for s in shape), np.uint8)
+    for c, d, k in zip(centres, diameters, labels):
+        r = d / 2.0
+        if not r > 0:
+            continue
+        lo = np.maximum(np.ceil(c - r / spacing), 0).astype(np.int64)
+        hi = np.minimum(np.floor(c + r / spacing) + 1, shape).astype(np.int64)
+        if np.any(hi <= lo):
+            continue
+        yy, xx = (((np.arange(a, b) - ci) * sp) ** 2
+                  for a, b, ci, sp in zip(lo[1:], hi[1:], c[1:], spacing[1:]))
+        disc = yy[:, None] + xx[None, :] <= r * r
+        out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]][:, disc] = k
+    return out
+
+
 # ---------------------------------------------------------------------------
 # Crop and window.
 # ---------------------------------------------------------------------------

@@ -15,7 +15,8 @@ JSON: fold, shape, stored-grid geometry, nodules / excluded findings / candidate
 voxel and world coordinates, per nodule its median reader malignancy (null = the source
 has none) and its label in the ``nodules`` array, where the nodule mask came from
 (``nodule_mask_source``: "consensus" = the dataset's own masks, "sphere" = balls of the
-annotated diameters), and the transforms: source and resampled geometry, crop box) and
+annotated diameters, "disc" = axial discs of the annotated diameter on the slices the
+nodule spans), and the transforms: source and resampled geometry, crop box) and
 ``skipped`` (uid -> reason, from the last run).
 
 Version 2 added the nodule mask of every scan (a sphere where the dataset has no
@@ -50,7 +51,7 @@ from lungjax.data.tables import Findings
 MANIFEST = "manifest.json"
 STORE_FORMAT = "lungjax-patch-store"
 STORE_VERSION = 2
-NODULE_MASK_SOURCES = ("consensus", "sphere", "none")
+NODULE_MASK_SOURCES = ("consensus", "sphere", "disc", "none")
 MALIGNANCY_RANGE = (1.0, 5.0)  # LIDC reader scores; medians of 2 or 4 readers can be x.5
 ARRAYS = ("image", "lung", "nodules")
 DEFAULT_CHUNK = 32
@@ -248,7 +249,8 @@ class ScanRecord:
       nodule_mask_label: (N,) int64 value of each nodule in the "nodules" array
         (0 = not in the mask).
       nodule_mask_source: "consensus" (the dataset's masks), "sphere" (balls of the
-        annotated diameters) or "none" (no "nodules" array).
+        annotated diameters), "disc" (axial discs of the annotated diameter on every
+        slice the nodule spans) or "none" (no "nodules" array).
       transforms: JSON record of resampling and cropping (see
         :meth:`lungjax.data.preprocess.Preprocessed.transforms`).
       source: path of the scan that was read.

@@ -1,0 +1,243 @@
+"""Shrey et al., "Lung nodule detection and classification using a cascaded U-Net and a
+convolutional classifier" (2020): 2D U-Net nodule screening of axial slices, a
+suspicious-slice rule, and a benign / malignant classifier on {image, predicted mask}.
+
+The method, as the stages ``unet`` -> ``screen`` -> ``classify`` run by
+``lungjax.stages`` (models: ``lungjax.models.shrey2020``; the screening stage kind and
+the paper's tables: ``lungjax.methods.shrey2020``):
+
+1. ``unet``: the 2D U-Net (5 encoder stages of 3x3 convolutions, 64 channels doubling, a
+   2x2 max-pool between stages, 50% dropout on the last two; 4 up-convolutions with skip
+   concatenation; softmax over background / nodule, binary cross-entropy) trained on
+   whole axial slices from 5 before to 5 after each nodule (``sampler.slice_context``),
+   batch 16, Adam 1e-4, against nodule masks drawn as the paper draws them: a disc of the
+   annotated diameter on every slice the nodule spans (``data.nodule_mask="disc"``; the
+   dataset's consensus masks with ``--config.data.nodule_mask=consensus``);
+2. ``screen``: the U-Net on every axial slice of the held-out scans; a slice is suspicious
+   when its largest nodule probability is > 0.35 (``screening.threshold``): slice-level
+   sensitivity / specificity, the threshold sweep (``screen/threshold_sweep.png``), volume
+   Dice (``screen/screening.json``);
+3. ``classify``: the classifier (3 convolutions 3x3, 8 channels doubling, each with a
+   2x2 max-pool, 50% dropout on the last, FC 128, FC 2) on 64x64 crops centred on each
+   annotated nodule, two channels {image, the frozen U-Net's predicted mask}; benign =
+   median malignancy 1-2, malignant = 4-5, 3 excluded; benign ROIs oversampled 3x
+   (``sampler.roi_class_repeat``); Adam 1e-4. Held-out precision, recall, F1, accuracy
+   and ROC AUC with bootstrap intervals (``evals.cls``).
+
+    python -m lungjax.main --config=configs/shrey2020.py                 # generated data
+    python -m lungjax.main --config=configs/shrey2020.py:tiny --workdir=/tmp/shrey_tiny
+    python -m lungjax.main --config=configs/shrey2020.py:paper --config.data.root=/data/luna16
+    python -m lungjax.main --config=configs/shrey2020.py --mode=cv       # the paper's tables
+
+Variants (``:arg``):
+  * default: the CPU schedule for the generated default dataset (50 scans), sized so the
+    whole job (prepare the disc-mask store, train the U-Net, screen the 5 held-out scans
+    slice by slice, train the classifier) finishes within 30 minutes on a 2-core CPU. It
+    differs from the paper in size only: U-Net widths 16-256 instead of 64-1024, 150
+    U-Net steps and 300 classifier steps of 16, learning rate 1e-3 (1e-4 barely moves a
+    network in so few steps), 128 held-out slices for the U-Net's Dice. Measured on the
+    shared 2-core machine: a U-Net step of 16 slices of 128 x 208 takes ~6.5 s, a
+    classifier step ~0.2 s, screening ~17 s per held-out scan (5 scans); with preparing
+    the disc-mask store (~30 s), compilations and evaluations (~5 min) the job is
+    estimated at ~23 minutes.
+  * ``paper``: the paper's widths, learning rate 1e-4 and a GPU-sized schedule (U-Net
+    20k steps, classifier 5k steps of 16), for real data.
+  * ``tiny``: seconds on CPU (generated "tiny" data, minute widths), used by the tests.
+
+``arg`` may also carry ``key=value`` pairs after a comma, e.g. ``:tiny,fold=3``
+(``fold``, ``steps`` = U-Net steps, ``steps2`` = classifier steps).
+
+``--mode=cv`` runs ``cv.folds`` with the paper's comparison classifiers as
+``cv.variants`` (``fc_net``, ``encoder_decoder_fc``, ``resnet50``, ``vgg16``,
+``densenet121``: only the classify stage differs, so each shares the fold's U-Net and
+screening stages) and writes ``cv/shrey2020_tables.{md,json,png}``: the paper's Table 1
+and 2 beside ours. The single-baseline configs are under ``configs/baselines/``.
+
+Splits: the runner holds out one LUNA16 subset (``data.fold``, 10% of the scans) and
+trains on the other nine. The paper's 80/5/15 (U-Net) and 60/15/25 (classifier) splits
+by patient cannot be expressed with one held-out subset; they map to: test = the
+held-out subset (both stages, so the classifier is never tested on a scan the U-Net
+trained on), train = the other nine subsets; neither stage selects a model on a
+validation part (fixed schedules), so the paper's 5% / 15% validation scans train.
+LUNA16 subsets split by scan; LIDC-IDRI has one scan per patient for all but a handful
+of patients, so by scan is by patient up to those.
+
+Decisions where the paper is silent (switchable by flags):
+  * two 3x3 convolutions per U-Net stage and the fifth stage as the bottleneck (four
+    pools, four up-convolutions; ``lungjax/models/shrey2020.py``);
+  * U-Net batches: half slices with nodule voxels, half without, from the slice window
+    (``data.positive_fraction``); whole slices zero-padded to a multiple of 16
+    (``data.patch_size_zyx`` = (H, W) >= the stored slices); no augmentation;
+  * the classifier's crop: 64x64 at 1 mm centred on the annotated nodule; the predicted
+    mask is the U-Net's nodule probability > 0.5 on that crop
+    (``stages.classify.sections.model.mask_threshold``);
+  * the baseline classifiers see the same two-channel crop, trained from scratch with
+    the same optimiser and schedule (only the network differs);
+  * classifier batch 16; one ROI per nodule at its annotated centre (the paper's
+    suspicious slices of held-out scans are scored by ``screen``, the classifier by the
+    annotated nodules of the held-out scans).
+"""
+
+import importlib.util
+import os
+
+from ml_collections import config_dict
+
+VARIANTS = ("default", "tiny", "paper")
+
+# cv.variants name -> (MODELS name, constructor arguments at the paper's width, at the
+# tiny width). Widths on the default (CPU) schedule are the paper's.
+BASELINES = {
+    "fc_net": ("fc_net_2d", dict(hidden=(512, 128)), dict(hidden=(16, 8))),
+    "encoder_decoder_fc": ("encoder_decoder_fc_2d", dict(features=(32, 64), fc_features=128),
+                           dict(features=(4, 8), fc_features=8)),
+    "resnet50": ("resnet50_2d", dict(width=64), dict(width=4, blocks=(1, 1, 1, 1))),
+    "vgg16": ("vgg16_2d", dict(features=(64, 128, 256, 512, 512), fc_features=4096),
+              dict(features=(4, 4, 8, 8, 8), fc_features=8)),
+    "densenet121": ("densenet121_2d", dict(growth=32), dict(growth=4, blocks=(1, 1, 1, 1))),
+}
+
+
+def _base():
+    spec = importlib.util.spec_from_file_location(
+        "lungjax_configs_base", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                             "base.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _classify_sections(unet_features, crop):
+    """Sections of the ``classify`` stage merged over the run config; ``model``,
+    ``task`` and ``evals`` replace the U-Net's outright, the others merge."""
+    s = config_dict.ConfigDict()
+    s.model = config_dict.ConfigDict(dict(
+        name="shrey2020_cascade", unet_features=tuple(unet_features),
+        classifier="shrey2020_classifier", classifier_args={}, mask_threshold=0.5,
+        conv_impl="auto"))
+    s.task = config_dict.ConfigDict(dict(name="classification", num_classes=2,
+                                         loss="softmax_cross_entropy", positive_class=1))
+    s.data = config_dict.ConfigDict(dict(patch_size_zyx=(crop, crop), batch_mask=False,
+                                         eval_patches=0, batch_malignancy=False))
+    # Every ROI each round, benign ones 3x (the paper's oversampling), malignant once.
+    s.sampler = config_dict.ConfigDict(dict(name="nodule_roi", roi_balance=False,
+                                            roi_class_repeat=(3, 1)))
+    s.optimizer = config_dict.ConfigDict(dict(name="adam", learning_rate=1e-4,
+                                              schedule="constant"))
+    s.train = config_dict.ConfigDict(dict(batch_size=16, num_steps=300, log_every=50,
+                                          checkpoint_every=100))
+    s.evals = config_dict.ConfigDict(dict(cls=dict(type="classification", every_steps=0,
+                                                   n_bootstrap=1000, seed=0)))
+    return s
+
+
+def _stages(c, unet_features, crop, tiny: bool):
+    c.stages.unet = dict(kind="train")
+    c.stages.screen = dict(kind="shrey2020_slice_screen", network="unet", batch=16)
+    c.stages.classify = dict(kind="train", init_from="unet", init_paths=("unet:unet",),
+                             sections=_classify_sections(unet_features, crop),
+                             replace=("model", "task", "evals"))
+    c.stage_order = ("unet", "screen", "classify")
+    c.cv.variants = {
+        name: dict(stages=dict(classify=dict(sections=dict(model=dict(
+            classifier=model, classifier_args=small if tiny else args)))))
+        for name, (model, args, small) in BASELINES.items()}
+    c.cv.report = "shrey2020_tables"
+
+
+def get_config(arg: str | None = None):
+    base = _base()
+    variant, kv = base.parse_variant(arg, VARIANTS, "configs/shrey2020.py")
+    c = base.get_config()
+    c.name = "shrey2020" if variant == "default" else f"shrey2020_{variant}"
+
+    # Paper: nodule masks are discs of the annotated diameter on the slices it spans.
+    c.data.nodule_mask = "disc"
+    c.data.spatial_dims = 2
+    # Whole axial slices: the generated default scans are at most 129 x 199 (y, x) after
+    # the lung crop; the U-Net needs multiples of 16 (zero padding past the scan).
+    c.data.patch_size_zyx = (128, 208)
+    c.data.batch_mask = True
+    c.data.positive_fraction = 0.5
+    c.data.eval_patches = 128  # held-out slices for the U-Net's Dice (~0.2 s each)
+    c.data.malignancy_uncertain = "exclude"  # paper: malignancy 3 left out
+    c.sampler.name = "balanced_slices"
+    c.sampler.slice_context = 5  # paper: 5 slices before to 5 after each nodule
+    c.sampler.steps_per_round = 0
+
+    unet = (16, 32, 64, 128, 256)  # CPU schedule; the paper: 64 ... 1024
+    c.model.name = "shrey2020_unet"
+    c.model.features = unet
+    c.model.dropout = 0.5
+    c.model.conv_impl = "auto"
+    c.task = config_dict.ConfigDict(dict(name="segmentation", num_classes=2, loss="bce",
+                                         switch_step=0, dice_smooth=1.0, threshold=0.5))
+
+    c.optimizer.name = "adam"
+    c.optimizer.learning_rate = 1e-3  # CPU schedule; the paper's 1e-4 in :paper
+    c.optimizer.schedule = "constant"
+
+    c.train.batch_size = 16  # paper
+    c.train.num_steps = 150
+    c.train.log_every = 25
+    c.train.checkpoint_every = 50
+
+    c.evals.seg = dict(type="segmentation", every_steps=0, threshold=0.5, spacing=())
+    # The suspicious-slice rule (the paper's "discriminator").
+    c.screening = config_dict.ConfigDict(dict(threshold=0.35))
+    c.detection.conv_impl = "xla"  # whole slices of whole scans: no im2col buffers
+    c.cv.folds = ()
+
+    crop = 64
+    if variant == "paper":
+        unet = (64, 128, 256, 512, 1024)
+        c.model.features = unet
+        c.optimizer.learning_rate = 1e-4
+        c.train.num_steps = 20_000
+        c.train.log_every = 100
+        c.train.checkpoint_every = 1000
+        # Real scans at 1 mm are up to ~350 x 350 in-plane after the lung crop.
+        c.data.patch_size_zyx = (384, 384)
+    elif variant == "tiny":
+        unet = (4, 8, 8, 16, 16)
+        c.model.features = unet
+        c.data.synthetic_preset = "tiny"
+        c.data.patch_size_zyx = (96, 112)
+        c.data.eval_patches = 16
+        c.train.batch_size = 8
+        c.train.num_steps = 6
+        c.train.log_every = 3
+        c.train.checkpoint_every = 3
+        c.train.progress_bar = False
+        c.train.async_checkpoint = False
+        c.cv.folds = (0, 1)
+        crop = 32
+    _stages(c, unet, crop, tiny=variant == "tiny")
+    if variant == "tiny":
+        c.stages.screen.progress = False
+
+    s2 = c.stages.classify.sections
+    if variant == "paper":
+        s2.train.num_steps = 5000
+        s2.train.log_every = 100
+        s2.train.checkpoint_every = 1000
+    elif variant == "tiny":
+        s2.train.batch_size = 8
+        s2.train.num_steps = 4
+        s2.train.log_every = 2
+        s2.train.checkpoint_every = 4
+        s2.evals.cls.n_bootstrap = 50
+    else:
+        s2.optimizer.learning_rate = 1e-3  # CPU schedule, as the U-Net's
+
+    for k, v in kv.items():
+        if k == "fold":
+            c.data.fold = int(v)
+        elif k == "steps":
+            c.train.num_steps = int(v)
+        elif k == "steps2":
+            s2.train.num_steps = int(v)
+        else:
+            raise ValueError(f"configs/shrey2020.py: unknown config arg {k!r} "
+                             "(fold | steps | steps2)")
+    return c

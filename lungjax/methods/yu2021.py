@@ -1,0 +1,407 @@
+"""Yu et al. (2021) as stages: the sub-case sampler of the Res U-Net, the schedules the
+paper gives in epochs, the held-out segmentation and classification stages, the
+cross-validation tables, and the LIDC-IDRI label counts.
+
+Stages of ``configs/yu2021.py`` (``lungjax.stages`` runs them)::
+
+    seg      "train"             Res U-Net on sub-cases (sampler "yu2021_subcases")
+    segeval  "yu2021_segment"    held-out scans segmented sub-case by sub-case:
+                                 segmentation.json (+ per-nodule Dice), segmentation.png
+    cls      "train"             3D ResNet50 on nodule ROIs (sampler "nodule_roi")
+    clseval  "yu2021_classify"   held-out ROIs: classification.json (bootstrap
+                                 intervals), roc.png
+
+Sub-cases: each stored (preprocessed, lung-cropped) scan of D slices is split along z
+into ``yu2021.subcases`` equal slabs; slab k is the patch of ``data.patch_size_zyx``
+centred at z = (2k + 1) D / (2 n) and in-plane on the volume's centre (the paper's two
+48 x 192 x 192 sub-cases of a case resampled to 3 x 1.5 x 1.5 mm). Voxels of a slab
+outside the volume read as 0 (-1000 HU after the window).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from lungjax.data.dense_sampling import RoiSampler, roi_sampler
+from lungjax.data.pipeline import StoreTrainData, Targets
+from lungjax.data.sampler import (NODULE, RANDOM_NEG, SAMPLE_DTYPE, SamplerConfig,
+                                  malignant_label, pool_rows, round_half_up, scan_info)
+from lungjax.registry import CV_REPORTS, SAMPLERS, STAGE_CONFIGS, STAGES
+
+# The paper's held-out figures (Yu et al. 2021, Results).
+PAPER = {"dice_large": 0.81, "accuracy": 0.873, "roc_auc": 0.907, "specificity": 0.948}
+
+
+# ----------------------------------------------------------------------------------
+# Sub-cases
+# ----------------------------------------------------------------------------------
+
+
+def subcase_centres(shape_zyx: Sequence[int], n: int) -> np.ndarray:
+    """(n, 3) int64 voxel centres of the ``n`` z-slabs of a (D, H, W) volume."""
+    d, h, w = (int(v) for v in shape_zyx)
+    z = np.floor((2 * np.arange(n) + 1) * d / (2 * n)).astype(np.int64)
+    return np.stack([z, np.full(n, h // 2), np.full(n, w // 2)], -1)
+
+
+def subcase_owner(depth: int, n: int) -> np.ndarray:
+    """(D,) int64: the slab each slice belongs to (slice z in [k D / n, (k + 1) D / n))."""
+    return np.minimum((np.arange(depth) * n) // depth, n - 1)
+
+
+def subcase_sampler(store, uids: Sequence[str], cfg: SamplerConfig, batch_size: int,
+                    n: int) -> RoiSampler:
+    """A shuffled-pass sampler over the sub-cases of ``uids`` (label 1 = the slab holds
+    nodule voxels), ``n`` per scan; a round covers every sub-case."""
+    scans, parts = [], []
+    for s, uid in enumerate(uids):
+        rec = store.scan(uid)
+        if "nodules" not in rec.arrays:
+            raise ValueError(f"scan {uid}: the store has no nodule mask for it; prepare the "
+                             "store again (store version 2 writes one for every scan)")
+        scans.append(scan_info(rec))
+        centres = subcase_centres(rec.shape_zyx, n)
+        has = store.read_volume(uid, array="nodules").reshape(rec.shape_zyx[0], -1).max(1) > 0
+        owner = subcase_owner(rec.shape_zyx[0], n)
+        pos = np.array([has[owner == k].any() for k in range(n)])
+        rows = pool_rows(s, centres, centres, 0.0, pos.astype(np.int32),
+                         np.where(pos, NODULE, RANDOM_NEG))
+        parts.append(rows)
+    pool = np.concatenate(parts) if parts else np.zeros(0, SAMPLE_DTYPE)
+    pool["sample_id"] = np.arange(len(pool))
+    return RoiSampler(list(uids), scans, pool, cfg, batch_size, balance=False)
+
+
+@SAMPLERS.register("yu2021_subcases")
+class SubcaseTrainData(StoreTrainData):
+    """``StoreTrainData`` over :func:`subcase_sampler` (``sampler.name =
+    "yu2021_subcases"``; reads ``yu2021.subcases``; batches carry the nodule mask with
+    ``data.batch_mask``). Held-out evaluation: every held-out sub-case."""
+
+    eval_kinds = (NODULE, RANDOM_NEG)
+
+    def __init__(self, config, store, train_uids, eval_uids=None, **kw):
+        self.subcases = int(config.yu2021.subcases)
+        kw.setdefault("targets", Targets.from_config(config))
+        super().__init__(config, store, train_uids, eval_uids, **kw)
+
+    def make_sampler(self, uids, *, random_negatives: bool):
+        del random_negatives
+        return subcase_sampler(self.store, uids, SamplerConfig.from_config(self.config),
+                               int(self.config.train.batch_size), self.subcases)
+
+
+# ----------------------------------------------------------------------------------
+# Schedules in epochs (stage "derive" functions)
+# ----------------------------------------------------------------------------------
+
+
+def _train_uids(config) -> tuple[Any, list[str]]:
+    """(store, training uids) of the prepared store (the runner prepares it before any
+    stage configuration is derived)."""
+    from lungjax.data.store import PatchStore
+    from lungjax.train_data import default_store_path, held_out_uids
+
+    store = PatchStore.open(config.data.store or default_store_path(config))
+    held = set(held_out_uids(config, store))
+    return store, [u for u in store.uids() if u not in held]
+
+
+def _epochs_to_steps(cfg, steps_per_epoch: int) -> None:
+    y = cfg.yu2021
+    cfg.train.num_steps = max(1, int(y.epochs * steps_per_epoch))
+    cfg.optimizer.decay_steps = tuple(max(1, int(e * steps_per_epoch))
+                                      for e in y.lr_decay_epochs)
+
+
+@STAGE_CONFIGS.register("yu2021_seg_epochs")
+def seg_epochs(cfg, config) -> None:
+    """Segmentation stage: ``yu2021.epochs`` / ``lr_decay_epochs`` / ``bce_epochs`` ->
+    ``train.num_steps``, ``optimizer.decay_steps``, ``task.switch_step``; an epoch is
+    every training sub-case once: ceil(training scans x subcases / batch) steps."""
+    del config
+    _, uids = _train_uids(cfg)
+    spe = math.ceil(len(uids) * int(cfg.yu2021.subcases) / int(cfg.train.batch_size))
+    _epochs_to_steps(cfg, spe)
+    cfg.task.switch_step = max(1, int(cfg.yu2021.bce_epochs * spe))
+
+
+@STAGE_CONFIGS.register("yu2021_cls_epochs")
+def cls_epochs(cfg, config) -> None:
+    """Classification stage: ``yu2021.epochs`` / ``lr_decay_epochs`` -> steps; an epoch
+    is one round of the ROI sampler (every benign and malignant training ROI once, the
+    smaller class repeated under ``sampler.roi_balance``)."""
+    del config
+    store, uids = _train_uids(cfg)
+    lab = np.concatenate([malignant_label(np.asarray(store.scan(u).nodule_malignancy,
+                                                     np.float64),
+                                          str(cfg.data.malignancy_uncertain)) for u in uids])
+    b = int(cfg.train.batch_size)
+    pos, neg = int((lab == 1).sum()), int((lab == 0).sum())
+    if cfg.sampler.roi_balance:
+        p_b = int(round_half_up(b * float(cfg.data.positive_fraction)))  # as RoiSampler
+        spe = max(math.ceil(pos / max(p_b, 1)), math.ceil(neg / max(b - p_b, 1)))
+    else:
+        spe = math.ceil((pos + neg) / b)
+    _epochs_to_steps(cfg, max(spe, 1))
+
+
+# ----------------------------------------------------------------------------------
+# Held-out segmentation
+# ----------------------------------------------------------------------------------
+
+
+def segment_volume(predict, store, uid: str, size_zyx: Sequence[int], n: int) -> np.ndarray:
+    """Foreground probability (D, H, W) float32 of one stored scan: each z-slab's
+    sub-case through ``predict((1, *size, 1) image) -> (1, *size)`` probabilities, pasted
+    back where the slab owns the slices and the patch covers the volume (else 0)."""
+    rec = store.scan(uid)
+    shape = np.asarray(rec.shape_zyx, np.int64)
+    size = np.asarray(size_zyx, np.int64)
+    out = np.zeros(tuple(shape), np.float32)
+    owner = subcase_owner(int(shape[0]), n)
+    for k, c in enumerate(subcase_centres(shape, n)):
+        patch = store.read_patch(uid, c, size)
+        prob = np.asarray(predict(patch[None, ..., None]))[0]
+        start = c - size // 2
+        lo, hi = np.clip(start, 0, shape), np.clip(start + size, 0, shape)
+        z = np.flatnonzero(owner == k)
+        z = z[(z >= lo[0]) & (z < hi[0])]
+        if not len(z):
+            continue
+        a = lo - start
+        out[z, lo[1]:hi[1], lo[2]:hi[2]] = prob[z - start[0], a[1]:a[1] + hi[1] - lo[1],
+                                                a[2]:a[2] + hi[2] - lo[2]]
+    return out
+
+
+def nodule_dice(prob: np.ndarray, labels: np.ndarray, label: int, threshold: float,
+                margin: int = 4) -> float:
+    """Dice of one nodule: the thresholded prediction against ``labels == label`` in the
+    nodule's bounding box grown by ``margin`` voxels (what a per-nodule segmentation is
+    scored on; other nodules' voxels in the box are left out)."""
+    zyx = np.argwhere(labels == label)
+    lo = np.maximum(zyx.min(0) - margin, 0)
+    hi = np.minimum(zyx.max(0) + margin + 1, labels.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    lab = labels[box]
+    keep = (lab == 0) | (lab == label)
+    p = (prob[box] >= threshold) & keep
+    t = lab == label
+    return float(2 * np.count_nonzero(p & t) / max(np.count_nonzero(p) + np.count_nonzero(t), 1))
+
+
+@STAGES.register("yu2021_segment")
+def segment_stage(run) -> dict:
+    """Segments the held-out scans with the network of stage ``network``; Dice over all
+    voxels and per nodule (all, and nodules larger than ``yu2021.large_nodule_mm``) ->
+    ``segmentation.json`` and ``segmentation.png`` in the stage folder."""
+    from lungjax import stages, train
+    from lungjax.evaluation.segmentation import segmentation_record
+
+    cfg, ctx = run.config, run.ctx
+    model, task = train.build_model(cfg), train.build_task(cfg)
+    variables, step = stages.restore_variables(run.dirs[run.spec["network"]])
+    apply = jax.jit(lambda v, x: task.probabilities(model.apply(v, x, train=False)))
+    threshold = float(cfg.task.threshold)
+    per_scan, nodules = {}, []
+    for uid in ctx.test_uids:
+        prob = segment_volume(lambda x: apply(variables, x), ctx.store, uid,
+                              cfg.data.patch_size_zyx, int(cfg.yu2021.subcases))
+        labels = ctx.store.read_volume(uid, array="nodules").astype(np.int64)
+        rec = ctx.store.scan(uid)
+        per_scan[uid] = (prob, labels > 0, rec.spacing_zyx)
+        for lab, r in zip(rec.nodule_mask_label, rec.nodule_diameter_mm):
+            if lab > 0 and np.any(labels == lab):
+                nodules.append({"uid": uid, "label": int(lab), "diameter_mm": float(r),
+                                "dice": nodule_dice(prob, labels, int(lab), threshold)})
+    seg = segmentation_record(per_scan, threshold=threshold)
+    large_mm = float(cfg.yu2021.large_nodule_mm)
+    large = [n["dice"] for n in nodules if n["diameter_mm"] > large_mm]
+    figures = {"dice": seg["pooled"]["dice"], "mean_scan_dice": seg["mean"]["dice"],
+               "nodule_dice": float(np.mean([n["dice"] for n in nodules])) if nodules
+               else float("nan"),
+               "large_nodule_dice": float(np.mean(large)) if large else float("nan"),
+               "n_nodules": len(nodules), "n_large": len(large)}
+    out = {"step": int(step), "network": cfg.model.name, "large_nodule_mm": large_mm,
+           "eval/segmentation": figures, "segmentation": seg, "nodules": nodules,
+           "paper": {"large_nodule_dice": PAPER["dice_large"]}}
+    stages.write_json(os.path.join(run.dir, "segmentation.json"), out)
+    if jax.process_index() == 0:
+        plot_nodule_dice(nodules, large_mm, os.path.join(run.dir, "segmentation.png"),
+                         title=f"{ctx.config.name} {run.name}: fold "
+                               f"{int(ctx.config.data.fold)}")
+    out["summary_line"] = (f"Dice {figures['dice']:.3f} (pooled over {len(per_scan)} scans); "
+                           f"per nodule {figures['nodule_dice']:.3f}, > {large_mm:g} mm "
+                           f"{figures['large_nodule_dice']:.3f} ({len(large)} nodules; "
+                           f"paper {PAPER['dice_large']})")
+    return out
+
+
+def plot_nodule_dice(nodules: Sequence[dict], large_mm: float, path: str, *,
+                     title: str) -> None:
+    """Per-nodule Dice against diameter (mm), the large-nodule threshold marked."""
+    from matplotlib.figure import Figure
+
+    from lungjax.evaluation.plots import save_figure
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    d = [n["diameter_mm"] for n in nodules]
+    ax.scatter(d, [n["dice"] for n in nodules], s=14, color="C0")
+    ax.axvline(large_mm, color="0.5", ls=":", lw=1)
+    ax.axhline(PAPER["dice_large"], color="C3", ls="--", lw=1,
+               label=f"paper, > {large_mm:g} mm: {PAPER['dice_large']}")
+    ax.set_xlabel("nodule diameter (mm)")
+    ax.set_ylabel("Dice")
+    ax.set_ylim(0, 1)
+    ax.grid(True, alpha=0.4)
+    ax.legend(loc="lower right")
+    ax.set_title(title)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------------
+# Held-out classification
+# ----------------------------------------------------------------------------------
+
+
+@STAGES.register("yu2021_classify")
+def classify_stage(run) -> dict:
+    """Classifies every held-out nodule ROI with a benign / malignant label (uncertain
+    ones per ``data.malignancy_uncertain``) with the network of stage ``network``:
+    accuracy, sensitivity, specificity, AUC with bootstrap intervals ->
+    ``classification.json`` and ``roc.png`` in the stage folder."""
+    from lungjax import stages, train
+    from lungjax.evaluation.classification import classification_record, roc_curve
+    from lungjax.evaluation.plots import plot_roc
+
+    cfg, ctx = run.config, run.ctx
+    model, task = train.build_model(cfg), train.build_task(cfg)
+    variables, step = stages.restore_variables(run.dirs[run.spec["network"]])
+    apply = jax.jit(lambda v, x: task.probabilities(task.logits(model.apply(v, x,
+                                                                            train=False))))
+    sampler = roi_sampler(ctx.store, ctx.test_uids, SamplerConfig.from_config(cfg), 1,
+                          uncertain=str(cfg.data.malignancy_uncertain), balance=False)
+    rows, size = sampler.pool, tuple(int(v) for v in cfg.data.patch_size_zyx)
+    scores = []
+    for i in range(0, len(rows), int(run.spec["batch"])):
+        chunk = rows[i:i + int(run.spec["batch"])]
+        x = np.stack([ctx.store.read_patch(sampler.uids[int(r["scan"])],
+                                           np.rint(r["center_zyx"]).astype(np.int64), size)
+                      for r in chunk])[..., None]
+        scores.append(np.asarray(apply(variables, x)))
+    labels = rows["label"].astype(np.int64)
+    score = np.concatenate(scores) if scores else np.zeros(0)
+    ev = cfg.yu2021
+    rec = classification_record(labels, score, seed=int(cfg.seed),
+                                n_bootstrap=int(ev.n_bootstrap), threshold=0.5)
+    figures = {k: rec[k] for k in ("accuracy", "roc_auc", "specificity", "sensitivity")}
+    figures.update({f"{k}_{e}": rec["ci"][k][j] for k in ("accuracy", "roc_auc",
+                                                          "specificity")
+                    for j, e in enumerate(("lo", "hi"))})
+    figures["n"] = int(len(labels))
+    out = {"step": int(step), "network": cfg.model.name, "eval/classification": figures,
+           "classification": rec, "paper": {k: PAPER[k] for k in
+                                            ("accuracy", "roc_auc", "specificity")}}
+    stages.write_json(os.path.join(run.dir, "classification.json"), out)
+    if jax.process_index() == 0 and len(np.unique(labels)) == 2:
+        roc = roc_curve(labels, score)
+        plot_roc({cfg.model.name: (roc.fpr, roc.tpr, rec["roc_auc"])},
+                 os.path.join(run.dir, "roc.png"),
+                 title=f"{ctx.config.name} {run.name}: fold {int(ctx.config.data.fold)}")
+    out["summary_line"] = (
+        f"{len(labels)} held-out ROIs: accuracy {rec['accuracy']:.3f}, AUC "
+        f"{rec['roc_auc']:.3f}, specificity {rec['specificity']:.3f} (paper "
+        f"{PAPER['accuracy']}, {PAPER['roc_auc']}, {PAPER['specificity']})")
+    return out
+
+
+# ----------------------------------------------------------------------------------
+# Cross-validation tables
+# ----------------------------------------------------------------------------------
+
+
+def _mean(values) -> float:
+    v = [float(x) for x in values if x is not None and np.isfinite(float(x))]
+    return float(np.mean(v)) if v else float("nan")
+
+
+@CV_REPORTS.register("yu2021_tables")
+def cv_tables(config, workdir: str, records: Sequence[dict], report: dict) -> dict:
+    """The paper's figures beside ours (mean over folds) for the method and each
+    variant (baselines): ``<workdir>/cv/yu2021_tables.{md,json}``."""
+    from lungjax.atomic import atomic_write_json, atomic_write_text
+
+    def rows_of(variant: str) -> dict:
+        seg, cls = [], []
+        for r in records:
+            st = r["stages"] if not variant else r["variants"][variant]["stages"]
+            seg.append(st["segeval"]["eval/segmentation"])
+            cls.append(st["clseval"]["eval/classification"])
+        return {"dice": _mean(s["dice"] for s in seg),
+                "large_nodule_dice": _mean(s["large_nodule_dice"] for s in seg),
+                "accuracy": _mean(c["accuracy"] for c in cls),
+                "roc_auc": _mean(c["roc_auc"] for c in cls),
+                "specificity": _mean(c["specificity"] for c in cls)}
+
+    names = [""] + [v for v in config.cv.variants if all(v in r["variants"] for r in records)]
+    table = {(n or config.name): rows_of(n) for n in names}
+    cols = ("dice", "large_nodule_dice", "accuracy", "roc_auc", "specificity")
+    paper = {"dice": float("nan"), "large_nodule_dice": PAPER["dice_large"],
+             "accuracy": PAPER["accuracy"], "roc_auc": PAPER["roc_auc"],
+             "specificity": PAPER["specificity"]}
+    lines = [f"# {config.name}: {len(records)} folds, mean over folds", "",
+             "| run | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|",
+             "| paper | " + " | ".join("-" if not np.isfinite(paper[c]) else f"{paper[c]:.3f}"
+                                      for c in cols) + " |"]
+    for name, row in table.items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[c]:.3f}" for c in cols) + " |")
+    out = os.path.join(workdir, "cv")
+    os.makedirs(out, exist_ok=True)
+    if jax.process_index() == 0:
+        atomic_write_text(os.path.join(out, "yu2021_tables.md"), "\n".join(lines) + "\n")
+        atomic_write_json(os.path.join(out, "yu2021_tables.json"),
+                          {"paper": paper, "runs": table, "folds": len(records)})
+    print("\n".join(lines), flush=True)
+    return {**report, "yu2021": {"paper": paper, "runs": table}}
+
+
+# ----------------------------------------------------------------------------------
+# LIDC-IDRI label counts
+# ----------------------------------------------------------------------------------
+
+
+def lidc_label_counts(db, *, max_thickness: float | None = None, min_readers: int = 3,
+                      per: str = "annotation") -> dict[str, int]:
+    """Benign (malignancy 1-2) and malignant (4-5) counts of LIDC-IDRI, score 3 left out.
+
+    Args:
+      db: ``lungjax.data.lidc_db.LidcDatabase``.
+      max_thickness: keep scans with slice thickness <= this (None = all 1,018).
+      min_readers: keep nodules (clusters of reader marks) marked by this many readers.
+      per: "annotation" counts every reader's mark of the kept nodules with its own
+        score; "cluster" counts each nodule once by its median score (ties 2.5 / 3.5
+        left out, as 3).
+
+    Returns:
+      {"nodules": kept clusters, "benign", "malignant", "uncertain"} (ints).
+    """
+    from lungjax.data import lidc
+
+    scans = db.scans if max_thickness is None else db.select_scans(max_thickness)
+    nods = list(lidc.iter_nodules(db, scans, min_readers=min_readers, with_masks=False))
+    if per == "annotation":
+        m = np.concatenate([n.reader_scores[:, 8] for n in nods]).astype(np.float64)
+    elif per == "cluster":
+        m = np.array([n.median("malignancy") for n in nods])
+    else:
+        raise ValueError(f"per={per!r}: 'annotation' or 'cluster'")
+    return {"nodules": len(nods), "benign": int((m <= 2).sum()),
+            "malignant": int((m >= 4).sum()), "uncertain": int(((m > 2) & (m < 4)).sum())}
