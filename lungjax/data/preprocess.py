@@ -314,30 +314,8 @@ def sphere_labels(shape_zyx: Sequence[int], spacing_zyx: Sequence[float],
     Returns:
       (D, H, W) uint8, 0 = background.
     """
-    shape = np.asarray(shape_zyx, np.int64).reshape(3)
-    spacing = np.asarray(spacing_zyx, np.float64).reshape(3)
-    centres = np.asarray(centres_zyx, np.float64).reshape(-1, 3)
-    diameters = np.asarray(diameters_mm, np.float64).reshape(-1)
-    labels = np.arange(1, len(centres) + 1) if labels is None else np.asarray(labels).reshape(-1)
-    if not (len(centres) == len(diameters) == len(labels)):
-        raise ValueError(f"sphere_labels: {len(centres)} centres, {len(diameters)} diameters, "
-                         f"{len(labels)} labels")
-    if len(labels) and (labels.min() < 1 or labels.max() > 255):
-        raise ValueError(f"sphere_labels: labels must be in 1..255, got {labels.tolist()}")
-    out = np.zeros(tuple(int(s) for s in shape), np.uint8)
-    for c, d, k in zip(centres, diameters, labels):
-        r = d / 2.0
-        if not r > 0:
-            continue
-        lo = np.maximum(np.ceil(c - r / spacing), 0).astype(np.int64)
-        hi = np.minimum(np.floor(c + r / spacing) + 1, shape).astype(np.int64)
-        if np.any(hi <= lo):
-            continue
-        zz, yy, xx = (((np.arange(a, b) - ci) * sp) ** 2
-                      for a, b, ci, sp in zip(lo, hi, c, spacing))
-        ball = zz[:, None, None] + yy[None, :, None] + xx[None, None, :] <= r * r
-        out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]][ball] = k
-    return out
+    return _draw_labels(shape_zyx, spacing_zyx, centres_zyx, diameters_mm, labels,
+                        disc=False)
 
 
 def disc_labels(shape_zyx: Sequence[int], spacing_zyx: Sequence[float],
@@ -355,16 +333,25 @@ def disc_labels(shape_zyx: Sequence[int], spacing_zyx: Sequence[float],
 
     Args and Returns: as :func:`sphere_labels` ((D, H, W) uint8, 0 = background).
     """
+    return _draw_labels(shape_zyx, spacing_zyx, centres_zyx, diameters_mm, labels,
+                        disc=True)
+
+
+def _draw_labels(shape_zyx, spacing_zyx, centres_zyx, diameters_mm, labels, *,
+                 disc: bool) -> np.ndarray:
+    """:func:`sphere_labels` (``disc=False``: a ball) or :func:`disc_labels` (an axial
+    disc on every slice the ball spans): both clip the same box around each centre."""
+    what = "disc_labels" if disc else "sphere_labels"
     shape = np.asarray(shape_zyx, np.int64).reshape(3)
     spacing = np.asarray(spacing_zyx, np.float64).reshape(3)
     centres = np.asarray(centres_zyx, np.float64).reshape(-1, 3)
     diameters = np.asarray(diameters_mm, np.float64).reshape(-1)
     labels = np.arange(1, len(centres) + 1) if labels is None else np.asarray(labels).reshape(-1)
     if not (len(centres) == len(diameters) == len(labels)):
-        raise ValueError(f"disc_labels: {len(centres)} centres, {len(diameters)} diameters, "
+        raise ValueError(f"{what}: {len(centres)} centres, {len(diameters)} diameters, "
                          f"{len(labels)} labels")
     if len(labels) and (labels.min() < 1 or labels.max() > 255):
-        raise ValueError(f"disc_labels: labels must be in 1..255, got {labels.tolist()}")
+        raise ValueError(f"{what}: labels must be in 1..255, got {labels.tolist()}")
     out = np.zeros(tuple(int(s) for s in shape), np.uint8)
     for c, d, k in zip(centres, diameters, labels):
         r = d / 2.0
@@ -374,10 +361,13 @@ def disc_labels(shape_zyx: Sequence[int], spacing_zyx: Sequence[float],
         hi = np.minimum(np.floor(c + r / spacing) + 1, shape).astype(np.int64)
         if np.any(hi <= lo):
             continue
-        yy, xx = (((np.arange(a, b) - ci) * sp) ** 2
-                  for a, b, ci, sp in zip(lo[1:], hi[1:], c[1:], spacing[1:]))
-        disc = yy[:, None] + xx[None, :] <= r * r
-        out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]][:, disc] = k
+        zz, yy, xx = (((np.arange(a, b) - ci) * sp) ** 2
+                      for a, b, ci, sp in zip(lo, hi, c, spacing))
+        box = out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        if disc:  # the slices within the radius along z, each with the full-radius disc
+            box[:, yy[:, None] + xx[None, :] <= r * r] = k
+        else:
+            box[zz[:, None, None] + yy[None, :, None] + xx[None, None, :] <= r * r] = k
     return out
 
 
