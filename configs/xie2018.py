@@ -108,7 +108,6 @@ def get_config(arg=None):
     c.sampler.provisional_threshold = 0.5
     c.sampler.max_fp_per_scan = 20
     c.sampler.min_positive_fraction = 0.25
-    c.sampler.epochs_per_round = 100
     c.sampler.provisional_scans = 0  # 0 = every training scan (paper)
 
     # --- network and targets --------------------------------------------------------
@@ -202,7 +201,6 @@ def get_config(arg=None):
         for aug in (c.augment.positive, c.augment.negative):
             aug.translate_mm = 24.0
         c.sampler.min_positive_fraction = 0.0
-        c.sampler.epochs_per_round = 100  # t
         c.optimizer.name = "momentum"
         c.optimizer.momentum = 0.9
         c.train.batch_size = 16
@@ -236,7 +234,6 @@ def get_config(arg=None):
         c.detection.conv_impl = "xla"
         c.sampler.max_fp_per_scan = 4
         c.sampler.provisional_threshold = 0.0  # an untrained net: every scan gives FPs
-        c.sampler.epochs_per_round = 2
         c.train.log_every = 1
         c.train.checkpoint_every = 1
         c.train.progress_bar = False

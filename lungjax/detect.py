@@ -9,9 +9,10 @@
   screening table of Dou et al. 2017);
 * :func:`write_submission` writes the LUNA16 submission CSV (optional diameter column).
 
-Command line, on an exported model (see ``lungjax.export``)::
+Command line, on the folder ``--mode=export`` prints (every stage of the method), for
+scan files, DICOM series folders or folders of scans (:func:`main` lists the outputs)::
 
-    python -m lungjax.detect --model=EXPORT_DIR --scan=SCAN.mhd --out=marks.csv
+    python -m lungjax.detect --model=EXPORT_DIR --scan=PATH [--scan=PATH ...] --out=DIR
 """
 
 from __future__ import annotations
@@ -280,8 +281,11 @@ def detect_scan(predict_fn: Callable, scan_path: str | os.PathLike,
 
 
 def read_preprocessed(scan_path: str | os.PathLike, preprocess_cfg: Mapping[str, Any], *,
-                      uid: str | None = None):
+                      uid: str | None = None, lung_mask_path: str | None = None):
     """Reads a scan file and preprocesses it as the store did.
+
+    ``lung_mask_path``: a lung mask on the scan's grid (LUNA16 ``seg-lungs-LUNA16``
+    labels, or any mask with lung > 0) used instead of the threshold mask.
 
     Returns:
       (volume (D, H, W) float32 in [0, 1], its Geometry, lung mask (D, H, W) bool, uid,
@@ -289,20 +293,27 @@ def read_preprocessed(scan_path: str | os.PathLike, preprocess_cfg: Mapping[str,
       file name without extension (the LUNA16 naming).
     """
     from lungjax.data.io import read_scan
-    from lungjax.data.preprocess import preprocess_scan, uint8_to_unit
+    from lungjax.data.preprocess import LUNA16_LUNG_LABELS, preprocess_scan, uint8_to_unit
 
     path = os.fspath(scan_path)
-    if uid is None:
-        base = os.path.basename(os.path.normpath(path))
-        for ext in (".nii.gz", ".mhd", ".mha", ".nii"):
-            if base.lower().endswith(ext):
-                base = base[:-len(ext)]
-                break
-        uid = base
+    uid = _uid_of(path) if uid is None else uid
     t0 = time.perf_counter()
     scan = read_scan(path)
     t1 = time.perf_counter()
-    pre = preprocess_scan(scan.array, scan.geometry, name=path, **preprocess_kwargs(preprocess_cfg))
+    seg = None
+    if lung_mask_path is not None:
+        mask = read_scan(lung_mask_path)
+        if not np.allclose(mask.geometry.spacing, scan.geometry.spacing, rtol=1e-4) \
+                or mask.array.shape != scan.array.shape:
+            raise ValueError(f"{lung_mask_path}: lung mask grid {mask.array.shape} at "
+                             f"{tuple(np.round(mask.geometry.spacing, 4))} mm differs from "
+                             f"the scan's {scan.array.shape} at "
+                             f"{tuple(np.round(scan.geometry.spacing, 4))} mm")
+        seg = mask.array
+        if not np.isin(seg, LUNA16_LUNG_LABELS).any():  # a binary mask: lung where > 0
+            seg = np.where(seg > 0, LUNA16_LUNG_LABELS[0], 0).astype(np.uint8)
+    pre = preprocess_scan(scan.array, scan.geometry, name=path, lung_seg=seg,
+                          **preprocess_kwargs(preprocess_cfg))
     del scan
     volume = uint8_to_unit(pre.image)
     t2 = time.perf_counter()
@@ -504,6 +515,10 @@ def load_method(export_dir: str | os.PathLike, changes: Mapping[str, Any] | None
         stages = json.load(f)["stages"]
     if not stages:
         raise ValueError(f"{path}: no exported stage")
+    for st in stages:
+        if not os.path.isfile(os.path.join(export_dir, st["dir"], "export.json")):
+            raise FileNotFoundError(f"{export_dir}: the export lacks stage {st['name']!r} "
+                                    f"({st['dir']}/export.json); run --mode=export again")
     final = stages[-1]
     sub = os.path.join(export_dir, final["dir"])
     if final["kind"] == "detect":
@@ -544,19 +559,107 @@ def load_method(export_dir: str | os.PathLike, changes: Mapping[str, Any] | None
                      "give marks on a scan")
 
 
+SCAN_SUFFIXES = (".mhd", ".mha", ".nii", ".nii.gz")
+# Folders of a LUNA16-layout dataset that hold masks, not scans.
+MASK_FOLDERS = ("seg-lungs-LUNA16", "nodule-masks")
+
+
+def _uid_of(path: str) -> str:
+    base = os.path.basename(os.path.normpath(path))
+    for ext in SCAN_SUFFIXES:
+        if base.lower().endswith(ext):
+            return base[:-len(ext)]
+    return base
+
+
+def expand_scans(paths: Sequence[str]) -> list[str]:
+    """Scan files and DICOM series folders from the command line's ``--scan`` values.
+
+    A file is a scan; a folder holding DICOM files is one series; any other folder is
+    searched (recursively, in sorted order, skipping LUNA16's mask folders) for scan files
+    and DICOM series folders.
+
+    Raises:
+      FileNotFoundError: a path that does not exist; ValueError: a folder with no scan.
+    """
+    from lungjax.data.io import list_dicom_series
+
+    out = []
+    for p in paths:
+        p = os.fspath(p)
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"{p}: no such file or folder")
+        if not os.path.isdir(p) or list_dicom_series(p):
+            out.append(p)
+            continue
+        found = []
+        for root, dirs, files in os.walk(p):
+            dirs[:] = sorted(d for d in dirs if d not in MASK_FOLDERS)
+            if root != p and list_dicom_series(root):
+                found.append(root)
+                continue
+            found += [os.path.join(root, f) for f in sorted(files)
+                      if f.lower().endswith(SCAN_SUFFIXES)]
+        if not found:
+            raise ValueError(f"{p}: no scan in this folder ({', '.join(SCAN_SUFFIXES)} files "
+                             "or DICOM series)")
+        out += found
+    return out
+
+
+def find_lung_mask(scan_path: str, given: str | None, n_scans: int) -> str | None:
+    """The lung mask for ``scan_path``: ``given`` (a mask file, for one scan; or a folder
+    of masks named ``<uid>.mhd|.mha|.nii|.nii.gz``), else LUNA16's layout
+    (``seg-lungs-LUNA16/<uid>.mhd`` beside the scan's folder or its parent), else None
+    (the threshold lung mask)."""
+    uid = _uid_of(scan_path)
+    if given:
+        if os.path.isfile(given):
+            if n_scans > 1:
+                raise ValueError(f"--lung-mask {given}: one mask file for {n_scans} scans; "
+                                 "give a folder of masks named <uid>.mhd")
+            return given
+        folders = [given]
+    else:
+        here = os.path.dirname(os.path.abspath(scan_path))
+        folders = [os.path.join(here, MASK_FOLDERS[0]),
+                   os.path.join(os.path.dirname(here), MASK_FOLDERS[0])]
+    for folder in folders:
+        for ext in SCAN_SUFFIXES:
+            cand = os.path.join(folder, uid + ext)
+            if os.path.isfile(cand):
+                return cand
+    if given:
+        raise FileNotFoundError(f"--lung-mask {given}: no mask for {uid}")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m lungjax.detect --model=DIR --scan=A.mhd [--scan=B.mhd] --out=marks.csv``"""
+    """``python -m lungjax.detect --model=DIR --scan=PATH [--scan=PATH ...] --out=DIR``
+
+    Exit codes: 0 every scan done; 1 some scans failed (each named on stderr, the others'
+    results written); 2 nothing could run (bad model folder or arguments).
+    """
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m lungjax.detect",
-                                     description="Find nodules in CT scans with an exported "
-                                                 "method and write LUNA16 marks (world mm).")
+    parser = argparse.ArgumentParser(
+        prog="python -m lungjax.detect",
+        description="Find nodules in CT scans with an exported method. Writes to --out: "
+                    "submission.csv (LUNA16 marks, world mm, with diameter_mm where the "
+                    "method gives one), scans/<uid>.csv per scan, <uid>.png (the top "
+                    "findings on their slices) and predict.json (what ran, per-scan "
+                    "seconds, failures).")
     parser.add_argument("--model", required=True,
                         help="the folder --mode=export printed (all the method's stages), or "
                              "one exported screening network")
     parser.add_argument("--scan", required=True, action="append",
-                        help=".mhd/.mha/.nii(.gz) file or DICOM folder; repeat for several")
-    parser.add_argument("--out", required=True, help="submission CSV to write")
+                        help=".mhd/.mha/.nii/.nii.gz file, DICOM series folder or a folder "
+                             "of scans; repeat for several")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--lung-mask", "--lung_mask", dest="lung_mask", default=None,
+                        help="lung mask file (one scan) or folder of <uid> masks; default: "
+                             "seg-lungs-LUNA16/<uid>.mhd beside the scans, else a threshold "
+                             "mask")
     parser.add_argument("--threshold", type=float, default=None, help="default: the export's")
     parser.add_argument("--nms_mm", type=float, default=None, help="default: the export's")
     parser.add_argument("--max_candidates", type=int, default=None)
@@ -565,16 +668,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--lung_only", action="store_true",
                         help="drop candidates outside the lung mask")
+    parser.add_argument("--no-png", dest="png", action="store_false",
+                        help="skip the per-scan PNG of the top findings")
     args = parser.parse_args(argv)
-
     try:
-        return _run_cli(args)
-    except (OSError, ValueError) as e:  # ScanReadError, LungMaskError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
+        method, scans = _setup(args)
+    except (OSError, ValueError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    return _run_scans(method, scans, args)
 
 
-def _run_cli(args) -> int:
+def _setup(args) -> tuple[ExportedMethod, list[str]]:
     changes = {k: v for k, v in (("threshold", args.threshold), ("nms_radius_mm", args.nms_mm),
                                  ("max_candidates", args.max_candidates),
                                  ("batch", args.batch)) if v is not None}
@@ -582,40 +687,91 @@ def _run_cli(args) -> int:
         changes["lung_only"] = True
     if args.tile:
         changes["tile_zyx"] = tuple(int(v) for v in args.tile.split(","))
-    method = load_method(args.model, changes)
-    print(f"method: {method.description}", flush=True)
+    if os.path.isfile(args.out):
+        raise ValueError(f"--out {args.out}: a file; --out is the output folder")
+    scans = expand_scans(args.scan)
+    return load_method(args.model, changes), scans
+
+
+def _run_scans(method: ExportedMethod, scans: Sequence[str], args) -> int:
+    """Each scan on its own: a failure is one line on stderr and the next scan runs; the
+    submission and the run record are rewritten (atomically) after every scan, so a
+    killed run keeps every scan finished before it."""
+    from tqdm import tqdm
+
+    from lungjax.atomic import atomic_write_json
+
+    out = args.out
+    os.makedirs(os.path.join(out, "scans"), exist_ok=True)
+    print(f"method: {method.description}; {len(scans)} scan(s) -> {out}", flush=True)
+    record: dict[str, Any] = {"model": os.path.abspath(args.model),
+                              "method": method.description, "scans": {}, "failed": {}}
     parts, diameters = [], []
-    for path in args.scan:
-        marks, info = detect_scan_with(method, path)
-        sec = info["seconds"]
-        print(f"{info['uid']}: {len(marks)} marks, {sec['total']:.1f} s (read "
-              f"{sec['read']:.1f}, preprocess {sec['preprocess']:.1f}, detect "
-              f"{sec['detect']:.1f}); volume {tuple(info['shape_zyx'])}", flush=True)
-        parts.append(marks)
-        diameters.append(info["diameter_mm"])
-    marks = Marks.concatenate(parts)
-    diam = None if any(d is None for d in diameters) else np.concatenate(diameters)
-    write_submission(args.out, marks, diam)
-    print(f"wrote {len(marks)} marks to {args.out}")
-    return 0
+    bar = tqdm(scans, unit="scan", desc="predict", disable=len(scans) < 2)
+    for path in bar:
+        try:
+            mask = find_lung_mask(path, args.lung_mask, len(scans))
+            marks, info, pre = detect_scan_with(method, path, lung_mask_path=mask,
+                                                keep_volume=args.png)
+            uid = info["uid"]
+            diam = info["diameter_mm"]
+            write_submission(os.path.join(out, "scans", f"{uid}.csv"), marks, diam)
+            png = None
+            if args.png:
+                from lungjax.evaluation.plots import plot_findings
+
+                png = os.path.join(out, f"{uid}.png")
+                plot_findings(pre[0], pre[1], marks, diam, png, title=uid)
+        except (OSError, ValueError, RuntimeError) as e:  # this scan only
+            reason = " ".join(str(e).split())
+            tqdm.write(f"error: {path}: {reason}", file=sys.stderr)
+            record["failed"][path] = reason
+        else:
+            sec = info["seconds"]
+            tqdm.write(f"{uid}: {len(marks)} marks, {sec['total']:.1f} s (read "
+                       f"{sec['read']:.1f}, preprocess {sec['preprocess']:.1f}, detect "
+                       f"{sec['detect']:.1f}); volume {tuple(info['shape_zyx'])}; lung mask "
+                       f"{mask or 'threshold'}")
+            parts.append(marks)
+            diameters.append(diam)
+            record["scans"][uid] = {"path": path, "marks": len(marks),
+                                    "lung_mask": mask or "threshold", "png": png,
+                                    "shape_zyx": info["shape_zyx"],
+                                    "seconds": {k: round(v, 3) for k, v in sec.items()}}
+        all_marks = Marks.concatenate(parts)
+        diam_all = (None if not parts or any(d is None for d in diameters)
+                    else np.concatenate(diameters))
+        write_submission(os.path.join(out, "submission.csv"), all_marks, diam_all)
+        atomic_write_json(os.path.join(out, "predict.json"), record)
+    bar.close()
+    n_bad = len(record["failed"])
+    print(f"wrote {sum(len(m) for m in parts)} marks of {len(parts)} scan(s) to "
+          f"{os.path.join(out, 'submission.csv')}" + (f"; {n_bad} scan(s) failed" if n_bad
+                                                      else ""), flush=True)
+    return 1 if n_bad else 0
 
 
 def detect_scan_with(method: ExportedMethod, scan_path: str | os.PathLike, *,
-                     uid: str | None = None) -> tuple[Marks, dict]:
+                     uid: str | None = None, lung_mask_path: str | None = None,
+                     keep_volume: bool = False):
     """:func:`detect_scan` with a whole exported method (:func:`load_method`).
 
     Returns:
       (marks in world mm, info: uid, shape_zyx, seconds {read, preprocess, detect, total},
-      diameter_mm (K,) or None).
+      diameter_mm (K,) or None); with ``keep_volume`` a third item, the preprocessed
+      (volume (D, H, W) float32, Geometry).
     """
-    volume, geometry, lung, uid, info = read_preprocessed(scan_path, method.preprocessing,
-                                                          uid=uid)
+    volume, geometry, lung, uid, info = read_preprocessed(
+        scan_path, method.preprocessing, uid=uid, lung_mask_path=lung_mask_path)
     t0 = time.perf_counter()
     world, score, diam = method.find(volume, geometry, lung)
     info["seconds"]["detect"] = time.perf_counter() - t0
     info["seconds"]["total"] += info["seconds"]["detect"]
     info["diameter_mm"] = None if diam is None else np.asarray(diam, np.float64)
-    return Marks(np.full(len(score), uid), np.asarray(world).reshape(-1, 3), score), info
+    marks = Marks(np.full(len(score), uid), np.asarray(world).reshape(-1, 3), score)
+    if keep_volume:
+        return marks, info, (volume, geometry)
+    return marks, info
 
 
 if __name__ == "__main__":

@@ -146,8 +146,11 @@ def load_predictor(export_dir: str) -> tuple[Callable[[np.ndarray], np.ndarray],
     with open(os.path.join(export_dir, "export.json"), encoding="utf-8") as f:
         sidecar = json.load(f)
     if sidecar.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{export_dir}/export.json: format_version "
-                         f"{sidecar.get('format_version')} != {FORMAT_VERSION}")
+        theirs = sidecar.get("versions", {}).get("lungjax", "unknown")
+        raise ValueError(f"{export_dir}/export.json: written by lungjax {theirs} (export format "
+                         f"{sidecar.get('format_version')}); this is lungjax "
+                         f"{_lungjax_version()} (format {FORMAT_VERSION}): export the model "
+                         "again with this version")
     with open(os.path.join(export_dir, "params.msgpack"), "rb") as f:
         variables = serialization.msgpack_restore(f.read())
     with open(os.path.join(export_dir, "predict.jax"), "rb") as f:

@@ -67,25 +67,74 @@ def _configure_malloc(config) -> None:
               flush=True)
 
 
+def _verbose(argv) -> bool:
+    """Whether the command line asks for tracebacks (``-v`` / ``--verbosity``)."""
+    return any(a == "-v" or a.startswith(("--verbosity", "-v=")) for a in argv[1:])
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if any(ln.startswith("Traceback") for ln in lines):
+        lines = lines[-1:]  # a config file's own exception, wrapped by absl: its last line
+    text = " ".join(" ".join(lines).split()) or type(e).__name__
+    return text if isinstance(e, (ValueError, OSError, KeyError)) \
+        else f"{type(e).__name__}: {text}"
+
+
+def _parse_flags(argv):
+    """absl's flag parsing, with a missing config file, a bad variant or an unknown
+    ``--config.`` override reported in one line naming it (a traceback with -v)."""
+    for a in argv[1:]:
+        if a.startswith("--config="):
+            path = a.split("=", 1)[1].split(":", 1)[0]
+            if not os.path.isfile(path):
+                raise SystemExit(f"error: --config: no such config file {path!r}")
+    if _verbose(argv):
+        return FLAGS(argv)
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        raise SystemExit(f"error: {_one_line(e)}") from None
+    except (AttributeError, KeyError) as e:  # ml_collections: an override of no field
+        bad = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+        raise SystemExit(f"error: {' '.join(bad) or '--config'}: no such field "
+                         f"({_one_line(e)}; fields are those lungjax/config_schema.py "
+                         "declares and the model's / task's arguments)") from None
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"error: {_one_line(e)}") from None
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS["verbosity"].present:
+    verbose = FLAGS["verbosity"].present
+    if not verbose:
         # Orbax and Grain log every save/restore at INFO; keep the run's own output
         # readable unless -v/--verbosity asks for more.
         logging.set_verbosity(logging.WARNING)
-    config = FLAGS.config
+    try:
+        _main()
+    except (Exception, KeyboardInterrupt) as e:
+        if verbose or isinstance(e, KeyboardInterrupt):
+            raise
+        # One line naming the field, file or stage; --verbosity=1 shows the traceback.
+        raise SystemExit(f"error: {_one_line(e)} (--verbosity=1 for the traceback)") \
+            from None
+
+
+def _main():
+    try:
+        config = FLAGS.config
+    except (OSError, ValueError, AttributeError) as e:  # the config file failed to load
+        raise ValueError(f"--config: {_one_line(e)}") from None
     _configure_malloc(config)  # first: before anything can start a JAX backend
     from lungjax import sharding, stages, train
 
     sharding.initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     train.validate_config(config)
     workdir = FLAGS.workdir or os.path.join("runs", config.name)
-    try:
-        stages.run(FLAGS.mode, config, workdir, restart=FLAGS.restart)
-    except (train.NonFiniteLossError, stages.StageConfigError, stages.StageError) as e:
-        raise SystemExit(f"error: {e}") from None
+    stages.run(FLAGS.mode, config, workdir, restart=FLAGS.restart)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -64,7 +64,9 @@ class Registry:
 
     def build(self, cfg: Mapping[str, Any] | Any, **extra) -> Any:
         """Calls the entry ``cfg["name"]`` with the other fields of ``cfg`` plus ``extra``."""
-        d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+        from lungjax.configcheck import as_dict
+
+        d = as_dict(cfg)
         name = d.pop("name", None)
         if not name:
             raise ValueError(f"{self.kind} config has no 'name' field: {d}")

@@ -46,6 +46,7 @@ from ml_collections import ConfigDict
 
 from lungjax import train as train_lib
 from lungjax.atomic import atomic_write_json
+from lungjax.configcheck import as_dict
 from lungjax.metrics_log import banner
 from lungjax.registry import CV_REPORTS, DETECTORS, STAGE_EXPORTS, STAGES
 
@@ -81,7 +82,8 @@ NOT_COMPUTED = ("name", "stages", "stage_order", "cv")
 NO_EFFECT = ("config.train.log_every", "config.train.checkpoint_every",
              "config.train.keep_checkpoints", "config.train.async_checkpoint",
              "config.train.progress_bar", "config.data.workers", "config.data.prefetch_buffer",
-             "config.data.prepare_workers", "config.runtime.", "config.export.",
+             "config.data.prepare_workers", "config.data.read_threads",
+             "config.data.prefetch_batches", "config.runtime.", "config.export.",
              "spec.progress", "spec.batch")
 
 
@@ -94,17 +96,6 @@ class StageError(ValueError):
 # ----------------------------------------------------------------------------------
 
 
-def _plain(value):
-    """ConfigDicts and tuples -> dicts and lists (for JSON and fingerprints)."""
-    if hasattr(value, "to_dict"):
-        value = value.to_dict()
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def stage_specs(config) -> list[tuple[str, dict]]:
     """``config.stages`` as ``[(name, spec)]`` in order, every field filled in.
 
@@ -112,7 +103,7 @@ def stage_specs(config) -> list[tuple[str, dict]]:
       StageError: no stages, an unknown field or kind, or a reference to a stage that is
         not earlier in the list.
     """
-    stages = _plain(config.stages)
+    stages = as_dict(config.stages)
     if not stages:
         raise StageError("config.stages: empty; a method lists its stages (see "
                          "lungjax/stages.py)")
@@ -127,7 +118,7 @@ def stage_specs(config) -> list[tuple[str, dict]]:
         if unknown:
             raise StageError(f"config.stages.{name}: unknown field(s) {', '.join(unknown)} "
                              f"(known: {', '.join(STAGE_FIELDS)})")
-        spec = {**_plain(STAGE_FIELDS), **raw}
+        spec = {**as_dict(STAGE_FIELDS), **raw}
         if spec["kind"] not in STAGES:
             raise StageError(f"config.stages.{name}.kind: {spec['kind']!r} is not a stage "
                              f"kind ({', '.join(STAGES.names())})")
@@ -187,13 +178,15 @@ def stage_config(config, name: str, spec: Mapping[str, Any]):
             STAGE_CONFIGS.get(spec["derive"])(cfg, config)
         if spec["kind"] == "train":
             cfg.name = f"{config.name}_{name}"
+    # The stage's sections may name another model or task: their fields are checked here.
+    train_lib.validate_config(cfg, where=f"stage {name!r}: config")
     return cfg
 
 
 def computed_from(config, name: str, specs: Mapping[str, dict]) -> dict:
     """What stage ``name`` computes from: its spec and its run config (JSON-able)."""
     spec = specs[name]
-    parts = {"spec": spec, "config": _plain(stage_config(config, name, spec))}
+    parts = {"spec": spec, "config": as_dict(stage_config(config, name, spec))}
     for key in NOT_COMPUTED:
         parts["config"].pop(key, None)
     return parts
@@ -220,6 +213,19 @@ def _flat(tree, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
+# Schema sections whose every field is declared there (the others take the arguments of the
+# model / task / evaluator they name, unknown to the schema).
+_CLOSED = ("data", "augment", "sampler", "optimizer", "train", "detection", "runtime",
+           "export", "sathish2020", "screening", "yu2021", "seed", "rng_impl")
+
+
+def _declared_defaults() -> dict[str, Any]:
+    """``config.<field>`` -> default of every field the schema declares (JSON values)."""
+    from lungjax.config_schema import get_config
+
+    return _flat({"config": json.loads(json.dumps(as_dict(get_config()), default=str))})
+
+
 def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """Fields of :func:`computed_from` records that differ and change a stage's results
     (not :data:`NO_EFFECT`), as ``"field: old -> new"``, sorted."""
@@ -227,10 +233,15 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
         _flat(json.loads(json.dumps(new, default=str)))
     # The spec's sections / replace / derive act through the run config, compared already.
     skip = NO_EFFECT + ("spec.sections", "spec.replace", "spec.derive")
+    declared = _declared_defaults()
     out = []
     for key in sorted(set(a) | set(b)):
         if any(key == n or key.startswith(n) for n in skip):
             continue
+        if key not in a and key in declared and b[key] == declared[key]:
+            continue  # declared after the run, at its default: what the run computed with
+        if key not in b and key not in declared and key.split(".")[1] in _CLOSED:
+            continue  # no longer declared: nothing reads it
         if a.get(key, "(unset)") != b.get(key, "(unset)"):
             out.append(f"{key.removeprefix('config.')}: {a.get(key, '(unset)')!r} -> "
                        f"{b.get(key, '(unset)')!r}")
@@ -246,7 +257,7 @@ def _check_or_restart(d: str, name: str, computed: dict, restart: bool) -> bool:
     when the folder was moved aside (``restart``), raises :class:`StageConfigError`
     naming the changed fields when it differs and ``restart`` is off."""
     old = read_json(os.path.join(d, STAGE_CONFIG))
-    if old is None:
+    if old is None or not _has_results(d):
         return False
     changes = config_changes(old, computed)
     if not changes:
@@ -259,6 +270,19 @@ def _check_or_restart(d: str, name: str, computed: dict, restart: bool) -> bool:
             "--restart to start it over (the old folder is kept beside it) or use another "
             "--workdir")
     return True
+
+
+def _has_results(d: str) -> bool:
+    """Whether stage folder ``d`` holds anything computed besides its recorded config (a
+    stage that failed before computing anything, e.g. on a bad patch size, does not)."""
+    for n in os.listdir(d):
+        p = os.path.join(d, n)
+        if n == STAGE_CONFIG or (os.path.isdir(p) and not os.listdir(p)):
+            continue
+        if n == "checkpoints" and not any(c.isdigit() for c in os.listdir(p)):
+            continue
+        return True
+    return False
 
 
 def _move_aside(d: str) -> str:
@@ -372,12 +396,14 @@ def run_stages(ctx: FoldContext, config, base_dir: str, *, until: str = "",
         raise StageError(f"until={until!r}: no such stage ({', '.join(by_name)})")
     if until:
         specs = specs[:[n for n, _ in specs].index(until) + 1]
-    dirs, records, configs, fps = {}, {}, {}, {}
+    # Every stage's config is built (and checked: train.validate_config) before the
+    # first stage runs, so a bad field in a late stage costs no training.
+    fps = {name: fingerprint(config, name, by_name) for name, _ in specs}
+    configs = {name: stage_config(config, name, spec) for name, spec in specs}
+    dirs, records = {}, {}
     restarted = False  # a restarted stage invalidates every later one
     for i, (name, spec) in enumerate(specs):
-        fp = fingerprint(config, name, by_name)
-        fps[name] = fp
-        configs[name] = stage_config(config, name, spec)
+        fp = fps[name]
         later = specs[i + 1:]
         if shared and fp in shared:
             dirs[name], records[name] = shared[fp]
@@ -411,6 +437,14 @@ def run_stages(ctx: FoldContext, config, base_dir: str, *, until: str = "",
     return {"dirs": dirs, "records": records, "fingerprints": fps}
 
 
+def fold_config(config, fold: int):
+    """A copy of ``config`` with fold ``fold`` held out (the method's config is never
+    edited)."""
+    cfg = config.copy_and_resolve_references()
+    cfg.data.fold = int(fold)
+    return cfg
+
+
 def final_stage(config) -> str:
     """The stage whose evaluation is the method's result: the last with an evaluator,
     else the last stage."""
@@ -422,7 +456,7 @@ def final_stage(config) -> str:
 def variant_config(config, name: str):
     """The config of cross-validation variant ``name`` (``cv.variants.<name>``):
     ``stages`` fields merged over the method's stages, ``name`` suffixed."""
-    v = _plain(config.cv.variants[name])
+    v = as_dict(config.cv.variants[name])
     unknown = sorted(set(v) - {"stages", "until"})
     if unknown:
         raise StageError(f"config.cv.variants.{name}: unknown field(s) {', '.join(unknown)} "
@@ -454,6 +488,11 @@ def run_fold(config, fold_dir: str, *, variants: bool = False, evaluate_only: bo
     os.makedirs(fold_dir, exist_ok=True)
     t0 = time.perf_counter()
     ctx = fold_context(config, fold_dir, evaluate_only, engines)
+    for vname in config.cv.variants if variants else ():  # checked before anything runs
+        vcfg = variant_config(config, vname)
+        vspecs = dict(stage_specs(vcfg))
+        for n, spec in vspecs.items():
+            stage_config(vcfg, n, spec)
     main = run_stages(ctx, config, fold_dir, restart=restart)
     final = final_stage(config)
     record: dict[str, Any] = {"fold": int(config.data.fold), "uids": list(ctx.test_uids),
@@ -466,7 +505,7 @@ def run_fold(config, fold_dir: str, *, variants: bool = False, evaluate_only: bo
                   for n, fp in main["fingerprints"].items()}
         for vname in config.cv.variants:
             vcfg = variant_config(config, vname)
-            until = str(_plain(config.cv.variants[vname]).get("until", ""))
+            until = str(as_dict(config.cv.variants[vname]).get("until", ""))
             out = run_stages(ctx, vcfg, os.path.join(fold_dir, vname), until=until,
                              shared=shared, restart=restart)
             record["variants"][vname] = {"stages": out["records"], "dirs": out["dirs"]}
@@ -530,9 +569,7 @@ def cross_validate(config, workdir: str, *, restart: bool = False) -> dict:
     records, engines = [], {}
     for k in cv_folds(config):
         fold_dir = os.path.join(workdir, f"fold_{k}")
-        cfg = config.copy_and_resolve_references()
-        with cfg.unlocked():
-            cfg.data.fold = k
+        cfg = fold_config(config, k)
         rec = run_fold(cfg, fold_dir, variants=True, engines=engines, restart=restart)
         print_fold(rec, fold_dir)
         records.append(rec)
@@ -621,7 +658,7 @@ def export(config, workdir: str) -> dict:
 
 
 def _engine_key(cfg) -> str:
-    d = _plain(cfg)
+    d = as_dict(cfg)
     d["data"].pop("fold", None)
     d.pop("name", None)
     return json.dumps(d, sort_keys=True, default=str)
@@ -799,7 +836,7 @@ def export_stage(run: StageRun, predict, size, extra_meta: Mapping[str, Any],
     from lungjax import export as export_lib
 
     cfg = run.config
-    meta = {"model": _plain(cfg.model), "task": _plain(cfg.task), "config_name": cfg.name,
+    meta = {"model": as_dict(cfg.model), "task": as_dict(cfg.task), "config_name": cfg.name,
             "stage": run.name, "kind": run.spec["kind"],
             "preprocessing": {"spacing_zyx": list(cfg.data.spacing_zyx),
                               "hu_window": list(cfg.data.hu_window),
@@ -841,7 +878,7 @@ def _export_detect(run: StageRun) -> dict:
     size = tuple(cfg.export.input_size_zyx) or (None,) * len(cfg.data.patch_size_zyx)
     min_size = None if cfg.export.input_size_zyx else tuple(int(r) for r in
                                                             m.receptive_field_zyx)
-    meta = {"detection": _plain(cfg.detection), "output_mapping": m.to_json()}
+    meta = {"detection": as_dict(cfg.detection), "output_mapping": m.to_json()}
     return export_stage(run, make_predict_fn(model, task), size, meta, min_size)
 
 

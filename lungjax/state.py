@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lungjax.configcheck import as_dict
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -178,15 +180,14 @@ def make_schedule(cfg: Mapping[str, Any], num_steps: int) -> optax.Schedule:
     training loss (``make_plateau``), chained by ``make_optimizer``.
     """
     lr = float(cfg["learning_rate"])
-    name = cfg.get("schedule", "constant")
-    warmup = int(cfg.get("warmup_steps", 0) or 0)
+    name = cfg["schedule"]
+    warmup = int(cfg["warmup_steps"])
     if name in ("constant", "plateau"):
         sched = optax.constant_schedule(lr)
     elif name == "cosine":
         sched = optax.cosine_decay_schedule(lr, max(1, num_steps - warmup))
     elif name == "step":
-        bounds = {int(s) - warmup: float(cfg.get("decay_factor", 0.1))
-                  for s in (cfg.get("decay_steps") or ())}
+        bounds = {int(s) - warmup: float(cfg["decay_factor"]) for s in cfg["decay_steps"]}
         sched = optax.piecewise_constant_schedule(lr, bounds)
     else:
         raise ValueError(f"config.optimizer.schedule: unknown schedule {name!r} "
@@ -211,9 +212,9 @@ def make_plateau(cfg: Mapping[str, Any]) -> optax.GradientTransformationExtraArg
     def num(key, kind, ok, what):
         try:
             v = kind(cfg[key])
-        except (KeyError, TypeError, ValueError):
+        except (TypeError, ValueError):
             raise ValueError(f"config.optimizer.{key}: {what} is required by "
-                             f"schedule='plateau', got {cfg.get(key)!r}") from None
+                             f"schedule='plateau', got {cfg[key]!r}") from None
         if not ok(v):
             raise ValueError(f"config.optimizer.{key}: must be {what}, got {v!r}")
         return v
@@ -245,7 +246,7 @@ def plateau_scale(opt_state: Any) -> jax.Array | None:
 
 
 def make_optimizer(cfg: Mapping[str, Any], num_steps: int) -> optax.GradientTransformation:
-    """optax transformation from ``config.optimizer``.
+    """optax transformation from ``config.optimizer`` (every field of its schema section).
 
     Fields: ``name`` ("adam" | "adamw" | "sgd" | "momentum"), ``momentum``, ``b1``, ``b2``,
     ``weight_decay`` (L2 added to the gradient for adam/sgd, decoupled for adamw: the
@@ -256,28 +257,28 @@ def make_optimizer(cfg: Mapping[str, Any], num_steps: int) -> optax.GradientTran
     training loss); the steps of ``lungjax.steps`` always pass it, through optax's
     extra-args support, which every other optimizer ignores.
     """
-    cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    cfg = as_dict(cfg)
     sched = make_schedule(cfg, num_steps)
-    name = cfg.get("name", "adam")
-    wd = float(cfg.get("weight_decay", 0.0) or 0.0)
+    name = cfg["name"]
+    wd = float(cfg["weight_decay"])
     parts = []
-    if cfg.get("grad_clip_norm"):
+    if cfg["grad_clip_norm"]:
         parts.append(optax.clip_by_global_norm(float(cfg["grad_clip_norm"])))
     if name == "adamw":
-        parts.append(optax.adamw(sched, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999),
+        parts.append(optax.adamw(sched, b1=cfg["b1"], b2=cfg["b2"],
                                  weight_decay=wd))
     else:
         if wd:
             parts.append(optax.add_decayed_weights(wd))
         if name == "adam":
-            parts.append(optax.adam(sched, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999)))
+            parts.append(optax.adam(sched, b1=cfg["b1"], b2=cfg["b2"]))
         elif name in ("sgd", "momentum"):
-            parts.append(optax.sgd(sched, momentum=cfg.get("momentum") or None,
-                                   nesterov=bool(cfg.get("nesterov", False))))
+            parts.append(optax.sgd(sched, momentum=cfg["momentum"] or None,
+                                   nesterov=bool(cfg["nesterov"])))
         else:
             raise ValueError(f"config.optimizer.name: unknown optimizer {name!r} "
                              "(adam | adamw | sgd | momentum)")
-    if cfg.get("schedule", "constant") == "plateau":
+    if cfg["schedule"] == "plateau":
         # Last in the chain, so the scale multiplies the final updates like a learning rate.
         parts.append(make_plateau(cfg))
     return optax.chain(*parts)

@@ -22,6 +22,7 @@ import numpy as np
 
 from lungjax import sharding as shd
 from lungjax.checkpointing import Checkpointer, PreemptionGuard, restore_params
+from lungjax.configcheck import ConfigError, as_dict, check_declared, check_values
 from lungjax.metrics_log import METRICS_JSONL, MetricWriter, banner
 from lungjax.registry import EVALUATORS, MODELS, TASKS
 from lungjax.state import (Network, TrainStates, create_train_states, make_optimizer,
@@ -37,12 +38,8 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 LEARNING_CURVE_PNG = "learning_curve.png"  # in the run directory, beside metrics.jsonl
 
 
-def config_dict(cfg) -> dict:
-    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-
-
 def missing_required(config) -> list[str]:
-    """Dotted names of required placeholders (configs/base.py) still unset."""
+    """Dotted names of required placeholders (lungjax/config_schema.py) still unset."""
     from ml_collections.config_dict import ConfigDict, RequiredValueError
 
     out = []
@@ -61,12 +58,15 @@ def missing_required(config) -> list[str]:
     return out
 
 
-def validate_config(config) -> None:
-    """Raises ValueError naming every required field left unset."""
+def validate_config(config, where: str = "config") -> None:
+    """Raises ``ConfigError`` naming every required field left unset, the first field
+    nothing declares (``configcheck.check_declared``) or the first impossible value."""
     missing = missing_required(config)
     if missing:
-        raise ValueError("config fields must be set (required placeholders in "
-                         "configs/base.py): " + ", ".join(missing))
+        raise ConfigError(f"{where}: fields must be set (required placeholders in "
+                          "lungjax/config_schema.py): " + ", ".join(missing))
+    check_declared(config, where)
+    check_values(config, where)
 
 
 def build_model(config):
@@ -89,7 +89,7 @@ def sample_input(config, batch: int = 1, channels: int = 1) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class StageSettings:
-    """How a config lays out its stage's networks (configs/base.py).
+    """How a config lays out its stage's networks (lungjax/config_schema.py).
 
     Attributes:
       network: ``config.train.network``, the name of the network built from
@@ -117,7 +117,7 @@ def stage_settings(config) -> StageSettings:
     the "supervised" step.
     """
     return StageSettings(config.train.network, config.train.step, config.train.init_network,
-                         config_dict(config.networks))
+                         as_dict(config.networks))
 
 
 @dataclasses.dataclass
@@ -170,7 +170,7 @@ def _build_networks(config, settings: StageSettings) -> list[Network]:
         if sorted(spec) != sorted(_NETWORK_FIELDS):
             raise ValueError(f"config.networks.{name}: fields must be exactly "
                              f"{', '.join(_NETWORK_FIELDS)}; got {', '.join(sorted(spec))}")
-        opt = {**config_dict(config.optimizer), **spec["optimizer"]}
+        opt = {**as_dict(config.optimizer), **spec["optimizer"]}
         nets.append(Network(name, MODELS.build(spec["model"], **extra),
                             make_optimizer(opt, config.train.num_steps),
                             sample_input(config, channels=int(spec["input_channels"]))))
@@ -199,7 +199,13 @@ def build_engine(config, mesh=None) -> Engine:
     nets = _build_networks(config, settings)
     init_fn = functools.partial(create_train_states, nets)
     rng = jax.random.key(config.seed, impl=config.rng_impl)
-    init, shardings, abstract = shd.make_sharded_init(init_fn, rng, mesh)
+    try:
+        init, shardings, abstract = shd.make_sharded_init(init_fn, rng, mesh)
+    except (TypeError, ValueError) as e:  # the networks' shape errors at this input size
+        raise ConfigError(
+            f"config.data.patch_size_zyx: {tuple(config.data.patch_size_zyx)} cannot pass "
+            f"through the network(s) of model {config.model.name!r} "
+            f"({str(e).strip().splitlines()[0][:200]})") from e
     networks = {n.name: n for n in nets}
     updates = STEPS.get(settings.step)(config, networks, task)
     train_step = make_alternating_step(updates, prefix=len(nets) > 1,
@@ -273,7 +279,7 @@ class PatchClassificationEvaluator:
 
 def build_evaluators(config) -> list:
     out = []
-    for name, cfg in config_dict(config.evals).items():
+    for name, cfg in as_dict(config.evals).items():
         cfg = dict(cfg)
         kind = cfg.pop("type", None)
         if not kind:
@@ -299,7 +305,7 @@ def train_and_evaluate(config, workdir: str, data=None, mesh=None,
     """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints).
 
     Args:
-      config: a validated ml_collections ConfigDict (see configs/base.py).
+      config: a validated ml_collections ConfigDict (see lungjax/config_schema.py).
       workdir: run directory: config.json, checkpoints/, metrics.jsonl, tb/,
         learning_curve.png (training and held-out figures against the step).
       data: a ``lungjax.train_data.TrainData``; default built from the config.

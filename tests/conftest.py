@@ -43,3 +43,31 @@ def luna16_tables_dir() -> pathlib.Path:
     if not (d / "annotations.csv").is_file():
         pytest.skip(f"real LUNA16 tables not found at {d}")
     return d
+
+
+def run_config(**sections):
+    """The full run config of ``lungjax/config_schema.py`` (every declared field at its
+    default) with ``sections`` (dicts, nested) merged in, as a method file would set them."""
+    from lungjax.config_schema import get_config
+
+    def merge(dst, src):
+        for k, v in src.items():
+            if isinstance(v, dict) and k in dst and hasattr(dst[k], "to_dict"):
+                merge(dst[k], v)
+            else:
+                dst[k] = v
+
+    c = get_config()
+    merge(c, sections)
+    return c
+
+
+def load_config(path, arg=None):
+    """``get_config(arg)`` of the config file ``path`` (relative to the repository root)."""
+    import importlib.util
+
+    full = pathlib.Path(__file__).resolve().parents[1] / path
+    spec = importlib.util.spec_from_file_location(f"cfg_{full.stem}", full)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
+import sklearn.metrics as skm  # the independent reference (test extras)
+
 from lungjax.evaluation.classification import (FIGURES, binary_metrics, bootstrap_intervals,
                                                classification_record, confusion_counts,
                                                confusion_matrix, macro_metrics,
@@ -82,7 +84,6 @@ def test_auc_is_mann_whitney_and_pairwise(seed):
 
 @pytest.mark.parametrize("drop", [True, False])
 def test_against_sklearn(drop):
-    skm = pytest.importorskip("sklearn.metrics")
     rng = np.random.default_rng(4)
     y = rng.random(500) < 0.35
     s = np.round(rng.normal(y * 0.7, 1.0), 2)

@@ -11,7 +11,9 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from conftest import load_config  # noqa: E402  (tests/ is on sys.path under pytest)
 from lungjax import train
+from lungjax.configcheck import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOU = str(ROOT / "configs" / "dou2017.py")
@@ -118,3 +120,125 @@ def test_malloc_setting_applies_only_when_asked_and_on_cpu(monkeypatch):
     monkeypatch.setattr(cli, "_runs_on_cpu", lambda: False)
     cli._configure_malloc(cfg)
     assert calls == [1]  # not on an accelerator
+
+
+# ----------------------------------------------------------------------------- contract
+
+METHOD_FILES = sorted(p.relative_to(ROOT) for p in [*(ROOT / "configs").glob("*.py"),
+                                                     *(ROOT / "configs" / "baselines").glob("*.py")]
+                      if p.stem != "base" and not p.stem.startswith("_"))
+
+
+@pytest.mark.parametrize("path", METHOD_FILES, ids=str)
+@pytest.mark.parametrize("variant", ["tiny", "default", "paper"])
+def test_every_method_variant_reads_only_declared_fields(path, variant, monkeypatch):
+    """Method, baseline, every stage config and every cv variant's: no field that
+    nothing declares."""
+    from lungjax import stages
+    from lungjax.registry import STAGE_CONFIGS
+
+    # Derived fields (steps from the number of training scans) need the prepared store;
+    # they set declared fields only.
+    monkeypatch.setattr(STAGE_CONFIGS, "get", lambda name: lambda cfg, config: None)
+    c = load_config(path, variant)
+    train.validate_config(c)
+    for cfg in [c, *(stages.variant_config(c, v) for v in c.cv.variants)]:
+        for name, spec in stages.stage_specs(cfg):
+            stages.stage_config(cfg, name, spec)
+
+
+@pytest.mark.parametrize("where, value, match", [
+    ("model.featurs", (4,), r"config.model \(model 'dou2017_fcn'\): unknown field\(s\) "
+                            r"'featurs' \(did you mean 'features'\?\)"),
+    ("task.los", "x", r"config.task \(task 'classification'\): unknown field\(s\) 'los'"),
+    ("sampler.hard_fraction", 0.5, r"config.sampler: unknown field\(s\) 'hard_fraction'"),
+    ("yu2021.epoch", 3, r"config.yu2021: unknown field\(s\) 'epoch' \(did you mean 'epochs'"),
+    ("extra_section", {}, r"config: unknown field\(s\) 'extra_section'"),
+    ("evals.patches.evry_steps", 3, r"config.evals.patches .*'evry_steps'"),
+])
+def test_undeclared_fields_fail_naming_the_key(where, value, match):
+    c = load_config("configs/dou2017.py", "tiny")
+    with c.unlocked():
+        *parents, key = where.split(".")
+        node = c
+        for p in parents:
+            node = node[p]
+        node[key] = value
+    with pytest.raises(ConfigError, match=match):
+        train.validate_config(c)
+
+
+def test_a_stage_section_typo_fails_naming_the_stage():
+    from lungjax import stages
+
+    c = load_config("configs/dou2017.py", "tiny")
+    name, spec = stages.stage_specs(c)[-1]
+    spec["sections"].setdefault("train", {})["num_stepz"] = 3
+    with pytest.raises(ConfigError, match=rf"stage '{name}': config.train: unknown field\(s\) "
+                                          r"'num_stepz' \(did you mean 'num_steps'\?\)"):
+        stages.stage_config(c, name, spec)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("train.num_steps", -5, r"config.train.num_steps: -5 is not allowed; must be an "
+                            r"integer >= 1"),
+    ("train.batch_size", 0, r"config.train.batch_size: 0 is not allowed"),
+    ("data.patch_size_zyx", (10, 0, 30), r"config.data.patch_size_zyx: \(10, 0, 30\)"),
+    ("data.fold", 10, r"config.data.fold: 10 is not allowed; must be an integer in \[0, "
+                      r"data.num_folds = 10\)"),
+    ("data.hu_window", (400.0, -1000.0), r"config.data.hu_window"),
+])
+def test_impossible_values_fail_before_anything_runs(field, value, match):
+    c = load_config("configs/dou2017.py", "tiny")
+    section, key = field.split(".")
+    c[section][key] = value
+    with pytest.raises(ConfigError, match=match):
+        train.validate_config(c)
+
+
+def test_a_patch_the_network_cannot_take_is_a_config_error():
+    c = load_config("configs/dou2017.py", "tiny")
+    c.data.patch_size_zyx = (7, 7, 7)
+    with pytest.raises(ConfigError, match=r"config.data.patch_size_zyx: \(7, 7, 7\) cannot pass "
+                                          r"through the network\(s\) of model 'dou2017_fcn'"):
+        train.build_engine(c)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config=configs/nope.py"], "error: --config: no such config file 'configs/nope.py'"),
+    (["--config=configs/dou2017.py:tinyy"],
+     "configs/dou2017.py: unknown variant 'tinyy' (default | tiny | paper)"),
+    (["--config=configs/dou2017.py:tiny", "--config.train.nonexistent=1"],
+     "error: --config.train.nonexistent: no such field"),
+    (["--config=configs/dou2017.py:tiny", "--config.train.num_steps=-5"],
+     "error: config.train.num_steps: -5 is not allowed; must be an integer >= 1"),
+])
+def test_command_line_errors_are_one_line(args, message, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lungjax.main", *args,
+                           f"--workdir={tmp_path / 'run'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_a_workdir_from_before_a_field_was_declared_is_not_a_change():
+    """Records keep what a stage computed from; a field declared later at its default,
+    or one no longer declared, does not make an old run directory a different config, a
+    real change (or a removed model argument) does."""
+    from lungjax import stages
+
+    c = load_config("configs/dou2017.py", "tiny")
+    name, spec = stages.stage_specs(c)[0]
+    specs = dict(stages.stage_specs(c))
+    new = json.loads(json.dumps(stages.computed_from(c, name, specs), default=str))
+    old = json.loads(json.dumps(new))
+    del old["config"]["data"]["max_nodules_per_patch"]  # declared after that run
+    old["config"]["sampler"]["epochs_per_round"] = 4  # read by nothing any more
+    assert stages.config_changes(old, new) == []
+    old["config"]["train"]["num_steps"] += 1
+    old["config"]["model"]["dropout"] = 0.5
+    assert stages.config_changes(old, new) == [
+        "model.dropout: 0.5 -> '(unset)'",
+        f"train.num_steps: {c.train.num_steps + 1} -> {c.train.num_steps}"]

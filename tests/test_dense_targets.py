@@ -3,10 +3,10 @@ source recorded), malignancy from the dataset through ScanRecord -> sampler -> b
 masks transformed exactly as the image, balanced slice and nodule-ROI samplers, and
 one-line errors naming the scan for bad labels."""
 
-import ml_collections
 import numpy as np
 import pytest
 
+from conftest import run_config  # noqa: E402  (tests/ is on sys.path under pytest)
 from lungjax.data import dense_sampling as ds
 from lungjax.data import pipeline as pl
 from lungjax.data import sampler as smp
@@ -183,20 +183,17 @@ def store(tmp_path_factory):
 
 
 def config(patch=(6, 10, 10), batch=4, name="balanced", **sampler):
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.train = dict(batch_size=batch)
-    c.data = dict(patch_size_zyx=patch, positive_fraction=0.5, workers=0, read_threads=1,
+    return run_config(
+        train=dict(batch_size=batch),
+        data=dict(patch_size_zyx=patch, positive_fraction=0.5, workers=0, read_threads=1,
                   prefetch_batches=2, eval_patches=0, batch_mask=True, batch_malignancy=True,
-                  batch_mask_array="nodules", malignancy_uncertain="exclude")
-    c.augment = dict(
-        positive=dict(flip_axes=(0, 1, 2), rot90=True, translate_nodule_fraction=1.0),
-        negative=dict(flip_axes=(0, 1, 2), rot90=True, translate_mm=3.0))
-    c.sampler = dict(name=name, steps_per_round=0, random_negatives_per_scan=4,
-                     samples_per_round=16, slice_context=2, roi_balance=True,
-                     roi_class_repeat=(1, 1))
-    c.sampler.update(sampler)
-    return c
+                  batch_mask_array="nodules", malignancy_uncertain="exclude"),
+        augment=dict(
+            positive=dict(flip_axes=(0, 1, 2), rot90=True, translate_nodule_fraction=1.0),
+            negative=dict(flip_axes=(0, 1, 2), rot90=True, translate_mm=3.0)),
+        sampler={**dict(name=name, steps_per_round=0, random_negatives_per_scan=4,
+                        samples_per_round=16, slice_context=2, roi_balance=True,
+                        roi_class_repeat=(1, 1)), **sampler})
 
 
 def batches(ds_):
@@ -271,8 +268,8 @@ def test_mask_under_zoom_is_nearest_neighbour(store):
 
 
 def test_2d_patches_list_nodules():
-    cfg = {"data": {"patch_size_zyx": (32, 32), "max_nodules_per_patch": 2},
-           "train": {"batch_size": 2}}
+    cfg = run_config(data={"patch_size_zyx": (32, 32), "max_nodules_per_patch": 2},
+                     train={"batch_size": 2})
     assert pl.PipelineConfig.from_config(cfg).max_nodules == 2
 
 

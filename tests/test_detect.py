@@ -1,12 +1,15 @@
 """Whole-scan detection on a real PatchStore and on a scan file, screening figures, CSV."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lungjax import export
+from lungjax.data import io
 from lungjax.data.coords import Geometry, voxel_to_world, world_to_voxel
 from lungjax.data.tables import Findings, Marks, read_marks_csv
 from lungjax.detect import (DetectionSettings, detect_scan, detect_store, detect_volume,
@@ -186,7 +189,6 @@ def _synthetic_chest(spacing_xyz, shape_zyx, nodules_world, geom):
 
 
 def test_detect_scan_from_a_metaimage_file(tmp_path):
-    io = pytest.importorskip("lungjax.data.io")
     spacing = (1.5, 1.5, 2.0)
     shape = (26, 56, 56)
     geom = Geometry(np.asarray(spacing), np.asarray([-40.0, 25.0, -120.0]), np.eye(3))
@@ -208,17 +210,49 @@ def test_detect_scan_from_a_metaimage_file(tmp_path):
                     DetectionSettings())
 
 
-def test_cli_runs_an_exported_tile_sized_model(tmp_path, capsys):
-    export = pytest.importorskip("lungjax.export")
-    io = pytest.importorskip("lungjax.data.io")
+def _write_dicom_series(folder, hu, geom):
+    """``hu`` (z, y, x) as one axial CT series, slice k at origin z + k * spacing z."""
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    sx, sy, sz = (float(v) for v in geom.spacing)
+    ox, oy, oz = (float(v) for v in geom.origin)
+    for k in range(hu.shape[0]):
+        sl = sitk.GetImageFromArray(hu[k].astype(np.int16))
+        sl.SetSpacing((sx, sy))
+        for tag, value in (("0008|0060", "CT"), ("0020|000e", "1.2.826.0.1.3680043.2.1125.7"),
+                           ("0020|0037", "1\\0\\0\\0\\1\\0"),
+                           ("0020|0032", f"{ox}\\{oy}\\{oz + sz * k}"),
+                           ("0020|0013", str(k + 1)), ("0028|0030", f"{sy}\\{sx}")):
+            sl.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"s{k:03d}.dcm"))
+        writer.Execute(sl)
+
+
+def test_cli_runs_an_exported_model_on_every_format_and_survives_bad_scans(tmp_path, capsys):
+    """One scan as .mhd, .mha, .nii.gz and a DICOM series (and the folder holding them),
+    among a 2-D image and a non-image file: every good scan's marks land on the nodule,
+    each bad scan is one line naming it, the others' outputs are written, exit code 1."""
     from lungjax import detect
 
     spacing = (1.5, 1.5, 2.0)
     shape = (26, 56, 56)
     geom = Geometry(np.asarray(spacing), np.asarray([0.0, 0.0, 0.0]), np.eye(3))
     nodule = voxel_to_world(np.asarray([13.0, 28.0, 28.0]), geom) + [-17, 5, 3]
-    io.write_scan(str(tmp_path / "1.9.8.mhd"),
-                  _synthetic_chest(spacing, shape, [nodule], geom).astype(np.int16), geom)
+    hu = _synthetic_chest(spacing, shape, [nodule], geom).astype(np.int16)
+    scans = tmp_path / "scans"
+    for name in ("1.9.1.mhd", "1.9.2.mha", "1.9.3.nii.gz"):
+        io.write_scan(str(scans / name), hu, geom)
+    _write_dicom_series(scans / "1.9.4", hu, geom)
+    io.write_scan(str(scans / "seg-lungs-LUNA16" / "1.9.1.mhd"),
+                  (hu < -400).astype(np.uint8) * 3, geom)  # LUNA16's mask layout: used
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "notes.nii").write_text("not an image")
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.GetImageFromArray(hu[0]), str(tmp_path / "broken" / "flat.mha"))
 
     def predict(variables, image):  # a "trained" scale on the box detector
         return box_detector(image) * variables["params"]["scale"]
@@ -228,12 +262,25 @@ def test_cli_runs_an_exported_tile_sized_model(tmp_path, capsys):
         {"output_mapping": MAPPING.to_json(),
          "preprocessing": {"spacing_zyx": [1, 1, 1], "hu_window": [-1200, 600], "margin_mm": 5},
          "detection": {"threshold": 0.95, "nms_distance_mm": 5.0}})
-    out = tmp_path / "marks.csv"
-    assert detect.main([f"--model={tmp_path / 'model'}", f"--scan={tmp_path / '1.9.8.mhd'}",
-                        f"--out={out}"]) == 0
-    marks = read_marks_csv(out)
-    assert len(marks) == 1 and np.linalg.norm(marks.xyz[0] - nodule) <= 1.5
-    assert "1.9.8: 1 marks" in capsys.readouterr().out
+    out = tmp_path / "out"
+    rc = detect.main([f"--model={tmp_path / 'model'}", f"--scan={scans}",
+                      f"--scan={tmp_path / 'broken' / 'notes.nii'}",
+                      f"--scan={tmp_path / 'broken' / 'flat.mha'}", f"--out={out}"])
+    assert rc == 1
+    cap = capsys.readouterr()
+    errors = [ln for ln in cap.err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 2 and "notes.nii" in errors[0] and "flat.mha: expected a 3-D" in errors[1]
+    marks = read_marks_csv(out / "submission.csv")
+    assert sorted(set(marks.uid)) == ["1.9.1", "1.9.2", "1.9.3", "1.9.4"]
+    for uid in set(marks.uid):
+        own = marks.select(marks.uid == uid)
+        assert len(own) == 1 and np.linalg.norm(own.xyz[0] - nodule) <= 1.5
+        assert (out / "scans" / f"{uid}.csv").is_file() and (out / f"{uid}.png").is_file()
+    record = json.loads((out / "predict.json").read_text(encoding="utf-8"))
+    assert record["scans"]["1.9.1"]["lung_mask"].endswith("seg-lungs-LUNA16/1.9.1.mhd")
+    assert record["scans"]["1.9.2"]["lung_mask"] == "threshold"
+    assert len(record["failed"]) == 2
+    assert not list(out.rglob(".tmp-*"))
     assert detect.main([f"--model={tmp_path / 'model'}", f"--scan={tmp_path / 'none.mhd'}",
                         f"--out={out}"]) == 2
     assert "none.mhd" in capsys.readouterr().err

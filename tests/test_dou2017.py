@@ -198,10 +198,11 @@ def test_tiny_end_to_end_train_export_cv(tiny_fold):
     # each candidate's patch scored by the stage-2 network, with its diameter
     from lungjax import detect
 
-    out_csv = root / "detect" / "marks.csv"
+    out_csv = root / "detect" / "submission.csv"
     u = rec["uids"][0]
     assert detect.main(["--model", str(fold_dir / "export"), "--scan", _scan_file(c, u),
-                        "--out", str(out_csv)]) == 0
+                        "--out", str(root / "detect")]) == 0
+    assert (root / "detect" / f"{u}.png").is_file()
     got = read_marks_csv(str(out_csv))
     header = out_csv.read_text(encoding="utf-8").splitlines()[0].split(",")
     assert header[-1] == "diameter_mm" and set(np.unique(got.uid)) <= {u}

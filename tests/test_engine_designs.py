@@ -1,7 +1,6 @@
 """Engine designs beyond one network: two networks updated alternately with their own
 optimizers, a stage initialised from another's params, bfloat16 compute."""
 
-import functools
 import pathlib
 import sys
 

@@ -85,7 +85,8 @@ def test_no_false_positives_at_all():
 
 
 def test_no_marks_at_all():
-    r = compute_froc(NODULES, Findings.empty(), ["A", "B"], M([]), n_bootstrap=10)
+    with pytest.warns(UserWarning, match="no marks"):
+        r = compute_froc(NODULES, Findings.empty(), ["A", "B"], M([]), n_bootstrap=10)
     assert r.cpm == 0.0 and r.n_detected == 0 and len(r.missed) == 3
     np.testing.assert_array_equal(r.fps_per_scan, [0.0])
     assert r.bootstrap.cpm_upper == 0.0 and r.bootstrap.n_valid == 10
@@ -246,3 +247,19 @@ def test_cpm_interval_needs_a_bootstrap():
     lo, hi = boot.cpm_ci95
     assert 0.0 <= lo <= hi <= 1.0
     assert [lo, hi] == [boot.bootstrap.cpm_lower, boot.bootstrap.cpm_upper]
+
+
+def test_suspicious_submissions_warn_and_count_as_the_official_script():
+    dup = M([*[(u, x, y, z, p) for u, x, y, z, p in zip(
+        MARKS.uid, *MARKS.xyz.T, MARKS.probability)], ("A", 100, 0, 0, 0.8)])
+    with pytest.warns(UserWarning, match="1 duplicate mark"):
+        r = compute_froc(NODULES, Findings.empty(), ["A", "B", "C"], dup)
+    base = compute_froc(NODULES, Findings.empty(), ["A", "B", "C"], MARKS)
+    assert r.n_false_positives == base.n_false_positives + 1  # the duplicate FP counts
+    scaled = M([(u, x, y, z, 10 * p - 3) for u, x, y, z, p in zip(
+        MARKS.uid, *MARKS.xyz.T, MARKS.probability)])
+    with pytest.warns(UserWarning, match=r"5 mark probability\(ies\) outside \[0, 1\]"):
+        r = compute_froc(NODULES, Findings.empty(), ["A", "B", "C"], scaled)
+    assert r.cpm == base.cpm  # order alone matters
+    with pytest.warns(UserWarning, match="no marks"):
+        compute_froc(NODULES, Findings.empty(), ["A", "B"], M([]))

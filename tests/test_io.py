@@ -71,13 +71,13 @@ def test_world_voxel_round_trip_on_written_mhd(tmp_path):
     assert scan.array[z, y, x] == image[x, y, z]
 
 
-def test_dicom_series(tmp_path):
-    array, spacing = _volume((4, 6, 5)), (0.7, 0.7, 2.0)
-    folder = tmp_path / "dicom"
+def _write_dicom(folder, array, spacing, slices=None):
+    """One CT series in ``folder``, slice k at z = -100 + spacing[2] * k, only the
+    ``slices`` given (default all)."""
     folder.mkdir()
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    for k in range(array.shape[0]):
+    for k in range(array.shape[0]) if slices is None else slices:
         sl = sitk.GetImageFromArray(array[k])
         sl.SetSpacing(spacing[:2])
         for tag, value in (("0008|0060", "CT"), ("0020|000e", "1.2.826.0.1.3680043.2.1125.1"),
@@ -87,6 +87,12 @@ def test_dicom_series(tmp_path):
             sl.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"s{k:03d}.dcm"))
         writer.Execute(sl)
+
+
+def test_dicom_series(tmp_path):
+    array, spacing = _volume((4, 6, 5)), (0.7, 0.7, 2.0)
+    folder = tmp_path / "dicom"
+    _write_dicom(folder, array, spacing)
     scan = read_scan(folder)
     np.testing.assert_array_equal(scan.array, array)
     np.testing.assert_allclose(scan.geometry.spacing, spacing, atol=1e-4)
@@ -186,3 +192,48 @@ def test_unsupported_suffix(tmp_path):
     (tmp_path / "x.png").write_bytes(b"")
     with pytest.raises(ScanReadError, match="unsupported scan format"):
         read_scan(tmp_path / "x.png")
+
+
+def test_raw_longer_than_the_header_says(mhd):
+    """A DimSize smaller than the .raw holds would be read skewed: refused, both ways."""
+    _edit_header(mhd, "DimSize", "7 6 4")  # x y z: one slice fewer than the 420-byte .raw
+    with pytest.raises(ScanReadError, match=r"scan\.raw: 420 bytes of pixel data, 84 more "
+                                            r"than the header describes"):
+        read_scan(mhd)
+
+
+def test_header_size_is_skipped(mhd):
+    raw = mhd.with_suffix(".raw")
+    raw.write_bytes(b"\0" * 16 + raw.read_bytes())
+    with pytest.raises(ScanReadError, match="16 more than the header describes"):
+        read_scan(mhd)
+    lines = mhd.read_text(encoding="utf-8").splitlines()
+    at = next(i for i, ln in enumerate(lines) if ln.startswith("ElementDataFile"))
+    mhd.write_text("\n".join(lines[:at] + ["HeaderSize = 16"] + lines[at:]) + "\n")
+    np.testing.assert_array_equal(read_scan(mhd).array, _volume())
+
+
+def test_mha_with_trailing_bytes(tmp_path):
+    path = tmp_path / "a.mha"
+    write_scan(path, _volume(), _geometry())
+    path.write_bytes(path.read_bytes() + b"\0\0")
+    with pytest.raises(ScanReadError, match=r"a\.mha: .*2 more than the header describes"):
+        read_scan(path)
+
+
+@pytest.mark.parametrize("delta", [-6, 8])
+def test_nifti_data_size_must_match_the_header(tmp_path, delta):
+    path = tmp_path / "a.nii"
+    write_scan(path, _volume(), _geometry())
+    data = path.read_bytes()
+    path.write_bytes(data[:delta] if delta < 0 else data + b"\0" * delta)
+    with pytest.raises(ScanReadError, match=r"a\.nii: (truncated NIfTI data|8 bytes more)"):
+        read_scan(path)
+
+
+def test_dicom_series_with_a_missing_slice(tmp_path):
+    array = _volume((5, 6, 5))
+    _write_dicom(tmp_path / "gap", array, (0.7, 0.7, 2.0), slices=(0, 1, 3, 4))
+    with pytest.raises(ScanReadError, match=r"gap: series .* not equally spaced: slices at "
+                                            r"-98\.00 and -94\.00 mm are 4\.00 mm apart"):
+        read_scan(tmp_path / "gap")

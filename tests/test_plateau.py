@@ -3,7 +3,6 @@ loss improves, stops at min_scale; the jitted sharded step logs it and a checkpo
 it through a resume; config errors name the field."""
 
 import functools
-import importlib.util
 import pathlib
 import sys
 
@@ -15,6 +14,7 @@ import optax
 import pytest
 
 from lungjax import sharding as shd
+from lungjax.config_schema import get_config
 from lungjax.checkpointing import Checkpointer
 from lungjax.state import TrainState, create_train_state, make_optimizer, plateau_scale
 from lungjax.steps import apply_gradients, make_train_step
@@ -23,15 +23,11 @@ from lungjax.tasks.classification import ClassificationTask
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from test_engine import toy_patches  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _optimizer(**overrides):
-    """configs/base.py's optimizer section, plain SGD with lr 1 (updates = -scale * grad)."""
-    spec = importlib.util.spec_from_file_location("cfg_base_plateau", ROOT / "configs" / "base.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config().optimizer
+    """The schema's optimizer section, plain SGD with lr 1 (updates = -scale * grad)."""
+    c = get_config().optimizer
     c.update(dict(name="sgd", momentum=0.0, learning_rate=1.0, schedule="plateau",
                   plateau_accumulation_steps=1, plateau_patience=2, plateau_min_scale=1e-3))
     c.update(overrides)

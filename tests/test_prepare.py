@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from lungjax.data import prepare as prepare_lib
+from lungjax.data import synthetic
 from lungjax.data.coords import voxel_to_world, world_to_voxel
 from lungjax.data.io import write_scan
 from lungjax.data.luna16 import Luna16Dataset
@@ -190,6 +191,34 @@ def test_interrupted_then_resumed(luna_root, tmp_path, monkeypatch):
     assert PatchStore.open(out).read_volume("1.3").shape == st.scan("1.3").shape_zyx
 
 
+_KILL_AFTER_TWO = """
+import os, signal, sys
+from lungjax.data import prepare as p
+real, n = p.prepare_scan, []
+def killed_after_two(job):
+    if len(n) == 2:  # two scans recorded: die as a preempted machine does, no cleanup
+        os.kill(os.getpid(), signal.SIGKILL)
+    n.append(job["uid"])
+    return real(job)
+p.prepare_scan = killed_after_two
+p.prepare_dataset(sys.argv[2], sys.argv[1], subsets=[0, 1, 2], progress=False)
+"""
+
+
+def test_sigkill_loses_no_finished_scan(luna_root, tmp_path):
+    """The manifest is rewritten after every scan: a SIGKILL (no finally, no flush)
+    after two scans leaves both recorded, and the resumed run prepares only the third."""
+    out = tmp_path / "st"
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-c", _KILL_AFTER_TWO, str(out), str(luna_root)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert sorted(manifest["scans"]) == GOOD[:2]
+    report = prepare_dataset(luna_root, out, subsets=[0, 1, 2], progress=False)
+    assert sorted(report.reused) == GOOD[:2] and report.done == GOOD[2:]
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, os.path.join(REPO, "data_prep", "prepare_luna16.py"),
                            *args], capture_output=True, text=True, timeout=300)
@@ -219,7 +248,6 @@ def test_cli_workers_and_exit_codes(luna_root, tmp_path):
 def test_tiny_generated_dataset(tmp_path_factory):
     """The generated LUNA16-format data go through the real loader and preprocessing:
     every scan prepared, every nodule kept, annotated centres land on their masks."""
-    synthetic = pytest.importorskip("lungjax.data.synthetic")
     root = synthetic.generate_dataset(str(tmp_path_factory.mktemp("gen") / "tiny"), "tiny", seed=0)
     out = tmp_path_factory.mktemp("gen_store") / "st"
     report = prepare_dataset(root, out, progress=False)

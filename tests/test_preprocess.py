@@ -99,6 +99,31 @@ def test_lung_mask_finds_both_lungs_and_fills_the_nodule():
     assert (truth & ~mask).sum() < 0.01 * truth.sum()
 
 
+def _iou(a, b):
+    return (a & b).sum() / (a | b).sum()
+
+
+@pytest.mark.parametrize("case", ["table", "apex", "past_the_end"])
+def test_threshold_lung_mask_on_hard_real_world_layouts(case):
+    """The cases where outside air reaches the lungs in 3-D: a CT table (a hollow slab
+    spanning the field of view under the body), a scan that starts inside the lungs (cut
+    at the apex) and an air-filled slice past the end of the scan (a resampled grid one
+    slice longer)."""
+    hu, truth, _ = chest_phantom(shape=(40, 64, 64))
+    hu = hu.astype(np.float32)
+    if case == "table":
+        hu[:, 56:62, :] = 300.0  # the table top and bottom, border to border
+        hu[:, 58:60, 2:-2] = -1000.0  # its hollow core, open to the air at the sides
+    elif case == "apex":
+        hu, truth = hu[14:], truth[14:]  # the first slice crosses both lungs
+    elif case == "past_the_end":
+        hu, truth = hu[:30], truth[:30]
+        hu[-1] = -1000.0  # resampling fill beyond the last slice
+        truth[-1] = False
+    mask = lung_mask_from_hu(hu, (2.0, 1.5, 1.5))
+    assert _iou(mask, truth) > 0.9
+
+
 def test_close_mask_bridges_gaps_and_contains_input():
     mask = np.zeros((20, 30, 30), bool)
     mask[5:15, 5:25, 5:14] = True

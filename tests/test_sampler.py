@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import run_config  # noqa: E402  (tests/ is on sys.path under pytest)
 from lungjax.data import sampler as smp
 from lungjax.data.coords import Geometry, voxel_to_world
 from lungjax.data.store import (STORE_FORMAT, STORE_VERSION, PatchStore, ScanRecord,
@@ -50,13 +51,13 @@ def make_store(path) -> PatchStore:
 
 
 def data_config(**sampler):
-    """Run-config layout (configs/base.py): train.batch_size, data.*, sampler.*."""
+    """A run config (lungjax/config_schema.py) with train.batch_size, data.* and sampler.*."""
     frac = sampler.pop("positive_fraction", 0.25)
     s = dict(random_negatives_per_scan=8, name="balanced", steps_per_round=0)
     s.update(sampler)
-    return {"train": {"batch_size": 8},
-            "data": {"patch_size_zyx": (6, 10, 10), "positive_fraction": frac},
-            "sampler": s}
+    return run_config(train={"batch_size": 8},
+                      data={"patch_size_zyx": (6, 10, 10), "positive_fraction": frac},
+                      sampler=s)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,7 @@ def test_freeze_index_deterministic_with_exact_ratio(store):
 
 
 def test_negative_mix_and_weights(store):
-    cfg = data_config(samples_per_round=400, negative_mix={"candidate": 3.0, "random": 1.0},
+    cfg = data_config(samples_per_round=400, negative_mix=(("candidate", 3.0), ("random", 1.0)),
                       negative_weight=0.5, positive_weight=2.0)
     idx = smp.Sampler.from_store(store, cfg).freeze_index(seed=0)
     neg = idx.samples[idx.samples["label"] == 0]
@@ -130,7 +131,7 @@ def test_negative_mix_and_weights(store):
 
 
 def test_update_and_top_scoring_negatives(store):
-    s = smp.Sampler.from_store(store, data_config(samples_per_round=8, hard_fraction=0.5,
+    s = smp.Sampler.from_store(store, data_config(samples_per_round=8, hard_negative_fraction=0.5,
                                                   score_momentum=0.5))
     neg_ids = s.pool["sample_id"][s.pool["label"] == 0]
     scored = neg_ids[[3, 10, 12, 20, 25]]
@@ -234,10 +235,10 @@ def test_eval_index_pads_with_zero_weight(store):
 
 
 def test_config_from_run_config_aliases():
-    cfg = smp.SamplerConfig.from_config({
-        "data": {"positive_fraction": 0.25, "negatives_per_round": 30},
-        "sampler": {"name": "balanced", "hard_negative_fraction": 0.4,
-                    "negative_mix": {"candidate": 2.0}}})
+    cfg = smp.SamplerConfig.from_config(run_config(
+        data={"positive_fraction": 0.25, "negatives_per_round": 30},
+        sampler={"name": "balanced", "hard_negative_fraction": 0.4,
+                 "negative_mix": (("candidate", 2.0),)}))
     assert cfg.positive_fraction == 0.25 and cfg.hard_fraction == 0.4
     assert cfg.samples_per_round == 40  # 30 negatives at 3/4 of each batch
     assert cfg.negative_mix == (("candidate", 2.0),)

@@ -11,6 +11,7 @@ import pytest
 from lungjax.data.coords import Geometry, world_to_voxel
 from lungjax.models.layers import Conv
 from lungjax.tasks.nms import nms_points, peaks_3d
+from lungjax.models import fcn
 from lungjax.tasks.screening import (OutputMapping, candidates_from_scores,
                                      foreground_probability, nms_radius_cells, output_mapping,
                                      output_shape, score_volume)
@@ -42,7 +43,6 @@ def test_mapping_of_dou2017_layout():
 
 
 def test_mapping_matches_the_fcn_module_constants():
-    fcn = pytest.importorskip("lungjax.models.fcn")
     m = output_mapping(fcn.layer_specs(), center="patch")
     assert m.stride_zyx == tuple(fcn.STRIDE_ZYX)
     assert m.receptive_field_zyx == tuple(fcn.RECEPTIVE_FIELD_ZYX)
@@ -399,7 +399,6 @@ def test_dou2017_fcn_score_cells_equal_patch_classification():
     """On the dou2017 screening FCN (narrow, random weights): each score cell equals the
     network's output on the 10x30x30 training patch the store would cut around the cell's
     mapped voxel (start = centre - size // 2, zeros outside), tiled or not."""
-    fcn = pytest.importorskip("lungjax.models.fcn")
     net = fcn.Dou2017FCN(features=(3, 3, 4, 4), init_std=0.3, conv_impl="xla")
     variables = _params(net, seed=5)
 

@@ -2,7 +2,6 @@
 benign oversampling, the suspicious-slice rule, the networks' sizes and the frozen U-Net,
 the configs and their stage sharing, and the tables from hand-made fold records."""
 
-import importlib.util
 import json
 import pathlib
 
@@ -19,18 +18,12 @@ from lungjax.data.prepare import prepare_dataset
 from lungjax.data.store import PatchStore
 from lungjax.methods import shrey2020 as method
 from lungjax.models import classifiers2d, shrey2020 as models
+from conftest import load_config  # noqa: E402  (tests/ is on sys.path under pytest)
 from test_dense_targets import config as sampler_config
 from test_dense_targets import make_dense_store
 from test_prepare import make_luna_folder
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def load_config(path, arg=None):
-    spec = importlib.util.spec_from_file_location(f"cfg_{pathlib.Path(path).stem}", ROOT / path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
 
 
 # ----------------------------------------------------------------------------- masks

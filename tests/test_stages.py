@@ -194,17 +194,83 @@ def test_toy_method_rerun_skips_finished_stages(toy_cv, capsys):
     assert rec["stages"]["cls"]["step"] == before["stages"]["cls"]["step"]
 
 
-def test_changed_stage_config_fails_then_restart_reruns_it_and_later_stages(toy_cv):
+def test_changed_stage_config_fails_then_restart_reruns_it_and_later_stages(toy_cv, tmp_path):
+    import shutil
+
     c, cv, _ = toy_cv
+    fold = tmp_path / "fold_0"  # a copy: the shared fold stays as the cv run left it
+    shutil.copytree(cv / "fold_0", fold)
     cfg = c.copy_and_resolve_references()
     cfg.data.fold = 0
     cfg.stages.cls.sections.train = dict(num_steps=c.train.num_steps + 1)
     with pytest.raises(stages.StageConfigError, match=r"stage 'cls' was run with another "
                                                       r"configuration \(train.num_steps: 6 -> 7\)"):
-        stages.run("train", cfg, str(cv / "fold_0"))
-    rec = stages.run("train", cfg, str(cv / "fold_0"), restart=True)
+        stages.run("train", cfg, str(fold))
+    rec = stages.run("train", cfg, str(fold), restart=True)
     assert rec["stages"]["cls"]["step"] == 7
-    fold = cv / "fold_0"
     moved = sorted(p.name.split(".old-")[0] for p in fold.iterdir() if ".old-" in p.name)
     assert moved == ["cls", "score"]  # the changed stage and the one after it; seg kept
     assert (fold / "seg" / stages.STAGE_RECORD).is_file()
+
+
+# ----------------------------------------------------------------------------- faults
+
+FAULT_RUN = ROOT / "tests" / "fault_run.py"
+
+
+def _fault_run(workdir, cache_dir, mode="none", k=0):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, str(FAULT_RUN), str(workdir), cache_dir, mode,
+                           str(k)], env=env, capture_output=True, text=True, timeout=600)
+
+
+def _outcome(fold_dir):
+    """What a fold computed: its result without timings and paths, and its submission."""
+
+    def strip(v):
+        if isinstance(v, dict):
+            return {k: strip(x) for k, x in v.items() if "seconds" not in k}
+        if isinstance(v, list):
+            return [strip(x) for x in v]
+        return None if isinstance(v, str) and "/" in v else v
+
+    fold = json.loads((fold_dir / stages.FOLD_RECORD).read_text(encoding="utf-8"))
+    return strip(fold["result"]), pathlib.Path(fold["result"]["submission_csv"]).read_bytes()
+
+
+def test_full_disk_then_three_sigkills_then_resume_equals_an_uninterrupted_run(
+        tiny_data_cache, tmp_path):
+    """One fold of the toy method, interrupted four times in a row, each at a seeded file
+    write of the run in progress: first a write that fails as on a full disk (the run
+    stops in one line, no partial file is left, every record written before is whole),
+    then three SIGKILLs (the first in the resumed run, the others in the runs resumed
+    after them); a last run finishes the fold with the result and submission of an
+    uninterrupted run of the same fold."""
+    reference = _fault_run(tmp_path / "ref", tiny_data_cache)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    n_writes = int(reference.stdout.strip().splitlines()[-1].removeprefix("writes="))
+    rng = np.random.default_rng(24)
+    work = tmp_path / "w"
+    k = int(rng.integers(3, n_writes - 2))
+    proc = _fault_run(work, tiny_data_cache, "enospc", k)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "No space left on device" in proc.stderr.strip().splitlines()[-1]
+    assert not list(work.rglob(".tmp-*"))
+    for f in work.rglob("*.json"):
+        json.loads(f.read_text(encoding="utf-8"))  # whole, never half-written
+    # Each kill point lies within the writes the interrupted run still has ahead of it:
+    # every process redoes at least the writes after the last completed one.
+    done = k - 1
+    for _ in range(3):
+        k = int(rng.integers(2, max(3, (n_writes - done) // 2)))
+        proc = _fault_run(work, tiny_data_cache, "kill", k)
+        assert proc.returncode == -9, (k, proc.stderr[-2000:])
+        done += k - 1
+    proc = _fault_run(work, tiny_data_cache)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not list(work.rglob(".tmp-*"))
+    assert _outcome(work) == _outcome(tmp_path / "ref")

@@ -17,7 +17,6 @@ from lungjax.data.luna16 import Luna16Dataset
 from lungjax.data.synthetic import (MARKER, PRESETS, RECORDS, UID_PREFIX, generate_dataset,
                                     read_malignancy_csv, series_uids)
 from lungjax.data.synthetic_nodules import density_class, resample_mask
-from lungjax.data.synthetic_render import render_scan_png
 from lungjax.data.synthetic_scan import (MIN_ANNOTATED_MM, MIN_READERS, is_annotated,
                                          lidc_geometries)
 from lungjax.data.tables import Marks, read_findings_csv, read_uid_list

@@ -241,8 +241,9 @@ def test_exported_detector_runs_on_a_scan_file(tiny, tmp_path):
     assert sidecars["detect"]["coarsest_stride"] == 16
     uid = tiny.rec["uids"][0]
     scan = Luna16Dataset.open(read_manifest(prepare_data(c))["source_root"]).scan_path(uid)
-    out = tmp_path / "marks.csv"
-    assert detect.main(["--model", str(fold / "export"), "--scan", scan, "--out", str(out)]) == 0
+    out = tmp_path / "predict" / "submission.csv"
+    assert detect.main(["--model", str(fold / "export"), "--scan", scan,
+                        "--out", str(tmp_path / "predict")]) == 0
     got = read_marks_csv(str(out))
     assert len(got) > 0 and set(np.unique(got.uid)) == {uid}
     assert np.all((got.probability >= 0) & (got.probability <= 1))

@@ -21,7 +21,7 @@ for patches; the frozen index stays a pure function of (seed, round, pool + scor
   with each class's ROIs repeated ``class_repeat`` (benign, malignant) times
   (shrey2020 oversamples benign ROIs 3x).
 
-Config (configs/base.py): ``sampler.name`` picks them; ``sampler.slice_context``,
+Config (lungjax/config_schema.py): ``sampler.name`` picks them; ``sampler.slice_context``,
 ``sampler.roi_balance``, ``sampler.roi_class_repeat``, ``data.batch_mask``, ``data.batch_malignancy`` and
 ``data.malignancy_uncertain`` tune them, next to the usual ``data.positive_fraction``
 and ``sampler.samples_per_round``.
@@ -37,15 +37,12 @@ import numpy as np
 from lungjax.data.pipeline import StoreTrainData, Targets
 from lungjax.data.sampler import (NODULE, RANDOM_NEG, SAMPLE_DTYPE, Sampler, SamplerConfig,
                                   SampleIndex, cycle_draw, malignant_label, pool_rows,
-                                  round_half_up, scan_info, section)
+                                  round_half_up, scan_info)
 from lungjax.registry import SAMPLERS
 
 
 def _batch_size(config) -> int:
-    batch = section(config, "train").get("batch_size")
-    if batch is None:
-        raise ValueError("config.train.batch_size (global batch size) is not set")
-    return int(batch)
+    return int(config["train"]["batch_size"])
 
 
 def slice_rows(labels: np.ndarray, lung: np.ndarray | None, scan: int, context: int,

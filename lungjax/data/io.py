@@ -131,8 +131,11 @@ def _check_spacing(path: str, spacing, field: str) -> None:
 def check_metaimage(path: str) -> None:
     """Validates a MetaImage header and its pixel data size before reading.
 
-    Checks: 3 dimensions, positive spacing, the data file exists and holds at least
-    DimSize x element size bytes (uncompressed data only).
+    Checks: 3 dimensions, positive spacing, the data file exists and holds exactly
+    DimSize x element size x channels bytes after its ``HeaderSize`` (uncompressed data
+    only; ``HeaderSize = -1``, data at the end of the file, needs at least that many).
+    Too few bytes is a truncated file; too many means the header's DimSize or ElementType
+    does not describe the data, which would be read skewed.
 
     Raises:
       ScanReadError: naming the file and the problem.
@@ -174,6 +177,9 @@ def check_metaimage(path: str) -> None:
                 f"{path}: ElementDataFile points to {data_name!r}, which does not exist "
                 f"(looked for {data_path})")
         available = os.path.getsize(data_path)
+    skip = int(_floats(path, fields, "HeaderSize")[0]) if "HeaderSize" in fields else 0
+    if skip > 0:
+        available -= skip
     if compressed:
         if "CompressedDataSize" in fields:
             need = int(_floats(path, fields, "CompressedDataSize")[0])
@@ -181,10 +187,15 @@ def check_metaimage(path: str) -> None:
                 raise ScanReadError(f"{data_path}: truncated compressed data: {available} bytes, "
                                     f"header says {need}")
         return
+    what = (f"(DimSize {dims.tolist()} x {etype} x {channels} channel(s)"
+            + (f" after HeaderSize {skip}" if skip > 0 else "") + ")")
     if available < expected:
         raise ScanReadError(
-            f"{data_path}: truncated pixel data: {available} bytes, expected {expected} "
-            f"(DimSize {dims.tolist()} x {etype} x {channels} channel(s))")
+            f"{data_path}: truncated pixel data: {available} bytes, expected {expected} {what}")
+    if available > expected and skip != -1:
+        raise ScanReadError(
+            f"{data_path}: {available} bytes of pixel data, {available - expected} more than "
+            f"the header describes {what}; the header does not match the data")
 
 
 def check_nifti(path: str) -> None:
@@ -219,7 +230,26 @@ def check_nifti(path: str) -> None:
     extra = [d for d in dim[4:1 + ndim] if d != 1] if ndim > 3 else []
     if ndim < 3 or extra:
         raise ScanReadError(f"{path}: expected a 3-D image, NIfTI dim = {list(dim[:1 + ndim])}")
+    if min(dim[1:4]) <= 0:
+        raise ScanReadError(f"{path}: NIfTI dim must be positive, got {list(dim[1:4])}")
     _check_spacing(path, pixdim[1:4], "pixdim")
+    if opener is open:  # uncompressed: the voxel data must fill the file exactly
+        if size == 348:
+            bitpix = struct.unpack(endian + "h", head[72:74])[0]
+            offset = int(struct.unpack(endian + "f", head[108:112])[0])
+        else:
+            bitpix = struct.unpack(endian + "h", head[14:16])[0]
+            offset = struct.unpack(endian + "q", head[168:176])[0]
+        expected = offset + int(np.prod(dim[1:4], dtype=np.int64)) * bitpix // 8
+        have = os.path.getsize(path)
+        if have < expected:
+            raise ScanReadError(f"{path}: truncated NIfTI data: {have} bytes, expected "
+                                f"{expected} (dim {list(dim[1:4])} x {bitpix} bits from "
+                                f"vox_offset {offset})")
+        if have > expected:
+            raise ScanReadError(f"{path}: {have - expected} bytes more than the header "
+                                f"describes (dim {list(dim[1:4])} x {bitpix} bits from "
+                                f"vox_offset {offset}); the header does not match the data")
 
 
 # ---------------------------------------------------------------------------
@@ -261,6 +291,38 @@ def list_dicom_series(directory: str) -> list[str]:
     return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(directory))
 
 
+def _check_slice_positions(directory: str, series_uid: str, files) -> None:
+    """One DICOM series is a stack of equally spaced slices: positions along the slice
+    normal (ImagePositionPatient . normal of ImageOrientationPatient) differ by one
+    spacing, none repeated, none missing (a gap would be read as contiguous anatomy)."""
+    pos, normal = [], None
+    for f in files:
+        r = sitk.ImageFileReader()
+        r.SetFileName(f)
+        try:
+            r.ReadImageInformation()
+            ipp = [float(v) for v in r.GetMetaData("0020|0032").split("\\")]
+            iop = [float(v) for v in r.GetMetaData("0020|0037").split("\\")]
+        except (RuntimeError, ValueError):
+            return  # no position tags: SimpleITK orders the slices by file order alone
+        if normal is None:
+            normal = np.cross(iop[:3], iop[3:6])
+        pos.append(float(np.dot(ipp, normal)))
+    z = np.sort(np.asarray(pos))
+    steps = np.diff(z)
+    if np.any(steps < 1e-3):
+        raise ScanReadError(f"{directory}: series {series_uid} has {int(np.sum(steps < 1e-3))} "
+                            "slice(s) at a repeated position")
+    step = float(np.median(steps))
+    bad = np.flatnonzero(np.abs(steps - step) > 0.05 * step + 0.01)
+    if bad.size:
+        i = int(bad[0])
+        raise ScanReadError(
+            f"{directory}: series {series_uid} is not equally spaced: slices at "
+            f"{z[i]:.2f} and {z[i + 1]:.2f} mm are {steps[i]:.2f} mm apart, the others "
+            f"{step:.2f} mm ({bad.size} such gap(s); a missing slice?)")
+
+
 def _read_dicom(directory: str, series_uid: str | None) -> Scan:
     series = list_dicom_series(directory)
     if not series:
@@ -276,6 +338,7 @@ def _read_dicom(directory: str, series_uid: str | None) -> Scan:
     if len(files) < 2:
         raise ScanReadError(f"{directory}: series {series_uid} has {len(files)} slice(s); "
                             "a 3-D scan needs at least 2")
+    _check_slice_positions(directory, series_uid, files)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:

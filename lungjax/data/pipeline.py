@@ -98,7 +98,7 @@ class Targets:
     @classmethod
     def from_config(cls, config) -> "Targets":
         """From the declared fields data.batch_mask, data.batch_mask_array,
-        data.batch_malignancy and data.malignancy_uncertain (configs/base.py)."""
+        data.batch_malignancy and data.malignancy_uncertain (lungjax/config_schema.py)."""
         data = config.data
         return cls(mask=bool(data.batch_mask), malignancy=bool(data.batch_malignancy),
                    uncertain=str(data.malignancy_uncertain),
@@ -108,7 +108,7 @@ class Targets:
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-    """What the pipeline reads from the run config (configs/base.py layout).
+    """What the pipeline reads from the run config (lungjax/config_schema.py layout).
 
     Attributes (config field in brackets):
       patch_size_zyx: (D, H, W) patch size [data.patch_size_zyx; two entries (H, W)
@@ -140,13 +140,13 @@ class PipelineConfig:
     def from_config(cls, config) -> "PipelineConfig":
         """Reads the fields listed above; a bad value fails naming its config field."""
         data, train, augd = (section(config, n) for n in ("data", "train", "augment"))
-        if data.get("patch_size_zyx") is None:
+        if "patch_size_zyx" not in data:
             raise ValueError("config.data.patch_size_zyx is not set")
         size = tuple(int(v) for v in data["patch_size_zyx"])
         if len(size) not in (2, 3) or min(size) <= 0:
             raise ValueError(f"config.data.patch_size_zyx must be 3 (z, y, x) or 2 (y, x) "
                              f"positive ints, got {size}")
-        if len(size) == 3 and int(data.get("spatial_dims", 3)) == 2:
+        if len(size) == 3 and int(data["spatial_dims"]) == 2:
             if size[0] != 1:
                 raise ValueError(f"config.data.spatial_dims = 2 needs patch_size_zyx (H, W) or "
                                  f"(1, H, W), got {size}")
@@ -154,15 +154,14 @@ class PipelineConfig:
         is_2d = len(size) == 2
         if is_2d:
             size = (1,) + size
-        if train.get("batch_size") is None:
+        if "batch_size" not in train:
             raise ValueError("config.train.batch_size (global batch size) is not set")
         vals = {"batch_size": ("train.batch_size", train["batch_size"], 1),
-                "num_workers": ("data.workers", data.get("workers", 0), 0),
-                "worker_buffer_size": ("data.prefetch_buffer", data.get("prefetch_buffer", 2), 1),
-                "read_threads": ("data.read_threads", data.get("read_threads", 2), 1),
-                "prefetch_batches": ("data.prefetch_batches", data.get("prefetch_batches", 4), 0),
-                "max_nodules": ("data.max_nodules_per_patch",
-                                data.get("max_nodules_per_patch", 0), 0)}
+                "num_workers": ("data.workers", data["workers"], 0),
+                "worker_buffer_size": ("data.prefetch_buffer", data["prefetch_buffer"], 1),
+                "read_threads": ("data.read_threads", data["read_threads"], 1),
+                "prefetch_batches": ("data.prefetch_batches", data["prefetch_batches"], 0),
+                "max_nodules": ("data.max_nodules_per_patch", data["max_nodules_per_patch"], 0)}
         ints = {}
         for k, (name, v, lo) in vals.items():
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
@@ -174,9 +173,9 @@ class PipelineConfig:
                              "negative")
         return cls(
             patch_size_zyx=size, is_2d=is_2d, **ints,
-            augment_positive=aug.AugmentConfig.from_mapping(augd.get("positive"),
+            augment_positive=aug.AugmentConfig.from_mapping(augd["positive"],
                                                             "config.augment.positive"),
-            augment_negative=aug.AugmentConfig.from_mapping(augd.get("negative"),
+            augment_negative=aug.AugmentConfig.from_mapping(augd["negative"],
                                                             "config.augment.negative"),
         )
 
@@ -439,19 +438,16 @@ class StoreTrainData(TrainData):
         self.config = config
         self.store = store
         self.targets = targets
-        if seed is None:
-            seed = config.get("seed", 0) if isinstance(config, Mapping) \
-                else getattr(config, "seed", 0)
-        self.seed = int(seed)
+        self.seed = int(config["seed"] if seed is None else seed)
         self.process_index, self.process_count = int(process_index), int(process_count)
         sampler_cfg = section(config, "sampler")
-        self.steps_per_round = int(sampler_cfg.get("steps_per_round", 0) or 0)
-        self.score_key = str(sampler_cfg.get("score_key", "loss"))
+        self.steps_per_round = int(sampler_cfg["steps_per_round"])
+        self.score_key = str(sampler_cfg["score_key"])
         self.sampler = self.make_sampler(train_uids, random_negatives=True)
         self.eval_index = None
         if eval_uids:
             held_out = self.make_sampler(eval_uids, random_negatives=False)
-            limit = int(section(config, "data").get("eval_patches", 0) or 0)
+            limit = int(section(config, "data")["eval_patches"])
             self.eval_index = held_out.freeze_eval_index(
                 kinds=self.eval_kinds, max_samples=limit or None, seed=self.seed)
 

@@ -5,8 +5,9 @@ One job per scan: read -> :func:`lungjax.data.preprocess.preprocess_scan` -> wri
 zarr arrays -> return the manifest record. Jobs run in ``workers`` spawned processes;
 only the parent writes the manifest, so records never race. A bad scan is skipped
 with its reason and the run goes on. Re-running skips scans already recorded in the
-manifest (a record is written only after its arrays are complete), so an interrupted
-preparation resumes where it stopped. A store of an older format version is
+manifest (a record is written only after its arrays are complete, and the manifest is
+rewritten atomically after every scan), so a preparation killed at any point resumes
+where it stopped: at most the scan in flight is done again. A store of an older format version is
 prepared again from scratch.
 
 Dense targets: every scan gets a nodule mask. With ``nodule_mask="consensus"`` it is
@@ -33,7 +34,7 @@ import SimpleITK as sitk
 from tqdm.auto import tqdm
 
 from lungjax.data import store as store_lib
-from lungjax.data.coords import voxel_to_world, world_to_voxel
+from lungjax.data.coords import world_to_voxel
 from lungjax.data.io import ScanReadError, read_scan
 from lungjax.data.luna16 import Luna16Dataset
 from lungjax.data.preprocess import (DEFAULT_HU_WINDOW, LungMaskError, preprocess_scan,
@@ -290,7 +291,7 @@ def prepare_dataset(root: str | os.PathLike, out: str | os.PathLike,
                     subsets: Sequence[int] | None = None, *, chunk: int = store_lib.DEFAULT_CHUNK,
                     closing_mm: float = 5.0, use_lung_masks: bool = True,
                     nodule_mask: str = "consensus", progress: bool = True,
-                    flush_every_s: float = 10.0) -> PrepareReport:
+                    flush_every_s: float = 0.0) -> PrepareReport:
     """Preprocesses a LUNA16-layout folder (real or generated) into a patch store.
 
     Args:
@@ -309,7 +310,9 @@ def prepare_dataset(root: str | os.PathLike, out: str | os.PathLike,
         discs of the annotated diameter on every slice the nodule spans).
       progress: show a progress bar.
       flush_every_s: rewrite the manifest at most this often (and always at the end or
-        on interruption); scans finished but not yet recorded are redone on resume.
+        on interruption); 0 (the default) = after every scan, so a kill loses no
+        finished scan. Larger values suit slow object stores: scans finished in the last
+        ``flush_every_s`` seconds before a kill are redone on resume.
 
     Returns:
       :class:`PrepareReport`.

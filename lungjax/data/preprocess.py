@@ -229,11 +229,16 @@ def lung_mask_from_hu(hu: np.ndarray, spacing_zyx: Sequence[float], *, threshold
                       name: str = "scan") -> np.ndarray:
     """Lung mask by HU threshold, 3-D connected components and morphology.
 
-    Steps: voxels below ``threshold_hu`` -> 6-connected components -> drop components
-    touching the in-plane (y or x) border of the volume (air outside the body; the z
-    border is allowed because scans often cut through the lungs) -> keep the two
-    largest components of at least ``min_lung_ml`` -> ball closing of ``closing_mm``
-    and per-slice hole filling (vessels, nodules), cheap route of :func:`close_mask`.
+    Steps: voxels below ``threshold_hu`` -> on each axial slice, drop the air connected
+    to the slice's border (outside the body) -> 6-connected 3-D components of the rest
+    -> keep the two largest of at least ``min_lung_ml`` -> ball closing of
+    ``closing_mm`` and per-slice hole filling (vessels, nodules), cheap route of
+    :func:`close_mask`.
+
+    Outside air is found slice by slice, not as one 3-D component, because in 3-D the
+    lungs often reach it: through a slab of air-filled slices past the end of the scan
+    (a resampled grid one slice longer than the scan), or where the field of view cuts
+    the body. Per slice, only the lung's part on such a slice is lost, not the lung.
 
     Args:
       hu: (z, y, x) HU volume (any real dtype).
@@ -250,9 +255,22 @@ def lung_mask_from_hu(hu: np.ndarray, spacing_zyx: Sequence[float], *, threshold
       LungMaskError: no component qualifies.
     """
     spacing = np.asarray(spacing_zyx, np.float64)
-    labels, n = ndimage.label(hu < threshold_hu)
-    if n == 0:
+    air = hu < threshold_hu
+    if not air.any():
         raise LungMaskError(f"{name}: empty lung mask: no voxel below {threshold_hu} HU")
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    slices, _ = ndimage.label(air, structure=in_plane)  # 2-D components, every slice
+    border = np.unique(np.concatenate([
+        slices[:, 0, :].ravel(), slices[:, -1, :].ravel(),
+        slices[:, :, 0].ravel(), slices[:, :, -1].ravel()]))
+    air &= ~np.isin(slices, border[border > 0])
+    del slices
+    labels, n = ndimage.label(air)
+    del air
+    if n == 0:
+        raise LungMaskError(f"{name}: empty lung mask: all air below {threshold_hu} HU is "
+                            "outside the body (connected to the border of its slice)")
     # Component sizes from every 2nd voxel per axis: 8x less work than a full count
     # and plenty to rank components and compare them with a size floor.
     step = 2 if min(labels.shape) >= 16 else 1
@@ -260,10 +278,6 @@ def lung_mask_from_hu(hu: np.ndarray, spacing_zyx: Sequence[float], *, threshold
     sizes = np.bincount(sample.ravel(), minlength=n + 1).astype(np.float64)
     sizes *= labels.size / sample.size
     sizes[0] = 0
-    touching = np.unique(np.concatenate([
-        labels[:, 0, :].ravel(), labels[:, -1, :].ravel(),
-        labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]))
-    sizes[touching] = 0
     voxel_ml = float(np.prod(spacing)) / 1000.0
     order = np.argsort(sizes)[::-1][:2]
     keep = [int(i) for i in order if sizes[i] > 0 and sizes[i] * voxel_ml >= min_lung_ml]

@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from lungjax.configcheck import dataclass_from_mapping
+from lungjax.configcheck import as_dict, dataclass_from_mapping
 from lungjax.data.coords import within_sphere
 
 NODULE, CANDIDATE_POS, CANDIDATE_NEG, RANDOM_NEG, HARD_NEG = range(5)
@@ -133,7 +133,7 @@ class SamplerConfig:
 
     @classmethod
     def from_config(cls, config) -> "SamplerConfig":
-        """From the run config (configs/base.py layout).
+        """From the run config (lungjax/config_schema.py layout).
 
         Fields of this class are read from ``config.sampler`` under the same names
         (other keys there, e.g. ``name`` or ``steps_per_round``, belong to the
@@ -145,13 +145,11 @@ class SamplerConfig:
         data = section(config, "data")
         known = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in s.items() if k in known}
-        if "positive_fraction" in data:
-            kw["positive_fraction"] = float(data["positive_fraction"])
-        if "hard_negative_fraction" in s:
-            kw["hard_fraction"] = float(s["hard_negative_fraction"])
-        neg = int(data.get("negatives_per_round", 0) or 0)
-        if not kw.get("samples_per_round") and neg > 0:
-            frac = kw.get("positive_fraction", cls.positive_fraction)
+        kw["positive_fraction"] = float(data["positive_fraction"])
+        kw["hard_fraction"] = float(s["hard_negative_fraction"])
+        neg = int(data["negatives_per_round"])
+        if not kw["samples_per_round"] and neg > 0:
+            frac = kw["positive_fraction"]
             kw["samples_per_round"] = int(np.ceil(neg / max(1e-9, 1.0 - frac)))
         return cls(**kw)
 
@@ -328,7 +326,7 @@ class Sampler:
             scans.append(info)
             rows = _scan_rows(s, info, rec, cfg)
             if (random_negatives and cfg.random_negatives_per_scan
-                    and dict(cfg.negative_mix).get("random", 0.0) > 0):
+                    and dict(cfg.negative_mix).get("random", 0.0) > 0):  # absent = weight 0
                 rng = np.random.default_rng(_uid_seed(seed, uid))
                 pts = _random_lung_points(store, rec, info, cfg, rng)
                 rows.append(pool_rows(s, pts, pts, 0.0, 0, RANDOM_NEG))
@@ -337,10 +335,7 @@ class Sampler:
             next_id += len(block)
             parts.append(block)
         pool = np.concatenate(parts) if parts else np.zeros(0, SAMPLE_DTYPE)
-        batch = section(config, "train").get("batch_size")
-        if batch is None:
-            raise ValueError("config.train.batch_size (global batch size) is not set")
-        return cls(uids, scans, pool, cfg, int(batch))
+        return cls(uids, scans, pool, cfg, int(config["train"]["batch_size"]))
 
     # ------------------------------------------------------------------ rounds
     def freeze_index(self, seed: int, round: int | None = None,
@@ -656,30 +651,8 @@ def round_half_up(x: float) -> int:
 
 
 def section(config, name: str) -> dict:
-    """``config.<name>`` as a plain dict ({} when absent); config is a ConfigDict or dict."""
-    if isinstance(config, Mapping):
-        sec = config.get(name)
-    else:
-        try:
-            sec = getattr(config, name)
-        except (AttributeError, KeyError):
-            sec = None
-    return _plain(sec) if sec is not None else {}
-
-
-def _plain(d) -> dict:
-    """Nested ConfigDict / mapping -> dicts; unset required placeholders are left out
-    (reading one raises), so a section can be read before every field is chosen."""
-    out = {}
-    for k in list(d.keys()):
-        try:
-            v = d[k]
-        except Exception as e:  # ml_collections' RequiredValueError for unset fields
-            if type(e).__name__ == "RequiredValueError":
-                continue
-            raise
-        out[k] = _plain(v) if isinstance(v, Mapping) or hasattr(v, "to_dict") else v
-    return out
+    """``config.<name>`` as a plain dict; config is a ConfigDict or dict."""
+    return as_dict(config[name])
 
 
 def pool_rows(scan, centers, targets, diameter, label, kind, malignancy=0.0) -> np.ndarray:

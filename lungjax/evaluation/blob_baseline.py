@@ -54,11 +54,15 @@ def _blobs(scan, lung: np.ndarray, threshold_hu: float) -> dict[str, np.ndarray]
 
 
 def _marks(per_scan: Sequence[tuple[str, dict]], score: str) -> Marks:
+    """The blobs as marks; the score (HU or mL) min-max scaled to a [0, 1] probability
+    over all scans (the FROC depends on its order only, which scaling keeps)."""
     if not per_scan:
         return Marks(np.zeros(0, str), np.zeros((0, 3)), np.zeros(0))
+    raw = np.concatenate([b[score] for _, b in per_scan]).astype(np.float64)
+    span = float(raw.max() - raw.min()) if raw.size else 0.0
+    prob = (raw - raw.min()) / span if span > 0 else np.full(raw.shape, 0.5)
     return Marks(np.concatenate([np.full(len(b[score]), uid) for uid, b in per_scan]),
-                 np.concatenate([b["xyz"] for _, b in per_scan]),
-                 np.concatenate([b[score] for _, b in per_scan]))
+                 np.concatenate([b["xyz"] for _, b in per_scan]), prob)
 
 
 def blob_marks(dataset, uids: Sequence[str], threshold_hu: float, score: str) -> Marks:

@@ -491,6 +491,36 @@ def _bootstrap(entry_scan, entry_gt, entry_prob, nodules_per_scan, n_scans, n_re
 
 # --------------------------------------------------------------------------------- API
 
+def warn_suspicious_marks(marks: Marks) -> dict[str, int]:
+    """Warns (``UserWarning``, with counts) about a submission that is legal but likely
+    wrong, and returns the counts; the FROC is computed as the official script would:
+
+    * no marks at all (sensitivity 0 at every rate);
+    * duplicate marks, rows with the same UID, coordinates and probability: the script
+      counts each one (a duplicated false positive is two false positives);
+    * probabilities outside [0, 1]: only their order matters to the FROC, but a
+      submission is expected to hold probabilities.
+    """
+    counts = {"marks": len(marks), "duplicates": 0, "outside_0_1": 0}
+    if len(marks) == 0:
+        warnings.warn("the submission has no marks: sensitivity is 0 at every FP rate",
+                      stacklevel=3)
+        return counts
+    rows = np.rec.fromarrays([marks.uid, *marks.xyz.T, marks.probability])
+    counts["duplicates"] = int(len(rows) - len(np.unique(rows)))
+    p = marks.probability
+    counts["outside_0_1"] = int(np.count_nonzero((p < 0.0) | (p > 1.0)))
+    if counts["duplicates"]:
+        warnings.warn(f"{counts['duplicates']} duplicate mark(s) (same UID, coordinates and "
+                      "probability); each counts, as in the official script (a duplicated "
+                      "false positive is two)", stacklevel=3)
+    if counts["outside_0_1"]:
+        warnings.warn(f"{counts['outside_0_1']} mark probability(ies) outside [0, 1] (range "
+                      f"{p.min():.4g} .. {p.max():.4g}); only their order matters to the FROC",
+                      stacklevel=3)
+    return counts
+
+
 def compute_froc(annotations: Findings, excluded: Findings, seriesuids: Sequence[str],
                  marks: Marks, *, n_bootstrap: int = 0, seed: int = 0,
                  max_marks_per_scan: int = 100, confidence: float = 0.95) -> FrocResult:
@@ -517,6 +547,7 @@ def compute_froc(annotations: Findings, excluded: Findings, seriesuids: Sequence
     validate_marks(marks)
     validate_findings(annotations, "annotations")
     validate_findings(excluded, "excluded findings")
+    warn_suspicious_marks(marks)
     uids = [str(u) for u in seriesuids]
     index: dict[str, int] = {}
     for i, u in enumerate(uids):

@@ -19,7 +19,7 @@ from lungjax.atomic import atomic_path
 from lungjax.evaluation.froc import FP_RATES, FROC_MAX_X, FROC_MIN_X, FrocResult
 from lungjax.metrics_log import METRICS_JSONL, metric_series, read_jsonl
 
-__all__ = ["plot_froc", "plot_froc_curves", "plot_learning_curve", "plot_roc",
+__all__ = ["plot_findings", "plot_froc", "plot_froc_curves", "plot_learning_curve", "plot_roc",
            "plot_run_learning_curves", "save_figure"]
 
 
@@ -240,3 +240,44 @@ def plot_run_learning_curves(out_dir: str | os.PathLike,
         plot_learning_curve(log, path, title=f"learning curve: {tail}")
         written.append(path)
     return written
+
+
+def plot_findings(volume_zyx: np.ndarray, geometry, marks, diameter_mm, path: str | os.PathLike,
+                  *, top: int = 3, title: str = "") -> None:
+    """One PNG of a scan's ``top`` highest-scoring findings, each on its axial slice with
+    a circle of its diameter (10 mm where the method gives none), written atomically.
+
+    Args:
+      volume_zyx: (D, H, W) float32 image in [0, 1] (the preprocessed scan).
+      geometry: its ``Geometry`` (the marks' world mm map into it).
+      marks: ``Marks`` of this scan (world x, y, z mm, probability).
+      diameter_mm: (K,) diameters of the marks, or None.
+      path: the PNG.
+    """
+    from matplotlib.patches import Circle
+
+    from lungjax.data.coords import world_to_voxel
+
+    order = np.argsort(-marks.probability, kind="stable")[:top]
+    fig = Figure(figsize=(3.2 * max(1, len(order)), 3.6))
+    axes = fig.subplots(1, max(1, len(order)), squeeze=False)[0]
+    if not len(order):
+        z = volume_zyx.shape[0] // 2
+        axes[0].imshow(volume_zyx[z], cmap="gray", vmin=0, vmax=1)
+        axes[0].set_title(f"{title}\nno finding (slice {z})", fontsize=8)
+        axes[0].axis("off")
+    spacing = np.asarray(geometry.spacing_zyx, np.float64)
+    for ax, i in zip(axes, order):
+        zyx = world_to_voxel(marks.xyz[i], geometry)
+        z = int(np.clip(np.rint(zyx[0]), 0, volume_zyx.shape[0] - 1))
+        d = 10.0 if diameter_mm is None else float(diameter_mm[i])
+        ax.imshow(volume_zyx[z], cmap="gray", vmin=0, vmax=1)
+        ax.add_patch(Circle((zyx[2], zyx[1]), radius=max(d / 2 / spacing[2], 2.0),
+                            fill=False, color="red", lw=1.2))
+        x, y, zw = marks.xyz[i]
+        ax.set_title(f"p={marks.probability[i]:.3f}, d={d:.1f} mm\n"
+                     f"world ({x:.1f}, {y:.1f}, {zw:.1f}) mm, slice {z}", fontsize=7)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=8)
+    save_figure(fig, path, dpi=100)

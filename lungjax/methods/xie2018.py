@@ -219,14 +219,14 @@ class AnchorSamplingData(StoreTrainData):
     def __init__(self, config, store, train_uids, eval_uids=None, **kw):
         super().__init__(config, store, train_uids, eval_uids, **kw)
         s = config.sampler
-        self.update_anchors = bool(s.get("update_anchors", True))
-        self.provisional_threshold = float(s.get("provisional_threshold", 0.5))
-        self.max_fp_per_scan = int(s.get("max_fp_per_scan", 20))
-        self.provisional_scans = int(s.get("provisional_scans", 0))
+        self.update_anchors = bool(s.update_anchors)
+        self.provisional_threshold = float(s.provisional_threshold)
+        self.max_fp_per_scan = int(s.max_fp_per_scan)
+        self.provisional_scans = int(s.provisional_scans)
         if self.provisional_scans < 0:
             raise ValueError(f"config.sampler.provisional_scans: must be >= 0 (0 = every "
                              f"training scan), got {self.provisional_scans}")
-        self.min_positive_fraction = float(s.get("min_positive_fraction", 0.0))
+        self.min_positive_fraction = float(s.min_positive_fraction)
         self.base_positive_fraction = float(self.sampler.cfg.positive_fraction)
         self.provisional: dict[int, dict[str, Any]] = {}
 
@@ -368,7 +368,7 @@ def table1(config, workdir: str, records: Sequence[dict], report: dict) -> dict:
     from lungjax.data.store import PatchStore
     from lungjax.evaluation.froc import compute_froc
     from lungjax.evaluation.reports import cv_report, pooled_froc
-    from lungjax.stages import fold_marks, stage_specs
+    from lungjax.stages import fold_config, fold_marks, stage_specs
     from lungjax.train_data import prepare_data
 
     variant = "fixed_anchors"
@@ -378,9 +378,7 @@ def table1(config, workdir: str, records: Sequence[dict], report: dict) -> dict:
     per_fold = []
     for rec in records:
         k = int(rec["fold"])
-        cfg = config.copy_and_resolve_references()
-        with cfg.unlocked():
-            cfg.data.fold = k
+        cfg = fold_config(config, k)
         uids, single = fold_marks(rec)
         _, ablation = fold_marks(rec, variant)
         members = [rec["dirs"][net], rec["variants"][variant]["dirs"][net]]
