@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+import re
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -75,7 +76,8 @@ def _verbose(argv) -> bool:
 def _one_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     if any(ln.startswith("Traceback") for ln in lines):
-        lines = lines[-1:]  # a config file's own exception, wrapped by absl: its last line
+        # A config file's own exception, wrapped by absl: its last line, without the type.
+        lines = [re.sub(r"^[A-Za-z_.]*(Error|Exception): ", "", lines[-1])]
     text = " ".join(" ".join(lines).split()) or type(e).__name__
     return text if isinstance(e, (ValueError, OSError, KeyError)) \
         else f"{type(e).__name__}: {text}"
@@ -93,8 +95,8 @@ def _parse_flags(argv):
         return FLAGS(argv)
     try:
         return FLAGS(argv)
-    except flags.Error as e:
-        raise SystemExit(f"error: {_one_line(e)}") from None
+    except flags.Error as e:  # absl names the flag; the text is the whole message
+        raise SystemExit(f"error: {_one_line(ValueError(str(e)))}") from None
     except (AttributeError, KeyError) as e:  # ml_collections: an override of no field
         bad = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
         raise SystemExit(f"error: {' '.join(bad) or '--config'}: no such field "
