@@ -98,10 +98,12 @@ def _parse_flags(argv):
     except flags.Error as e:  # absl names the flag; the text is the whole message
         raise SystemExit(f"error: {_one_line(ValueError(str(e)))}") from None
     except (AttributeError, KeyError) as e:  # ml_collections: an override of no field
-        bad = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
-        raise SystemExit(f"error: {' '.join(bad) or '--config'}: no such field "
-                         f"({_one_line(e)}; fields are those lungjax/config_schema.py "
-                         "declares and the model's / task's arguments)") from None
+        given = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+        bad = [g for g in given if repr(g.rsplit(".", 1)[-1]) in str(e)] or given
+        src = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "")
+        raise SystemExit(f"error: {' '.join(bad) or '--config'}: no such field in the config "
+                         f"of {src} (an override changes a field it has; "
+                         "lungjax/config_schema.py declares them)") from None
     except (TypeError, ValueError) as e:
         raise SystemExit(f"error: {_one_line(e)}") from None
 
