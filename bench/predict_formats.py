@@ -26,30 +26,8 @@ import time
 import numpy as np
 import SimpleITK as sitk
 
-from lungjax.data.io import read_scan
+from lungjax.data.io import read_scan, write_dicom_series
 from lungjax.data.tables import read_marks_csv
-
-
-def write_dicom(folder: str, path: str) -> None:
-    """The scan at ``path`` as an axial DICOM series in ``folder`` (int16 HU)."""
-    scan = read_scan(path)
-    if not np.allclose(scan.geometry.direction, np.eye(3)):
-        raise SystemExit(f"{path}: only axis-aligned scans are written as DICOM here")
-    os.makedirs(folder)
-    sx, sy, sz = (float(v) for v in scan.geometry.spacing)
-    ox, oy, oz = (float(v) for v in scan.geometry.origin)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for k in range(scan.array.shape[0]):
-        sl = sitk.GetImageFromArray(scan.array[k].astype(np.int16))
-        sl.SetSpacing((sx, sy))
-        for tag, value in (("0008|0060", "CT"), ("0020|000e", "1.2.826.0.1.3680043.2.1125.9"),
-                           ("0020|0037", "1\\0\\0\\0\\1\\0"),
-                           ("0020|0032", f"{ox}\\{oy}\\{oz + sz * k}"),
-                           ("0020|0013", str(k + 1)), ("0028|0030", f"{sy}\\{sx}")):
-            sl.SetMetaData(tag, value)
-        writer.SetFileName(os.path.join(folder, f"{k:04d}.dcm"))
-        writer.Execute(sl)
 
 
 def main() -> None:
@@ -66,7 +44,9 @@ def main() -> None:
             inputs[ext] = os.path.join(tmp, uid + ext)
             sitk.WriteImage(image, inputs[ext])
         inputs["DICOM"] = os.path.join(tmp, uid)
-        write_dicom(inputs["DICOM"], args.scan)
+        scan = read_scan(args.scan)
+        write_dicom_series(inputs["DICOM"], scan.array, scan.geometry)
+        del scan
         from lungjax.detect import find_lung_mask
 
         mask = find_lung_mask(args.scan, None, 1)

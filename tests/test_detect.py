@@ -210,27 +210,6 @@ def test_detect_scan_from_a_metaimage_file(tmp_path):
                     DetectionSettings())
 
 
-def _write_dicom_series(folder, hu, geom):
-    """``hu`` (z, y, x) as one axial CT series, slice k at origin z + k * spacing z."""
-    import SimpleITK as sitk
-
-    folder.mkdir(parents=True)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    sx, sy, sz = (float(v) for v in geom.spacing)
-    ox, oy, oz = (float(v) for v in geom.origin)
-    for k in range(hu.shape[0]):
-        sl = sitk.GetImageFromArray(hu[k].astype(np.int16))
-        sl.SetSpacing((sx, sy))
-        for tag, value in (("0008|0060", "CT"), ("0020|000e", "1.2.826.0.1.3680043.2.1125.7"),
-                           ("0020|0037", "1\\0\\0\\0\\1\\0"),
-                           ("0020|0032", f"{ox}\\{oy}\\{oz + sz * k}"),
-                           ("0020|0013", str(k + 1)), ("0028|0030", f"{sy}\\{sx}")):
-            sl.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"s{k:03d}.dcm"))
-        writer.Execute(sl)
-
-
 def test_cli_runs_an_exported_model_on_every_format_and_survives_bad_scans(tmp_path, capsys):
     """One scan as .mhd, .mha, .nii.gz and a DICOM series (and the folder holding them),
     among a 2-D image and a non-image file: every good scan's marks land on the nodule,
@@ -245,7 +224,7 @@ def test_cli_runs_an_exported_model_on_every_format_and_survives_bad_scans(tmp_p
     scans = tmp_path / "scans"
     for name in ("1.9.1.mhd", "1.9.2.mha", "1.9.3.nii.gz"):
         io.write_scan(str(scans / name), hu, geom)
-    _write_dicom_series(scans / "1.9.4", hu, geom)
+    io.write_dicom_series(scans / "1.9.4", hu, geom)
     io.write_scan(str(scans / "seg-lungs-LUNA16" / "1.9.1.mhd"),
                   (hu < -400).astype(np.uint8) * 3, geom)  # LUNA16's mask layout: used
     (tmp_path / "broken").mkdir()

@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from lungjax.data.coords import Geometry, voxel_to_world, world_to_voxel
-from lungjax.data.io import ScanReadError, read_scan, write_scan
+from lungjax.data.io import ScanReadError, read_scan, write_dicom_series, write_scan
 
 # A direction with axes permuted and flipped: catches any (x, y, z) / (z, y, x) mix-up.
 ROTATED = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, -1.0]])
@@ -74,19 +74,8 @@ def test_world_voxel_round_trip_on_written_mhd(tmp_path):
 def _write_dicom(folder, array, spacing, slices=None):
     """One CT series in ``folder``, slice k at z = -100 + spacing[2] * k, only the
     ``slices`` given (default all)."""
-    folder.mkdir()
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for k in range(array.shape[0]) if slices is None else slices:
-        sl = sitk.GetImageFromArray(array[k])
-        sl.SetSpacing(spacing[:2])
-        for tag, value in (("0008|0060", "CT"), ("0020|000e", "1.2.826.0.1.3680043.2.1125.1"),
-                           ("0020|0037", "1\\0\\0\\0\\1\\0"),
-                           ("0020|0032", f"-10\\20\\{-100 + spacing[2] * k}"),
-                           ("0020|0013", str(k + 1)), ("0028|0030", "0.7\\0.7")):
-            sl.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"s{k:03d}.dcm"))
-        writer.Execute(sl)
+    geom = Geometry(np.asarray(spacing), np.array([-10.0, 20.0, -100.0]), np.eye(3))
+    write_dicom_series(folder, array, geom, slices=slices)
 
 
 def test_dicom_series(tmp_path):

@@ -18,6 +18,7 @@ import os
 import shutil
 import struct
 import tempfile
+from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -425,5 +426,54 @@ def write_scan(path: str | os.PathLike, array_zyx: np.ndarray, geometry: Geometr
         produced = sorted(os.listdir(tmp_dir), key=lambda n: n == name)  # header last
         for n in produced:
             os.replace(os.path.join(tmp_dir, n), os.path.join(directory, n))
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def write_dicom_series(folder: str | os.PathLike, array_zyx: np.ndarray, geometry: Geometry,
+                       *, slices: Sequence[int] | None = None,
+                       series_uid: str = "1.2.826.0.1.3680043.2.1125.1") -> None:
+    """Writes an axial CT series, one DICOM file per slice (``<k>.dcm``), into ``folder``.
+
+    Tags set: modality CT, the series UID, ImageOrientationPatient (identity),
+    ImagePositionPatient (slice k at ``origin + k * spacing_z`` along z), InstanceNumber
+    and PixelSpacing. The folder is written under a temporary name and renamed, so a
+    reader never sees half a series.
+
+    Args:
+      folder: the series folder (must not exist).
+      array_zyx: (z, y, x) array, written as int16.
+      geometry: its grid; an axis-aligned direction only.
+      slices: which slices to write (default all; a subset makes a series with gaps).
+      series_uid: SeriesInstanceUID of every file.
+
+    Raises:
+      ValueError: an oblique or flipped direction, or a non-3-D array.
+    """
+    folder = os.fspath(folder)
+    array_zyx = np.asarray(array_zyx)
+    if array_zyx.ndim != 3:
+        raise ValueError(f"{folder}: expected a (z, y, x) array, got shape {array_zyx.shape}")
+    if not np.allclose(geometry.direction, np.eye(3)):
+        raise ValueError(f"{folder}: only an identity direction is written as DICOM here")
+    sx, sy, sz = (float(v) for v in geometry.spacing)
+    ox, oy, oz = (float(v) for v in geometry.origin)
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    tmp_dir = tempfile.mkdtemp(dir=parent, prefix=".tmp-dicom-")
+    try:
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        for k in range(array_zyx.shape[0]) if slices is None else slices:
+            sl = sitk.GetImageFromArray(array_zyx[k].astype(np.int16))
+            sl.SetSpacing((sx, sy))
+            for tag, value in (("0008|0060", "CT"), ("0020|000e", series_uid),
+                               ("0020|0037", "1\\0\\0\\0\\1\\0"),
+                               ("0020|0032", f"{ox}\\{oy}\\{oz + sz * k}"),
+                               ("0020|0013", str(k + 1)), ("0028|0030", f"{sy}\\{sx}")):
+                sl.SetMetaData(tag, value)
+            writer.SetFileName(os.path.join(tmp_dir, f"{k:04d}.dcm"))
+            writer.Execute(sl)
+        os.rename(tmp_dir, folder)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
