@@ -59,21 +59,13 @@ Decisions where the paper is silent (switchable by flags):
     (``stages.fpr.sections.sampler.negative_mix``).
 """
 
-import importlib.util
-import os
 
 from ml_collections import config_dict
 
+from lungjax import config_schema as base
+
 VARIANTS = ("default", "tiny", "paper")
 
-
-def _base():
-    spec = importlib.util.spec_from_file_location(
-        "lungjax_configs_base", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                             "base.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _stage2(c):
@@ -141,7 +133,6 @@ def _stages(c):
 
 
 def get_config(arg: str | None = None):
-    base = _base()
     variant, kv = base.parse_variant(arg, VARIANTS, "configs/dou2017.py")
     c = base.get_config()
     c.name = "dou2017" if variant == "default" else f"dou2017_{variant}"

@@ -54,23 +54,15 @@ Decisions where the paper is silent (switchable by flags):
     flipped, negatives at random lung points away from every finding.
 """
 
-import importlib.util
-import os
 
 from ml_collections import config_dict
+
+from lungjax import config_schema as base
 
 VARIANTS = ("default", "tiny", "paper")
 SEGMENTERS = {"sumnet": "sathish2020_sumnet", "unet": "sathish2020_unet",
               "r2unet": "sathish2020_r2unet"}
 
-
-def _base():
-    spec = importlib.util.spec_from_file_location(
-        "lungjax_configs_base", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                             "base.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _classifier(size, batch, steps, n_bootstrap):
@@ -126,7 +118,6 @@ def get_config(arg=None, segmenter: str = "sumnet", adversary: bool = True):
     segmentation-only baseline of ``segmenter`` (configs/baselines/sathish2020_*.py)."""
     if adversary and segmenter != "sumnet":
         raise ValueError("the Turing-test adversary trains SUMNet (the paper's method)")
-    base = _base()
     variant, kv = base.parse_variant(arg, VARIANTS, "configs/sathish2020.py")
     unknown = sorted(set(kv) - {"fold", "steps", "steps2"})
     if unknown:

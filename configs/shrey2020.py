@@ -78,10 +78,10 @@ Decisions where the paper is silent (switchable by flags):
     annotated nodules of the held-out scans).
 """
 
-import importlib.util
-import os
 
 from ml_collections import config_dict
+
+from lungjax import config_schema as base
 
 VARIANTS = ("default", "tiny", "paper")
 
@@ -97,14 +97,6 @@ BASELINES = {
     "densenet121": ("densenet121_2d", dict(growth=32), dict(growth=4, blocks=(1, 1, 1, 1))),
 }
 
-
-def _base():
-    spec = importlib.util.spec_from_file_location(
-        "lungjax_configs_base", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                             "base.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _classify_sections(unet_features, crop):
@@ -146,7 +138,6 @@ def _stages(c, unet_features, crop, tiny: bool):
 
 
 def get_config(arg: str | None = None):
-    base = _base()
     variant, kv = base.parse_variant(arg, VARIANTS, "configs/shrey2020.py")
     c = base.get_config()
     c.name = "shrey2020" if variant == "default" else f"shrey2020_{variant}"

@@ -57,19 +57,10 @@ Decisions where the paper is silent (switchable by flags):
 ``model.head_strides`` / ``model.anchors_mm`` here; override both together.
 """
 
-import importlib.util
-import os
+from lungjax import config_schema as base
 
 VARIANTS = ("default", "tiny", "paper")
 
-
-def _base():
-    spec = importlib.util.spec_from_file_location(
-        "lungjax_configs_base", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                             "base.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _set_schedule(c, epochs, epochs_per_round, samples_per_epoch):
@@ -81,7 +72,6 @@ def _set_schedule(c, epochs, epochs_per_round, samples_per_epoch):
 
 
 def get_config(arg=None):
-    base = _base()
     variant, kv = base.parse_variant(arg, VARIANTS, "configs/xie2018.py")
     c = base.get_config()
     c.name = "xie2018" if variant == "default" else f"xie2018_{variant}"

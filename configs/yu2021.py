@@ -85,21 +85,13 @@ Decisions where the paper is silent (switchable by flags):
   * ROI batches: half malignant (``sampler.roi_balance``), no augmentation.
 """
 
-import importlib.util
-import os
 
 from ml_collections import config_dict
 
+from lungjax import config_schema as base
+
 VARIANTS = ("default", "tiny", "paper")
 
-
-def _base():
-    spec = importlib.util.spec_from_file_location(
-        "lungjax_configs_base", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                             "base.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # The plain 3D ResNet50 (the baseline): the 2D network with every kernel cubic.
@@ -145,7 +137,6 @@ def _stages(c):
 
 
 def get_config(arg: str | None = None):
-    base = _base()
     variant, kv = base.parse_variant(arg, VARIANTS, "configs/yu2021.py")
     c = base.get_config()
     c.name = "yu2021" if variant == "default" else f"yu2021_{variant}"

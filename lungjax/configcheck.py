@@ -24,10 +24,14 @@ import difflib
 import inspect
 from typing import Any, Mapping, TypeVar
 
+from ml_collections.config_dict import RequiredValueError
+
 T = TypeVar("T")
 
-# Sections whose keys are the arguments of the registered class they name.
-_OPEN = ("model", "task", "networks", "evals", "stages", "cv.variants")
+# Sections whose keys are the arguments of the registered class they name (or, for
+# stages and cv variants, checked by lungjax.stages); every other section is declared
+# field by field in the schema.
+OPEN_SECTIONS = ("model", "task", "networks", "evals", "stages", "cv.variants")
 _NETWORK_FIELDS = ("input_channels", "model", "optimizer")
 _EVAL_FIELDS = ("type", "every_steps")
 
@@ -36,23 +40,27 @@ class ConfigError(ValueError):
     """An invalid configuration field; the message names it and what is allowed."""
 
 
-def as_dict(d: Any) -> Any:
+_LEAVE_OUT = object()
+
+
+def as_dict(d: Any, unset: Any = _LEAVE_OUT) -> Any:
     """``ConfigDict`` / mapping -> plain dicts, recursively (tuples and lists keep their
     type, their items converted). Unset required placeholders are left out, so a section
-    can be read before every field is chosen (reading one from the config raises)."""
+    can be read before every field is chosen (reading one from the config raises), or, with
+    ``unset``, kept with that value."""
     if isinstance(d, Mapping) or hasattr(d, "to_dict"):
         out = {}
         for k in list(d.keys()):
             try:
                 v = d[k]
-            except Exception as e:  # ml_collections' RequiredValueError for unset fields
-                if type(e).__name__ == "RequiredValueError":
-                    continue
-                raise
-            out[k] = as_dict(v)
+            except RequiredValueError:
+                if unset is not _LEAVE_OUT:
+                    out[k] = unset
+                continue
+            out[k] = as_dict(v, unset)
         return out
     if isinstance(d, (tuple, list)):
-        return type(d)(as_dict(v) for v in d)
+        return type(d)(as_dict(v, unset) for v in d)
     return d
 
 
@@ -115,7 +123,7 @@ def check_declared(config, where: str = "config") -> None:
     from lungjax import config_schema
     from lungjax.registry import EVALUATORS, MODELS, TASKS
 
-    schema = as_dict(_schema_with_placeholders(config_schema.get_config()))
+    schema = as_dict(config_schema.get_config(), unset=None)  # placeholders are declared
     cfg = as_dict(config)
     _walk(cfg, schema, where, "")
     if "model" in cfg:
@@ -138,25 +146,11 @@ def check_declared(config, where: str = "config") -> None:
         _check_entry(ev, EVALUATORS, "type", _EVAL_FIELDS, w)
 
 
-def _schema_with_placeholders(schema):
-    """The schema with its required placeholders kept as keys (``as_dict`` drops unset
-    ones): each becomes None."""
-    out = {}
-    for k in list(schema.keys()):
-        try:
-            v = schema[k]
-        except Exception:
-            out[k] = None
-            continue
-        out[k] = _schema_with_placeholders(v) if hasattr(v, "to_dict") else v
-    return out
-
-
 def _walk(cfg: Mapping[str, Any], schema: Mapping[str, Any], where: str, path: str) -> None:
     _unknown(cfg, schema, f"{where}{'.' + path[:-1] if path else ''}")
     for k, v in cfg.items():
         p = f"{path}{k}"
-        if p in _OPEN:
+        if p in OPEN_SECTIONS:
             continue
         if isinstance(schema.get(k), Mapping) and schema[k]:
             if not isinstance(v, Mapping):

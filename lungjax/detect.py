@@ -559,17 +559,14 @@ def load_method(export_dir: str | os.PathLike, changes: Mapping[str, Any] | None
                      "give marks on a scan")
 
 
-SCAN_SUFFIXES = (".mhd", ".mha", ".nii", ".nii.gz")
-# Folders of a LUNA16-layout dataset that hold masks, not scans.
-MASK_FOLDERS = ("seg-lungs-LUNA16", "nodule-masks")
-
-
 def _uid_of(path: str) -> str:
+    """The series UID of a scan path: its name without the format suffix (the LUNA16
+    naming; a DICOM folder's name as it is)."""
+    from lungjax.data.io import SUPPORTED_SUFFIXES, scan_suffix
+
     base = os.path.basename(os.path.normpath(path))
-    for ext in SCAN_SUFFIXES:
-        if base.lower().endswith(ext):
-            return base[:-len(ext)]
-    return base
+    suffix = scan_suffix(base)
+    return base[:-len(suffix)] if suffix in SUPPORTED_SUFFIXES else base
 
 
 def expand_scans(paths: Sequence[str]) -> list[str]:
@@ -582,7 +579,8 @@ def expand_scans(paths: Sequence[str]) -> list[str]:
     Raises:
       FileNotFoundError: a path that does not exist; ValueError: a folder with no scan.
     """
-    from lungjax.data.io import list_dicom_series
+    from lungjax.data.io import SUPPORTED_SUFFIXES, list_dicom_series
+    from lungjax.data.luna16 import LUNG_MASK_DIR, NODULE_MASK_DIR
 
     out = []
     for p in paths:
@@ -594,14 +592,14 @@ def expand_scans(paths: Sequence[str]) -> list[str]:
             continue
         found = []
         for root, dirs, files in os.walk(p):
-            dirs[:] = sorted(d for d in dirs if d not in MASK_FOLDERS)
+            dirs[:] = sorted(d for d in dirs if d not in (LUNG_MASK_DIR, NODULE_MASK_DIR))
             if root != p and list_dicom_series(root):
                 found.append(root)
                 continue
             found += [os.path.join(root, f) for f in sorted(files)
-                      if f.lower().endswith(SCAN_SUFFIXES)]
+                      if f.lower().endswith(SUPPORTED_SUFFIXES)]
         if not found:
-            raise ValueError(f"{p}: no scan in this folder ({', '.join(SCAN_SUFFIXES)} files "
+            raise ValueError(f"{p}: no scan in this folder ({', '.join(SUPPORTED_SUFFIXES)} files "
                              "or DICOM series)")
         out += found
     return out
@@ -612,6 +610,9 @@ def find_lung_mask(scan_path: str, given: str | None, n_scans: int) -> str | Non
     of masks named ``<uid>.mhd|.mha|.nii|.nii.gz``), else LUNA16's layout
     (``seg-lungs-LUNA16/<uid>.mhd`` beside the scan's folder or its parent), else None
     (the threshold lung mask)."""
+    from lungjax.data.io import SUPPORTED_SUFFIXES
+    from lungjax.data.luna16 import LUNG_MASK_DIR
+
     uid = _uid_of(scan_path)
     if given:
         if os.path.isfile(given):
@@ -622,10 +623,10 @@ def find_lung_mask(scan_path: str, given: str | None, n_scans: int) -> str | Non
         folders = [given]
     else:
         here = os.path.dirname(os.path.abspath(scan_path))
-        folders = [os.path.join(here, MASK_FOLDERS[0]),
-                   os.path.join(os.path.dirname(here), MASK_FOLDERS[0])]
+        folders = [os.path.join(here, LUNG_MASK_DIR),
+                   os.path.join(os.path.dirname(here), LUNG_MASK_DIR)]
     for folder in folders:
-        for ext in SCAN_SUFFIXES:
+        for ext in SUPPORTED_SUFFIXES:
             cand = os.path.join(folder, uid + ext)
             if os.path.isfile(cand):
                 return cand

@@ -46,7 +46,7 @@ from ml_collections import ConfigDict
 
 from lungjax import train as train_lib
 from lungjax.atomic import atomic_write_json
-from lungjax.configcheck import as_dict
+from lungjax.configcheck import OPEN_SECTIONS, as_dict
 from lungjax.metrics_log import banner
 from lungjax.registry import CV_REPORTS, DETECTORS, STAGE_EXPORTS, STAGES
 
@@ -213,12 +213,6 @@ def _flat(tree, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-# Schema sections whose every field is declared there (the others take the arguments of the
-# model / task / evaluator they name, unknown to the schema).
-_CLOSED = ("data", "augment", "sampler", "optimizer", "train", "detection", "runtime",
-           "export", "sathish2020", "screening", "yu2021", "seed", "rng_impl")
-
-
 def _declared_defaults() -> dict[str, Any]:
     """``config.<field>`` -> default of every field the schema declares (JSON values)."""
     from lungjax.config_schema import get_config
@@ -234,14 +228,16 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     # The spec's sections / replace / derive act through the run config, compared already.
     skip = NO_EFFECT + ("spec.sections", "spec.replace", "spec.derive")
     declared = _declared_defaults()
+    # Schema sections declared field by field (not the model / task / ... arguments).
+    closed = {k.split(".")[1] for k in declared} - set(OPEN_SECTIONS)
     out = []
     for key in sorted(set(a) | set(b)):
         if any(key == n or key.startswith(n) for n in skip):
             continue
         if key not in a and key in declared and b[key] == declared[key]:
             continue  # declared after the run, at its default: what the run computed with
-        if key not in b and key not in declared and key.split(".")[1] in _CLOSED:
-            continue  # no longer declared: nothing reads it
+        if key not in b and key not in declared and key.split(".")[1] in closed:
+            continue  # no longer declared in a section declared field by field: unread
         if a.get(key, "(unset)") != b.get(key, "(unset)"):
             out.append(f"{key.removeprefix('config.')}: {a.get(key, '(unset)')!r} -> "
                        f"{b.get(key, '(unset)')!r}")

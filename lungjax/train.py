@@ -40,21 +40,17 @@ LEARNING_CURVE_PNG = "learning_curve.png"  # in the run directory, beside metric
 
 def missing_required(config) -> list[str]:
     """Dotted names of required placeholders (lungjax/config_schema.py) still unset."""
-    from ml_collections.config_dict import ConfigDict, RequiredValueError
-
+    unset = object()
     out = []
 
     def _walk(node, prefix):
-        for key in node.keys():
-            try:
-                value = node[key]
-            except RequiredValueError:
+        for key, value in node.items():
+            if value is unset:
                 out.append(prefix + key)
-                continue
-            if isinstance(value, ConfigDict):
+            elif isinstance(value, dict):
                 _walk(value, prefix + key + ".")
 
-    _walk(config, "")
+    _walk(as_dict(config, unset=unset), "")
     return out
 
 

@@ -67,7 +67,8 @@ class Scan:
         return image
 
 
-def _suffix(path: str) -> str:
+def scan_suffix(path: str) -> str:
+    """The scan format suffix of ``path``, lower case (".nii.gz" as one suffix)."""
     lower = path.lower()
     for s in (".nii.gz",) + METAIMAGE_SUFFIXES + (".nii",):
         if lower.endswith(s):
@@ -372,7 +373,7 @@ def read_scan(path: str | os.PathLike, *, series_uid: str | None = None) -> Scan
         return _read_dicom(path, series_uid)
     if not os.path.exists(path):
         raise ScanReadError(f"{path}: no such file")
-    suffix = _suffix(path)
+    suffix = scan_suffix(path)
     if suffix in METAIMAGE_SUFFIXES:
         check_metaimage(path)
     elif suffix in NIFTI_SUFFIXES:
@@ -411,7 +412,7 @@ def write_scan(path: str | os.PathLike, array_zyx: np.ndarray, geometry: Geometr
     array_zyx = np.asarray(array_zyx)
     if array_zyx.ndim != 3:
         raise ValueError(f"{path}: expected a (z, y, x) array, got shape {array_zyx.shape}")
-    if _suffix(path) not in SUPPORTED_SUFFIXES:
+    if scan_suffix(path) not in SUPPORTED_SUFFIXES:
         raise ValueError(f"{path}: unsupported suffix; expected one of {list(SUPPORTED_SUFFIXES)}")
     if array_zyx.dtype == np.bool_:
         array_zyx = array_zyx.astype(np.uint8)
