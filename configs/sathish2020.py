@@ -14,12 +14,29 @@ The method as the stages ``seg`` -> ``cls`` run by ``lungjax.stages``:
 2. ``cls``: the modified LeNet classifies 64x64 patches from inside the lung mask as
    nodule present / absent (balanced batches), Adam 1e-4; held-out patches scored by the
    "classification" evaluator (accuracy, sensitivity, specificity with bootstrap
-   intervals).
+   intervals);
+3. ``find``: both on whole held-out scans (``lungjax.methods.sathish2020.find_stage``):
+   each axial slice segmented, the predicted lungs grown by ``sathish2020.wall_mm`` (the
+   lung wall), 64x64 patches on a ``sathish2020.patch_stride`` grid inside them
+   classified; lung Dice / HD95 against the scan's lung mask, patch accuracy /
+   sensitivity / specificity against the annotated nodules, the predicted masks
+   (``find/masks/<uid>.mha``) and the nodule-bearing patches (``find/patches.csv``,
+   world mm). ``--mode=export`` writes this stage; ``python -m lungjax.detect
+   --model=<workdir>/export --scan=SCAN --out=DIR`` runs it on a new scan and writes the
+   lung mask on the scan's own grid (``masks/<uid>_lung.mhd``) with the patches as CSV.
 
     python -m lungjax.main --config=configs/sathish2020.py              # generated data
     python -m lungjax.main --config=configs/sathish2020.py:tiny --workdir=/tmp/sathish_tiny
     python -m lungjax.main --config=configs/sathish2020.py:paper --config.data.root=/data/luna16
     python bench/sathish2020_counts.py        # parameter and FLOP counts vs the paper's
+    python -m lungjax.main --config=configs/sathish2020.py:tiny --mode=cv --workdir=/tmp/s_cv
+    python -m lungjax.explain --model=runs/sathish2020/export --scan=SCAN --out=DIR  # RISE
+
+``--mode=cv`` runs ``cv.folds`` (all ten by default; ``tiny``: 0 and 1) with the three
+baseline segmenters as ``cv.variants`` (``unet``, ``r2unet``, ``sumnet``: trained without
+the adversary; the classifier stage is shared) and writes the paper's table beside ours
+(``cv/sathish2020_tables.md``, ``.json``, ``.png``: the first fold and the mean +- sd of lung
+DSC, pixel AUC and HD95, and the classifier's accuracy, sensitivity and specificity).
 
 Baselines (segmentation only, same data and schedule): ``configs/baselines/
 sathish2020_unet.py``, ``sathish2020_r2unet.py``, ``sathish2020_sumnet.py`` (SUMNet
@@ -150,7 +167,7 @@ def get_config(arg=None, segmenter: str = "sumnet", adversary: bool = True):
     c.train.progress_bar = variant != "tiny"
     c.train.network = "segmenter"
     # --- method section: the adversarial weight of J_net = J_seg - alpha * J_adv ---------
-    c.sathish2020 = config_dict.ConfigDict(dict(alpha=0.001))
+    c.sathish2020.alpha = 0.001
     if adversary:
         c.train.step = "turing_test"
         c.networks.discriminator = dict(
@@ -171,6 +188,22 @@ def get_config(arg=None, segmenter: str = "sumnet", adversary: bool = True):
             sections=_classifier(64, z["batch2"], int(kv.get("steps2", z["steps2"])),
                                  z["n_bootstrap"]))
         order.append("cls")
+        # The method on whole held-out scans: lungs by "seg", nodule patches by "cls";
+        # what --mode=export writes and python -m lungjax.detect runs.
+        c.stages.find = dict(kind="sathish2020_find", network="cls", segmenter_from="seg",
+                             progress=variant != "tiny")
+        order.append("find")
+        # --mode=cv: the paper's comparison, each baseline segmenter as a variant (trained
+        # without the adversary; the classifier stage is shared, "find" reruns on it).
+        c.cv.variants = {
+            name: dict(stages=dict(seg=dict(
+                sections=dict(model=dict(name=SEGMENTERS[name]),
+                              train=dict(step="supervised"), networks={}),
+                replace=("networks",))))
+            for name in ("unet", "r2unet", "sumnet")}
+        c.cv.report = "sathish2020_tables"
+        if variant == "tiny":
+            c.cv.folds = (0, 1)
     c.stage_order = tuple(order)
     c.export.input_size_zyx = tuple(z["slice"])
     return c

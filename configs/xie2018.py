@@ -31,6 +31,8 @@ epoch (``sampler.samples_per_round`` patches).
 Decisions where the paper is silent (switchable by flags):
   * widths / depths / normalisation and which head carries which anchors: see
     ``lungjax/models/resnet_fpn.py`` (small anchors on the stride-2 head, large on stride 4);
+  * NMS across both heads: a sphere overlapping a higher-scoring kept one by IoU >
+    ``detection.nms_iou`` is dropped; 0 (any overlap), since nodules do not overlap;
   * overlap = exact sphere IoU (``task.iou="cube"`` for cubes); each nodule's best anchor
     is also positive (``task.force_best``);
   * round 0 batches are patches around ground-truth nodules only; later rounds mix ground
@@ -133,7 +135,12 @@ def get_config(arg=None):
     # --- whole-scan detection ---------------------------------------------------------
     c.detection.threshold = 0.3
     c.detection.nms = "iou"  # "iou" | "soft" (soft-NMS) | "distance"
-    c.detection.nms_iou = 0.1
+    # Overlapping spheres are one finding (nodules do not overlap): any IoU > 0 suppresses.
+    # With IoU > 0.1 a large nodule kept a second, offset mark whose centre lay outside the
+    # nodule's radius, which LUNA16 counts as a false positive at the top of the ranking:
+    # re-selecting the seed-0 default run's anchors, held-out CPM 0.7224 -> 0.8653 and
+    # sensitivity at 1/8 FP/scan 0.257 -> 0.771 (nothing retrained).
+    c.detection.nms_iou = 0.0
     c.detection.soft_nms_sigma = 0.5
     c.detection.nms_distance_mm = 5.0
     c.detection.max_candidates_per_scan = 100

@@ -212,6 +212,14 @@ def get_config():
     # --- method sections: read only by lungjax/methods/<method>.py -----------------------
     c.sathish2020 = config_dict.ConfigDict()
     c.sathish2020.alpha = 0.001  # weight of the Turing-test (adversarial) loss
+    # Whole scans (stage kind "sathish2020_find", python -m lungjax.detect): lung = the
+    # segmenter's probability >= lung_threshold, grown by wall_mm so patches on the lung
+    # wall count; patches centred on a patch_stride grid inside it; a patch bears a
+    # nodule when the classifier's probability >= patch_threshold.
+    c.sathish2020.lung_threshold = 0.5
+    c.sathish2020.wall_mm = 5.0
+    c.sathish2020.patch_stride = 32
+    c.sathish2020.patch_threshold = 0.5
     c.screening = config_dict.ConfigDict()  # shrey2020's suspicious-slice rule
     c.screening.threshold = 0.35  # a slice is suspicious when its max probability exceeds it
     c.yu2021 = config_dict.ConfigDict()

@@ -289,8 +289,9 @@ def read_preprocessed(scan_path: str | os.PathLike, preprocess_cfg: Mapping[str,
 
     Returns:
       (volume (D, H, W) float32 in [0, 1], its Geometry, lung mask (D, H, W) bool, uid,
-      info {uid, shape_zyx, seconds {read, preprocess, total}}); ``uid`` defaults to the
-      file name without extension (the LUNA16 naming).
+      info {uid, shape_zyx, scan_grid (the scan's own Geometry, shape_zyx), seconds
+      {read, preprocess, total}}); ``uid`` defaults to the file name without extension
+      (the LUNA16 naming).
     """
     from lungjax.data.io import read_scan
     from lungjax.data.preprocess import LUNA16_LUNG_LABELS, preprocess_scan, uint8_to_unit
@@ -314,10 +315,11 @@ def read_preprocessed(scan_path: str | os.PathLike, preprocess_cfg: Mapping[str,
             seg = np.where(seg > 0, LUNA16_LUNG_LABELS[0], 0).astype(np.uint8)
     pre = preprocess_scan(scan.array, scan.geometry, name=path, lung_seg=seg,
                           **preprocess_kwargs(preprocess_cfg))
+    scan_grid = (scan.geometry, tuple(int(n) for n in scan.array.shape))
     del scan
     volume = uint8_to_unit(pre.image)
     t2 = time.perf_counter()
-    info = {"uid": uid, "shape_zyx": list(volume.shape),
+    info = {"uid": uid, "shape_zyx": list(volume.shape), "scan_grid": scan_grid,
             "seconds": {"read": t1 - t0, "preprocess": t2 - t1, "total": t2 - t0}}
     return volume, pre.geometry, pre.lung, uid, info
 
@@ -463,7 +465,9 @@ class ExportedMethod:
       preprocessing: the store's settings the method was trained on (spacing_zyx,
         hu_window, margin_mm, closing_mm): every scan is read and preprocessed with them.
       find: ``find(volume (D, H, W) float32 in [0, 1], geometry, lung (D, H, W) bool or
-        None) -> (world_xyz (K, 3) mm, score (K,) probability, diameter_mm (K,) or None)``.
+        None) -> (world_xyz (K, 3) mm, score (K,) probability, diameter_mm (K,) or None)``,
+        optionally followed by ``{name: (D, H, W) mask of the volume}`` (a segmenting
+        method's output; written on the scan's own grid).
       description: the stages it runs, for the console.
     """
 
@@ -503,7 +507,7 @@ def load_method(export_dir: str | os.PathLike, changes: Mapping[str, Any] | None
     import json
 
     from lungjax.export import load_predictor
-    from lungjax.registry import EXPORTED_DETECTORS
+    from lungjax.registry import EXPORTED_DETECTORS, EXPORTED_METHODS
 
     export_dir = os.fspath(export_dir)
     changes = dict(changes or {})
@@ -521,6 +525,12 @@ def load_method(export_dir: str | os.PathLike, changes: Mapping[str, Any] | None
                                     f"({st['dir']}/export.json); run --mode=export again")
     final = stages[-1]
     sub = os.path.join(export_dir, final["dir"])
+    if final["kind"] in EXPORTED_METHODS:
+        with open(os.path.join(sub, "export.json"), encoding="utf-8") as f:
+            sidecar = json.load(f)
+        return ExportedMethod(sidecar["preprocessing"],
+                              EXPORTED_METHODS.get(final["kind"]).load(sub),
+                              f"{final['name']} ({final['kind']})")
     if final["kind"] == "detect":
         with open(os.path.join(sub, "export.json"), encoding="utf-8") as f:
             sidecar = json.load(f)
@@ -648,8 +658,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Find nodules in CT scans with an exported method. Writes to --out: "
                     "submission.csv (LUNA16 marks, world mm, with diameter_mm where the "
                     "method gives one), scans/<uid>.csv per scan, <uid>.png (the top "
-                    "findings on their slices) and predict.json (what ran, per-scan "
-                    "seconds, failures).")
+                    "findings on their slices), masks/<uid>_<name>.mhd on the scan's grid "
+                    "for a method that segments (sathish2020: the lungs) and predict.json "
+                    "(what ran, per-scan seconds, failures).")
     parser.add_argument("--model", required=True,
                         help="the folder --mode=export printed (all the method's stages), or "
                              "one exported screening network")
@@ -712,17 +723,18 @@ def _run_scans(method: ExportedMethod, scans: Sequence[str], args) -> int:
     for path in bar:
         try:
             mask = find_lung_mask(path, args.lung_mask, len(scans))
-            marks, info, pre = detect_scan_with(method, path, lung_mask_path=mask,
-                                                keep_volume=args.png)
+            marks, info, *pre = detect_scan_with(method, path, lung_mask_path=mask,
+                                                 keep_volume=args.png)
             uid = info["uid"]
             diam = info["diameter_mm"]
             write_submission(os.path.join(out, "scans", f"{uid}.csv"), marks, diam)
+            mask_files = write_masks(os.path.join(out, "masks"), uid, info)
             png = None
             if args.png:
                 from lungjax.evaluation.plots import plot_findings
 
                 png = os.path.join(out, f"{uid}.png")
-                plot_findings(pre[0], pre[1], marks, diam, png, title=uid)
+                plot_findings(*pre[0], marks, diam, png, title=uid)
         except (OSError, ValueError, RuntimeError) as e:  # this scan only
             reason = " ".join(str(e).split())
             tqdm.write(f"error: {path}: {reason}", file=sys.stderr)
@@ -737,6 +749,7 @@ def _run_scans(method: ExportedMethod, scans: Sequence[str], args) -> int:
             diameters.append(diam)
             record["scans"][uid] = {"path": path, "marks": len(marks),
                                     "lung_mask": mask or "threshold", "png": png,
+                                    "masks": mask_files,
                                     "shape_zyx": info["shape_zyx"],
                                     "seconds": {k: round(v, 3) for k, v in sec.items()}}
         all_marks = Marks.concatenate(parts)
@@ -752,6 +765,23 @@ def _run_scans(method: ExportedMethod, scans: Sequence[str], args) -> int:
     return 1 if n_bad else 0
 
 
+def write_masks(folder: str, uid: str, info: Mapping[str, Any]) -> dict[str, str]:
+    """Each of a scan's masks (``info["masks"]``, on the preprocessed grid) as
+    ``<folder>/<uid>_<name>.mhd`` on the scan's own grid (nearest neighbour; 0 outside
+    the preprocessed crop), written atomically. Returns {name: path}."""
+    from lungjax.data.io import write_scan
+    from lungjax.data.preprocess import resample_to
+
+    grid, shape = info["scan_grid"]
+    paths = {}
+    for name, (mask, geometry) in info.get("masks", {}).items():
+        os.makedirs(folder, exist_ok=True)
+        on_scan = resample_to(np.asarray(mask, np.uint8), geometry, grid, shape, nearest=True)
+        paths[name] = os.path.join(folder, f"{uid}_{name}.mhd")
+        write_scan(paths[name], on_scan, grid, compress=True)
+    return paths
+
+
 def detect_scan_with(method: ExportedMethod, scan_path: str | os.PathLike, *,
                      uid: str | None = None, lung_mask_path: str | None = None,
                      keep_volume: bool = False):
@@ -759,14 +789,17 @@ def detect_scan_with(method: ExportedMethod, scan_path: str | os.PathLike, *,
 
     Returns:
       (marks in world mm, info: uid, shape_zyx, seconds {read, preprocess, detect, total},
-      diameter_mm (K,) or None); with ``keep_volume`` a third item, the preprocessed
-      (volume (D, H, W) float32, Geometry).
+      diameter_mm (K,) or None, masks {name: (mask of the preprocessed volume, its
+      Geometry)}, scan_grid (the scan's own Geometry, shape_zyx)); with ``keep_volume`` a
+      third item, the preprocessed (volume (D, H, W) float32, Geometry).
     """
     volume, geometry, lung, uid, info = read_preprocessed(
         scan_path, method.preprocessing, uid=uid, lung_mask_path=lung_mask_path)
     t0 = time.perf_counter()
-    world, score, diam = method.find(volume, geometry, lung)
+    world, score, diam, *masks = method.find(volume, geometry, lung)
     info["seconds"]["detect"] = time.perf_counter() - t0
+    info["masks"] = {name: (np.asarray(m), geometry) for name, m in
+                     (masks[0] if masks else {}).items()}
     info["seconds"]["total"] += info["seconds"]["detect"]
     info["diameter_mm"] = None if diam is None else np.asarray(diam, np.float64)
     marks = Marks(np.full(len(score), uid), np.asarray(world).reshape(-1, 3), score)

@@ -104,8 +104,10 @@ SAMPLE_FILTERS = Registry("sample_filter", ("lungjax.steps",))
 # (``run(StageRun) -> record``), their exports, and fields a method computes for one of its
 # stages from its config (``config.stages.<s>.derive``: ``fn(stage_config, config)``).
 STAGES = Registry("stage", ("lungjax.stages", "lungjax.methods.candidates",
-                            "lungjax.methods.shrey2020", "lungjax.methods.yu2021"))
-STAGE_EXPORTS = Registry("stage export", ("lungjax.stages", "lungjax.methods.candidates"))
+                            "lungjax.methods.shrey2020", "lungjax.methods.yu2021",
+                            "lungjax.methods.sathish2020"))
+STAGE_EXPORTS = Registry("stage export", ("lungjax.stages", "lungjax.methods.candidates",
+                                          "lungjax.methods.sathish2020"))
 STAGE_CONFIGS = Registry("stage config", ("lungjax.methods.dou2017", "lungjax.methods.yu2021"))
 # Training-data sources chosen by ``config.sampler.name`` ("balanced" = the plain
 # ``lungjax.data.pipeline.StoreTrainData``), whole-scan detectors chosen by
@@ -118,5 +120,11 @@ DETECTORS = Registry("detector", ("lungjax.stages", "lungjax.methods.xie2018"))
 # ``export(StageRun) -> sidecar``, ``load(export_dir) -> find(volume, geometry, lung) ->
 # (world_xyz, score, diameter_mm)``; keyed like DETECTORS ("score_volume" is built in).
 EXPORTED_DETECTORS = Registry("exported detector", ("lungjax.methods.xie2018",))
+# A method whose final exported stage is its own kind (not "detect" or
+# "classify_candidates"), keyed by that kind: ``load(stage_dir) -> find(volume, geometry,
+# lung) -> (world_xyz, score, diameter_mm or None, {name: (D, H, W) mask of the
+# volume})``; the predict command writes each mask on the scan's own grid.
+EXPORTED_METHODS = Registry("exported method", ("lungjax.methods.sathish2020",))
 CV_REPORTS = Registry("cv_report", ("lungjax.methods.dou2017", "lungjax.methods.xie2018",
-                                    "lungjax.methods.shrey2020", "lungjax.methods.yu2021"))
+                                    "lungjax.methods.shrey2020", "lungjax.methods.yu2021",
+                                    "lungjax.methods.sathish2020"))

@@ -68,6 +68,8 @@ STAGE_FIELDS: dict[str, Any] = {
     "hard_negatives_from": "",  # "train": a "screen" stage; its training-scan candidates
     #                             become hard negatives of this stage's sampler
     "candidates_from": "",  # the "screen" stage whose held-out candidates this stage scores
+    "segmenter_from": "",  # a "train" stage whose segmentation network gives the region
+    #                        this stage looks in (sathish2020: the lungs its patches lie in)
     "train_scans": 0,  # "screen": training scans screened for hard negatives (0 = all)
     "batch": 32,  # candidate patches per network call
     "regressed_position": False,  # "classify_candidates": marks at the regressed centre
@@ -85,6 +87,11 @@ NO_EFFECT = ("config.train.log_every", "config.train.checkpoint_every",
              "config.data.prepare_workers", "config.data.read_threads",
              "config.data.prefetch_batches", "config.runtime.", "config.export.",
              "spec.progress", "spec.batch")
+
+
+# Spec fields that name an earlier stage (what a stage takes from; in its fingerprint).
+REFERENCES = ("network", "init_from", "hard_negatives_from", "candidates_from",
+              "segmenter_from")
 
 
 class StageError(ValueError):
@@ -123,14 +130,15 @@ def stage_specs(config) -> list[tuple[str, dict]]:
             raise StageError(f"config.stages.{name}.kind: {spec['kind']!r} is not a stage "
                              f"kind ({', '.join(STAGES.names())})")
         earlier = {n: s for n, s in out}
-        for field in ("network", "init_from", "hard_negatives_from", "candidates_from"):
+        for field in REFERENCES:
             ref = spec[field]
             if ref and ref not in earlier:
                 raise StageError(f"config.stages.{name}.{field}: {ref!r} is not an earlier "
                                  f"stage ({', '.join(earlier) or 'none'})")
             # Networks come from "train" stages; candidates from any stage that leaves
             # candidates_*.npz (a "screen" stage, or a method's own kind).
-            if ref and field in ("network", "init_from") and earlier[ref]["kind"] != "train":
+            if ref and field in ("network", "init_from", "segmenter_from") \
+                    and earlier[ref]["kind"] != "train":
                 raise StageError(f"config.stages.{name}.{field}: stage {ref!r} is a "
                                  f"{earlier[ref]['kind']!r} stage, not a 'train' stage")
         unknown = sorted(set(spec["replace"]) - set(spec["sections"]))
@@ -197,7 +205,7 @@ def fingerprint(config, name: str, specs: Mapping[str, dict]) -> str:
     the stages it takes from. Equal fingerprints = the same results."""
     spec = specs[name]
     parts = computed_from(config, name, specs)
-    for field in ("network", "init_from", "hard_negatives_from", "candidates_from"):
+    for field in REFERENCES:
         if spec[field]:
             parts[field] = fingerprint(config, spec[field], specs)
     text = json.dumps(parts, sort_keys=True, default=str)
@@ -638,8 +646,9 @@ def export(config, workdir: str) -> dict:
         if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
             raise FileNotFoundError(f"{run_dir}: stage {net!r} has no checkpoints; run "
                                     "--mode=train first")
+        dirs = {spec[f]: os.path.join(workdir, spec[f]) for f in REFERENCES if spec[f]}
         run = StageRun(name, spec, stage_config(config, name, spec),
-                       os.path.join(out_root, name), ctx, {net: run_dir}, {}, {})
+                       os.path.join(out_root, name), ctx, {**dirs, net: run_dir}, {}, {})
         sidecars[name] = STAGE_EXPORTS.get(spec["kind"])(run)
         method["stages"].append({"name": name, "kind": spec["kind"], "network": net,
                                  "dir": name})
@@ -717,11 +726,12 @@ def hard_negative_data(cfg, run: StageRun):
     return data
 
 
-def restore_variables(run_dir: str) -> tuple[dict, int]:
-    """(Flax variables, step) of the latest checkpoint of a "train" stage folder."""
+def restore_variables(run_dir: str, network: str | None = None) -> tuple[dict, int]:
+    """(Flax variables, step) of the latest checkpoint of a "train" stage folder;
+    ``network`` picks one of a multi-network stage (e.g. "segmenter")."""
     from lungjax.checkpointing import restore_params
 
-    ck = restore_params(os.path.join(run_dir, "checkpoints"))
+    ck = restore_params(os.path.join(run_dir, "checkpoints"), network=network)
     return {"params": ck["params"], **ck["model_state"]}, int(ck["step"])
 
 

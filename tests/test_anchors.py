@@ -318,6 +318,18 @@ def test_sphere_nms_and_soft_nms_hand_cases():
         select_candidates(s, c, d, method="box")
 
 
+def test_sphere_nms_at_zero_drops_every_overlapping_sphere_and_keeps_disjoint_ones():
+    """xie2018's default (nms_iou 0): a small offset mark on a large nodule's rim (IoU
+    below 0.1) is dropped; spheres that do not meet are all kept, touching ones too."""
+    c = np.array([[0.0, 0, 0], [11.0, 0, 0], [30.0, 0, 0], [40.0, 0, 0]])
+    d = np.array([20.0, 6.0, 8.0, 12.0])  # sphere 1 pokes 2 mm into sphere 0; 2 and 3 touch
+    s = np.array([0.9, 0.8, 0.7, 0.6])
+    assert 0.0 < sphere_iou(c[0], d[0], c[1], d[1]) < 0.1
+    assert sphere_iou(c[2], d[2], c[3], d[3]) == 0.0
+    np.testing.assert_array_equal(sphere_nms(c, d, s, 0.1), [0, 1, 2, 3])
+    np.testing.assert_array_equal(sphere_nms(c, d, s, 0.0), [0, 2, 3])
+
+
 def _pool_detector(x):
     """A local stand-in network: per head, logit = 20 * (mean of the cell's voxels - 0.5)
     for every anchor, zero deltas."""

@@ -260,6 +260,13 @@ def test_cli_runs_an_exported_model_on_every_format_and_survives_bad_scans(tmp_p
     assert record["scans"]["1.9.2"]["lung_mask"] == "threshold"
     assert len(record["failed"]) == 2
     assert not list(out.rglob(".tmp-*"))
+    # Without pictures: the same marks, no PNG.
+    quiet = tmp_path / "quiet"
+    assert detect.main([f"--model={tmp_path / 'model'}", f"--scan={scans / '1.9.1.mhd'}",
+                        f"--out={quiet}", "--no-png"]) == 0
+    np.testing.assert_allclose(read_marks_csv(quiet / "submission.csv").xyz,
+                               marks.select(marks.uid == "1.9.1").xyz)
+    assert not list(quiet.glob("*.png"))
     assert detect.main([f"--model={tmp_path / 'model'}", f"--scan={tmp_path / 'none.mhd'}",
                         f"--out={out}"]) == 2
     assert "none.mhd" in capsys.readouterr().err

@@ -99,7 +99,15 @@ def test_variants_are_complete(arg):
     assert c.optimizer.learning_rate == 1e-4 and c.data.batch_mask_array == "lung"
     assert c.networks.discriminator.model.name == "sathish2020_turing"
     specs = dict(stages.stage_specs(c))
-    assert list(specs) == ["seg", "cls"]
+    assert list(specs) == ["seg", "cls", "find"]
+    assert (specs["find"]["network"], specs["find"]["segmenter_from"]) == ("cls", "seg")
+    # --mode=cv: each baseline segmenter as a variant, without the adversary
+    for name in ("unet", "r2unet", "sumnet"):
+        v = stages.variant_config(c, name)
+        seg = stages.stage_config(v, "seg", dict(stages.stage_specs(v))["seg"])
+        assert seg.model.name == f"sathish2020_{name}" and seg.train.step == "supervised"
+        assert not seg.networks
+    assert c.cv.report == "sathish2020_tables"
     cls = stages.stage_config(c, "cls", specs["cls"])
     assert cls.model.name == "sathish2020_lenet" and not cls.networks
     assert tuple(cls.data.patch_size_zyx) == (64, 64) and cls.train.step == "supervised"
@@ -127,6 +135,47 @@ def test_config_rejects_unknown_args():
 
 
 # ---------------------------------------------------------------------------------
+# Whole scans: slices, the patch grid, patch labels
+# ---------------------------------------------------------------------------------
+
+
+def test_segment_slices_pads_to_the_multiple_and_crops_back():
+    from lungjax.methods.sathish2020 import segment_slices
+
+    vol = np.random.default_rng(0).random((5, 37, 50)).astype(np.float32)
+    seen = []
+
+    def predict(x):  # "probability" = the input; records the padded shape
+        seen.append(x.shape)
+        return x[..., 0]
+
+    out = segment_slices(predict, vol, multiple=16, batch=2)
+    assert seen == [(2, 48, 64, 1), (2, 48, 64, 1), (1, 48, 64, 1)]
+    np.testing.assert_array_equal(out, vol)
+
+
+def test_patch_grid_crops_and_nodule_cells_count_each_nodule_once_per_slice():
+    from lungjax.methods.sathish2020 import crop_slices, nodule_cells, patch_grid
+
+    region = np.zeros((3, 64, 96), bool)
+    region[1, :40, :] = True
+    centres = patch_grid(region, 32)
+    # stride 32, offset 16: rows 16 (48 is outside the region), columns 16, 48, 80
+    np.testing.assert_array_equal(centres, [[1, 16, 16], [1, 16, 48], [1, 16, 80]])
+    vol = np.arange(3 * 64 * 96, dtype=np.float32).reshape(3, 64, 96)
+    p = crop_slices(vol, centres, 8)
+    np.testing.assert_array_equal(p[1], vol[1, 12:20, 44:52])
+    edge = crop_slices(vol, np.array([[0, 0, 0]]), 4)[0]  # zero-padded beyond the edge
+    np.testing.assert_array_equal(edge[:2], 0)
+    np.testing.assert_array_equal(edge[2:, 2:], vol[0, :2, :2])
+    # a nodule at (1.5, 20, 60) of radius 1: on slice 1, in the cell of (16, 48) only
+    hit = nodule_cells(centres, 32, np.array([[1.5, 20.0, 60.0]]), np.array([1.0]))
+    np.testing.assert_array_equal(hit, [False, True, False])
+    far = nodule_cells(centres, 32, np.array([[3.0, 20.0, 60.0]]), np.array([1.0]))
+    assert not far.any()  # two slices away, radius 1
+
+
+# ---------------------------------------------------------------------------------
 # The tiny method end to end
 # ---------------------------------------------------------------------------------
 
@@ -143,7 +192,7 @@ def tiny_run(tmp_path_factory, tiny_data_cache):
 @pytest.mark.slow
 def test_tiny_method_trains_both_stages_and_evaluates(tiny_run):
     c, run, rec = tiny_run
-    assert rec["stage_order"] == ["seg", "cls"]
+    assert rec["stage_order"] == ["seg", "cls", "find"]
     seg, cls = rec["stages"]["seg"], rec["stages"]["cls"]
     assert seg["step"] == c.train.num_steps
     for key in ("segmenter/loss", "segmenter/seg_loss", "segmenter/adv_loss",
@@ -171,7 +220,96 @@ def test_tiny_method_rerun_skips_and_evaluate_reuses_the_trained_stages(tiny_run
     c, run, rec = tiny_run
     again = stages.run("train", c, str(run))
     out = capsys.readouterr().out
-    assert "seg: done" in out and "cls: done" in out
+    assert "seg: done" in out and "cls: done" in out and "find: done" in out
     assert again["stages"]["seg"]["eval/seg"] == rec["stages"]["seg"]["eval/seg"]
     evaluated = stages.run("evaluate", c, str(run))
     assert evaluated["stages"]["cls"]["eval/cls"] == rec["stages"]["cls"]["eval/cls"]
+
+
+@pytest.mark.slow
+def test_tiny_method_on_whole_scans_and_on_a_new_scan_file(tiny_run, tmp_path):
+    """The find stage segments every held-out scan and classifies patches inside the
+    lungs; its export, run by ``python -m lungjax.detect`` on the scan's .mhd, writes the
+    lung mask on the scan's own grid, equal in volume to the stage's on the store grid
+    (the same network on the same preprocessed volume), and the patches as CSV."""
+    import SimpleITK as sitk
+
+    from lungjax import detect
+    from lungjax.data.luna16 import Luna16Dataset
+    from lungjax.data.store import PatchStore, read_manifest
+    from lungjax.data.tables import read_marks_csv
+    from lungjax.train_data import prepare_data
+
+    c, run, rec = tiny_run
+    find = rec["stages"]["find"]
+    ev = find["eval/find"]
+    assert 0.0 <= ev["dice"] <= 1.0 and ev["n_nodules"] >= 1
+    assert 0.0 <= ev["patch_specificity"] <= 1.0
+    uid = rec["uids"][0]
+    store = PatchStore.open(prepare_data(c))
+    stage_mask = sitk.GetArrayFromImage(sitk.ReadImage(str(run / "find" / "masks" / f"{uid}.mha")))
+    assert stage_mask.shape == store.read_volume(uid).shape
+    patches = read_marks_csv(str(run / "find" / "patches.csv"))
+    assert set(np.unique(patches.uid)) <= set(rec["uids"])
+
+    sidecars = stages.run("export", c, str(run))
+    assert sidecars["find"]["find"]["segmenter_multiple"] == 32
+    scan = Luna16Dataset.open(read_manifest(prepare_data(c))["source_root"]).scan_path(uid)
+    out = tmp_path / "predict"
+    assert detect.main(["--model", str(run / "export"), "--scan", scan, "--out", str(out),
+                        "--no-png"]) == 0
+    lung = sitk.ReadImage(str(out / "masks" / f"{uid}_lung.mhd"))
+    original = sitk.ReadImage(scan)
+    assert lung.GetSize() == original.GetSize()
+    np.testing.assert_allclose(lung.GetSpacing(), original.GetSpacing())
+    np.testing.assert_allclose(lung.GetOrigin(), original.GetOrigin())
+    mm3 = np.prod(original.GetSpacing())
+    on_scan = float(sitk.GetArrayFromImage(lung).sum()) * mm3
+    on_store = float(stage_mask.sum()) * np.prod(store.scan(uid).spacing_zyx)
+    assert on_scan == pytest.approx(on_store, rel=0.1, abs=50.0)
+    marks = read_marks_csv(str(out / "submission.csv"))
+    own = patches.select(patches.uid == uid)
+    assert len(marks) == len(own)
+    record = json.loads((out / "predict.json").read_text(encoding="utf-8"))
+    assert record["scans"][uid]["masks"]["lung"].endswith(f"{uid}_lung.mhd")
+
+    # RISE maps of the two most confident patches, from the same export
+    from lungjax import explain
+
+    assert explain.main(["--model", str(run / "export"), "--scan", scan, "--out",
+                         str(tmp_path / "rise"), "--top", "2", "--masks", "64"]) == 0
+    got = np.load(tmp_path / "rise" / f"{uid}_rise.npz")
+    k = min(2, find["patches_scored"][uid])  # the top 2 of the grid the stage scored
+    assert k >= 1 and len(got["probability"]) == k and got["saliency"].shape == (k, 64, 64)
+    assert np.all(np.diff(got["probability"]) <= 0) and np.isfinite(got["saliency"]).all()
+    assert (tmp_path / "rise" / f"{uid}_rise.png").is_file()
+    assert explain.main(["--model", str(tmp_path), "--scan", scan, "--out",
+                         str(tmp_path / "rise")]) == 2
+
+
+def test_cv_tables_put_the_papers_figures_beside_ours(tmp_path):
+    """The CV report from two fold records (method + one segmenter variant): first fold,
+    mean +- sd over folds, the paper's fold-1 row beside each; Markdown, JSON, plot."""
+    from lungjax.methods.sathish2020 import PAPER_SEGMENTATION, cv_tables
+
+    def rec(fold, dice, unet_dice, acc):
+        seg = {"dice": dice, "pixel_auc": 0.9, "hd95_mm": 4.0}
+        return {"fold": fold,
+                "stages": {"seg": {"eval/seg": seg},
+                           "cls": {"eval/cls": {"accuracy": acc, "sensitivity": 0.8,
+                                                "specificity": 0.7}}},
+                "variants": {"unet": {"stages": {"seg": {"eval/seg": {**seg,
+                                                                      "dice": unet_dice}}}}}}
+
+    c = method("tiny")
+    out = cv_tables(c, str(tmp_path), [rec(1, 0.7, 0.5, 0.6), rec(0, 0.9, 0.6, 0.8)], {})
+    seg = out["sathish2020"]["segmentation"]
+    assert seg["proposed"]["dice"]["first"] == 0.9  # fold 0 comes first
+    assert seg["proposed"]["dice"]["mean_sd"][0] == pytest.approx(0.8)
+    assert seg["proposed"]["dice"]["mean_sd"][1] == pytest.approx(np.std([0.7, 0.9], ddof=1))
+    assert seg["unet"]["dice"]["mean_sd"][0] == pytest.approx(0.55)
+    assert set(seg) == {"proposed", "unet"}  # variants with no record are left out
+    md = (tmp_path / "cv" / "sathish2020_tables.md").read_text(encoding="utf-8")
+    assert f"| unet | {PAPER_SEGMENTATION['unet'][0]:.3f} |" in md
+    assert "| accuracy | 0.9800 | 0.8000 | 0.7000 +- 0.1414 |" in md
+    assert (tmp_path / "cv" / "sathish2020_tables.png").is_file()

@@ -21,11 +21,17 @@ batch's ``mask`` (``data.batch_mask_array = "lung"``: the store's lung mask).
 
 from __future__ import annotations
 
+import dataclasses
+import os
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from lungjax.registry import STEPS
+from lungjax.configcheck import as_dict
+from lungjax.registry import CV_REPORTS, EXPORTED_METHODS, STAGE_EXPORTS, STAGES, STEPS
 from lungjax.state import step_key
 from lungjax.steps import apply_gradients, model_rngs, rng_streams
 
@@ -141,3 +147,428 @@ def turing_test_step(config, networks, task):
         return new, metrics, host
 
     return [(DISCRIMINATOR, disc_update), (seg_name, seg_update)]
+
+
+# ----------------------------------------------------------------------------------
+# Whole scans: lungs slice by slice, then nodule patches inside them
+# ----------------------------------------------------------------------------------
+
+
+def segment_slices(predict, volume: np.ndarray, *, multiple: int, batch: int = 16
+                   ) -> np.ndarray:
+    """Foreground probability of every axial slice of a volume.
+
+    Args:
+      predict: (B, H', W', 1) float32 -> (B, H', W') float32 probability (the segmenter;
+        a fully convolutional network whose sides must be multiples of ``multiple``).
+      volume: (D, H, W) float32 in [0, 1] (the store's intensities).
+      multiple: slices are zero-padded (0 = air) at their far sides to multiples of it.
+      batch: slices per call.
+
+    Returns:
+      (D, H, W) float32 probability.
+    """
+    vol = np.asarray(volume, np.float32)
+    d, h, w = vol.shape
+    hp, wp = -(-h // multiple) * multiple, -(-w // multiple) * multiple
+    out = np.zeros(vol.shape, np.float32)
+    for z in range(0, d, batch):
+        x = np.zeros((min(batch, d - z), hp, wp, 1), np.float32)
+        x[:, :h, :w, 0] = vol[z:z + batch]
+        out[z:z + batch] = np.asarray(predict(x))[:, :h, :w]
+    return out
+
+
+def patch_grid(region: np.ndarray, stride: int) -> np.ndarray:
+    """Patch centres on every axial slice: the points of a ``stride`` grid (offset
+    ``stride // 2``) that lie in ``region``.
+
+    Args:
+      region: (D, H, W) bool, where patches may be centred.
+      stride: grid step in voxels (in-plane).
+
+    Returns:
+      (K, 3) int64 (z, y, x) centres, slice by slice.
+    """
+    region = np.asarray(region, bool)
+    grid = np.zeros(region.shape, bool)
+    grid[:, stride // 2::stride, stride // 2::stride] = True
+    return np.argwhere(grid & region).astype(np.int64)
+
+
+def crop_slices(volume: np.ndarray, centres: np.ndarray, size: int) -> np.ndarray:
+    """(K, size, size) float32 axial patches centred on ``centres`` ((K, 3) z, y, x),
+    zero-padded where they leave the volume (start: centre - size // 2)."""
+    vol = np.asarray(volume, np.float32)
+    pad = size
+    padded = np.pad(vol, ((0, 0), (pad, pad), (pad, pad)))
+    c = np.asarray(centres, np.int64).reshape(-1, 3)
+    y0, x0 = c[:, 1] - size // 2 + pad, c[:, 2] - size // 2 + pad
+    iy = y0[:, None] + np.arange(size)[None]
+    ix = x0[:, None] + np.arange(size)[None]
+    return padded[c[:, 0][:, None, None], iy[:, :, None], ix[:, None, :]]
+
+
+def nodule_cells(centres: np.ndarray, stride: int, nodules_zyx: np.ndarray,
+                 radius_vox: np.ndarray) -> np.ndarray:
+    """(K,) bool: the patch of centre ``centres[k]`` holds a nodule on its slice: the
+    nodule spans the slice (|z - cz| <= r) and its centre lies in the patch's own grid
+    cell (|y - cy|, |x - cx| < stride / 2), so each nodule counts once per slice.
+
+    Args:
+      centres: (K, 3) patch centres (z, y, x) voxels.
+      nodules_zyx: (N, 3) nodule centres, voxels of the same grid; radius_vox: (N,).
+    """
+    c = np.asarray(centres, np.float64).reshape(-1, 3)
+    n = np.asarray(nodules_zyx, np.float64).reshape(-1, 3)
+    r = np.asarray(radius_vox, np.float64).reshape(-1)
+    if not len(n) or not len(c):
+        return np.zeros(len(c), bool)
+    dz = np.abs(c[:, None, 0] - n[None, :, 0]) <= r[None]
+    dyx = np.all(np.abs(c[:, None, 1:] - n[None, :, 1:]) < stride / 2, axis=-1)
+    return np.any(dz & dyx, axis=1)
+
+
+def classify_patches(predict, volume: np.ndarray, centres: np.ndarray, size: int,
+                     batch: int = 256) -> np.ndarray:
+    """(K,) float64 nodule probability of the axial patches at ``centres``; ``predict``:
+    (B, size, size, 1) float32 -> (B,) probability."""
+    out = [np.zeros(0)]
+    for i in range(0, len(centres), batch):
+        x = crop_slices(volume, centres[i:i + batch], size)[..., None]
+        out.append(np.asarray(predict(x), np.float64).reshape(len(x)))
+    return np.concatenate(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class FindSettings:
+    """How the method looks at a whole scan (``config.sathish2020`` / the export's
+    sidecar): lung threshold on the segmenter's probability, the margin the lung mask is
+    grown by so that patches on the lung wall count (mm), the patch grid step (voxels)
+    and the classifier's decision threshold."""
+
+    lung_threshold: float = 0.5
+    wall_mm: float = 5.0
+    stride: int = 32
+    threshold: float = 0.5
+
+    @staticmethod
+    def from_dict(d) -> "FindSettings":
+        """From ``config.sathish2020`` (as a dict) or an export's ``find`` sidecar."""
+        return FindSettings(float(d["lung_threshold"]), float(d["wall_mm"]),
+                            int(d["patch_stride"]), float(d["patch_threshold"]))
+
+
+def find_in_volume(segment, classify, volume: np.ndarray, spacing_zyx, size: int,
+                   multiple: int, settings: FindSettings):
+    """The method on one preprocessed volume.
+
+    Args:
+      segment: the segmenter (see :func:`segment_slices`); classify: the patch
+        classifier (see :func:`classify_patches`).
+      volume: (D, H, W) float32 in [0, 1]; spacing_zyx: its voxel size (mm).
+      size: classifier patch side (voxels); multiple: the segmenter's side multiple.
+
+    Returns:
+      (lung (D, H, W) bool predicted mask, centres (K, 3) int64 patch centres inside the
+      grown mask, probability (K,) float64).
+    """
+    from scipy import ndimage
+
+    lung = segment_slices(segment, volume, multiple=multiple) >= settings.lung_threshold
+    grow = max(0, int(round(settings.wall_mm / float(np.mean(spacing_zyx[1:])))))
+    region = (ndimage.binary_dilation(lung, np.ones((1, 3, 3), bool), iterations=grow)
+              if grow and lung.any() else lung)
+    centres = patch_grid(region, settings.stride)
+    return lung, centres, classify_patches(classify, volume, centres, size)
+
+
+@STAGES.register("sathish2020_find")
+def find_stage(run) -> dict:
+    """The method on the held-out scans: the lungs by the segmenter of stage
+    ``segmenter_from`` (slice by slice, against the store's lung mask: Dice, HD95), then
+    the patch classifier of stage ``network`` on a grid of axial patches inside them
+    (against the annotated nodules: accuracy, sensitivity, specificity per patch, and
+    nodules found). Writes ``find.json``, each scan's predicted lung mask
+    (``masks/<uid>.mha``, the store's grid) and its nodule-bearing patches
+    (``patches.csv``, world mm)."""
+    from lungjax import stages
+    from lungjax import train as train_lib
+    from lungjax.data import io
+    from lungjax.data.coords import voxel_to_world, world_to_voxel
+    from lungjax.data.tables import Marks, write_marks_csv
+    from lungjax.evaluation.classification import classification_record
+    from lungjax.evaluation.segmentation import segmentation_record
+
+    cfg, ctx, spec = run.config, run.ctx, run.spec
+    src = spec["segmenter_from"]
+    seg_cfg = run.configs[src]
+    seg_model, seg_task = train_lib.build_model(seg_cfg), train_lib.build_task(seg_cfg)
+    seg_vars, _ = stages.restore_variables(run.dirs[src], seg_cfg.train.network)
+    cls_model, cls_task = train_lib.build_model(cfg), train_lib.build_task(cfg)
+    cls_vars, step = stages.restore_variables(run.dirs[spec["network"]])
+    seg_fn = jax.jit(lambda x: seg_task.probabilities(seg_model.apply(seg_vars, x,
+                                                                      train=False)))
+    cls_fn = jax.jit(lambda x: cls_task.probabilities(cls_model.apply(cls_vars, x,
+                                                                      train=False)))
+    settings = FindSettings.from_dict(as_dict(cfg.sathish2020))
+    size = int(cfg.data.patch_size_zyx[-1])
+    multiple = int(seg_model.size_multiple())
+    per_scan, labels, scores, found, marks, no_lung = {}, [], [], [], [], []
+    scored = {}
+    os.makedirs(os.path.join(run.dir, "masks"), exist_ok=True)
+    from tqdm import tqdm
+
+    for uid in tqdm(ctx.test_uids, desc=run.name, unit="scan", disable=not run.progress):
+        rec = ctx.store.scan(uid)
+        volume = ctx.store.read_volume(uid)
+        lung, centres, prob = find_in_volume(seg_fn, cls_fn, volume, rec.spacing_zyx, size,
+                                             multiple, settings)
+        if not lung.any():  # counted and named; its Dice is 0, its HD infinite
+            no_lung.append(uid)
+            print(f"{run.name}: {uid}: the segmenter finds no lung; no patch scored",
+                  flush=True)
+        scored[uid] = len(centres)
+        truth_lung = ctx.store.read_volume(uid, "lung") > 0
+        per_scan[uid] = (lung, truth_lung, rec.spacing_zyx)
+        io.write_scan(os.path.join(run.dir, "masks", f"{uid}.mha"), lung.astype(np.uint8),
+                      rec.geometry, compress=True)
+        nod = ctx.store.findings([uid])
+        nzyx = world_to_voxel(nod.xyz, rec.geometry).reshape(-1, 3)
+        rvox = nod.diameter_mm / 2 / float(np.mean(rec.spacing_zyx))
+        truth = nodule_cells(centres, settings.stride, nzyx, rvox)
+        labels.append(truth)
+        scores.append(prob)
+        hit = prob >= settings.threshold
+        for k in range(len(nzyx)):
+            own = nodule_cells(centres, settings.stride, nzyx[k:k + 1], rvox[k:k + 1])
+            found.append(bool(np.any(own & hit)))
+        marks.append(Marks(np.full(int(hit.sum()), uid),
+                           voxel_to_world(centres[hit], rec.geometry).reshape(-1, 3),
+                           prob[hit]))
+    seg = segmentation_record(per_scan, threshold=0.5)
+    y, p = np.concatenate(labels or [np.zeros(0, bool)]), np.concatenate(scores or [np.zeros(0)])
+    # Grid patches of one scan overlap and correlate: no bootstrap over them (the "cls"
+    # stage's held-out patches carry the intervals).
+    cls = classification_record(y.astype(np.int64), p, seed=0, threshold=settings.threshold,
+                                n_bootstrap=0)
+    write_marks_csv(os.path.join(run.dir, "patches.csv"), Marks.concatenate(marks))
+    figures = {"dice": seg["pooled"]["dice"], "hd95_mm": seg["mean"]["hd95_mm"],
+               "patch_accuracy": cls["accuracy"], "patch_sensitivity": cls["sensitivity"],
+               "patch_specificity": cls["specificity"],
+               "nodules_found": int(sum(found)), "n_nodules": len(found),
+               "scans_without_lung": len(no_lung)}
+    out = {"step": int(step), "settings": dataclasses.asdict(settings),
+           "eval/find": figures, "segmentation": seg, "classification": cls,
+           "scans_without_lung": no_lung, "patches_scored": scored,
+           "patches_csv": os.path.join(run.dir, "patches.csv")}
+    stages.write_json(os.path.join(run.dir, "find.json"), out)
+    out["summary_line"] = (
+        f"lungs Dice {figures['dice']:.3f}, HD95 {figures['hd95_mm']:.1f} mm over "
+        f"{len(per_scan)} scans; patches accuracy {figures['patch_accuracy']:.3f}, "
+        f"sensitivity {figures['patch_sensitivity']:.3f}, specificity "
+        f"{figures['patch_specificity']:.3f}; nodules with a positive patch "
+        f"{figures['nodules_found']}/{figures['n_nodules']}; lung masks "
+        f"{os.path.join(run.dir, 'masks')}, patches {out['patches_csv']}")
+    return out
+
+
+SEGMENTER_EXPORT = "segmenter"  # the segmenter's export, inside the find stage's folder
+
+
+def _export_find(run) -> dict:
+    """The find stage: the classifier on (B, size, size, 1) patches in the stage folder,
+    the segmenter on (B, H, W, 1) slices (sides multiples of its pools) in
+    ``segmenter/``, the whole-scan settings in the classifier's sidecar."""
+    from lungjax import export as export_lib
+    from lungjax import stages
+    from lungjax import train as train_lib
+    from lungjax.steps import make_predict_fn
+
+    cfg, spec = run.config, run.spec
+    src = spec["segmenter_from"]
+    method = run.ctx.config
+    seg_cfg = stages.stage_config(method, src, dict(stages.stage_specs(method))[src])
+    seg_model, seg_task = train_lib.build_model(seg_cfg), train_lib.build_task(seg_cfg)
+    multiple = int(seg_model.size_multiple())
+    # Symbolic slice sides: XLA's own convolutions (CPU-fast plans are per concrete shape).
+    if "conv_impl" in seg_model.__dataclass_fields__:
+        seg_model = seg_model.clone(conv_impl="xla")
+    export_lib.export_network(
+        os.path.join(run.dir, SEGMENTER_EXPORT),
+        os.path.join(run.dirs[src], "checkpoints"),
+        make_predict_fn(seg_model, seg_task, spatial_dims=2), (None, None),
+        {"model": as_dict(seg_cfg.model), "stage": src,
+         "output": "(B, H, W) lung probability"},
+        network=seg_cfg.train.network, min_size_zyx=(multiple, multiple),
+        multiple_of=multiple)
+    model, task = train_lib.build_model(cfg), train_lib.build_task(cfg)
+    size = int(cfg.data.patch_size_zyx[-1])
+    meta = {"find": {**as_dict(cfg.sathish2020), "patch_size": size,
+                     "segmenter": SEGMENTER_EXPORT, "segmenter_multiple": multiple},
+            "output": "(B,) nodule probability of the patch"}
+    return stages.export_stage(run, make_predict_fn(model, task, spatial_dims=2),
+                               (size, size), meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedFind:
+    """A sathish2020 export, loaded: ``segment`` (B, H, W, 1) -> (B, H, W) lung
+    probability, ``classify`` (B, size, size, 1) -> (B,) nodule probability, and how
+    they are applied (:func:`find_in_volume`)."""
+
+    segment: Callable
+    classify: Callable
+    settings: FindSettings
+    size: int
+    multiple: int
+
+    def __call__(self, volume: np.ndarray, spacing_zyx):
+        """:func:`find_in_volume` of one preprocessed volume."""
+        return find_in_volume(self.segment, self.classify, volume, spacing_zyx, self.size,
+                              self.multiple, self.settings)
+
+
+class ExportedFind:
+    """``python -m lungjax.detect`` on a sathish2020 export: the lungs and the
+    nodule-bearing patches of a scan."""
+
+    @staticmethod
+    def parts(stage_dir: str) -> LoadedFind:
+        """The export in ``stage_dir`` (the find stage's folder)."""
+        from lungjax.export import load_predictor
+
+        classify, sidecar = load_predictor(stage_dir)
+        if "find" not in sidecar:
+            raise ValueError(f"{stage_dir}: not a sathish2020 find export (no 'find' in its "
+                             "export.json)")
+        segment, _ = load_predictor(os.path.join(stage_dir, sidecar["find"]["segmenter"]))
+        return LoadedFind(segment, classify, FindSettings.from_dict(sidecar["find"]),
+                          int(sidecar["find"]["patch_size"]),
+                          int(sidecar["find"]["segmenter_multiple"]))
+
+    @staticmethod
+    def load(stage_dir: str):
+        """``find(volume, geometry, lung) -> (world_xyz (K, 3), probability (K,), None,
+        {"lung": (D, H, W) uint8})``: the centres of the patches whose probability
+        reaches the export's threshold, and the predicted lung mask."""
+        from lungjax.data.coords import voxel_to_world
+
+        method = ExportedFind.parts(stage_dir)
+
+        def find(volume, geometry, lung):
+            del lung  # the method segments the lungs itself
+            mask, centres, prob = method(volume, geometry.spacing_zyx)
+            hit = prob >= method.settings.threshold
+            world = voxel_to_world(centres[hit], geometry).reshape(-1, 3)
+            return world, prob[hit], None, {"lung": mask.astype(np.uint8)}
+
+        return find
+
+
+STAGE_EXPORTS.register("sathish2020_find", _export_find)
+EXPORTED_METHODS.register("sathish2020_find", ExportedFind)
+
+
+# ----------------------------------------------------------------------------------
+# The paper's tables beside ours (--mode=cv)
+# ----------------------------------------------------------------------------------
+
+# Sathish et al., fold 1: lung DSC / pixel ROC AUC / Hausdorff distance per segmenter (the
+# paper gives no unit for HD); 10-fold DSC of the proposed method; the classifier.
+PAPER_SEGMENTATION = {"unet": (0.979, 0.9948, 3.9424), "r2unet": (0.983, 0.9950, 3.8754),
+                      "sumnet": (0.980, 0.9945, 3.9596), "proposed": (0.983, 0.9948, 3.8989)}
+PAPER_TEN_FOLD_DSC = (0.984, 0.0007)
+PAPER_CLASSIFIER = {"accuracy": 0.9800, "sensitivity": 0.9902, "specificity": 0.9688}
+
+
+def _stats(values) -> tuple[float, float]:
+    v = np.asarray([x for x in values if np.isfinite(x)], np.float64)
+    if not len(v):
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+@CV_REPORTS.register("sathish2020_tables")
+def cv_tables(config, workdir: str, records, report: dict) -> dict:
+    """Segmentation (lungs: DSC, pixel AUC, HD95 in mm on held-out slices; the method and
+    each segmenter variant) and classification (held-out patches) figures: the first
+    fold and the mean +- sd over folds, beside the paper's fold 1 and 10-fold figures ->
+    ``<workdir>/cv/sathish2020_tables.{md,json,png}``."""
+    from lungjax.atomic import atomic_write_json, atomic_write_text
+
+    records = sorted(records, key=lambda r: r["fold"])
+    names = ["proposed"] + [v for v in config.cv.variants
+                            if all(v in r["variants"] for r in records)]
+
+    def seg_of(r, name):
+        st = r["stages"] if name == "proposed" else r["variants"][name]["stages"]
+        return st["seg"]["eval/seg"]
+
+    seg = {}
+    for name in names:
+        evs = [seg_of(r, name) for r in records]
+        seg[name] = {k: {"first": float(evs[0][k]), "mean_sd": _stats(e[k] for e in evs)}
+                     for k in ("dice", "pixel_auc", "hd95_mm")}
+    cls_ev = [r["stages"]["cls"]["eval/cls"] for r in records]
+    cls = {k: {"first": float(cls_ev[0][k]), "mean_sd": _stats(e[k] for e in cls_ev)}
+           for k in PAPER_CLASSIFIER}
+    first = int(records[0]["fold"])
+    lines = [f"# {config.name}: {len(records)} folds (first: fold {first})", "",
+             "Lung segmentation on held-out slices. Paper: fold 1 of LUNA16 (HD unit not "
+             "given); ours: HD95 in mm.", "",
+             "| segmenter | paper DSC | paper AUC | paper HD | DSC (first fold) | "
+             "DSC mean +- sd | pixel AUC mean +- sd | HD95 mm mean +- sd |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        p = PAPER_SEGMENTATION.get(name, (float("nan"),) * 3)
+        s = seg[name]
+        lines.append(f"| {name} | {p[0]:.3f} | {p[1]:.4f} | {p[2]:.4f} | "
+                     f"{s['dice']['first']:.3f} | "
+                     + " | ".join(f"{s[k]['mean_sd'][0]:.3f} +- {s[k]['mean_sd'][1]:.3f}"
+                                  for k in ("dice", "pixel_auc", "hd95_mm")) + " |")
+    lines += ["", f"Paper, proposed, 10-fold DSC: {PAPER_TEN_FOLD_DSC[0]} +- "
+                  f"{PAPER_TEN_FOLD_DSC[1]}.", "",
+              "Patch classifier (LeNet) on held-out patches:", "",
+              "| figure | paper | ours (first fold) | ours mean +- sd |", "|---|---|---|---|"]
+    for k, v in PAPER_CLASSIFIER.items():
+        lines.append(f"| {k} | {v:.4f} | {cls[k]['first']:.4f} | "
+                     f"{cls[k]['mean_sd'][0]:.4f} +- {cls[k]['mean_sd'][1]:.4f} |")
+    out = os.path.join(workdir, "cv")
+    os.makedirs(out, exist_ok=True)
+    tables = {"folds": [int(r["fold"]) for r in records], "segmentation": seg,
+              "classifier": cls,
+              "paper": {"segmentation_fold1": PAPER_SEGMENTATION,
+                        "ten_fold_dsc": PAPER_TEN_FOLD_DSC, "classifier": PAPER_CLASSIFIER}}
+    if jax.process_index() == 0:
+        atomic_write_text(os.path.join(out, "sathish2020_tables.md"), "\n".join(lines) + "\n")
+        atomic_write_json(os.path.join(out, "sathish2020_tables.json"), tables)
+        plot_tables(seg, os.path.join(out, "sathish2020_tables.png"),
+                    title=f"{config.name}: lung DSC, {len(records)} folds vs the paper's fold 1")
+    print("\n".join(lines), flush=True)
+    return {**report, "sathish2020": tables}
+
+
+def plot_tables(seg: dict, path: str, *, title: str) -> None:
+    """DSC per segmenter: ours (mean +- sd over folds) beside the paper's fold 1."""
+    from matplotlib.figure import Figure
+
+    from lungjax.evaluation.plots import save_figure
+
+    names = list(seg)
+    x = np.arange(len(names))
+    fig = Figure(figsize=(1.6 * len(names) + 2, 3.6))
+    ax = fig.subplots()
+    ours = [seg[n]["dice"]["mean_sd"] for n in names]
+    ax.bar(x - 0.18, [m for m, _ in ours], 0.36, yerr=[s for _, s in ours], capsize=3,
+           label="ours (mean +- sd over folds)", color="C0")
+    paper = [PAPER_SEGMENTATION.get(n, (np.nan,))[0] for n in names]
+    ax.bar(x + 0.18, paper, 0.36, label="paper (fold 1)", color="C3")
+    ax.set_xticks(x, names)
+    ax.set_ylabel("lung DSC")
+    ax.set_ylim(0, 1)
+    ax.grid(True, axis="y", alpha=0.4)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)

@@ -209,6 +209,10 @@ class _UNetFamily(nn.Module):
     def block(self, features: int, name: str):
         raise NotImplementedError
 
+    def size_multiple(self) -> int:
+        """Input sides must be multiples of this (four 2x pools)."""
+        return 16
+
     @nn.compact
     def __call__(self, x, train: bool = False):
         w = _widths(self.features, (64, 128, 256, 512, 1024))
@@ -289,6 +293,10 @@ class SUMNet(nn.Module):
     num_classes: int = 2
     features: int = 64
     conv_impl: str = "auto"
+
+    def size_multiple(self) -> int:
+        """Input sides must be multiples of this (five 2x pools)."""
+        return 32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
