@@ -491,6 +491,30 @@ def _screening(export_dir: str, changes: Mapping[str, Any]):
     return find, sidecar, settings
 
 
+def read_method_stages(export_dir: str) -> list[dict]:
+    """The stage list of a method export (``<export_dir>/method.json``: name, kind,
+    network, dir per stage, in order), every stage's ``export.json`` present.
+
+    Raises:
+      FileNotFoundError / ValueError naming the folder and what it lacks.
+    """
+    import json
+
+    path = os.path.join(export_dir, METHOD_JSON)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{export_dir}: no {METHOD_JSON}; pass the folder "
+                                "--mode=export printed")
+    with open(path, encoding="utf-8") as f:
+        stages = json.load(f)["stages"]
+    if not stages:
+        raise ValueError(f"{path}: no exported stage")
+    for st in stages:
+        if not os.path.isfile(os.path.join(export_dir, st["dir"], "export.json")):
+            raise FileNotFoundError(f"{export_dir}: the export lacks stage {st['name']!r} "
+                                    f"({st['dir']}/export.json); run --mode=export again")
+    return stages
+
+
 def load_method(export_dir: str | os.PathLike, changes: Mapping[str, Any] | None = None
                 ) -> ExportedMethod:
     """The folder ``--mode=export`` prints (its ``method.json`` lists the stages), or one
@@ -515,14 +539,7 @@ def load_method(export_dir: str | os.PathLike, changes: Mapping[str, Any] | None
     if not os.path.isfile(path):  # a single exported screening network
         find, sidecar, _ = _screening(export_dir, changes)
         return ExportedMethod(sidecar.get("preprocessing", sidecar), find, "screening")
-    with open(path, encoding="utf-8") as f:
-        stages = json.load(f)["stages"]
-    if not stages:
-        raise ValueError(f"{path}: no exported stage")
-    for st in stages:
-        if not os.path.isfile(os.path.join(export_dir, st["dir"], "export.json")):
-            raise FileNotFoundError(f"{export_dir}: the export lacks stage {st['name']!r} "
-                                    f"({st['dir']}/export.json); run --mode=export again")
+    stages = read_method_stages(export_dir)
     final = stages[-1]
     sub = os.path.join(export_dir, final["dir"])
     if final["kind"] in EXPORTED_METHODS:

@@ -17,7 +17,6 @@ probability and the patch centre in world mm) and ``DIR/<uid>_rise.npz`` (``patc
 from __future__ import annotations
 
 import io
-import json
 import os
 import sys
 from typing import Sequence
@@ -28,19 +27,16 @@ from lungjax.atomic import atomic_write_bytes
 
 
 def _find_stage(model_dir: str) -> str:
-    from lungjax.detect import METHOD_JSON
+    """The folder of the export's sathish2020 find stage."""
+    from lungjax.detect import METHOD_JSON, read_method_stages
 
-    path = os.path.join(model_dir, METHOD_JSON)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{model_dir}: no {METHOD_JSON}; pass the folder "
-                                "--mode=export printed")
-    with open(path, encoding="utf-8") as f:
-        stages = json.load(f)["stages"]
+    stages = read_method_stages(model_dir)
     found = [s for s in stages if s["kind"] == "sathish2020_find"]
     if not found:
-        kinds = ", ".join(s["kind"] for s in stages) or "none"
-        raise ValueError(f"{path}: RISE explains a sathish2020 export (a 'sathish2020_find' "
-                         f"stage); this one has {kinds}")
+        kinds = ", ".join(s["kind"] for s in stages)
+        raise ValueError(f"{os.path.join(model_dir, METHOD_JSON)}: RISE explains a "
+                         f"sathish2020 export (a 'sathish2020_find' stage); this one has "
+                         f"{kinds}")
     return os.path.join(model_dir, found[-1]["dir"])
 
 
@@ -82,12 +78,9 @@ def explain_scan(model_dir: str, scan: str, out: str, *, top: int = 6, n_masks: 
     from lungjax.evaluation.rise import rise_saliency
     from lungjax.methods.sathish2020 import ExportedFind, crop_slices
 
-    stage_dir = _find_stage(model_dir)
-    with open(os.path.join(stage_dir, "export.json"), encoding="utf-8") as f:
-        preprocessing = json.load(f)["preprocessing"]
-    method = ExportedFind.parts(stage_dir)
+    method = ExportedFind.parts(_find_stage(model_dir))
     volume, geometry, _, uid, _ = read_preprocessed(
-        scan, preprocessing, lung_mask_path=find_lung_mask(scan, lung_mask, 1))
+        scan, method.preprocessing, lung_mask_path=find_lung_mask(scan, lung_mask, 1))
     _, centres, prob = method(volume, geometry.spacing_zyx)
     order = np.argsort(-prob, kind="stable")[:top]
     patches = crop_slices(volume, centres[order], method.size)

@@ -635,6 +635,7 @@ def export(config, workdir: str) -> dict:
     banner(f"export: {config.name}")
     ctx = FoldContext(config, workdir, None, [], [])
     specs = stage_specs(config)
+    by_name = dict(specs)
     out_root = os.path.join(workdir, "export")
     method: dict[str, Any] = {"config_name": config.name, "stages": []}
     sidecars = {}
@@ -646,9 +647,12 @@ def export(config, workdir: str) -> dict:
         if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
             raise FileNotFoundError(f"{run_dir}: stage {net!r} has no checkpoints; run "
                                     "--mode=train first")
-        dirs = {spec[f]: os.path.join(workdir, spec[f]) for f in REFERENCES if spec[f]}
+        # What the stage takes from, as run_stages gives it: folders and configs.
+        refs = [spec[f] for f in REFERENCES if spec[f]]
         run = StageRun(name, spec, stage_config(config, name, spec),
-                       os.path.join(out_root, name), ctx, {**dirs, net: run_dir}, {}, {})
+                       os.path.join(out_root, name), ctx,
+                       {r: os.path.join(workdir, r) for r in refs}, {},
+                       {r: stage_config(config, r, by_name[r]) for r in refs})
         sidecars[name] = STAGE_EXPORTS.get(spec["kind"])(run)
         method["stages"].append({"name": name, "kind": spec["kind"], "network": net,
                                  "dir": name})

@@ -209,9 +209,9 @@ def crop_slices(volume: np.ndarray, centres: np.ndarray, size: int) -> np.ndarra
     return padded[c[:, 0][:, None, None], iy[:, :, None], ix[:, None, :]]
 
 
-def nodule_cells(centres: np.ndarray, stride: int, nodules_zyx: np.ndarray,
-                 radius_vox: np.ndarray) -> np.ndarray:
-    """(K,) bool: the patch of centre ``centres[k]`` holds a nodule on its slice: the
+def cells_by_nodule(centres: np.ndarray, stride: int, nodules_zyx: np.ndarray,
+                    radius_vox: np.ndarray) -> np.ndarray:
+    """(K, N) bool: the patch of centre ``centres[k]`` holds nodule n on its slice: the
     nodule spans the slice (|z - cz| <= r) and its centre lies in the patch's own grid
     cell (|y - cy|, |x - cx| < stride / 2), so each nodule counts once per slice.
 
@@ -222,11 +222,15 @@ def nodule_cells(centres: np.ndarray, stride: int, nodules_zyx: np.ndarray,
     c = np.asarray(centres, np.float64).reshape(-1, 3)
     n = np.asarray(nodules_zyx, np.float64).reshape(-1, 3)
     r = np.asarray(radius_vox, np.float64).reshape(-1)
-    if not len(n) or not len(c):
-        return np.zeros(len(c), bool)
     dz = np.abs(c[:, None, 0] - n[None, :, 0]) <= r[None]
     dyx = np.all(np.abs(c[:, None, 1:] - n[None, :, 1:]) < stride / 2, axis=-1)
-    return np.any(dz & dyx, axis=1)
+    return dz & dyx
+
+
+def nodule_cells(centres: np.ndarray, stride: int, nodules_zyx: np.ndarray,
+                 radius_vox: np.ndarray) -> np.ndarray:
+    """(K,) bool: the patch holds some nodule (:func:`cells_by_nodule`)."""
+    return cells_by_nodule(centres, stride, nodules_zyx, radius_vox).any(axis=1)
 
 
 def classify_patches(predict, volume: np.ndarray, centres: np.ndarray, size: int,
@@ -283,6 +287,38 @@ def find_in_volume(segment, classify, volume: np.ndarray, spacing_zyx, size: int
     return lung, centres, classify_patches(classify, volume, centres, size)
 
 
+def positive_marks(uid: str, centres: np.ndarray, prob: np.ndarray, geometry,
+                   threshold: float):
+    """The patches whose probability reaches ``threshold`` as LUNA16 marks (world mm
+    centres of the (K, 3) voxel ``centres`` on the grid ``geometry`` places)."""
+    from lungjax.data.coords import voxel_to_world
+    from lungjax.data.tables import Marks
+
+    hit = np.asarray(prob) >= threshold
+    return Marks(np.full(int(hit.sum()), uid),
+                 voxel_to_world(centres[hit], geometry).reshape(-1, 3), prob[hit])
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedFind:
+    """The method's two networks and how they are applied: ``segment`` (B, H, W, 1) ->
+    (B, H, W) lung probability, ``classify`` (B, size, size, 1) -> (B,) nodule
+    probability (:func:`find_in_volume`); ``preprocessing``: the store's settings (an
+    export's sidecar; empty in the stage, which reads the store)."""
+
+    segment: Callable
+    classify: Callable
+    settings: FindSettings
+    size: int
+    multiple: int
+    preprocessing: dict = dataclasses.field(default_factory=dict)
+
+    def __call__(self, volume: np.ndarray, spacing_zyx):
+        """:func:`find_in_volume` of one preprocessed volume."""
+        return find_in_volume(self.segment, self.classify, volume, spacing_zyx, self.size,
+                              self.multiple, self.settings)
+
+
 @STAGES.register("sathish2020_find")
 def find_stage(run) -> dict:
     """The method on the held-out scans: the lungs by the segmenter of stage
@@ -295,7 +331,7 @@ def find_stage(run) -> dict:
     from lungjax import stages
     from lungjax import train as train_lib
     from lungjax.data import io
-    from lungjax.data.coords import voxel_to_world, world_to_voxel
+    from lungjax.data.coords import world_to_voxel
     from lungjax.data.tables import Marks, write_marks_csv
     from lungjax.evaluation.classification import classification_record
     from lungjax.evaluation.segmentation import segmentation_record
@@ -307,13 +343,11 @@ def find_stage(run) -> dict:
     seg_vars, _ = stages.restore_variables(run.dirs[src], seg_cfg.train.network)
     cls_model, cls_task = train_lib.build_model(cfg), train_lib.build_task(cfg)
     cls_vars, step = stages.restore_variables(run.dirs[spec["network"]])
-    seg_fn = jax.jit(lambda x: seg_task.probabilities(seg_model.apply(seg_vars, x,
-                                                                      train=False)))
-    cls_fn = jax.jit(lambda x: cls_task.probabilities(cls_model.apply(cls_vars, x,
-                                                                      train=False)))
     settings = FindSettings.from_dict(as_dict(cfg.sathish2020))
-    size = int(cfg.data.patch_size_zyx[-1])
-    multiple = int(seg_model.size_multiple())
+    method = LoadedFind(
+        jax.jit(lambda x: seg_task.probabilities(seg_model.apply(seg_vars, x, train=False))),
+        jax.jit(lambda x: cls_task.probabilities(cls_model.apply(cls_vars, x, train=False))),
+        settings, int(cfg.data.patch_size_zyx[-1]), int(seg_model.size_multiple()))
     per_scan, labels, scores, found, marks, no_lung = {}, [], [], [], [], []
     scored = {}
     os.makedirs(os.path.join(run.dir, "masks"), exist_ok=True)
@@ -322,8 +356,7 @@ def find_stage(run) -> dict:
     for uid in tqdm(ctx.test_uids, desc=run.name, unit="scan", disable=not run.progress):
         rec = ctx.store.scan(uid)
         volume = ctx.store.read_volume(uid)
-        lung, centres, prob = find_in_volume(seg_fn, cls_fn, volume, rec.spacing_zyx, size,
-                                             multiple, settings)
+        lung, centres, prob = method(volume, rec.spacing_zyx)
         if not lung.any():  # counted and named; its Dice is 0, its HD infinite
             no_lung.append(uid)
             print(f"{run.name}: {uid}: the segmenter finds no lung; no patch scored",
@@ -336,16 +369,12 @@ def find_stage(run) -> dict:
         nod = ctx.store.findings([uid])
         nzyx = world_to_voxel(nod.xyz, rec.geometry).reshape(-1, 3)
         rvox = nod.diameter_mm / 2 / float(np.mean(rec.spacing_zyx))
-        truth = nodule_cells(centres, settings.stride, nzyx, rvox)
-        labels.append(truth)
+        cells = cells_by_nodule(centres, settings.stride, nzyx, rvox)  # (K, N)
+        labels.append(cells.any(axis=1))
         scores.append(prob)
         hit = prob >= settings.threshold
-        for k in range(len(nzyx)):
-            own = nodule_cells(centres, settings.stride, nzyx[k:k + 1], rvox[k:k + 1])
-            found.append(bool(np.any(own & hit)))
-        marks.append(Marks(np.full(int(hit.sum()), uid),
-                           voxel_to_world(centres[hit], rec.geometry).reshape(-1, 3),
-                           prob[hit]))
+        found += [bool(f) for f in (cells & hit[:, None]).any(axis=0)]
+        marks.append(positive_marks(uid, centres, prob, rec.geometry, settings.threshold))
     seg = segmentation_record(per_scan, threshold=0.5)
     y, p = np.concatenate(labels or [np.zeros(0, bool)]), np.concatenate(scores or [np.zeros(0)])
     # Grid patches of one scan overlap and correlate: no bootstrap over them (the "cls"
@@ -387,8 +416,7 @@ def _export_find(run) -> dict:
 
     cfg, spec = run.config, run.spec
     src = spec["segmenter_from"]
-    method = run.ctx.config
-    seg_cfg = stages.stage_config(method, src, dict(stages.stage_specs(method))[src])
+    seg_cfg = run.configs[src]
     seg_model, seg_task = train_lib.build_model(seg_cfg), train_lib.build_task(seg_cfg)
     multiple = int(seg_model.size_multiple())
     # Symbolic slice sides: XLA's own convolutions (CPU-fast plans are per concrete shape).
@@ -411,24 +439,6 @@ def _export_find(run) -> dict:
                                (size, size), meta)
 
 
-@dataclasses.dataclass(frozen=True)
-class LoadedFind:
-    """A sathish2020 export, loaded: ``segment`` (B, H, W, 1) -> (B, H, W) lung
-    probability, ``classify`` (B, size, size, 1) -> (B,) nodule probability, and how
-    they are applied (:func:`find_in_volume`)."""
-
-    segment: Callable
-    classify: Callable
-    settings: FindSettings
-    size: int
-    multiple: int
-
-    def __call__(self, volume: np.ndarray, spacing_zyx):
-        """:func:`find_in_volume` of one preprocessed volume."""
-        return find_in_volume(self.segment, self.classify, volume, spacing_zyx, self.size,
-                              self.multiple, self.settings)
-
-
 class ExportedFind:
     """``python -m lungjax.detect`` on a sathish2020 export: the lungs and the
     nodule-bearing patches of a scan."""
@@ -445,23 +455,21 @@ class ExportedFind:
         segment, _ = load_predictor(os.path.join(stage_dir, sidecar["find"]["segmenter"]))
         return LoadedFind(segment, classify, FindSettings.from_dict(sidecar["find"]),
                           int(sidecar["find"]["patch_size"]),
-                          int(sidecar["find"]["segmenter_multiple"]))
+                          int(sidecar["find"]["segmenter_multiple"]),
+                          sidecar["preprocessing"])
 
     @staticmethod
     def load(stage_dir: str):
         """``find(volume, geometry, lung) -> (world_xyz (K, 3), probability (K,), None,
         {"lung": (D, H, W) uint8})``: the centres of the patches whose probability
         reaches the export's threshold, and the predicted lung mask."""
-        from lungjax.data.coords import voxel_to_world
-
         method = ExportedFind.parts(stage_dir)
 
         def find(volume, geometry, lung):
             del lung  # the method segments the lungs itself
             mask, centres, prob = method(volume, geometry.spacing_zyx)
-            hit = prob >= method.settings.threshold
-            world = voxel_to_world(centres[hit], geometry).reshape(-1, 3)
-            return world, prob[hit], None, {"lung": mask.astype(np.uint8)}
+            m = positive_marks("", centres, prob, geometry, method.settings.threshold)
+            return m.xyz, m.probability, None, {"lung": mask.astype(np.uint8)}
 
         return find
 
