@@ -531,6 +531,7 @@ def load_method(export_dir: str | os.PathLike, changes: Mapping[str, Any] | None
     import json
 
     from lungjax.export import load_predictor
+    from lungjax.methods.candidates import mirror_averaged
     from lungjax.registry import EXPORTED_DETECTORS, EXPORTED_METHODS
 
     export_dir = os.fspath(export_dir)
@@ -569,16 +570,26 @@ def load_method(export_dir: str | os.PathLike, changes: Mapping[str, Any] | None
         size = tuple(int(v) for v in side2["preprocessing"]["patch_size_zyx"])
         batch = 32
 
+        mirrors = bool(side2.get("mirrors", False))
+
+        def columns(x):  # the export's (B, columns) -> the classifier's named outputs
+            out = np.asarray(classify(x), np.float64).reshape(len(x), -1)
+            return {"score": out[:, 0], **({"diameter_mm": out[:, 1]} if out.shape[1] > 1
+                                           else {})}
+
         def find(volume, geometry, lung):
             c = detect_volume(predict, volume, geometry, mapping, settings, lung_mask=lung,
                               jit=False)
             centres = np.rint(c.voxel_zyx).astype(np.int64)
-            cols = []
+            parts: dict[str, list] = {}
             for i in range(0, len(centres), batch):
                 x = np.stack([crop_patch(volume, v, size) for v in centres[i:i + batch]])
-                cols.append(np.asarray(classify(x[..., None]), np.float64).reshape(len(x), -1))
-            out = np.concatenate(cols) if cols else np.zeros((0, 2))
-            return c.world_xyz, out[:, 0], out[:, 1] if out.shape[1] > 1 else None
+                for k, v in mirror_averaged(columns, x[..., None], mirrors).items():
+                    parts.setdefault(k, []).append(v)
+            if not parts:
+                return c.world_xyz, np.zeros(0), None
+            diam = np.concatenate(parts["diameter_mm"]) if "diameter_mm" in parts else None
+            return c.world_xyz, np.concatenate(parts["score"]), diam
 
         return ExportedMethod(sidecar["preprocessing"], find,
                               f"{screen[-1]['name']} -> {final['name']}")

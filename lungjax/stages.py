@@ -73,6 +73,8 @@ STAGE_FIELDS: dict[str, Any] = {
     "train_scans": 0,  # "screen": training scans screened for hard negatives (0 = all)
     "batch": 32,  # candidate patches per network call
     "regressed_position": False,  # "classify_candidates": marks at the regressed centre
+    "mirrors": False,  # "classify_candidates": outputs averaged over the patch's 8 mirror
+    #                    images (lungjax.methods.candidates.mirror_averaged)
     "evaluator": "",  # "froc": the stage's marks scored with the LUNA16 FROC
     "progress": True,  # progress bars over scans
 }
@@ -238,6 +240,8 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     declared = _declared_defaults()
     # Schema sections declared field by field (not the model / task / ... arguments).
     closed = {k.split(".")[1] for k in declared} - set(OPEN_SECTIONS)
+    # Stage fields added to STAGE_FIELDS after the run, at their defaults, likewise.
+    declared.update(_flat({"spec": json.loads(json.dumps(STAGE_FIELDS, default=str))}))
     out = []
     for key in sorted(set(a) | set(b)):
         if any(key == n or key.startswith(n) for n in skip):

@@ -235,8 +235,13 @@ def test_a_workdir_from_before_a_field_was_declared_is_not_a_change():
     new = json.loads(json.dumps(stages.computed_from(c, name, specs), default=str))
     old = json.loads(json.dumps(new))
     del old["config"]["data"]["max_nodules_per_patch"]  # declared after that run
+    del old["spec"]["mirrors"]  # a stage field added after that run
     old["config"]["sampler"]["epochs_per_round"] = 4  # read by nothing any more
     assert stages.config_changes(old, new) == []
+    changed = json.loads(json.dumps(new))
+    changed["spec"]["mirrors"] = not new["spec"]["mirrors"]
+    assert stages.config_changes(changed, new) == [
+        f"spec.mirrors: {not new['spec']['mirrors']} -> {new['spec']['mirrors']}"]
     old["config"]["train"]["num_steps"] += 1
     old["config"]["model"]["dropout"] = 0.5
     assert stages.config_changes(old, new) == [

@@ -309,3 +309,35 @@ def test_classify_scans_places_marks_at_the_regressed_centre():
     np.testing.assert_allclose(diam, [6.0, 6.0])
     plain, _, _ = classify_scans(_Classifier(), _Store(), cands, ["a"])
     np.testing.assert_allclose(plain.xyz, cands["a"]["world_xyz"])
+
+
+def test_mirror_averaged_maps_offsets_back_through_each_flip():
+    """Over the 8 mirror images a classifier that points at a patch's bright voxel
+    points at the same voxel every time once each flip is undone; probabilities are the
+    plain mean of the 8 views; without mirrors the classifier is called once."""
+    from lungjax.methods.candidates import MIRRORS, mirror_averaged
+
+    size = np.array([6, 8, 10])
+    x = np.zeros((2, *size, 1), np.float32)
+    x[0, 1, 2, 7, 0] = 1.0
+    x[1, 4, 6, 0, 0] = 1.0
+    centre = (size - 1) / 2.0
+    calls = []
+
+    def predict(p):
+        calls.append(p.shape)
+        at = np.array([np.unravel_index(np.argmax(q[..., 0]), q.shape[:3]) for q in p])
+        # A score that depends on where the voxel lies: each view gives another value.
+        return {"score": at[:, 2] / 10.0, "diameter_mm": np.full(len(p), 5.0),
+                "offset_zyx": at - centre}
+
+    out = mirror_averaged(predict, x, True)
+    assert len(calls) == 8 and len(MIRRORS) == 8 and len(set(MIRRORS)) == 8
+    np.testing.assert_allclose(out["offset_zyx"], [[1, 2, 7] - centre, [4, 6, 0] - centre])
+    # x index 7 and, flipped, 10 - 1 - 7 = 2, each in 4 of the 8 views.
+    np.testing.assert_allclose(out["score"], [(0.7 + 0.2) / 2, (0.0 + 0.9) / 2])
+    np.testing.assert_allclose(out["diameter_mm"], 5.0)
+    calls.clear()
+    once = mirror_averaged(predict, x, False)
+    assert len(calls) == 1
+    np.testing.assert_allclose(once["score"], [0.7, 0.0])
