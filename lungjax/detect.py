@@ -125,12 +125,32 @@ def detect_volume(predict_fn: Callable, volume_zyx: np.ndarray, geometry: Geomet
     scores, cell_map = score_volume(predict_fn, volume_zyx, mapping, settings.tile_zyx,
                                     settings.batch, variables=variables,
                                     input_zyx=settings.input_zyx, jit=jit)
+    return candidates_of_scores(scores, cell_map, geometry, settings, np.shape(volume_zyx),
+                                lung_mask=lung_mask)
+
+
+def candidates_of_scores(scores: np.ndarray, cell_map: OutputMapping, geometry: Geometry,
+                         settings: DetectionSettings, shape_zyx: Sequence[int], *,
+                         lung_mask: np.ndarray | None = None) -> Candidates:
+    """The candidates of one volume's score map (the part of :func:`detect_volume` after
+    the network: threshold, NMS, centroid refinement, lung restriction), so that one
+    score map can be read with several settings.
+
+    Args:
+      scores: (D', H', W') (or (D', H', W', 1)) float network output of
+        :func:`lungjax.tasks.screening.score_volume`: probability, or log-odds when
+        ``settings.log_odds``.
+      cell_map: its output cells' mapping to input voxels (from ``score_volume``).
+      geometry: the volume's grid; shape_zyx: the volume's (D, H, W).
+      settings: threshold, NMS radius, refinement, lung restriction, cap.
+      lung_mask: (D, H, W) lung mask, used when ``settings.lung_only``.
+    """
     if scores.ndim == 4 and scores.shape[-1] == 1:
         scores = scores[..., 0]
     restrict = settings.lung_only
-    if restrict and (lung_mask is None or np.shape(lung_mask) != np.shape(volume_zyx)):
+    if restrict and (lung_mask is None or tuple(np.shape(lung_mask)) != tuple(shape_zyx)):
         raise ValueError(f"lung_only needs a lung mask of the volume's shape "
-                         f"{np.shape(volume_zyx)}, got {np.shape(lung_mask)}")
+                         f"{tuple(shape_zyx)}, got {np.shape(lung_mask)}")
     threshold = settings.threshold
     weights = None
     if settings.log_odds:
@@ -141,7 +161,7 @@ def detect_volume(predict_fn: Callable, volume_zyx: np.ndarray, geometry: Geomet
     cands = candidates_from_scores(scores, cell_map, geometry, threshold=threshold,
                                    nms_radius_mm=settings.nms_radius_mm,
                                    max_candidates=None if restrict else settings.max_candidates,
-                                   shape_zyx=np.shape(volume_zyx),
+                                   shape_zyx=tuple(shape_zyx),
                                    refine_radius_mm=settings.refine_radius_mm,
                                    refine_weights=weights)
     if settings.log_odds:
@@ -150,6 +170,32 @@ def detect_volume(predict_fn: Callable, volume_zyx: np.ndarray, geometry: Geomet
         cands = cands.select(np.flatnonzero(inside_mask(lung_mask, cands.voxel_zyx))
                              [:settings.max_candidates])
     return cands
+
+
+def score_map_geometry(cell_map: OutputMapping, geometry: Geometry) -> Geometry:
+    """The grid of a score map: cell c (z, y, x) speaks for voxel ``offset + stride * c``
+    of the volume on ``geometry`` (:class:`OutputMapping`), so the map is a volume with
+    ``stride`` times the spacing whose voxel 0 sits at that offset."""
+    from lungjax.data.coords import voxel_to_world
+
+    stride_xyz = np.asarray(cell_map.stride_zyx, np.float64)[::-1]
+    origin = voxel_to_world(np.asarray(cell_map.offset_zyx, np.float64), geometry)
+    return Geometry(geometry.spacing * stride_xyz, origin.reshape(3), geometry.direction)
+
+
+def screen_with_map(predict_fn: Callable, volume_zyx: np.ndarray, geometry: Geometry,
+                    mapping: OutputMapping, settings: DetectionSettings, *,
+                    lung_mask: np.ndarray | None = None, jit: bool = False
+                    ) -> tuple[Candidates, tuple[np.ndarray, Geometry]]:
+    """:func:`detect_volume` that also returns its score map: ((D', H', W') float32 nodule
+    probability, the map's Geometry (:func:`score_map_geometry`))."""
+    scores, cell_map = score_volume(predict_fn, volume_zyx, mapping, settings.tile_zyx,
+                                    settings.batch, input_zyx=settings.input_zyx, jit=jit)
+    cands = candidates_of_scores(scores, cell_map, geometry, settings, np.shape(volume_zyx),
+                                 lung_mask=lung_mask)
+    scores = scores[..., 0] if scores.ndim == 4 and scores.shape[-1] == 1 else scores
+    prob = special.expit(scores) if settings.log_odds else scores
+    return cands, (np.asarray(prob, np.float32), score_map_geometry(cell_map, geometry))
 
 
 @dataclasses.dataclass
@@ -290,16 +336,23 @@ def read_preprocessed(scan_path: str | os.PathLike, preprocess_cfg: Mapping[str,
     Returns:
       (volume (D, H, W) float32 in [0, 1], its Geometry, lung mask (D, H, W) bool, uid,
       info {uid, shape_zyx, scan_grid (the scan's own Geometry, shape_zyx), seconds
-      {read, preprocess, total}}); ``uid`` defaults to the file name without extension
-      (the LUNA16 naming).
+      {read, preprocess, total}, series (a DICOM folder: the series read)}); ``uid``
+      defaults to the file name without extension (the LUNA16 naming). A DICOM folder
+      holding several series is read as its largest (most slices), said on the console.
     """
-    from lungjax.data.io import read_scan
+    from lungjax.data.io import dicom_series_sizes, read_scan
     from lungjax.data.preprocess import LUNA16_LUNG_LABELS, preprocess_scan, uint8_to_unit
 
     path = os.fspath(scan_path)
     uid = _uid_of(path) if uid is None else uid
     t0 = time.perf_counter()
-    scan = read_scan(path)
+    series = dicom_series_sizes(path) if os.path.isdir(path) else {}
+    chosen = next(iter(series), None)
+    if len(series) > 1:  # a study folder with several series: the scan is the largest
+        others = ", ".join(f"{u} ({n})" for u, n in list(series.items())[1:])
+        print(f"{path}: {len(series)} DICOM series; reading the largest, {chosen} "
+              f"({series[chosen]} slices); not read: {others}", flush=True)
+    scan = read_scan(path, series_uid=chosen)
     t1 = time.perf_counter()
     seg = None
     if lung_mask_path is not None:
@@ -321,6 +374,8 @@ def read_preprocessed(scan_path: str | os.PathLike, preprocess_cfg: Mapping[str,
     t2 = time.perf_counter()
     info = {"uid": uid, "shape_zyx": list(volume.shape), "scan_grid": scan_grid,
             "seconds": {"read": t1 - t0, "preprocess": t2 - t1, "total": t2 - t0}}
+    if chosen is not None:
+        info["series"] = chosen
     return volume, pre.geometry, pre.lung, uid, info
 
 
@@ -467,13 +522,21 @@ class ExportedMethod:
       find: ``find(volume (D, H, W) float32 in [0, 1], geometry, lung (D, H, W) bool or
         None) -> (world_xyz (K, 3) mm, score (K,) probability, diameter_mm (K,) or None)``,
         optionally followed by ``{name: (D, H, W) mask of the volume}`` (a segmenting
-        method's output; written on the scan's own grid).
+        method's output; written on the scan's own grid) and ``{name: (map float32, its
+        Geometry)}`` (score maps, e.g. the screening network's nodule probability on its
+        output grid; written with ``--save-maps``).
       description: the stages it runs, for the console.
+      map_names: the score maps ``find`` returns (what ``--save-maps`` writes).
     """
 
     preprocessing: Mapping[str, Any]
     find: Callable
     description: str
+    map_names: tuple[str, ...] = ()
+
+
+# The score map of a screening network: its nodule probability per output cell.
+SCREEN_MAPS = ("screen_probability",)
 
 
 def _screening(export_dir: str, changes: Mapping[str, Any]):
@@ -484,9 +547,8 @@ def _screening(export_dir: str, changes: Mapping[str, Any]):
 
     def find(volume, geometry, lung):
         # The loaded predictor returns numpy: it runs as is, not under jit.
-        c = detect_volume(predict, volume, geometry, mapping, settings, lung_mask=lung,
-                          jit=False)
-        return c.world_xyz, c.score, None
+        c, prob = screen_with_map(predict, volume, geometry, mapping, settings, lung_mask=lung)
+        return c.world_xyz, c.score, None, {}, {SCREEN_MAPS[0]: prob}
 
     return find, sidecar, settings
 
@@ -539,7 +601,8 @@ def load_method(export_dir: str | os.PathLike, changes: Mapping[str, Any] | None
     path = os.path.join(export_dir, METHOD_JSON)
     if not os.path.isfile(path):  # a single exported screening network
         find, sidecar, _ = _screening(export_dir, changes)
-        return ExportedMethod(sidecar.get("preprocessing", sidecar), find, "screening")
+        return ExportedMethod(sidecar.get("preprocessing", sidecar), find, "screening",
+                              SCREEN_MAPS)
     stages = read_method_stages(export_dir)
     final = stages[-1]
     sub = os.path.join(export_dir, final["dir"])
@@ -553,11 +616,15 @@ def load_method(export_dir: str | os.PathLike, changes: Mapping[str, Any] | None
         with open(os.path.join(sub, "export.json"), encoding="utf-8") as f:
             sidecar = json.load(f)
         detector = sidecar["detection"]["detector"]
+        maps: tuple[str, ...] = ()
         if detector == "score_volume":
             find, sidecar, _ = _screening(sub, changes)
+            maps = SCREEN_MAPS
         else:
-            find = EXPORTED_DETECTORS.get(detector).load(sub)
-        return ExportedMethod(sidecar["preprocessing"], find, f"{final['name']} ({detector})")
+            kind = EXPORTED_DETECTORS.get(detector)
+            find, maps = kind.load(sub), tuple(getattr(kind, "MAPS", ()))
+        return ExportedMethod(sidecar["preprocessing"], find, f"{final['name']} ({detector})",
+                              maps)
     if final["kind"] == "classify_candidates":
         screen = [s for s in stages if s["kind"] == "screen"]
         if not screen:
@@ -578,8 +645,9 @@ def load_method(export_dir: str | os.PathLike, changes: Mapping[str, Any] | None
                                            else {})}
 
         def find(volume, geometry, lung):
-            c = detect_volume(predict, volume, geometry, mapping, settings, lung_mask=lung,
-                              jit=False)
+            c, prob = screen_with_map(predict, volume, geometry, mapping, settings,
+                                      lung_mask=lung)
+            maps = {SCREEN_MAPS[0]: prob}
             centres = np.rint(c.voxel_zyx).astype(np.int64)
             parts: dict[str, list] = {}
             for i in range(0, len(centres), batch):
@@ -587,12 +655,12 @@ def load_method(export_dir: str | os.PathLike, changes: Mapping[str, Any] | None
                 for k, v in mirror_averaged(columns, x[..., None], mirrors).items():
                     parts.setdefault(k, []).append(v)
             if not parts:
-                return c.world_xyz, np.zeros(0), None
+                return c.world_xyz, np.zeros(0), None, {}, maps
             diam = np.concatenate(parts["diameter_mm"]) if "diameter_mm" in parts else None
-            return c.world_xyz, np.concatenate(parts["score"]), diam
+            return c.world_xyz, np.concatenate(parts["score"]), diam, {}, maps
 
         return ExportedMethod(sidecar["preprocessing"], find,
-                              f"{screen[-1]['name']} -> {final['name']}")
+                              f"{screen[-1]['name']} -> {final['name']}", SCREEN_MAPS)
     raise ValueError(f"{path}: the final stage {final['name']!r} ({final['kind']}) does not "
                      "give marks on a scan")
 
@@ -687,13 +755,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "submission.csv (LUNA16 marks, world mm, with diameter_mm where the "
                     "method gives one), scans/<uid>.csv per scan, <uid>.png (the top "
                     "findings on their slices), masks/<uid>_<name>.mhd on the scan's grid "
-                    "for a method that segments (sathish2020: the lungs) and predict.json "
-                    "(what ran, per-scan seconds, failures).")
+                    "for a method that segments (sathish2020: the lungs), with --save-maps "
+                    "maps/<uid>_<name>.mhd (score maps on the scan's grid) and "
+                    "predict.json (what ran, per-scan seconds, failures).")
     parser.add_argument("--model", required=True,
                         help="the folder --mode=export printed (all the method's stages), or "
                              "one exported screening network")
     parser.add_argument("--scan", required=True, action="append",
-                        help=".mhd/.mha/.nii/.nii.gz file, DICOM series folder or a folder "
+                        help=".mhd/.mha/.nii/.nii.gz file, DICOM series folder (several "
+                             "series in it: the largest is read, and named) or a folder "
                              "of scans; repeat for several")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--lung-mask", "--lung_mask", dest="lung_mask", default=None,
@@ -708,6 +778,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--lung_only", action="store_true",
                         help="drop candidates outside the lung mask")
+    parser.add_argument("--save-maps", "--save_maps", dest="save_maps", action="store_true",
+                        help="also write each scan's score map as maps/<uid>_<name>.mhd "
+                             "on the scan's grid (dou2017: the screening network's nodule "
+                             "probability; xie2018: the finest head's best anchor "
+                             "noduleness per cell)")
     parser.add_argument("--no-png", dest="png", action="store_false",
                         help="skip the per-scan PNG of the top findings")
     args = parser.parse_args(argv)
@@ -730,7 +805,11 @@ def _setup(args) -> tuple[ExportedMethod, list[str]]:
     if os.path.isfile(args.out):
         raise ValueError(f"--out {args.out}: a file; --out is the output folder")
     scans = expand_scans(args.scan)
-    return load_method(args.model, changes), scans
+    method = load_method(args.model, changes)
+    if args.save_maps and not method.map_names:
+        raise ValueError(f"--save-maps: {method.description} gives no score map (maps come "
+                         "from dou2017, xie2018 or one exported screening network)")
+    return method, scans
 
 
 def _run_scans(method: ExportedMethod, scans: Sequence[str], args) -> int:
@@ -757,6 +836,8 @@ def _run_scans(method: ExportedMethod, scans: Sequence[str], args) -> int:
             diam = info["diameter_mm"]
             write_submission(os.path.join(out, "scans", f"{uid}.csv"), marks, diam)
             mask_files = write_masks(os.path.join(out, "masks"), uid, info)
+            map_files = (write_masks(os.path.join(out, "maps"), uid, info, "maps")
+                         if args.save_maps else {})
             png = None
             if args.png:
                 from lungjax.evaluation.plots import plot_findings
@@ -777,7 +858,7 @@ def _run_scans(method: ExportedMethod, scans: Sequence[str], args) -> int:
             diameters.append(diam)
             record["scans"][uid] = {"path": path, "marks": len(marks),
                                     "lung_mask": mask or "threshold", "png": png,
-                                    "masks": mask_files,
+                                    "masks": mask_files, "maps": map_files,
                                     "shape_zyx": info["shape_zyx"],
                                     "seconds": {k: round(v, 3) for k, v in sec.items()}}
         all_marks = Marks.concatenate(parts)
@@ -793,18 +874,24 @@ def _run_scans(method: ExportedMethod, scans: Sequence[str], args) -> int:
     return 1 if n_bad else 0
 
 
-def write_masks(folder: str, uid: str, info: Mapping[str, Any]) -> dict[str, str]:
+def write_masks(folder: str, uid: str, info: Mapping[str, Any], key: str = "masks"
+                ) -> dict[str, str]:
     """Each of a scan's masks (``info["masks"]``, on the preprocessed grid) as
     ``<folder>/<uid>_<name>.mhd`` on the scan's own grid (nearest neighbour; 0 outside
-    the preprocessed crop), written atomically. Returns {name: path}."""
+    the preprocessed crop), written atomically; ``key="maps"``: its score maps instead,
+    float32, linearly interpolated. Returns {name: path}."""
     from lungjax.data.io import write_scan
     from lungjax.data.preprocess import resample_to
 
     grid, shape = info["scan_grid"]
     paths = {}
-    for name, (mask, geometry) in info.get("masks", {}).items():
+    for name, (array, geometry) in info.get(key, {}).items():
         os.makedirs(folder, exist_ok=True)
-        on_scan = resample_to(np.asarray(mask, np.uint8), geometry, grid, shape, nearest=True)
+        if key == "masks":
+            on_scan = resample_to(np.asarray(array, np.uint8), geometry, grid, shape,
+                                  nearest=True)
+        else:
+            on_scan = resample_to(np.asarray(array, np.float32), geometry, grid, shape)
         paths[name] = os.path.join(folder, f"{uid}_{name}.mhd")
         write_scan(paths[name], on_scan, grid, compress=True)
     return paths
@@ -818,16 +905,18 @@ def detect_scan_with(method: ExportedMethod, scan_path: str | os.PathLike, *,
     Returns:
       (marks in world mm, info: uid, shape_zyx, seconds {read, preprocess, detect, total},
       diameter_mm (K,) or None, masks {name: (mask of the preprocessed volume, its
-      Geometry)}, scan_grid (the scan's own Geometry, shape_zyx)); with ``keep_volume`` a
+      Geometry)}, maps {name: (float32 score map, its Geometry)}, scan_grid (the scan's
+      own Geometry, shape_zyx)); with ``keep_volume`` a
       third item, the preprocessed (volume (D, H, W) float32, Geometry).
     """
     volume, geometry, lung, uid, info = read_preprocessed(
         scan_path, method.preprocessing, uid=uid, lung_mask_path=lung_mask_path)
     t0 = time.perf_counter()
-    world, score, diam, *masks = method.find(volume, geometry, lung)
+    world, score, diam, *extra = method.find(volume, geometry, lung)
     info["seconds"]["detect"] = time.perf_counter() - t0
     info["masks"] = {name: (np.asarray(m), geometry) for name, m in
-                     (masks[0] if masks else {}).items()}
+                     (extra[0] if extra else {}).items()}
+    info["maps"] = dict(extra[1]) if len(extra) > 1 else {}
     info["seconds"]["total"] += info["seconds"]["detect"]
     info["diameter_mm"] = None if diam is None else np.asarray(diam, np.float64)
     marks = Marks(np.full(len(score), uid), np.asarray(world).reshape(-1, 3), score)

@@ -267,6 +267,19 @@ def test_cli_runs_an_exported_model_on_every_format_and_survives_bad_scans(tmp_p
     np.testing.assert_allclose(read_marks_csv(quiet / "submission.csv").xyz,
                                marks.select(marks.uid == "1.9.1").xyz)
     assert not list(quiet.glob("*.png"))
+    # The screening network's probability map, on the scan's own grid, peaks at the nodule.
+    maps = tmp_path / "maps"
+    assert detect.main([f"--model={tmp_path / 'model'}", f"--scan={scans / '1.9.2.mha'}",
+                        f"--out={maps}", "--no-png", "--save-maps"]) == 0
+    written = json.loads((maps / "predict.json").read_text())["scans"]["1.9.2"]["maps"]
+    assert list(written) == ["screen_probability"]
+    prob = io.read_scan(written["screen_probability"])
+    assert prob.array.shape == hu.shape and prob.array.dtype == np.float32
+    np.testing.assert_allclose(prob.geometry.spacing, spacing)
+    np.testing.assert_allclose(prob.geometry.origin, geom.origin)
+    peak = np.unravel_index(np.argmax(prob.array), prob.array.shape)
+    assert np.linalg.norm(voxel_to_world(np.asarray(peak, float), geom) - nodule) <= 3.0
+    assert 0.9 <= prob.array.max() <= 1.0 and prob.array.min() >= 0.0
     assert detect.main([f"--model={tmp_path / 'model'}", f"--scan={tmp_path / 'none.mhd'}",
                         f"--out={out}"]) == 2
     assert "none.mhd" in capsys.readouterr().err
@@ -275,6 +288,32 @@ def test_cli_runs_an_exported_model_on_every_format_and_survives_bad_scans(tmp_p
                             (12, 40, 40), {})
     with pytest.raises(ValueError, match="output_mapping"):
         detect.load_exported_detector(tmp_path / "bad")
+
+
+def test_a_dicom_folder_with_several_series_is_read_as_its_largest(tmp_path, capsys):
+    """A study folder holding the CT series (26 slices) and a 3-slice localizer: the
+    predict path reads the CT series, says so naming both, and records which it read."""
+    import shutil
+
+    from lungjax.detect import read_preprocessed
+
+    spacing = (1.5, 1.5, 2.0)
+    geom = Geometry(np.asarray(spacing), np.asarray([0.0, 0.0, 0.0]), np.eye(3))
+    hu = _synthetic_chest(spacing, (26, 56, 56), [], geom).astype(np.int16)
+    ct, loc = "1.2.826.0.1.3680043.2.1125.7", "1.2.826.0.1.3680043.2.1125.8"
+    io.write_dicom_series(tmp_path / "study", hu, geom, series_uid=ct)
+    io.write_dicom_series(tmp_path / "loc", np.full((3, 56, 56), 300, np.int16), geom,
+                          series_uid=loc)
+    for f in (tmp_path / "loc").iterdir():  # same file names: keep both series apart
+        shutil.move(str(f), str(tmp_path / "study" / f"loc_{f.name}"))
+    assert io.dicom_series_sizes(str(tmp_path / "study")) == {ct: 26, loc: 3}
+    pre = {"spacing_zyx": [2, 2, 2], "hu_window": [-1200, 600], "margin_mm": 5}
+    volume, _, _, uid, info = read_preprocessed(tmp_path / "study", pre)
+    assert uid == "study" and info["series"] == ct
+    said = capsys.readouterr().out
+    assert f"2 DICOM series; reading the largest, {ct} (26 slices); not read: {loc} (3)" in said
+    with pytest.raises(io.ScanReadError, match="2 DICOM series found"):
+        io.read_scan(tmp_path / "study")  # the library call still asks which one
 
 
 def test_log_odds_scores_rank_cells_a_float32_probability_ties():

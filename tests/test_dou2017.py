@@ -201,8 +201,17 @@ def test_tiny_end_to_end_train_export_cv(tiny_fold):
     out_csv = root / "detect" / "submission.csv"
     u = rec["uids"][0]
     assert detect.main(["--model", str(fold_dir / "export"), "--scan", _scan_file(c, u),
-                        "--out", str(root / "detect")]) == 0
+                        "--out", str(root / "detect"), "--save-maps"]) == 0
     assert (root / "detect" / f"{u}.png").is_file()
+    # --save-maps: the FCN's nodule probability on the scan's own grid
+    from lungjax.data.io import read_scan
+
+    ran = json.loads((root / "detect" / "predict.json").read_text(encoding="utf-8"))
+    prob = read_scan(ran["scans"][u]["maps"]["screen_probability"])
+    scan = read_scan(_scan_file(c, u))
+    assert prob.array.shape == scan.array.shape
+    np.testing.assert_allclose(prob.geometry.spacing, scan.geometry.spacing)
+    assert prob.array.dtype == np.float32 and 0 <= prob.array.min() <= prob.array.max() <= 1
     got = read_marks_csv(str(out_csv))
     header = out_csv.read_text(encoding="utf-8").splitlines()[0].split(",")
     assert header[-1] == "diameter_mm" and set(np.unique(got.uid)) <= {u}

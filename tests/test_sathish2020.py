@@ -227,7 +227,7 @@ def test_tiny_method_rerun_skips_and_evaluate_reuses_the_trained_stages(tiny_run
 
 
 @pytest.mark.slow
-def test_tiny_method_on_whole_scans_and_on_a_new_scan_file(tiny_run, tmp_path):
+def test_tiny_method_on_whole_scans_and_on_a_new_scan_file(tiny_run, tmp_path, capsys):
     """The find stage segments every held-out scan and classifies patches inside the
     lungs; its export, run by ``python -m lungjax.detect`` on the scan's .mhd, writes the
     lung mask on the scan's own grid, equal in volume to the stage's on the store grid
@@ -272,6 +272,10 @@ def test_tiny_method_on_whole_scans_and_on_a_new_scan_file(tiny_run, tmp_path):
     assert len(marks) == len(own)
     record = json.loads((out / "predict.json").read_text(encoding="utf-8"))
     assert record["scans"][uid]["masks"]["lung"].endswith(f"{uid}_lung.mhd")
+    # No score map in this method: --save-maps is refused before any scan runs
+    assert detect.main(["--model", str(run / "export"), "--scan", scan, "--out",
+                        str(tmp_path / "maps"), "--save-maps"]) == 2
+    assert "--save-maps" in capsys.readouterr().err and not (tmp_path / "maps").exists()
 
     # RISE maps of the two most confident patches, from the same export
     from lungjax import explain

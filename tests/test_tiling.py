@@ -137,6 +137,26 @@ def test_xie_detector_tiled_equals_one_pass_on_odd_volume():
     np.testing.assert_allclose(b.score, a.score, rtol=1e-5)
 
 
+def test_xie_noduleness_map_is_the_finest_heads_best_anchor_tiled_or_not():
+    """The score map ``--save-maps`` writes for xie2018: per cell of the finest head (stride
+    2 here), the best anchor's noduleness, cut to the volume; tiling does not change it."""
+    import jax
+
+    variables = _numpy_params(XIE, (16, 16, 16), 3, scale=0.1)
+    vol = np.random.default_rng(5).random((45, 90, 37), dtype=np.float32)
+    kw = dict(multiple=8, variables=variables, score_map=True)
+    *_, (one, stride) = decode_volume(_xie_apply, vol, XIE_CFG, **kw)
+    *_, (tiled, _) = decode_volume(_xie_apply, vol, XIE_CFG, tile_zyx=(16, 32, 64), halo=40,
+                                   **kw)
+    assert stride == 2 and one.shape == (23, 45, 19) == tiled.shape
+    np.testing.assert_allclose(tiled, one, rtol=1e-5, atol=1e-6)
+    padded = np.zeros((48, 96, 40), np.float32)
+    padded[:45, :90, :37] = vol
+    head = np.asarray(_xie_apply(variables, padded[None, ..., None])[0])[0]  # (24, 48, 20, 2, 5)
+    want = jax.nn.sigmoid(head[..., 0]).max(axis=-1)[:23, :45, :19]
+    np.testing.assert_allclose(one, want, rtol=1e-5, atol=1e-6)
+
+
 def test_xie_tiles_share_one_shape_and_stay_inside_the_volume():
     # What decode_volume runs for a 300^3 scan with the paper variant's tiles.
     blocks = 19

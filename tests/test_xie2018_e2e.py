@@ -243,8 +243,16 @@ def test_exported_detector_runs_on_a_scan_file(tiny, tmp_path):
     scan = Luna16Dataset.open(read_manifest(prepare_data(c))["source_root"]).scan_path(uid)
     out = tmp_path / "predict" / "submission.csv"
     assert detect.main(["--model", str(fold / "export"), "--scan", scan,
-                        "--out", str(tmp_path / "predict")]) == 0
+                        "--out", str(tmp_path / "predict"), "--save-maps"]) == 0
     got = read_marks_csv(str(out))
+    # --save-maps: the finest head's noduleness on the scan's own grid
+    from lungjax.data.io import read_scan
+
+    ran = json.loads((tmp_path / "predict" / "predict.json").read_text(encoding="utf-8"))
+    dense, ct = read_scan(ran["scans"][uid]["maps"]["noduleness"]), read_scan(scan)
+    assert dense.array.shape == ct.array.shape and dense.array.dtype == np.float32
+    np.testing.assert_allclose(dense.geometry.origin, ct.geometry.origin)
+    assert 0 <= dense.array.min() <= dense.array.max() <= 1
     assert len(got) > 0 and set(np.unique(got.uid)) == {uid}
     assert np.all((got.probability >= 0) & (got.probability <= 1))
     assert out.read_text(encoding="utf-8").splitlines()[0].split(",")[-1] == "diameter_mm"

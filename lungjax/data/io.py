@@ -293,6 +293,14 @@ def list_dicom_series(directory: str) -> list[str]:
     return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(directory))
 
 
+def dicom_series_sizes(directory: str) -> dict[str, int]:
+    """{series instance UID: number of slice files} of the DICOM series in ``directory``
+    (not recursive), largest first (ties: SimpleITK's order)."""
+    sizes = {u: len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(directory, u))
+             for u in list_dicom_series(directory)}
+    return dict(sorted(sizes.items(), key=lambda kv: -kv[1]))
+
+
 def _check_slice_positions(directory: str, series_uid: str, files) -> None:
     """One DICOM series is a stack of equally spaced slices: positions along the slice
     normal (ImagePositionPatient . normal of ImageOrientationPatient) differ by one

@@ -138,6 +138,9 @@ class ExportedAnchorDetector:
     input whose sides are multiples of its coarsest stride, the anchors and detection
     settings in the sidecar; ``load`` gives what ``python -m lungjax.detect`` runs."""
 
+    # The score map ``find`` returns: the finest head's best anchor noduleness per cell.
+    MAPS = ("noduleness",)
+
     @staticmethod
     def export(run) -> dict:
         from lungjax import train as train_lib
@@ -159,11 +162,14 @@ class ExportedAnchorDetector:
     @staticmethod
     def load(export_dir: str):
         """``find(volume, geometry, lung) -> (world_xyz (K, 3), score (K,), diameter_mm
-        (K,))`` of the export in ``export_dir``."""
+        (K,), {}, {"noduleness": (finest head's map, its Geometry)})`` of the export in
+        ``export_dir``."""
         from lungjax.data.coords import voxel_to_world
+        from lungjax.detect import score_map_geometry
         from lungjax.export import load_predictor
         from lungjax.registry import TASKS
         from lungjax.tasks.anchors_decode import detect_volume
+        from lungjax.tasks.screening import OutputMapping
 
         predict, sidecar = load_predictor(export_dir)
         task = TASKS.build(sidecar["task"])
@@ -172,10 +178,13 @@ class ExportedAnchorDetector:
         lung_only = kw.pop("lung_only")
 
         def find(volume, geometry, lung):
-            det = detect_volume(predict, volume, task.cfg, jit=False,
-                                lung_mask=lung if lung_only else None, **kw)
+            det, (dense, stride) = detect_volume(predict, volume, task.cfg, jit=False,
+                                                 lung_mask=lung if lung_only else None,
+                                                 score_map=True, **kw)
             world = voxel_to_world(det.centre_zyx, geometry).reshape(-1, 3)
-            return world, det.score, det.diameter * float(np.mean(spacing))
+            head = OutputMapping((stride,) * 3, ((stride - 1) / 2.0,) * 3)
+            maps = {"noduleness": (dense, score_map_geometry(head, geometry))}
+            return world, det.score, det.diameter * float(np.mean(spacing)), {}, maps
 
         return find
 

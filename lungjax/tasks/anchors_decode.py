@@ -211,7 +211,8 @@ def _decoder(apply_fn: Callable, cfg: AnchorConfig, with_variables: bool, jit: b
 def detect_volume(apply_fn: Callable, volume_zyx: np.ndarray, cfg: AnchorConfig, *,
                   multiple: int = 16, tile_zyx: Sequence[int] | None = None, halo: int = 32,
                   variables: Any = None, jit: bool = True, threshold: float = 0.5,
-                  lung_mask: np.ndarray | None = None, **select_kw) -> Detections:
+                  lung_mask: np.ndarray | None = None, score_map: bool = False,
+                  **select_kw):
     """Detections of a whole volume (a preprocessed, lung-cropped scan):
     :func:`decode_volume` then :func:`select_candidates`.
 
@@ -223,13 +224,16 @@ def detect_volume(apply_fn: Callable, volume_zyx: np.ndarray, cfg: AnchorConfig,
       lung_mask: (D, H, W) mask of the volume; when given, anchors whose centre voxel lies
         outside it are dropped before suppression (so they neither suppress nor take a
         place under the cap).
+      score_map: also return :func:`decode_volume`'s finest-head noduleness map.
       **select_kw: the other :func:`select_candidates` arguments (method, ...).
 
     Returns:
       :class:`Detections` in the volume's voxels; centres outside the volume are dropped.
+      With ``score_map``: (Detections, (map, stride)).
     """
-    sc, ce, di = decode_volume(apply_fn, volume_zyx, cfg, multiple=multiple, tile_zyx=tile_zyx,
-                               halo=halo, variables=variables, jit=jit, threshold=threshold)
+    sc, ce, di, *dense = decode_volume(apply_fn, volume_zyx, cfg, multiple=multiple,
+                                       tile_zyx=tile_zyx, halo=halo, variables=variables,
+                                       jit=jit, threshold=threshold, score_map=score_map)
     if lung_mask is not None:
         mask = np.asarray(lung_mask)
         if mask.shape != np.shape(volume_zyx):
@@ -237,13 +241,14 @@ def detect_volume(apply_fn: Callable, volume_zyx: np.ndarray, cfg: AnchorConfig,
                              f"{np.shape(volume_zyx)}")
         keep = screening.inside_mask(mask, ce)
         sc, ce, di = np.asarray(sc)[keep], np.asarray(ce)[keep], np.asarray(di)[keep]
-    return select_candidates(sc, ce, di, threshold=threshold, **select_kw)
+    det = select_candidates(sc, ce, di, threshold=threshold, **select_kw)
+    return (det, dense[0]) if score_map else det
 
 
 def decode_volume(apply_fn: Callable, volume_zyx: np.ndarray, cfg: AnchorConfig, *,
                   multiple: int = 16, tile_zyx: Sequence[int] | None = None, halo: int = 32,
-                  variables: Any = None, jit: bool = True,
-                  threshold: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  variables: Any = None, jit: bool = True, threshold: float | None = None,
+                  score_map: bool = False):
     """Every decoded anchor of a whole volume, in one pass or tile by tile.
 
     The volume is zero-padded at its far end (0 = air after windowing) to a multiple of
@@ -272,12 +277,16 @@ def decode_volume(apply_fn: Callable, volume_zyx: np.ndarray, cfg: AnchorConfig,
         shape: pass the same function object for every scan).
       threshold: drop anchors scoring below it, tile by tile (what selection would drop;
         keeps the host memory of a tiled pass bounded by the candidates); None keeps all.
+      score_map: also return the finest head's noduleness map (every cell, before the
+        threshold): its best anchor's score per cell.
 
     Returns:
       scores: (N,) float32 noduleness; centres: (N, 3) float64 decoded centres, voxels of
       the volume (z, y, x); diameters: (N,) float32 voxels. Anchors are grouped by tile
       (one pass: :func:`anchor_table` order); those whose centre decodes outside the
-      volume are dropped.
+      volume are dropped. With ``score_map`` a fourth item: ((ceil(D/s), ceil(H/s),
+      ceil(W/s)) float32 map, s), s the finest head's stride; cell c is centred at voxel
+      ``(s - 1) / 2 + s * c`` (``AnchorConfig.head_mapping``).
     """
     vol = np.asarray(volume_zyx, np.float32)
     if vol.ndim != 3:
@@ -302,12 +311,25 @@ def decode_volume(apply_fn: Callable, volume_zyx: np.ndarray, cfg: AnchorConfig,
     anc_c, _ = anchor_table(cfg, window)
     floor = -np.inf if threshold is None else float(threshold)
     parts = []
+    if score_map:  # the finest head: its anchors' block of the table, its cell grid
+        head = int(np.argmin([s for s, _ in cfg.heads]))
+        stride, n_anchor = int(cfg.heads[head][0]), len(cfg.heads[head][1])
+        grids = cfg.grid_shapes(window)
+        first = sum(int(np.prod(g)) * len(d) for g, (_, d) in zip(grids[:head], cfg.heads))
+        cells = tuple(grids[head])
+        dense = np.zeros([n // stride for n in padded.shape], np.float32)
     for tile in itertools.product(*axes):
         lo = np.asarray([t[2] for t in tile])
         core_lo = np.asarray([t[0] for t in tile]) * multiple
         core_hi = np.asarray([t[1] for t in tile]) * multiple
         x = padded[tuple(slice(t[2], t[3]) for t in tile)]
         sc, ce, di = (np.asarray(v)[0] for v in run(x[None, ..., None]))
+        if score_map:  # windows start on multiples of the coarsest stride, so of this one
+            block = sc[first:first + int(np.prod(cells)) * n_anchor].reshape(*cells, n_anchor)
+            a, b = (core_lo - lo) // stride, (core_hi - lo) // stride
+            dense[tuple(slice(int(i), int(j)) for i, j in zip(core_lo // stride,
+                                                                 core_hi // stride))] = \
+                block[a[0]:b[0], a[1]:b[1], a[2]:b[2]].max(axis=-1)
         # Cores are whole blocks, so a cell lies in a core iff its anchor centre does.
         pos = anc_c + lo
         keep = np.all((pos >= core_lo) & (pos < core_hi), axis=1) & (sc >= floor)
@@ -316,6 +338,9 @@ def decode_volume(apply_fn: Callable, volume_zyx: np.ndarray, cfg: AnchorConfig,
     ce = np.concatenate([p[1] for p in parts])
     di = np.concatenate([p[2] for p in parts])
     inside = np.all((ce >= -0.5) & (ce < shape - 0.5), axis=1)
+    if score_map:
+        keep = tuple(slice(0, -(-int(n) // stride)) for n in shape)
+        return sc[inside], ce[inside], di[inside], (dense[keep], stride)
     return sc[inside], ce[inside], di[inside]
 
 
