@@ -250,9 +250,9 @@ def test_tables_put_the_paper_beside_ours(tmp_path):
     out = method.write_tables(c, str(tmp_path), [rec], {"files": {}})
     md = (tmp_path / "cv" / "shrey2020_tables.md").read_text(encoding="utf-8")
     assert "| proposed (3 conv + FC) | paper | 98.00 | 98.00 | 98.00 | 97.96 | 95.67 |" in md
-    assert "| proposed (3 conv + FC) | ours (1 folds) | 50.00 [25.00-75.00] | 100.00" in md
+    assert "| proposed (3 conv + FC) | ours (1 fold) | 50.00 [25.00-75.00] | 100.00" in md
     assert "| ResNet50 | paper | 71.25 | 71.93 | 71.57 | 77.14 | – |" in md
-    assert "| ResNet50 | ours (1 folds) | 50.00 [25.00-75.00] | 100.00 [–-–] | 25.00" in md
+    assert "| ResNet50 | ours (1 fold) | 50.00 [25.00-75.00] | 100.00 [–-–] | 25.00" in md
     assert "| DenseNet121 | paper |" in md and "| DenseNet121 | ours" not in md
     assert "| sensitivity | 0.9000 |" in md and "| slice dice | 0.4000 |" in md
     data = json.loads((tmp_path / "cv" / "shrey2020_tables.json").read_text(encoding="utf-8"))

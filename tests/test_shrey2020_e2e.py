@@ -62,7 +62,7 @@ def test_tiny_cv_runs_every_stage_and_variant(tiny_cv):
         assert v["dirs"]["classify"] == str(cv / "fold_0" / vname / "classify")
         assert v["stages"]["classify"]["step"] == c.stages.classify.sections.train.num_steps
     md = (cv / "cv" / "shrey2020_tables.md").read_text(encoding="utf-8")
-    assert "97.96" in md and "| fully connected | ours (1 folds)" in md
+    assert "97.96" in md and "| fully connected | ours (1 fold)" in md
     assert (cv / "cv" / "shrey2020_tables.png").stat().st_size > 0
     assert (cv / "cv" / "cv_report.md").is_file()
     assert set(report["classifiers"]) == {"proposed", *c.cv.variants}

@@ -123,6 +123,11 @@ def flatten_metrics(d: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
+def n_folds(n: int) -> str:
+    """"1 fold" / "n folds", for report headings."""
+    return f"{n} fold" if n == 1 else f"{n} folds"
+
+
 def summarize_folds(fold_results: Sequence[Mapping[str, Any]], *, ddof: int = 1,
                     metrics: Sequence[str] | None = None) -> dict:
     """Per-fold values and mean +- std of every metric.
@@ -265,7 +270,7 @@ def cv_report(fold_results: Sequence[Mapping[str, Any]], out_dir: str | os.PathL
     os.makedirs(out_dir, exist_ok=True)
     summary = summarize_folds(fold_results, ddof=ddof, metrics=metrics)
     names = list(summary["metrics"])
-    md = [f"# {title}", "", f"{len(fold_results)} folds; mean ± std over folds "
+    md = [f"# {title}", "", f"{n_folds(len(fold_results))}; mean ± std over folds "
           f"(std with ddof={ddof}).", "", "## Per fold", ""]
     if names:
         md.append("| Fold | " + " | ".join(names) + " |")

@@ -102,7 +102,7 @@ def _pooled_screening(records: Sequence[dict], name: str):
 def write_tables(config, workdir: str, records: Sequence[dict], report: dict) -> dict:
     """Writes ``<workdir>/cv/`` again with every network's figures (cv_report.*, FROC
     PNGs) and ``dou2017_tables.md``; returns the report plus "tables" (the Markdown)."""
-    from lungjax.evaluation.reports import cv_report, froc_table
+    from lungjax.evaluation.reports import cv_report, froc_table, n_folds
     from lungjax.stages import pooled_froc
 
     main = records[0]["result"]["network"].removeprefix(MODEL_PREFIX)
@@ -127,7 +127,7 @@ def write_tables(config, workdir: str, records: Sequence[dict], report: dict) ->
 
     n_scans = sum(len(r["uids"]) for r in records)
     md = [f"# {config.name}: the paper's tables", "",
-          f"{len(records)} folds (held-out folds {[r['fold'] for r in records]}), "
+          f"{n_folds(len(records))} (held-out folds {[r['fold'] for r in records]}), "
           f"{n_scans} held-out scans; figures pooled over the folds. Paper: LUNA16, 10-fold "
           "CV, 888 scans.", "",
           "## Table 1: candidate screening (stage 1)", "",

@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from lungjax.configcheck import as_dict
+from lungjax.evaluation.reports import n_folds
 from lungjax.registry import CV_REPORTS, EXPORTED_METHODS, STAGE_EXPORTS, STAGES, STEPS
 from lungjax.state import step_key
 from lungjax.steps import apply_gradients, model_rngs, rng_streams
@@ -522,7 +523,7 @@ def cv_tables(config, workdir: str, records, report: dict) -> dict:
     cls = {k: {"first": float(cls_ev[0][k]), "mean_sd": _stats(e[k] for e in cls_ev)}
            for k in PAPER_CLASSIFIER}
     first = int(records[0]["fold"])
-    lines = [f"# {config.name}: {len(records)} folds (first: fold {first})", "",
+    lines = [f"# {config.name}: {n_folds(len(records))} (first: fold {first})", "",
              "Lung segmentation on held-out slices. Paper: fold 1 of LUNA16 (HD unit not "
              "given); ours: HD95 in mm.", "",
              "| segmenter | paper DSC | paper AUC | paper HD | DSC (first fold) | "
@@ -552,7 +553,7 @@ def cv_tables(config, workdir: str, records, report: dict) -> dict:
         atomic_write_text(os.path.join(out, "sathish2020_tables.md"), "\n".join(lines) + "\n")
         atomic_write_json(os.path.join(out, "sathish2020_tables.json"), tables)
         plot_tables(seg, os.path.join(out, "sathish2020_tables.png"),
-                    title=f"{config.name}: lung DSC, {len(records)} folds vs the paper's fold 1")
+                    title=f"{config.name}: lung DSC, {n_folds(len(records))} vs the paper's fold 1")
     print("\n".join(lines), flush=True)
     return {**report, "sathish2020": tables}
 

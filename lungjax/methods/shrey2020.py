@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lungjax.atomic import atomic_write_json, atomic_write_text
+from lungjax.evaluation.reports import n_folds
 from lungjax.registry import CV_REPORTS, STAGES
 
 # The classifier stage's name in configs/shrey2020.py, its evaluator's name, and the
@@ -311,7 +312,7 @@ def write_tables(config, workdir: str, records: Sequence[dict], report: dict) ->
                 f"{p[k]:.2f}" if k in p else "–" for k, _ in COLUMNS) + " |")
         if name in rows:
             r = rows[name]
-            md.append(f"| {label} | ours ({r['folds']} folds) | " + " | ".join(
+            md.append(f"| {label} | ours ({n_folds(r['folds'])}) | " + " | ".join(
                 f"{_pct(r[o])} [{_pct(r[o + '_lo'])}-{_pct(r[o + '_hi'])}]"
                 for _, o in COLUMNS) + " |")
     md += ["", f"## Screening (U-Net, slice is suspicious when max p > {rule:g})", "",
@@ -331,7 +332,7 @@ def write_tables(config, workdir: str, records: Sequence[dict], report: dict) ->
         atomic_write_json(files["tables_json"], {"folds": folds, "paper": PAPER,
                                                  "classifiers": rows, "screening": screen})
         plot_tables(rows, files["tables_png"], f"{config.name}: F1 and accuracy, paper vs "
-                                               f"ours ({len(records)} folds)")
+                                               f"ours ({n_folds(len(records))})")
     print(text, flush=True)
     report = dict(report)
     report["files"] = {**report.get("files", {}), **files}

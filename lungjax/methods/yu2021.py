@@ -31,6 +31,7 @@ from lungjax.data.dense_sampling import RoiSampler, roi_sampler
 from lungjax.data.pipeline import StoreTrainData, Targets
 from lungjax.data.sampler import (NODULE, RANDOM_NEG, SAMPLE_DTYPE, SamplerConfig,
                                   malignant_label, pool_rows, round_half_up, scan_info)
+from lungjax.evaluation.reports import n_folds
 from lungjax.registry import CV_REPORTS, SAMPLERS, STAGE_CONFIGS, STAGES
 
 # The paper's held-out figures (Yu et al. 2021, Results).
@@ -357,7 +358,7 @@ def cv_tables(config, workdir: str, records: Sequence[dict], report: dict) -> di
     paper = {"dice": float("nan"), "large_nodule_dice": PAPER["dice_large"],
              "accuracy": PAPER["accuracy"], "roc_auc": PAPER["roc_auc"],
              "specificity": PAPER["specificity"]}
-    lines = [f"# {config.name}: {len(records)} folds, mean over folds", "",
+    lines = [f"# {config.name}: {n_folds(len(records))}, mean over folds", "",
              "| run | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|",
              "| paper | " + " | ".join("-" if not np.isfinite(paper[c]) else f"{paper[c]:.3f}"
                                       for c in cols) + " |"]
