@@ -3,16 +3,19 @@
     python -m lungjax.main --config=configs/dou2017.py[:variant] [--workdir=DIR] \
         [--mode=train|cv|evaluate|export] [--restart] [--config.a.b=value ...]
 
-Without ``--workdir`` the run goes to ``runs/<config.name>``. Multi-host: pass
+Without ``--workdir`` the run goes to ``runs/<config.name>``. Multi-host: under ``srun``,
+on a Cloud TPU pod slice, with Open MPI or on Kubernetes the processes find each other
+(JAX's cluster detection, ``lungjax.sharding.initialize_distributed``); elsewhere pass
 ``--coordinator=host:port --num_processes=N --process_id=i`` (or the LUNGJAX_* env vars).
+Cross-validation over a scheduler: ``--mode=cv --cv_launch=slurm|k8s|local``
+(``lungjax/cv_launch.py``).
 """
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import os
 import re
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -27,25 +30,20 @@ flags.DEFINE_bool("restart", False, "Start over every stage whose folder holds r
 flags.DEFINE_string("coordinator", None, "Multi-host coordinator address host:port.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's id.")
+flags.DEFINE_enum("cv_launch", None, ["slurm", "k8s", "local"],
+                  "--mode=cv over a scheduler, one job per fold, then the report: write "
+                  "SLURM scripts or a Kubernetes JobSet (never submitted), or run the folds "
+                  "as local processes (lungjax/cv_launch.py).")
+flags.DEFINE_integer("cv_parallel", 1, "--cv_launch=local: folds running at once.")
+flags.DEFINE_integer("cv_nodes", 1, "--cv_launch=slurm: nodes per fold job (one multi-host "
+                     "run each).")
+flags.DEFINE_string("cv_image", "", "--cv_launch=k8s: the container image with lungjax.")
+flags.DEFINE_string("cv_volume", "", "--cv_launch=k8s: the PersistentVolumeClaim holding "
+                    "--workdir and the data cache.")
+flags.DEFINE_enum("cv_step", "all", ["all", "prepare", "folds", "report"],
+                  "--mode=cv, one step: the data only, the folds without the report, or the "
+                  "report from the folds that finished (what --cv_launch's jobs run).")
 flags.mark_flags_as_required(["config"])
-
-
-def _runs_on_cpu() -> bool:
-    """Whether JAX will compute on the CPU, decided without starting a backend.
-
-    ``jax_platforms`` (``JAX_PLATFORMS``) decides when set; unset, JAX prefers an
-    accelerator whose plugin is installed (GPU: a ``jax_plugins`` package or entry point;
-    TPU: ``libtpu``), so such an install counts as not CPU even on a machine without the
-    device (the malloc setting is then left alone).
-    """
-    import jax
-
-    platforms = jax.config.jax_platforms
-    if platforms:
-        return platforms.split(",")[0].strip().lower() == "cpu"
-    if importlib.metadata.entry_points(group="jax_plugins"):
-        return False
-    return not any(importlib.util.find_spec(m) for m in ("jax_plugins", "libtpu"))
 
 
 def _configure_malloc(config) -> None:
@@ -56,7 +54,9 @@ def _configure_malloc(config) -> None:
     (``lungjax.models.conv.malloc``). The setting only reaches XLA's worker threads if made
     before they exist (set after the backend started, it leaves the faults as they were).
     """
-    if not config.runtime.keep_freed_memory or not _runs_on_cpu():
+    from lungjax.sharding import runs_on_cpu
+
+    if not config.runtime.keep_freed_memory or not runs_on_cpu():
         return
     from lungjax.models.conv.malloc import keep_freed_memory
 
@@ -134,10 +134,28 @@ def _main():
     _configure_malloc(config)  # first: before anything can start a JAX backend
     from lungjax import sharding, stages, train
 
-    sharding.initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+    if FLAGS.cv_launch and FLAGS.mode != "cv":
+        raise ValueError(f"--cv_launch={FLAGS.cv_launch} launches --mode=cv, not "
+                         f"--mode={FLAGS.mode}")
+    joined = sharding.initialize_distributed(FLAGS.coordinator, FLAGS.num_processes,
+                                             FLAGS.process_id)
+    if joined:
+        import jax
+
+        print(f"multi-host run ({joined}): process {jax.process_index()} of "
+              f"{jax.process_count()}, {jax.device_count()} devices", flush=True)
     train.validate_config(config)
     workdir = FLAGS.workdir or os.path.join("runs", config.name)
-    stages.run(FLAGS.mode, config, workdir, restart=FLAGS.restart)
+    if FLAGS.cv_launch:
+        from lungjax import cv_launch
+
+        out = cv_launch.launch(FLAGS.cv_launch, sys.argv[1:], config, workdir,
+                               parallel=FLAGS.cv_parallel, nodes=FLAGS.cv_nodes,
+                               image=FLAGS.cv_image, volume=FLAGS.cv_volume)
+        if out.get("failed"):
+            raise SystemExit(1)
+        return
+    stages.run(FLAGS.mode, config, workdir, restart=FLAGS.restart, cv_step=FLAGS.cv_step)
 
 
 if __name__ == "__main__":

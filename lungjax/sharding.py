@@ -8,6 +8,8 @@ batch and ``jax.make_array_from_process_local_data`` assembles the global array.
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
 from typing import Any, Callable
 
@@ -18,28 +20,82 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
+def runs_on_cpu() -> bool:
+    """Whether JAX will compute on the CPU, decided without starting a backend.
+
+    ``jax_platforms`` (``JAX_PLATFORMS``) decides when set; unset, JAX prefers an
+    accelerator whose plugin is installed (GPU: a ``jax_plugins`` package or entry point;
+    TPU: ``libtpu``), so such an install counts as not CPU even on a machine without the
+    device.
+    """
+    platforms = jax.config.jax_platforms
+    if platforms:
+        return platforms.split(",")[0].strip().lower() == "cpu"
+    if importlib.metadata.entry_points(group="jax_plugins"):
+        return False
+    return not any(importlib.util.find_spec(m) for m in ("jax_plugins", "libtpu"))
+
+
+def detect_cluster() -> tuple[str, int] | None:
+    """(name, process count) of the multi-process cluster environment JAX's own
+    ``jax.distributed.initialize()`` would join (SLURM under ``srun``, Open MPI, a Cloud
+    TPU pod slice on GCE or GKE, Kubernetes, as the installed JAX supports them), or None
+    when there is none or it runs a single process.
+
+    JAX keeps its detectors in ``jax._src.clusters`` (``ClusterEnv``); they are read here
+    so that lungjax joins exactly the clusters JAX itself would. An environment JAX only
+    uses when asked (mpi4py) does not count.
+    """
+    try:
+        from jax._src import clusters
+        envs = list(clusters.ClusterEnv._cluster_types)
+    except (ImportError, AttributeError):  # a JAX without the detectors: explicit flags only
+        return None
+    for env in envs:
+        if getattr(env, "opt_in_only_method", False):
+            continue
+        try:
+            if env.is_env_present():
+                return str(getattr(env, "name", env.__name__)), int(env.get_process_count())
+        except Exception:  # noqa: BLE001  a detector that cannot read its environment
+            continue
+    return None
+
+
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
-                           process_id: int | None = None) -> bool:
-    """Starts multi-host JAX when asked to (flags first, then environment).
+                           process_id: int | None = None) -> str | None:
+    """Starts multi-host JAX when the flags, the environment or the cluster ask for it.
 
-    The environment variables ``LUNGJAX_COORDINATOR`` (host:port), ``LUNGJAX_NUM_PROCESSES``
-    and ``LUNGJAX_PROCESS_ID`` stand in for missing arguments. On CPU, cross-process
-    collectives go through gloo. Returns True when ``jax.distributed`` was initialised.
+    In order: the arguments; the environment variables ``LUNGJAX_COORDINATOR``
+    (host:port), ``LUNGJAX_NUM_PROCESSES`` and ``LUNGJAX_PROCESS_ID`` for missing ones;
+    with neither, the cluster JAX detects (:func:`detect_cluster`: SLURM, Open MPI, Cloud
+    TPU, Kubernetes), joined through ``jax.distributed.initialize()``'s own discovery.
+    On CPU, cross-process collectives go through gloo (accelerators use their own).
+
+    Returns:
+      How the run was joined ("flags", or the cluster's name), or None for a
+      single-process run.
     """
     coordinator_address = coordinator_address or os.environ.get("LUNGJAX_COORDINATOR")
     if num_processes is None and os.environ.get("LUNGJAX_NUM_PROCESSES"):
         num_processes = int(os.environ["LUNGJAX_NUM_PROCESSES"])
     if process_id is None and os.environ.get("LUNGJAX_PROCESS_ID"):
         process_id = int(os.environ["LUNGJAX_PROCESS_ID"])
-    if not coordinator_address or (num_processes or 1) <= 1:
-        return False
-    if process_id is None:
+    explicit = bool(coordinator_address) and (num_processes or 1) > 1
+    cluster = None if explicit or coordinator_address else detect_cluster()
+    if not explicit and (cluster is None or cluster[1] <= 1):
+        return None
+    if explicit and process_id is None:
         raise ValueError("multi-host run: --process_id (or LUNGJAX_PROCESS_ID) is required")
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
-    return True
+    if runs_on_cpu():
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if explicit:
+        jax.distributed.initialize(coordinator_address=coordinator_address,
+                                   num_processes=num_processes, process_id=process_id)
+        return "flags"
+    jax.distributed.initialize()
+    return cluster[0]
 
 
 def make_mesh(devices: Any = None) -> Mesh:

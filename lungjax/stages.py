@@ -49,6 +49,7 @@ from lungjax.atomic import atomic_write_json
 from lungjax.configcheck import OPEN_SECTIONS, as_dict
 from lungjax.metrics_log import banner
 from lungjax.registry import CV_REPORTS, DETECTORS, STAGE_EXPORTS, STAGES
+from lungjax.runlock import run_folder_lock
 
 STAGE_RECORD = "stage.json"
 STAGE_CONFIG = "stage_config.json"  # what the stage computes from, written when it starts
@@ -492,8 +493,16 @@ def _merge_stage(dst: ConfigDict, src: Mapping[str, Any], where: str) -> None:
 def run_fold(config, fold_dir: str, *, variants: bool = False, evaluate_only: bool = False,
              engines: dict | None = None, restart: bool = False) -> dict:
     """The method on one fold (``config.data.fold`` held out); returns the fold record
-    (also ``<fold_dir>/fold.json``)."""
-    os.makedirs(fold_dir, exist_ok=True)
+    (also ``<fold_dir>/fold.json``). The fold's folder is held for the run
+    (:func:`lungjax.runlock.run_folder_lock`): a second run on it stops at once."""
+    with run_folder_lock(fold_dir, process_index=jax.process_index(),
+                         process_count=jax.process_count()):
+        return _run_fold(config, fold_dir, variants=variants, evaluate_only=evaluate_only,
+                         engines=engines, restart=restart)
+
+
+def _run_fold(config, fold_dir: str, *, variants: bool, evaluate_only: bool,
+              engines: dict | None, restart: bool) -> dict:
     t0 = time.perf_counter()
     ctx = fold_context(config, fold_dir, evaluate_only, engines)
     for vname in config.cv.variants if variants else ():  # checked before anything runs
@@ -550,16 +559,17 @@ def print_fold(record: dict, fold_dir: str) -> None:
 # ----------------------------------------------------------------------------------
 
 
-def run(mode: str, config, workdir: str, *, restart: bool = False) -> dict:
+def run(mode: str, config, workdir: str, *, restart: bool = False, cv_step: str = "all"
+        ) -> dict:
     """``--mode``: train | evaluate | cv | export (see the module docstring); ``restart``:
-    see :func:`run_stages`."""
+    see :func:`run_stages`; ``cv_step``: see :func:`cross_validate`."""
     if mode in ("train", "evaluate"):
         banner(f"{config.name}: fold {config.data.fold} in {workdir}")
         record = run_fold(config, workdir, evaluate_only=mode == "evaluate", restart=restart)
         print_fold(record, workdir)
         return record
     if mode == "cv":
-        return cross_validate(config, workdir, restart=restart)
+        return cross_validate(config, workdir, restart=restart, step=cv_step)
     if mode == "export":
         return export(config, workdir)
     raise ValueError(f"unknown mode {mode!r} (train | cv | evaluate | export)")
@@ -569,22 +579,52 @@ def cv_folds(config) -> list[int]:
     return [int(k) for k in (list(config.cv.folds) or range(config.data.num_folds))]
 
 
-def cross_validate(config, workdir: str, *, restart: bool = False) -> dict:
-    """Every fold of ``cv.folds`` (each resumable: finished stages are skipped) with the
-    variants, then the reports."""
-    from lungjax.evaluation.reports import cv_report
+CV_STEPS = ("all", "prepare", "folds", "report")
 
-    records, engines = [], {}
+
+def cross_validate(config, workdir: str, *, restart: bool = False, step: str = "all") -> dict:
+    """Cross-validation over ``cv.folds``, whole or one step of it (``step``):
+
+    * "all": every fold (each resumable: finished stages are skipped) with the variants,
+      then the reports;
+    * "prepare": only the data (generated and preprocessed once, for fold jobs that start
+      together, ``lungjax.cv_launch``);
+    * "folds": the folds, no report (one job of a scheduler's array);
+    * "report": the reports from the folds that finished (``fold_<k>/fold.json``); the
+      others are listed as missing, in the report and on the console.
+    """
+    from lungjax.evaluation.reports import cv_report
+    from lungjax.train_data import prepare_data
+
+    if step not in CV_STEPS:
+        raise ValueError(f"cv step {step!r}: expected one of {CV_STEPS}")
+    if step == "prepare":
+        return {"store": prepare_data(config)}
+    records, missing, engines = [], [], {}
     for k in cv_folds(config):
         fold_dir = os.path.join(workdir, f"fold_{k}")
+        if step == "report":
+            rec = read_json(os.path.join(fold_dir, FOLD_RECORD))
+            if rec is None:
+                missing.append(k)
+            else:
+                records.append(rec)
+            continue
         cfg = fold_config(config, k)
         rec = run_fold(cfg, fold_dir, variants=True, engines=engines, restart=restart)
         print_fold(rec, fold_dir)
         records.append(rec)
+    if step == "folds":
+        return {"folds": [int(r["fold"]) for r in records]}
+    if missing:
+        print(f"cross-validation: fold(s) {missing} have not finished (no fold.json); the "
+              f"report covers folds {[int(r['fold']) for r in records]}", flush=True)
+    if not records:
+        raise ValueError(f"{workdir}: no finished fold of {cv_folds(config)} to report on")
     out = os.path.join(workdir, "cv")
     report = cv_report([fold_metrics(r) for r in records], out,
                        title=f"{config.name}: {len(records)}-fold cross-validation",
-                       pooled=pooled_froc(config, records))
+                       pooled=pooled_froc(config, records), missing_folds=missing)
     print(f"cross-validation report: {report.get('files', out)}", flush=True)
     if config.cv.report:
         report = CV_REPORTS.get(config.cv.report)(config, workdir, records, report)

@@ -114,10 +114,12 @@ def test_malloc_setting_applies_only_when_asked_and_on_cpu(monkeypatch):
     cli._configure_malloc(cfg)
     assert calls == []  # off by default: it raises peak memory (configs/base.py)
     cfg.runtime.keep_freed_memory = True
-    monkeypatch.setattr(cli, "_runs_on_cpu", lambda: True)
+    from lungjax import sharding
+
+    monkeypatch.setattr(sharding, "runs_on_cpu", lambda: True)
     cli._configure_malloc(cfg)
     assert calls == [1]
-    monkeypatch.setattr(cli, "_runs_on_cpu", lambda: False)
+    monkeypatch.setattr(sharding, "runs_on_cpu", lambda: False)
     cli._configure_malloc(cfg)
     assert calls == [1]  # not on an accelerator
 

@@ -234,7 +234,8 @@ def plot_fold_metrics(summary: Mapping[str, Any], path: str | os.PathLike, *,
 def cv_report(fold_results: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike,
               title: str, *, pooled: FrocResult | None = None,
               systems: Mapping[str, FrocResult] | None = None, ddof: int = 1,
-              digits: int = 4, metrics: Sequence[str] | None = None) -> dict:
+              digits: int = 4, metrics: Sequence[str] | None = None,
+              missing_folds: Sequence[int] = ()) -> dict:
     """Writes a cross-validation report into ``out_dir``.
 
     Files (each written atomically):
@@ -259,10 +260,12 @@ def cv_report(fold_results: Sequence[Mapping[str, Any]], out_dir: str | os.PathL
       digits: decimals in the Markdown tables.
       metrics: flattened metric names to report, in order (None = all; see
         :func:`summarize_folds`).
+      missing_folds: folds of the cross-validation that have not finished (named under
+        the title).
 
     Returns:
       dict with "title", "folds", "metrics" (see :func:`summarize_folds`), "pooled"
-      (FrocResult.to_json() or None), "systems" and "files" {kind: path}.
+      (FrocResult.to_json() or None), "systems", "missing_folds" and "files" {kind: path}.
     """
     if not fold_results:
         raise ValueError("cv_report: no fold results")
@@ -271,7 +274,11 @@ def cv_report(fold_results: Sequence[Mapping[str, Any]], out_dir: str | os.PathL
     summary = summarize_folds(fold_results, ddof=ddof, metrics=metrics)
     names = list(summary["metrics"])
     md = [f"# {title}", "", f"{n_folds(len(fold_results))}; mean ± std over folds "
-          f"(std with ddof={ddof}).", "", "## Per fold", ""]
+          f"(std with ddof={ddof}).", ""]
+    if missing_folds:
+        md += [f"Not finished (not in this report): fold(s) "
+               f"{', '.join(str(int(k)) for k in missing_folds)}.", ""]
+    md += ["## Per fold", ""]
     if names:
         md.append("| Fold | " + " | ".join(names) + " |")
         md.append("|" + "---|" * (len(names) + 1))
@@ -327,6 +334,7 @@ def cv_report(fold_results: Sequence[Mapping[str, Any]], out_dir: str | os.PathL
         plot_froc_curves(systems, files["systems_png"], title=f"FROC: {title}")
     report = {
         "title": title,
+        "missing_folds": [int(k) for k in missing_folds],
         **summary,
         "pooled": None if pooled is None else pooled.to_json(),
         "systems": {k: v.to_json() for k, v in (systems or {}).items()},
