@@ -36,6 +36,24 @@ def run_until_killed(script: str, workdir) -> None:
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
 
 
+def run_together(commands, timeout: float = 400) -> list[str]:
+    """Starts every ``(argv, env)`` at once (e.g. the processes of one multi-host run),
+    waits for all, checks each exited 0; returns their outputs (stdout + stderr)."""
+    procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for argv, env in commands]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+    return outs
+
+
 @pytest.fixture(scope="session")
 def luna16_tables_dir() -> pathlib.Path:
     """The real LUNA16 reference tables (``../shared/luna16``), or a skip."""

@@ -15,6 +15,7 @@ import textwrap
 import numpy as np
 import pytest
 import yaml
+from conftest import run_together
 
 from lungjax import cv_launch, sharding
 from lungjax.runlock import RunFolderBusy, run_folder_lock
@@ -91,24 +92,10 @@ def _slurm_job_id() -> int:
 
 def _run_workers(tmp_path, envs, tag):
     base = {k: v for k, v in os.environ.items() if k not in SLURM_VARS}
-    procs = []
-    for i, extra in enumerate(envs):
-        env = dict(base, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", **extra)
-        procs.append(subprocess.Popen(
-            [sys.executable, "-c", WORKER.format(tests=str(TESTS)), str(tmp_path / tag),
-             str(tmp_path / f"{tag}{i}.npy")],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=400)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-4000:]
-    return outs
+    return run_together([([sys.executable, "-c", WORKER.format(tests=str(TESTS)),
+                           str(tmp_path / tag), str(tmp_path / f"{tag}{i}.npy")],
+                          dict(base, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", **extra))
+                         for i, extra in enumerate(envs)])
 
 
 def test_two_processes_under_srun_join_one_run_and_match_one_process(tmp_path):
@@ -226,6 +213,7 @@ CV_CONFIG = textwrap.dedent("""
 
     def get_config(arg=None):
         c = _m.get_config("tiny,steps=4,steps2=2")
+        c.data.cache_dir = {cache!r}  # this test's own: its processes prepare it once
         c.cv.folds = (0, 1)
         c.cv.variants = {{}}
         return c
@@ -238,7 +226,8 @@ def test_local_parallel_cv_writes_the_sequential_report(tmp_path):
     processes at once, then the report; the same figures as ``--mode=cv`` in one process.
     A report run before any fold finished names the missing folds."""
     cfg = tmp_path / "dou_cv.py"
-    cfg.write_text(CV_CONFIG.format(path=str(ROOT / "configs" / "dou2017.py")))
+    cfg.write_text(CV_CONFIG.format(path=str(ROOT / "configs" / "dou2017.py"),
+                                    cache=str(tmp_path / "data_cache")))
 
     def main(*args):
         r = subprocess.run([sys.executable, "-m", "lungjax.main", f"--config={cfg}", *args],

@@ -3,11 +3,11 @@
 import os
 import pathlib
 import socket
-import subprocess
 import sys
 import textwrap
 
 import numpy as np
+from conftest import run_together
 
 TESTS = pathlib.Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -48,27 +48,16 @@ def _free_port() -> int:
 
 def test_two_processes_train_and_agree(tmp_path):
     port = _free_port()
-    procs = []
+    commands = []
     for pid in range(2):
         env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
                    XLA_FLAGS="--xla_force_host_platform_device_count=2",
                    LUNGJAX_COORDINATOR=f"127.0.0.1:{port}", LUNGJAX_NUM_PROCESSES="2",
                    LUNGJAX_PROCESS_ID=str(pid))
-        procs.append(subprocess.Popen(
-            [sys.executable, "-c", WORKER.format(tests=str(TESTS)), str(tmp_path / "run"),
-             str(tmp_path / f"params{pid}.npy"), str(tmp_path / f"sampler{pid}.npy")],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outs = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=400)
-            outs.append(out)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-4000:]
+        commands.append(([sys.executable, "-c", WORKER.format(tests=str(TESTS)),
+                          str(tmp_path / "run"), str(tmp_path / f"params{pid}.npy"),
+                          str(tmp_path / f"sampler{pid}.npy")], env))
+    outs = run_together(commands)
     p0, p1 = (np.load(tmp_path / f"params{i}.npy") for i in range(2))
     np.testing.assert_array_equal(p0, p1)
     assert np.all(np.isfinite(p0))
