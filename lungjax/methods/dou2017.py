@@ -123,7 +123,8 @@ def write_tables(config, workdir: str, records: Sequence[dict], report: dict) ->
                              f"({NAMES[main]})",
                        pooled=systems.get(main),
                        systems={NAMES[n]: s for n, s in systems.items()}
-                       if len(systems) > 1 else None)
+                       if len(systems) > 1 else None,
+                       missing_folds=report.get("missing_folds", ()))
 
     n_scans = sum(len(r["uids"]) for r in records)
     md = [f"# {config.name}: the paper's tables", "",

@@ -408,7 +408,8 @@ def table1(config, workdir: str, records: Sequence[dict], report: dict) -> dict:
     out = cv_report(per_fold, os.path.join(workdir, "table1"),
                     title=f"{config.name}: Table 1 ({len(records)}-fold cross-validation; "
                           "single model, fixed-anchor ablation, ensemble)",
-                    pooled=pooled["single model"], systems=pooled)
+                    pooled=pooled["single model"], systems=pooled,
+                    missing_folds=report.get("missing_folds", ()))
     for name, r in pooled.items():
         sens = " ".join(f"{s:.3f}" for s in np.asarray(r.sensitivities))
         print(f"{name:>14}: {sens}  CPM {r.cpm:.4f}  FROC[new] {r.froc_new:.4f}", flush=True)
