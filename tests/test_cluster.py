@@ -15,7 +15,7 @@ import textwrap
 import numpy as np
 import pytest
 import yaml
-from conftest import run_together
+from conftest import load_config, run_together
 
 from lungjax import cv_launch, sharding
 from lungjax.runlock import RunFolderBusy, run_folder_lock
@@ -74,6 +74,7 @@ WORKER = textwrap.dedent("""
     flat = np.concatenate([np.asarray(x).ravel() for x in
                            jax.tree_util.tree_leaves(jax.device_get(r["state"].params))])
     np.save(sys.argv[2], flat)
+    np.save(sys.argv[2].replace(".npy", "_sampler.npy"), data.state_dict()["last_loss"])
 """)
 
 
@@ -114,6 +115,11 @@ def test_two_processes_under_srun_join_one_run_and_match_one_process(tmp_path):
     p0, p1, ref = (np.load(tmp_path / n) for n in ("slurm0.npy", "slurm1.npy", "single0.npy"))
     np.testing.assert_array_equal(p0, p1)
     np.testing.assert_allclose(p0, ref, rtol=1e-5, atol=1e-6)
+    # every host fed the *global* batch's outputs to its sampler: identical host state
+    s0, s1 = (np.load(tmp_path / f"slurm{i}_sampler.npy") for i in range(2))
+    np.testing.assert_array_equal(s0, s1)
+    assert np.isfinite(s0).sum() >= 16  # at least one global batch of distinct samples seen
+    assert sorted(os.listdir(tmp_path / "slurm" / "checkpoints"))[:2] == ["2", "4"]
     print(f"2 processes x 2 devices vs 1 x 4: max |diff| {np.abs(p0 - ref).max():.2e} over "
           f"{p0.size} parameters")
 
@@ -221,7 +227,7 @@ CV_CONFIG = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_local_parallel_cv_writes_the_sequential_report(tmp_path):
+def test_local_parallel_cv_writes_the_sequential_report(tmp_path, capsys):
     """``--cv_launch=local --cv_parallel=2``: dou2017 ``tiny`` folds 0 and 1 as two
     processes at once, then the report; the same figures as ``--mode=cv`` in one process.
     A report run before any fold finished names the missing folds."""
@@ -245,7 +251,8 @@ def test_local_parallel_cv_writes_the_sequential_report(tmp_path):
                f"--workdir={tmp_path / 'par'}")
     t_par = time.perf_counter() - t0
     assert "cv: fold 0 done" in par and "cv: fold 1 done" in par
-    print(f"tiny 2-fold CV: local --cv_parallel=2 {t_par:.0f} s, sequential {t_seq:.0f} s")
+    with capsys.disabled():
+        print(f"tiny 2-fold CV: local --cv_parallel=2 {t_par:.0f} s, sequential {t_seq:.0f} s")
     a, b = (json.loads((tmp_path / d / "cv" / "cv_report.json").read_text())
             for d in ("par", "seq"))
     assert a["folds"] == b["folds"] == ["0", "1"] and a["missing_folds"] == []
@@ -257,9 +264,11 @@ def test_local_parallel_cv_writes_the_sequential_report(tmp_path):
                                    np.asarray(b["metrics"][name]["per_fold"], float),
                                    rtol=1e-4, atol=1e-6, equal_nan=True, err_msg=name)
     # the report step alone, with fold 1 unfinished: fold 0's report, fold 1 named
+    from lungjax import stages
+
     os.remove(tmp_path / "seq" / "fold_1" / "fold.json")
-    out = main("--mode=cv", "--cv_step=report", f"--workdir={tmp_path / 'seq'}")
-    assert "fold(s) [1] have not finished" in out
+    stages.run("cv", load_config(cfg), str(tmp_path / "seq"), cv_step="report")
+    assert "fold(s) [1] have not finished" in capsys.readouterr().out
     rep = json.loads((tmp_path / "seq" / "cv" / "cv_report.json").read_text())
     assert rep["folds"] == ["0"] and rep["missing_folds"] == [1]
     assert "Not finished (not in this report): fold(s) 1." in (

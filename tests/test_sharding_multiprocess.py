@@ -1,69 +1,50 @@
-"""Two processes on localhost (CPU collectives over gloo) train together and agree."""
+"""Multi-host start-up from explicit flags or LUNGJAX_* variables (what is passed to
+``jax.distributed.initialize``); two real processes joining one run are in
+``test_cluster.py`` (SLURM's environment, no flags)."""
 
-import os
-import pathlib
-import socket
-import sys
-import textwrap
+import jax
+import pytest
 
-import numpy as np
-from conftest import run_together
+from lungjax import sharding
 
-TESTS = pathlib.Path(__file__).resolve().parent
-ROOT = TESTS.parent
-
-WORKER = textwrap.dedent("""
-    import os, sys
-    import numpy as np
-    sys.path.insert(0, {tests!r})
-    from lungjax import sharding
-    assert sharding.initialize_distributed()  # from the LUNGJAX_* environment
-    import jax
-    from test_engine import tiny_config, toy_patches
-    from lungjax import train
-    from lungjax.train_data import ArrayTrainData
-
-    c = tiny_config(num_steps=4, checkpoint_every=2, log_every=2)
-    c.evals.patches.every_steps = 0
-    images, labels = toy_patches(64)
-    data = ArrayTrainData(images[:48], labels[:48], batch_size=8, seed=1,
-                          val_images=images[48:], val_labels=labels[48:],
-                          process_index=jax.process_index(),
-                          process_count=jax.process_count())
-    r = train.train_and_evaluate(c, sys.argv[1], data=data)
-    assert jax.device_count() == 4 and jax.process_count() == 2
-    flat = np.concatenate([np.asarray(x).ravel() for x in
-                           jax.tree_util.tree_leaves(jax.device_get(r["state"].params))])
-    np.save(sys.argv[2], flat)
-    np.save(sys.argv[3], data.state_dict()["last_loss"])
-    print("AUC", r["eval/patches"]["auc"])
-""")
+ENV = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+       "SLURM_LOCALID", "LUNGJAX_COORDINATOR", "LUNGJAX_NUM_PROCESSES", "LUNGJAX_PROCESS_ID")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture
+def calls(monkeypatch):
+    """jax.distributed.initialize and jax.config.update, recorded instead of run."""
+    seen = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: seen.append(("init", kw)))
+    monkeypatch.setattr(jax.config, "update", lambda k, v: seen.append(("config", k, v)))
+    for v in ENV:
+        monkeypatch.delenv(v, raising=False)
+    return seen
 
 
-def test_two_processes_train_and_agree(tmp_path):
-    port = _free_port()
-    commands = []
-    for pid in range(2):
-        env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-                   XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                   LUNGJAX_COORDINATOR=f"127.0.0.1:{port}", LUNGJAX_NUM_PROCESSES="2",
-                   LUNGJAX_PROCESS_ID=str(pid))
-        commands.append(([sys.executable, "-c", WORKER.format(tests=str(TESTS)),
-                          str(tmp_path / "run"), str(tmp_path / f"params{pid}.npy"),
-                          str(tmp_path / f"sampler{pid}.npy")], env))
-    outs = run_together(commands)
-    p0, p1 = (np.load(tmp_path / f"params{i}.npy") for i in range(2))
-    np.testing.assert_array_equal(p0, p1)
-    assert np.all(np.isfinite(p0))
-    # every host fed the *global* batch's outputs to its sampler: identical host state
-    s0, s1 = (np.load(tmp_path / f"sampler{i}.npy") for i in range(2))
-    np.testing.assert_array_equal(s0, s1)
-    assert np.isfinite(s0).sum() >= 16  # at least one global batch of distinct samples seen
-    assert sorted(os.listdir(tmp_path / "run" / "checkpoints"))[:2] == ["2", "4"]
-    assert "AUC" in outs[0]
+def test_flags_and_lungjax_variables_start_a_run_and_win_over_the_cluster(calls, monkeypatch):
+    monkeypatch.setattr(sharding, "runs_on_cpu", lambda: True)
+    monkeypatch.setenv("LUNGJAX_COORDINATOR", "10.0.0.1:1234")
+    monkeypatch.setenv("LUNGJAX_NUM_PROCESSES", "4")
+    monkeypatch.setenv("LUNGJAX_PROCESS_ID", "2")
+    for k, v in {"SLURM_JOB_ID": "9", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "8",
+                 "SLURM_PROCID": "5", "SLURM_LOCALID": "0"}.items():
+        monkeypatch.setenv(k, v)  # a cluster is there too: the explicit setting wins
+    assert sharding.initialize_distributed() == "flags"
+    assert calls == [("config", "jax_cpu_collectives_implementation", "gloo"),
+                     ("init", {"coordinator_address": "10.0.0.1:1234", "num_processes": 4,
+                               "process_id": 2})]
+    calls.clear()
+    # arguments (the command line's flags) win over the variables
+    assert sharding.initialize_distributed("h:1", 2, 1) == "flags"
+    assert calls[-1] == ("init", {"coordinator_address": "h:1", "num_processes": 2,
+                                  "process_id": 1})
+
+
+def test_gloo_only_on_cpu_and_a_process_id_is_required(calls, monkeypatch):
+    monkeypatch.setattr(sharding, "runs_on_cpu", lambda: False)
+    assert sharding.initialize_distributed("h:1", 2, 0) == "flags"
+    assert [c[0] for c in calls] == ["init"]  # no gloo on an accelerator
+    with pytest.raises(ValueError, match="--process_id"):
+        sharding.initialize_distributed("h:1", 2, None)
+    assert sharding.initialize_distributed("h:1", 1, 0) is None  # one process: no start
