@@ -859,6 +859,7 @@ def _run_scans(method: ExportedMethod, scans: Sequence[str], args) -> int:
             record["scans"][uid] = {"path": path, "marks": len(marks),
                                     "lung_mask": mask or "threshold", "png": png,
                                     "masks": mask_files, "maps": map_files,
+                                    **({"series": info["series"]} if "series" in info else {}),
                                     "shape_zyx": info["shape_zyx"],
                                     "seconds": {k: round(v, 3) for k, v in sec.items()}}
         all_marks = Marks.concatenate(parts)

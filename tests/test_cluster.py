@@ -218,18 +218,24 @@ CV_CONFIG = textwrap.dedent("""
     _m = importlib.util.module_from_spec(_spec); _spec.loader.exec_module(_m)
 
     def get_config(arg=None):
-        c = _m.get_config("tiny,steps=4,steps2=2")
+        c = _m.get_config("tiny,steps=4")
         c.data.cache_dir = {cache!r}  # this test's own: its processes prepare it once
+        # The FCN stage alone (held-out patch figures per fold): the fan-out, not the
+        # method, is under test, and each fold process compiles its own networks.
+        c.stages = dict(fcn=c.stages.fcn.to_dict())
+        c.stage_order = ("fcn",)
         c.cv.folds = (0, 1)
         c.cv.variants = {{}}
+        c.cv.report = ""
         return c
 """)
 
 
 @pytest.mark.slow
 def test_local_parallel_cv_writes_the_sequential_report(tmp_path, capsys):
-    """``--cv_launch=local --cv_parallel=2``: dou2017 ``tiny`` folds 0 and 1 as two
-    processes at once, then the report; the same figures as ``--mode=cv`` in one process.
+    """``--cv_launch=local --cv_parallel=2``: dou2017 ``tiny`` folds 0 and 1 (its FCN
+    stage) as two processes at once, then the report; the same figures as ``--mode=cv`` in
+    one process.
     A report run before any fold finished names the missing folds."""
     cfg = tmp_path / "dou_cv.py"
     cfg.write_text(CV_CONFIG.format(path=str(ROOT / "configs" / "dou2017.py"),

@@ -258,6 +258,8 @@ def test_cli_runs_an_exported_model_on_every_format_and_survives_bad_scans(tmp_p
     record = json.loads((out / "predict.json").read_text(encoding="utf-8"))
     assert record["scans"]["1.9.1"]["lung_mask"].endswith("seg-lungs-LUNA16/1.9.1.mhd")
     assert record["scans"]["1.9.2"]["lung_mask"] == "threshold"
+    assert record["scans"]["1.9.4"]["series"] == "1.2.826.0.1.3680043.2.1125.1"  # DICOM
+    assert "series" not in record["scans"]["1.9.1"]
     assert len(record["failed"]) == 2
     assert not list(out.rglob(".tmp-*"))
     # Without pictures: the same marks, no PNG.
