@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import time
+import warnings
 from typing import Iterator
 
 LOCK_NAME = ".lungjax.lock"
@@ -56,6 +57,9 @@ def run_folder_lock(folder: str | os.PathLike, *, process_index: int = 0,
         except BlockingIOError:
             raise RunFolderBusy(f"{folder}: in use by another run ({_holder(path)}); wait "
                                 "for it to finish or give this run another --workdir") from None
+        except OSError as e:  # a file system without locks (some network mounts)
+            warnings.warn(f"{folder}: cannot lock the run folder ({e.strerror}); two runs on "
+                          "it would not be stopped", stacklevel=3)
         me = {"host": socket.gethostname(), "pid": os.getpid(),
               "process_count": int(process_count),
               "started": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -279,3 +279,17 @@ def test_local_parallel_cv_writes_the_sequential_report(tmp_path, capsys):
     assert rep["folds"] == ["0"] and rep["missing_folds"] == [1]
     assert "Not finished (not in this report): fold(s) 1." in (
         tmp_path / "seq" / "cv" / "cv_report.md").read_text()
+
+
+def test_a_file_system_without_locks_warns_and_runs(tmp_path, monkeypatch):
+    """Some network mounts refuse flock: the run goes on, saying it cannot be guarded."""
+    import errno
+    import fcntl
+
+    def refuse(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    with pytest.warns(UserWarning, match="cannot lock the run folder .No locks available"):
+        with run_folder_lock(tmp_path / "nfs") as path:
+            assert json.loads(pathlib.Path(path).read_text())["pid"] == os.getpid()
