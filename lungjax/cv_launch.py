@@ -34,6 +34,8 @@ import time
 from typing import Sequence
 
 LAUNCHERS = ("slurm", "k8s", "local")
+# The steps of a cross-validation (lungjax.stages.cross_validate), what the jobs run.
+CV_STEPS = ("all", "prepare", "folds", "report")
 # Flags of the launching command line that the jobs must not inherit (the jobs get their
 # own --mode, --cv_step, folds and an absolute --workdir).
 _LAUNCH_FLAGS = ("--cv_launch", "--cv_parallel", "--cv_nodes", "--cv_image", "--cv_volume",

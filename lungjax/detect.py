@@ -103,7 +103,7 @@ class DetectionSettings:
 def detect_volume(predict_fn: Callable, volume_zyx: np.ndarray, geometry: Geometry,
                   mapping: OutputMapping, settings: DetectionSettings, *,
                   lung_mask: np.ndarray | None = None, variables: Any = None,
-                  jit: bool = True) -> Candidates:
+                  jit: bool = True, score_map: bool = False):
     """Candidates of one preprocessed volume.
 
     Args:
@@ -118,15 +118,23 @@ def detect_volume(predict_fn: Callable, volume_zyx: np.ndarray, geometry: Geomet
         with ``lungjax.steps.make_predict_fn``'s function).
       jit: jit ``predict_fn`` (False for a function that is not traceable, e.g. one
         returning numpy).
+      score_map: also return the score map as a volume.
 
     Returns:
-      :class:`lungjax.tasks.screening.Candidates` in the volume's grid and world mm.
+      :class:`lungjax.tasks.screening.Candidates` in the volume's grid and world mm. With
+      ``score_map``: (Candidates, ((D', H', W') float32 nodule probability, the map's
+      Geometry (:func:`score_map_geometry`))).
     """
     scores, cell_map = score_volume(predict_fn, volume_zyx, mapping, settings.tile_zyx,
                                     settings.batch, variables=variables,
                                     input_zyx=settings.input_zyx, jit=jit)
-    return candidates_of_scores(scores, cell_map, geometry, settings, np.shape(volume_zyx),
-                                lung_mask=lung_mask)
+    cands = candidates_of_scores(scores, cell_map, geometry, settings, np.shape(volume_zyx),
+                                 lung_mask=lung_mask)
+    if not score_map:
+        return cands
+    scores = np.reshape(scores, np.shape(scores)[:3])  # (D', H', W'[, 1]) -> (D', H', W')
+    prob = special.expit(scores) if settings.log_odds else scores
+    return cands, (np.asarray(prob, np.float32), score_map_geometry(cell_map, geometry))
 
 
 def candidates_of_scores(scores: np.ndarray, cell_map: OutputMapping, geometry: Geometry,
@@ -181,21 +189,6 @@ def score_map_geometry(cell_map: OutputMapping, geometry: Geometry) -> Geometry:
     stride_xyz = np.asarray(cell_map.stride_zyx, np.float64)[::-1]
     origin = voxel_to_world(np.asarray(cell_map.offset_zyx, np.float64), geometry)
     return Geometry(geometry.spacing * stride_xyz, origin.reshape(3), geometry.direction)
-
-
-def screen_with_map(predict_fn: Callable, volume_zyx: np.ndarray, geometry: Geometry,
-                    mapping: OutputMapping, settings: DetectionSettings, *,
-                    lung_mask: np.ndarray | None = None, jit: bool = False
-                    ) -> tuple[Candidates, tuple[np.ndarray, Geometry]]:
-    """:func:`detect_volume` that also returns its score map: ((D', H', W') float32 nodule
-    probability, the map's Geometry (:func:`score_map_geometry`))."""
-    scores, cell_map = score_volume(predict_fn, volume_zyx, mapping, settings.tile_zyx,
-                                    settings.batch, input_zyx=settings.input_zyx, jit=jit)
-    cands = candidates_of_scores(scores, cell_map, geometry, settings, np.shape(volume_zyx),
-                                 lung_mask=lung_mask)
-    scores = scores[..., 0] if scores.ndim == 4 and scores.shape[-1] == 1 else scores
-    prob = special.expit(scores) if settings.log_odds else scores
-    return cands, (np.asarray(prob, np.float32), score_map_geometry(cell_map, geometry))
 
 
 @dataclasses.dataclass
@@ -547,7 +540,8 @@ def _screening(export_dir: str, changes: Mapping[str, Any]):
 
     def find(volume, geometry, lung):
         # The loaded predictor returns numpy: it runs as is, not under jit.
-        c, prob = screen_with_map(predict, volume, geometry, mapping, settings, lung_mask=lung)
+        c, prob = detect_volume(predict, volume, geometry, mapping, settings, lung_mask=lung,
+                                jit=False, score_map=True)
         return c.world_xyz, c.score, None, {}, {SCREEN_MAPS[0]: prob}
 
     return find, sidecar, settings
@@ -645,8 +639,8 @@ def load_method(export_dir: str | os.PathLike, changes: Mapping[str, Any] | None
                                            else {})}
 
         def find(volume, geometry, lung):
-            c, prob = screen_with_map(predict, volume, geometry, mapping, settings,
-                                      lung_mask=lung)
+            c, prob = detect_volume(predict, volume, geometry, mapping, settings,
+                                    lung_mask=lung, jit=False, score_map=True)
             maps = {SCREEN_MAPS[0]: prob}
             centres = np.rint(c.voxel_zyx).astype(np.int64)
             parts: dict[str, list] = {}

@@ -20,6 +20,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from lungjax.cv_launch import CV_STEPS, LAUNCHERS  # standard library only: no JAX yet
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Method config file[:variant].",
                                 lock_config=True)
@@ -30,7 +32,7 @@ flags.DEFINE_bool("restart", False, "Start over every stage whose folder holds r
 flags.DEFINE_string("coordinator", None, "Multi-host coordinator address host:port.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's id.")
-flags.DEFINE_enum("cv_launch", None, ["slurm", "k8s", "local"],
+flags.DEFINE_enum("cv_launch", None, list(LAUNCHERS),
                   "--mode=cv over a scheduler, one job per fold, then the report: write "
                   "SLURM scripts or a Kubernetes JobSet (never submitted), or run the folds "
                   "as local processes (lungjax/cv_launch.py).")
@@ -40,7 +42,7 @@ flags.DEFINE_integer("cv_nodes", 1, "--cv_launch=slurm: nodes per fold job (one 
 flags.DEFINE_string("cv_image", "", "--cv_launch=k8s: the container image with lungjax.")
 flags.DEFINE_string("cv_volume", "", "--cv_launch=k8s: the PersistentVolumeClaim holding "
                     "--workdir and the data cache.")
-flags.DEFINE_enum("cv_step", "all", ["all", "prepare", "folds", "report"],
+flags.DEFINE_enum("cv_step", "all", list(CV_STEPS),
                   "--mode=cv, one step: the data only, the folds without the report, or the "
                   "report from the folds that finished (what --cv_launch's jobs run).")
 flags.mark_flags_as_required(["config"])

@@ -47,6 +47,7 @@ from ml_collections import ConfigDict
 from lungjax import train as train_lib
 from lungjax.atomic import atomic_write_json
 from lungjax.configcheck import OPEN_SECTIONS, as_dict
+from lungjax.cv_launch import CV_STEPS
 from lungjax.metrics_log import banner
 from lungjax.registry import CV_REPORTS, DETECTORS, STAGE_EXPORTS, STAGES
 from lungjax.runlock import run_folder_lock
@@ -577,9 +578,6 @@ def run(mode: str, config, workdir: str, *, restart: bool = False, cv_step: str 
 
 def cv_folds(config) -> list[int]:
     return [int(k) for k in (list(config.cv.folds) or range(config.data.num_folds))]
-
-
-CV_STEPS = ("all", "prepare", "folds", "report")
 
 
 def cross_validate(config, workdir: str, *, restart: bool = False, step: str = "all") -> dict:

@@ -145,10 +145,11 @@ def test_xie_noduleness_map_is_the_finest_heads_best_anchor_tiled_or_not():
     variables = _numpy_params(XIE, (16, 16, 16), 3, scale=0.1)
     vol = np.random.default_rng(5).random((45, 90, 37), dtype=np.float32)
     kw = dict(multiple=8, variables=variables, score_map=True)
-    *_, (one, stride) = decode_volume(_xie_apply, vol, XIE_CFG, **kw)
+    *_, (one, head) = decode_volume(_xie_apply, vol, XIE_CFG, **kw)
     *_, (tiled, _) = decode_volume(_xie_apply, vol, XIE_CFG, tile_zyx=(16, 32, 64), halo=40,
                                    **kw)
-    assert stride == 2 and one.shape == (23, 45, 19) == tiled.shape
+    assert head == XIE_CFG.head_mapping(0) and head.stride_zyx == (2, 2, 2)
+    assert one.shape == (23, 45, 19) == tiled.shape
     np.testing.assert_allclose(tiled, one, rtol=1e-5, atol=1e-6)
     padded = np.zeros((48, 96, 40), np.float32)
     padded[:45, :90, :37] = vol

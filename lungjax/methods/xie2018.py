@@ -169,7 +169,6 @@ class ExportedAnchorDetector:
         from lungjax.export import load_predictor
         from lungjax.registry import TASKS
         from lungjax.tasks.anchors_decode import detect_volume
-        from lungjax.tasks.screening import OutputMapping
 
         predict, sidecar = load_predictor(export_dir)
         task = TASKS.build(sidecar["task"])
@@ -178,11 +177,10 @@ class ExportedAnchorDetector:
         lung_only = kw.pop("lung_only")
 
         def find(volume, geometry, lung):
-            det, (dense, stride) = detect_volume(predict, volume, task.cfg, jit=False,
-                                                 lung_mask=lung if lung_only else None,
-                                                 score_map=True, **kw)
+            det, (dense, head) = detect_volume(predict, volume, task.cfg, jit=False,
+                                               lung_mask=lung if lung_only else None,
+                                               score_map=True, **kw)
             world = voxel_to_world(det.centre_zyx, geometry).reshape(-1, 3)
-            head = OutputMapping((stride,) * 3, ((stride - 1) / 2.0,) * 3)
             maps = {"noduleness": (dense, score_map_geometry(head, geometry))}
             return world, det.score, det.diameter * float(np.mean(spacing)), {}, maps
 

@@ -229,7 +229,7 @@ def detect_volume(apply_fn: Callable, volume_zyx: np.ndarray, cfg: AnchorConfig,
 
     Returns:
       :class:`Detections` in the volume's voxels; centres outside the volume are dropped.
-      With ``score_map``: (Detections, (map, stride)).
+      With ``score_map``: (Detections, (map, its OutputMapping)).
     """
     sc, ce, di, *dense = decode_volume(apply_fn, volume_zyx, cfg, multiple=multiple,
                                        tile_zyx=tile_zyx, halo=halo, variables=variables,
@@ -285,8 +285,8 @@ def decode_volume(apply_fn: Callable, volume_zyx: np.ndarray, cfg: AnchorConfig,
       the volume (z, y, x); diameters: (N,) float32 voxels. Anchors are grouped by tile
       (one pass: :func:`anchor_table` order); those whose centre decodes outside the
       volume are dropped. With ``score_map`` a fourth item: ((ceil(D/s), ceil(H/s),
-      ceil(W/s)) float32 map, s), s the finest head's stride; cell c is centred at voxel
-      ``(s - 1) / 2 + s * c`` (``AnchorConfig.head_mapping``).
+      ceil(W/s)) float32 map, the finest head's ``AnchorConfig.head_mapping``), s its
+      stride.
     """
     vol = np.asarray(volume_zyx, np.float32)
     if vol.ndim != 3:
@@ -340,7 +340,7 @@ def decode_volume(apply_fn: Callable, volume_zyx: np.ndarray, cfg: AnchorConfig,
     inside = np.all((ce >= -0.5) & (ce < shape - 0.5), axis=1)
     if score_map:
         keep = tuple(slice(0, -(-int(n) // stride)) for n in shape)
-        return sc[inside], ce[inside], di[inside], (dense[keep], stride)
+        return sc[inside], ce[inside], di[inside], (dense[keep], cfg.head_mapping(head))
     return sc[inside], ce[inside], di[inside]
 
 
