@@ -94,8 +94,8 @@ def main(argv=None) -> None:
     p.add_argument("--methods", default=",".join(METHODS))
     a = p.parse_args(argv)
     chips = list(CHIPS)
-    print(f"| method | variant | stage | network | batch x patch | steps | TFLOP/step | "
-          f"PFLOP per fold | " + " | ".join(f"{c} patches/s" for c in chips) + " |")
+    print("| method | variant | stage | network | batch x patch | steps | TFLOP/step | "
+          "PFLOP per fold | " + " | ".join(f"{c} patches/s" for c in chips) + " |")
     print("|---|---|---|---|---|---|---|---|" + "---|" * len(chips))
     totals = {}
     for m in a.methods.split(","):

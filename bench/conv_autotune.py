@@ -80,7 +80,6 @@ import jax.numpy as jnp  # noqa: E402
 
 import conv_nets  # noqa: E402
 from lungjax.atomic import atomic_write_text  # noqa: E402
-from lungjax.models.conv import ops as conv_ops  # noqa: E402
 from lungjax.models.conv import primitives  # noqa: E402
 from lungjax.models.conv import select as conv_select  # noqa: E402
 from lungjax.models.conv import split as conv_split  # noqa: E402

@@ -78,7 +78,7 @@ def main(argv=None) -> None:
               flush=True)
 
     findings = store.findings(uids)
-    print(f"\n| radius (mm) | nodules hit | FPs/scan | median hit distance (mm) |")
+    print("\n| radius (mm) | nodules hit | FPs/scan | median hit distance (mm) |")
     print("|---|---|---|---|")
     for r in radii:
         m = Marks.concatenate(marks[r])

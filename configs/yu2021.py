@@ -151,6 +151,7 @@ def get_config(arg: str | None = None):
     # The method's own fields (lungjax.methods.yu2021).
     c.yu2021 = config_dict.ConfigDict()
     c.yu2021.subcases = 2  # paper: two sub-cases per case along z
+    c.yu2021.subcase_size_zyx = ()  # () = the training patch (the paper trains on them)
     c.yu2021.epochs = 5.0  # a stage's length in epochs (-> train.num_steps)
     c.yu2021.bce_epochs = 2.0  # segmentation: BCE for these epochs, then Dice (paper 3)
     c.yu2021.lr_decay_epochs = (2.5, 3.75)  # x 0.1 at each (paper: 1e-2 -> 1e-3 -> 1e-4)

@@ -83,10 +83,16 @@ def get_config():
     c.sampler.steps_per_round = 0  # 0 = one round for the whole run
     c.sampler.hard_negative_fraction = 0.0  # of negatives drawn from high-loss ones
     c.sampler.slice_context = 5  # balanced_slices: slices kept before/after each nodule; -1 = all
+    # balanced_slices: "middle" = whole slices (crop centred in-plane) | "nodule" = crops
+    # centred on the slice's nodule (positives) or a lung voxel (negatives).
+    c.sampler.slice_centre = "middle"
     c.sampler.roi_balance = True  # nodule_roi: exact malignant share (data.positive_fraction)
     # nodule_roi without roi_balance: times each (benign, malignant) ROI enters a round's
     # pass (oversampling; Shrey et al. repeat benign ROIs 3x: (3, 1)).
     c.sampler.roi_class_repeat = (1, 1)
+    # nodule_roi: leave out training ROIs whose patient (a generated dataset: the LIDC
+    # patient the nodule was taken from) also gave a held-out nodule.
+    c.sampler.roi_split_by_patient = True
     # The pool and its rounds (lungjax.data.sampler.SamplerConfig; data.positive_fraction
     # and sampler.hard_negative_fraction fill its positive_fraction / hard_fraction).
     c.sampler.samples_per_round = 0  # 0 = enough for every positive once
@@ -224,6 +230,7 @@ def get_config():
     c.screening.threshold = 0.35  # a slice is suspicious when its max probability exceeds it
     c.yu2021 = config_dict.ConfigDict()
     c.yu2021.subcases = 2  # sub-cases each case is split into along z
+    c.yu2021.subcase_size_zyx = ()  # their size where not data.patch_size_zyx (empty: it)
     c.yu2021.epochs = 5.0  # segmentation epochs (one = every training sub-case once)
     c.yu2021.bce_epochs = 2.0  # epochs of BCE before the Dice loss takes over
     c.yu2021.lr_decay_epochs = (2.5, 3.75)  # epochs where the learning rate falls 10x

@@ -373,16 +373,22 @@ def read_preprocessed(scan_path: str | os.PathLike, preprocess_cfg: Mapping[str,
 
 
 def write_submission(path: str | os.PathLike, marks: Marks,
-                     diameter_mm: np.ndarray | None = None) -> None:
+                     diameter_mm: np.ndarray | None = None,
+                     columns: Mapping[str, np.ndarray] | None = None) -> None:
     """Writes a LUNA16 submission CSV (atomically); ``diameter_mm`` (M,) adds a
-    diameter_mm column, which the challenge's evaluation ignores."""
-    extra = None
+    diameter_mm column and ``columns`` {name: (M,)} more, which the challenge's
+    evaluation ignores."""
+    extra = {}
+    named = dict(columns or {})
     if diameter_mm is not None:
-        d = np.asarray(diameter_mm, np.float64).reshape(-1)
-        if len(d) != len(marks):
-            raise ValueError(f"{os.fspath(path)}: {len(d)} diameters for {len(marks)} marks")
-        extra = {"diameter_mm": d}
-    write_marks_csv(path, marks, extra)
+        named = {"diameter_mm": diameter_mm, **named}
+    for name, v in named.items():
+        v = np.asarray(v, np.float64).reshape(-1)
+        if len(v) != len(marks):
+            what = "diameters" if name == "diameter_mm" else f"{name} values"
+            raise ValueError(f"{os.fspath(path)}: {len(v)} {what} for {len(marks)} marks")
+        extra[name] = v
+    write_marks_csv(path, marks, extra or None)
 
 
 # ---------------------------------------------------------------------------
@@ -515,9 +521,12 @@ class ExportedMethod:
       find: ``find(volume (D, H, W) float32 in [0, 1], geometry, lung (D, H, W) bool or
         None) -> (world_xyz (K, 3) mm, score (K,) probability, diameter_mm (K,) or None)``,
         optionally followed by ``{name: (D, H, W) mask of the volume}`` (a segmenting
-        method's output; written on the scan's own grid) and ``{name: (map float32, its
+        method's output; written on the scan's own grid), ``{name: (map float32, its
         Geometry)}`` (score maps, e.g. the screening network's nodule probability on its
-        output grid; written with ``--save-maps``).
+        output grid; written with ``--save-maps``) and an ``extra`` dict: "columns"
+        {name: (K,)} (more CSV columns per mark, e.g. shrey2020's
+        malignancy_probability), "tables" {name: {column: (N,)}} (written as
+        ``scans/<uid>_<name>.csv``) and "info" (JSON-able, into predict.json).
       description: the stages it runs, for the console.
       map_names: the score maps ``find`` returns (what ``--save-maps`` writes).
     """
@@ -819,7 +828,7 @@ def _run_scans(method: ExportedMethod, scans: Sequence[str], args) -> int:
     print(f"method: {method.description}; {len(scans)} scan(s) -> {out}", flush=True)
     record: dict[str, Any] = {"model": os.path.abspath(args.model),
                               "method": method.description, "scans": {}, "failed": {}}
-    parts, diameters = [], []
+    parts, diameters, columns = [], [], []
     bar = tqdm(scans, unit="scan", desc="predict", disable=len(scans) < 2)
     for path in bar:
         try:
@@ -828,7 +837,9 @@ def _run_scans(method: ExportedMethod, scans: Sequence[str], args) -> int:
                                                  keep_volume=args.png)
             uid = info["uid"]
             diam = info["diameter_mm"]
-            write_submission(os.path.join(out, "scans", f"{uid}.csv"), marks, diam)
+            write_submission(os.path.join(out, "scans", f"{uid}.csv"), marks, diam,
+                             info["columns"])
+            table_files = write_tables(os.path.join(out, "scans"), uid, info["tables"])
             mask_files = write_masks(os.path.join(out, "masks"), uid, info)
             map_files = (write_masks(os.path.join(out, "maps"), uid, info, "maps")
                          if args.save_maps else {})
@@ -837,7 +848,13 @@ def _run_scans(method: ExportedMethod, scans: Sequence[str], args) -> int:
                 from lungjax.evaluation.plots import plot_findings
 
                 png = os.path.join(out, f"{uid}.png")
-                plot_findings(*pre[0], marks, diam, png, title=uid)
+                masks = info["masks"]
+                notes = [", ".join(f"{k.split('_')[0]} {v[i]:.3f}"
+                                   for k, v in info["columns"].items())
+                         for i in range(len(marks))] if info["columns"] else None
+                plot_findings(*pre[0], marks, diam, png, title=uid,
+                              mask_zyx=next(iter(masks.values()))[0] if len(masks) == 1
+                              and "lung" not in masks else None, notes=notes)
         except (OSError, ValueError, RuntimeError) as e:  # this scan only
             reason = " ".join(str(e).split())
             tqdm.write(f"error: {path}: {reason}", file=sys.stderr)
@@ -850,16 +867,21 @@ def _run_scans(method: ExportedMethod, scans: Sequence[str], args) -> int:
                        f"{mask or 'threshold'}")
             parts.append(marks)
             diameters.append(diam)
+            columns.append(info["columns"])
             record["scans"][uid] = {"path": path, "marks": len(marks),
                                     "lung_mask": mask or "threshold", "png": png,
                                     "masks": mask_files, "maps": map_files,
                                     **({"series": info["series"]} if "series" in info else {}),
+                                    "tables": table_files, **info["info"],
                                     "shape_zyx": info["shape_zyx"],
                                     "seconds": {k: round(v, 3) for k, v in sec.items()}}
         all_marks = Marks.concatenate(parts)
         diam_all = (None if not parts or any(d is None for d in diameters)
                     else np.concatenate(diameters))
-        write_submission(os.path.join(out, "submission.csv"), all_marks, diam_all)
+        names = set(columns[0]) if columns else set()
+        col_all = ({k: np.concatenate([c[k] for c in columns]) for k in columns[0]}
+                   if columns and all(set(c) == names for c in columns) else None)
+        write_submission(os.path.join(out, "submission.csv"), all_marks, diam_all, col_all)
         atomic_write_json(os.path.join(out, "predict.json"), record)
     bar.close()
     n_bad = len(record["failed"])
@@ -867,6 +889,22 @@ def _run_scans(method: ExportedMethod, scans: Sequence[str], args) -> int:
           f"{os.path.join(out, 'submission.csv')}" + (f"; {n_bad} scan(s) failed" if n_bad
                                                       else ""), flush=True)
     return 1 if n_bad else 0
+
+
+def write_tables(folder: str, uid: str, tables: Mapping[str, Mapping[str, Any]]
+                 ) -> dict[str, str]:
+    """Each table {column: (N,) numbers} of a scan as ``<folder>/<uid>_<name>.csv``
+    (atomically). Returns {name: path}."""
+    from lungjax.atomic import atomic_write_text
+
+    paths = {}
+    for name, cols in tables.items():
+        arrays = [np.asarray(v).reshape(-1) for v in cols.values()]
+        lines = [",".join(cols)] + [",".join(f"{a[i]:.6g}" for a in arrays)
+                                    for i in range(len(arrays[0]) if arrays else 0)]
+        paths[name] = os.path.join(folder, f"{uid}_{name}.csv")
+        atomic_write_text(paths[name], "\n".join(lines) + "\n")
+    return paths
 
 
 def write_masks(folder: str, uid: str, info: Mapping[str, Any], key: str = "masks"
@@ -900,8 +938,9 @@ def detect_scan_with(method: ExportedMethod, scan_path: str | os.PathLike, *,
     Returns:
       (marks in world mm, info: uid, shape_zyx, seconds {read, preprocess, detect, total},
       diameter_mm (K,) or None, masks {name: (mask of the preprocessed volume, its
-      Geometry)}, maps {name: (float32 score map, its Geometry)}, scan_grid (the scan's
-      own Geometry, shape_zyx)); with ``keep_volume`` a
+      Geometry)}, maps {name: (float32 score map, its Geometry)}, columns {name: (K,)},
+      tables {name: {column: (N,)}}, info (the method's JSON-able extras), scan_grid (the
+      scan's own Geometry, shape_zyx)); with ``keep_volume`` a
       third item, the preprocessed (volume (D, H, W) float32, Geometry).
     """
     volume, geometry, lung, uid, info = read_preprocessed(
@@ -912,6 +951,10 @@ def detect_scan_with(method: ExportedMethod, scan_path: str | os.PathLike, *,
     info["masks"] = {name: (np.asarray(m), geometry) for name, m in
                      (extra[0] if extra else {}).items()}
     info["maps"] = dict(extra[1]) if len(extra) > 1 else {}
+    more = dict(extra[2]) if len(extra) > 2 else {}
+    info["columns"] = {k: np.asarray(v, np.float64) for k, v in more.get("columns", {}).items()}
+    info["tables"] = dict(more.get("tables", {}))
+    info["info"] = dict(more.get("info", {}))
     info["seconds"]["total"] += info["seconds"]["detect"]
     info["diameter_mm"] = None if diam is None else np.asarray(diam, np.float64)
     marks = Marks(np.full(len(score), uid), np.asarray(world).reshape(-1, 3), score)

@@ -76,7 +76,8 @@ def explain_scan(model_dir: str, scan: str, out: str, *, top: int = 6, n_masks: 
     from lungjax.data.coords import voxel_to_world
     from lungjax.detect import find_lung_mask, read_preprocessed
     from lungjax.evaluation.rise import rise_saliency
-    from lungjax.methods.sathish2020 import ExportedFind, crop_slices
+    from lungjax.methods.sathish2020 import ExportedFind
+    from lungjax.methods.slices import crop_slices
 
     method = ExportedFind.parts(_find_stage(model_dir))
     volume, geometry, _, uid, _ = read_preprocessed(

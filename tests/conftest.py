@@ -15,6 +15,10 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
+# Child processes print UTF-8 (progress bars): their output is read as UTF-8 whatever
+# the test runner's locale.
+UTF8 = dict(text=True, encoding="utf-8", errors="replace")
+
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -32,7 +36,7 @@ def run_until_killed(script: str, workdir) -> None:
     died of SIGKILL, the way a preempted or OOM-killed run dies."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-c", script, str(workdir)], env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, **UTF8, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
 
 
@@ -40,7 +44,7 @@ def run_together(commands, timeout: float = 400) -> list[str]:
     """Starts every ``(argv, env)`` at once (e.g. the processes of one multi-host run),
     waits for all, checks each exited 0; returns their outputs (stdout + stderr)."""
     procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for argv, env in commands]
+                              **UTF8) for argv, env in commands]
     outs = []
     try:
         for p in procs:

@@ -15,7 +15,7 @@ import textwrap
 import numpy as np
 import pytest
 import yaml
-from conftest import load_config, run_together
+from conftest import UTF8, load_config, run_together
 
 from lungjax import cv_launch, sharding
 from lungjax.runlock import RunFolderBusy, run_folder_lock
@@ -136,7 +136,7 @@ def test_a_run_folder_is_held_by_one_run(tmp_path):
                 print("held", flush=True)
                 sys.stdin.readline()
         """)], env=dict(os.environ, PYTHONPATH=str(ROOT)), stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, **UTF8)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RunFolderBusy, match=rf"{folder}: in use by another run \(host "
@@ -146,7 +146,7 @@ def test_a_run_folder_is_held_by_one_run(tmp_path):
         # the command line: one line, nothing run
         cli = subprocess.run([sys.executable, "-m", "lungjax.main",
                               "--config=configs/dou2017.py:tiny", f"--workdir={folder}"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+                             cwd=ROOT, capture_output=True, **UTF8, timeout=300)
         assert cli.returncode != 0
         err = [ln for ln in cli.stderr.splitlines() if ln.startswith("error:")]
         assert len(err) == 1 and f"pid {holder.pid}" in err[0], cli.stderr[-2000:]
@@ -183,7 +183,7 @@ def test_slurm_scripts_and_k8s_jobset_name_every_fold(tmp_path, capsys):
         shown = subprocess.run(["bash", "-c", f"FOLDS=(0 3 7); SLURM_ARRAY_TASK_ID={i}; "
                                 f'FOLD="${{FOLDS[$SLURM_ARRAY_TASK_ID]}}"; '
                                 f"printf '%s\\n' {line[len('srun '):]}"],
-                               capture_output=True, text=True, check=True).stdout.split("\n")
+                               capture_output=True, **UTF8, check=True).stdout.split("\n")
         assert f"--config.cv.folds=({k},)" in shown and f"--workdir={work}" in shown
     assert "--cv_step=prepare" in pathlib.Path(files["prepare"]).read_text()
     assert "--cv_step=report" in pathlib.Path(files["report"]).read_text()
@@ -206,7 +206,7 @@ def test_slurm_scripts_and_k8s_jobset_name_every_fold(tmp_path, capsys):
         shown = subprocess.run(["bash", "-c", cmd.replace("exec python -m lungjax.main",
                                                           "printf '%s\\n'")],
                                env=dict(os.environ, JOB_COMPLETION_INDEX=str(i)),
-                               capture_output=True, text=True, check=True).stdout
+                               capture_output=True, **UTF8, check=True).stdout
         assert f"--config.cv.folds=({k},)" in shown.split("\n")
     mounts = spec["template"]["spec"]["containers"][0]["volumeMounts"]
     assert {mt["mountPath"] for mt in mounts} == {str(work), os.path.abspath("data_cache")}
@@ -243,7 +243,7 @@ def test_local_parallel_cv_writes_the_sequential_report(tmp_path, capsys):
 
     def main(*args):
         r = subprocess.run([sys.executable, "-m", "lungjax.main", f"--config={cfg}", *args],
-                           cwd=ROOT, capture_output=True, text=True, timeout=900)
+                           cwd=ROOT, capture_output=True, **UTF8, timeout=900)
         assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
         return r.stdout
 

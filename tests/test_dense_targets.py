@@ -311,6 +311,36 @@ def test_slice_train_data_batches_carry_masks(store):
     assert data.eval_index is not None and len(data.eval_index) > 0
 
 
+def test_nodule_centred_slice_crops_hold_their_nodule(store):
+    cfg = config(patch=(12, 12), batch=4, name="balanced_slices", samples_per_round=8,
+                 slice_centre="nodule")
+    cfg.augment.positive.translate_nodule_fraction = 0.0
+    s = ds.slice_sampler(store, store.uids(), smp.SamplerConfig.from_config(cfg), 4, 2,
+                         centre="nodule")
+    middle = ds.slice_sampler(store, store.uids(), smp.SamplerConfig.from_config(cfg), 4, 2)
+    np.testing.assert_array_equal(s.pool["label"], middle.pool["label"])
+    for row in s.pool:
+        uid = s.uids[row["scan"]]
+        z, y, x = (int(v) for v in row["center_zyx"])
+        if row["label"]:  # on the slice's nodule voxels
+            assert store.read_volume(uid, "nodules")[z, y, x] > 0
+        elif "lung" in store.scan(uid).arrays:  # on a lung voxel of the slice, if any
+            lung = store.read_volume(uid, "lung")[z]
+            assert lung[y, x] > 0 or not lung.any()
+    # Not all at the middle, and the same pool every time (a function of the scans).
+    assert np.any(s.pool["center_zyx"][:, 1:] != middle.pool["center_zyx"][:, 1:])
+    again = ds.slice_sampler(store, store.uids(), smp.SamplerConfig.from_config(cfg), 4, 2,
+                             centre="nodule")
+    np.testing.assert_array_equal(again.pool, s.pool)
+    # 12 x 12 crops of 36 x 36 slices: every positive crop still shows nodule voxels.
+    data = ds.SliceTrainData(cfg, store, ["a", "b"], None)
+    b = next(data.iterator(0))
+    assert b["image"].shape == (4, 12, 12, 1)
+    np.testing.assert_array_equal(b["mask"].reshape(4, -1).any(1), b["label"] == 1)
+    with pytest.raises(ValueError, match="slice_centre"):
+        ds.slice_rows(np.zeros((2, 4, 4), np.uint8), None, 0, 1, {}, centre="nodules")
+
+
 def test_nodule_roi_centring_labels_and_balance(store):
     cfg = config(patch=(4, 8, 8), batch=2, name="nodule_roi", samples_per_round=0)
     s = ds.roi_sampler(store, store.uids(), smp.SamplerConfig.from_config(cfg), 2)

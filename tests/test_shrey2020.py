@@ -113,19 +113,6 @@ def test_slice_rule_counts_strictly_above_the_threshold():
     assert np.isnan(method.slice_rule(p, np.zeros(6), 0.35)["sensitivity"])
 
 
-def test_segment_slices_pads_and_crops_back():
-    vol = np.random.default_rng(0).random((5, 20, 30)).astype(np.float32)
-    seen = []
-
-    def predict(x):
-        seen.append(x.shape)
-        return x[..., 0] * 2.0
-
-    out = method.segment_slices(predict, vol, batch=2, multiple=16)
-    assert seen == [(2, 32, 32, 1)] * 3
-    np.testing.assert_allclose(out, vol * 2.0)
-
-
 # ----------------------------------------------------------------------------- networks
 
 
@@ -158,6 +145,9 @@ def _cascade(name):
     if name != "proposed":
         margs.update(cfg.cv.variants[name].stages.classify.sections.model)
     margs.pop("name")
+    # XLA's own convolutions: the property does not depend on the formulation, and the
+    # CPU-fast ones would compile for most of a minute.
+    margs["conv_impl"] = "xla"
     return models.Shrey2020Cascade(**margs)
 
 
@@ -206,8 +196,14 @@ BASELINE_FILES = sorted((ROOT / "configs" / "baselines").glob("shrey2020_*.py"))
 def test_configs_build_and_variants_share_the_unet(arg):
     c = load_config("configs/shrey2020.py", arg)
     specs = dict(stages.stage_specs(c))
-    assert list(specs) == ["unet", "screen", "classify"]
+    assert list(specs) == ["unet", "screen", "classify", "find"]
     assert c.data.nodule_mask == "disc" and c.sampler.slice_context == 5
+    # The find stage applies the classifier stage's network: its crop and mask threshold.
+    find = stages.stage_config(c, "find", specs["find"])
+    assert method.find_settings(find).crop == int(find.data.patch_size_zyx[-1])
+    # The classifier's ROIs sit on their nodules whatever the U-Net's crops do.
+    assert stages.stage_config(c, "classify", specs["classify"]).augment.positive \
+        .translate_mm == 0.0
     cls = stages.stage_config(c, "classify", specs["classify"])
     assert cls.sampler.name == "nodule_roi" and tuple(cls.sampler.roi_class_repeat) == (3, 1)
     assert tuple(cls.model.unet_features) == tuple(c.model.features)
@@ -259,3 +255,27 @@ def test_tables_put_the_paper_beside_ours(tmp_path):
     assert data["classifiers"]["resnet50"]["f1"] == 0.25
     assert (tmp_path / "cv" / "shrey2020_tables.png").stat().st_size > 0
     assert out["files"]["tables_md"].endswith("shrey2020_tables.md")
+
+
+def test_nodule_components_keep_big_enough_blobs_by_peak():
+    from lungjax.methods.shrey2020 import FindSettings, nodule_components
+
+    prob = np.zeros((6, 40, 40), np.float32)
+    zz, yy, xx = np.mgrid[:6, :40, :40]
+    disc = (yy - 10) ** 2 + (xx - 10) ** 2 <= 5 ** 2  # radius 5 px on slices 1-3
+    prob[1:4][disc[1:4]] = 0.8
+    prob[2, 10, 10] = 0.95
+    prob[4, 30:32, 30:32] = 0.99  # 4 voxels, the highest peak
+    prob[0, 35, 5] = 0.9  # one voxel: below min_voxels
+    s = FindSettings(mask_threshold=0.5, min_voxels=3)
+    mask, centres, score, diam = nodule_components(prob, (2.0, 0.5, 0.5), s)
+    np.testing.assert_allclose(score, [0.99, 0.95], rtol=1e-6)
+    np.testing.assert_allclose(centres, [[4, 30.5, 30.5], [2, 10, 10]], atol=1e-6)
+    # The disc's area (81 pixels of 0.25 mm^2) as a diameter: 2 sqrt(A / pi).
+    assert diam[1] == pytest.approx(2 * np.sqrt(81 * 0.25 / np.pi))
+    assert mask.sum() == 4 + 3 * 81 and mask[0, 35, 5] == 0
+    _, centres, _, _ = nodule_components(prob, (2.0, 0.5, 0.5),
+                                         FindSettings(min_voxels=3, max_nodules=1))
+    assert len(centres) == 1
+    none = nodule_components(np.zeros((2, 8, 8), np.float32), (1, 1, 1), s)
+    assert none[1].shape == (0, 3) and not none[0].any()

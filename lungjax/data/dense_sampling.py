@@ -6,12 +6,16 @@ Both build an ordinary :class:`~lungjax.data.sampler.Sampler` pool (plain numpy,
 for patches; the frozen index stays a pure function of (seed, round, pool + scores).
 
 * ``balanced_slices`` (:class:`SliceTrainData`): one pool row per axial slice, centred
-  in-plane on the stored volume. A slice is positive (kind ``NODULE``, label 1) when
-  its nodule mask has any voxel, negative (kind ``RANDOM_NEG``, label 0) otherwise.
-  With ``context`` = c >= 0 only slices from c before to c after each nodule's slices
-  enter the pool (shrey2020 trains on 5 before to 5 after); c < 0 takes every slice
-  holding lung. Each batch holds exactly ``round(B * positive_fraction)`` positives.
-  A positive slice carries the malignancy of the nodule with most voxels in it.
+  in-plane on the stored volume (``centre="middle"``: whole slices) or, with
+  ``centre="nodule"``, a positive slice on its nodule voxels' centroid and a negative
+  one on a lung voxel of that slice (crops of whole slices: a network trained on them
+  still segments whole slices, being fully convolutional). A slice is positive (kind
+  ``NODULE``, label 1) when its nodule mask has any voxel, negative (kind
+  ``RANDOM_NEG``, label 0) otherwise. With ``context`` = c >= 0 only slices from c
+  before to c after each nodule's slices enter the pool (shrey2020 trains on 5 before
+  to 5 after); c < 0 takes every slice holding lung. Each batch holds exactly
+  ``round(B * positive_fraction)`` positives. A positive slice carries the malignancy
+  of the nodule with most voxels in it.
 * ``nodule_roi`` (:class:`RoiTrainData`): one row per annotated nodule with a usable
   malignancy score, centred on the nodule (yu2021: 16 x 48 x 48 ROIs). The row's label
   is the binary malignancy (:func:`~lungjax.data.sampler.malignant_label`); uncertain
@@ -20,9 +24,12 @@ for patches; the frozen index stays a pure function of (seed, round, pool + scor
   (the smaller class is repeated); without, a round is a shuffled pass over the ROIs
   with each class's ROIs repeated ``class_repeat`` (benign, malignant) times
   (shrey2020 oversamples benign ROIs 3x).
+  Split by patient (``sampler.roi_split_by_patient``): a training ROI whose patient
+  (:func:`nodule_patients`) also gave a held-out nodule is left out.
 
 Config (lungjax/config_schema.py): ``sampler.name`` picks them; ``sampler.slice_context``,
-``sampler.roi_balance``, ``sampler.roi_class_repeat``, ``data.batch_mask``, ``data.batch_malignancy`` and
+``sampler.slice_centre``, ``sampler.roi_balance``, ``sampler.roi_class_repeat``,
+``sampler.roi_split_by_patient``, ``data.batch_mask``, ``data.batch_malignancy`` and
 ``data.malignancy_uncertain`` tune them, next to the usual ``data.positive_fraction``
 and ``sampler.samples_per_round``.
 """
@@ -30,6 +37,7 @@ and ``sampler.samples_per_round``.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Sequence
 
 import numpy as np
@@ -45,21 +53,31 @@ def _batch_size(config) -> int:
     return int(config["train"]["batch_size"])
 
 
+SLICE_CENTRES = ("middle", "nodule")
+
+
 def slice_rows(labels: np.ndarray, lung: np.ndarray | None, scan: int, context: int,
-               malignancy_of_label: dict[int, float]) -> np.ndarray:
+               malignancy_of_label: dict[int, float], centre: str = "middle") -> np.ndarray:
     """Pool rows of one scan's axial slices.
 
     Args:
       labels: (D, H, W) nodule instance labels (0 = background).
-      lung: (D, H, W) lung mask, used when ``context`` < 0 (None = every slice).
+      lung: (D, H, W) lung mask, used when ``context`` < 0 and by ``centre="nodule"``'s
+        negatives (None = every slice / the slice's middle).
       scan: the scan's index in the sampler's uids.
       context: slices kept before and after each nodule's slices; < 0 = every slice
         with lung.
       malignancy_of_label: mask label -> median malignancy (absent = no score).
+      centre: "middle": every row at (z, H // 2, W // 2); "nodule": a positive row at
+        the in-plane centroid of its largest nodule's voxels on the slice, a negative
+        row at a lung voxel of the slice drawn from a generator seeded by ``scan``.
 
     Returns:
-      (S,) ``SAMPLE_DTYPE`` rows in slice order, centred at (z, H // 2, W // 2).
+      (S,) ``SAMPLE_DTYPE`` rows in slice order.
     """
+    if centre not in SLICE_CENTRES:
+        raise ValueError(f"sampler.slice_centre must be one of {SLICE_CENTRES}, "
+                         f"got {centre!r}")
     d, h, w = labels.shape
     flat = labels.reshape(d, -1).astype(np.int64)
     has = flat.max(axis=1) > 0
@@ -72,19 +90,31 @@ def slice_rows(labels: np.ndarray, lung: np.ndarray | None, scan: int, context: 
             keep[max(0, z[0] - context):min(d, z[-1] + context + 1)] = True
     z = np.flatnonzero(keep)
     centres = np.stack([z, np.full(len(z), h // 2), np.full(len(z), w // 2)], -1)
-    rows = pool_rows(scan, centres, centres, 0.0, 0, RANDOM_NEG)
     pos = has[z]
-    rows["label"][pos] = 1
-    rows["kind"][pos] = NODULE
+    biggest = np.zeros(len(z), np.int64)
     for i in np.flatnonzero(pos):
         counts = np.bincount(flat[z[i]])
         counts[0] = 0
-        rows["malignancy"][i] = malignancy_of_label.get(int(np.argmax(counts)), 0.0)
+        biggest[i] = int(np.argmax(counts))
+    if centre == "nodule":
+        rng = np.random.default_rng(np.random.SeedSequence([int(scan), 2]))
+        for i, zi in enumerate(z):
+            where = (labels[zi] == biggest[i]) if pos[i] else (
+                lung[zi] > 0 if lung is not None else None)
+            if where is not None and where.any():
+                yx = np.argwhere(where)
+                centres[i, 1:] = yx.mean(axis=0).round() if pos[i] else \
+                    yx[rng.integers(len(yx))]
+    rows = pool_rows(scan, centres, centres, 0.0, 0, RANDOM_NEG)
+    rows["label"][pos] = 1
+    rows["kind"][pos] = NODULE
+    for i in np.flatnonzero(pos):
+        rows["malignancy"][i] = malignancy_of_label.get(int(biggest[i]), 0.0)
     return rows
 
 
 def slice_sampler(store, uids: Sequence[str], cfg: SamplerConfig, batch_size: int,
-                  context: int = 5) -> Sampler:
+                  context: int = 5, centre: str = "middle") -> Sampler:
     """A :class:`Sampler` over axial slices with and without nodule voxels.
 
     Args:
@@ -93,7 +123,7 @@ def slice_sampler(store, uids: Sequence[str], cfg: SamplerConfig, batch_size: in
       cfg: sampling settings (``positive_fraction``, ``samples_per_round``, weights,
         ``hard_fraction``); positives are the nodule slices and negatives the others.
       batch_size: global batch size.
-      context: see :func:`slice_rows`.
+      context, centre: see :func:`slice_rows`.
 
     Returns:
       The sampler at round 0.
@@ -108,11 +138,11 @@ def slice_sampler(store, uids: Sequence[str], cfg: SamplerConfig, batch_size: in
                              "store again (store version 2 writes one for every scan)")
         scans.append(scan_info(rec))
         labels = store.read_volume(uid, array="nodules")
-        lung = store.read_volume(uid, array="lung") if context < 0 and "lung" in rec.arrays \
-            else None
+        lung = store.read_volume(uid, array="lung") \
+            if (context < 0 or centre == "nodule") and "lung" in rec.arrays else None
         mal = {int(k): float(m) for k, m in zip(rec.nodule_mask_label, rec.nodule_malignancy)
                if k > 0 and np.isfinite(m)}
-        parts.append(slice_rows(labels, lung, s, int(context), mal))
+        parts.append(slice_rows(labels, lung, s, int(context), mal, centre))
     pool = np.concatenate(parts) if parts else np.zeros(0, SAMPLE_DTYPE)
     pool["sample_id"] = np.arange(len(pool))
     return Sampler(list(uids), scans, pool, cfg, batch_size)
@@ -174,9 +204,43 @@ class RoiSampler(Sampler):
         return index
 
 
+def nodule_patients(store, uids: Sequence[str]) -> dict[str, np.ndarray]:
+    """The patient each stored nodule of ``uids`` comes from.
+
+    A generated dataset places real LIDC-IDRI nodules, several from one patient and some
+    more than once, in its scans: a nodule's patient is the ``lidc_patient_id`` of its
+    ``malignancy.csv`` row (matched on the world centre). Elsewhere (real scans, or a
+    nodule with no row) the patient is the scan itself.
+
+    Returns:
+      uid -> (N,) str, one per stored nodule (``ScanRecord.nodules_world`` order).
+    """
+    from lungjax.data.prepare import _MATCH_MM
+    from lungjax.data.synthetic import read_malignancy_csv
+
+    root = (store.manifest or {}).get("source_root", "")
+    path = os.path.join(root, "malignancy.csv") if root else ""
+    cols = read_malignancy_csv(path) if path and os.path.isfile(path) else {}
+    out = {}
+    for uid in uids:
+        xyz = np.asarray(store.scan(uid).nodules_world, np.float64).reshape(-1, 3)
+        who = np.full(len(xyz), uid, dtype=object)
+        if cols and "lidc_patient_id" in cols and len(xyz):
+            rows = np.flatnonzero(cols["seriesuid"] == uid)
+            txyz = np.stack([cols[k][rows] for k in ("coordX", "coordY", "coordZ")], -1)
+            if len(rows):
+                d = np.abs(xyz[:, None] - txyz[None]).max(-1)
+                j = np.argmin(d, axis=1)
+                hit = d[np.arange(len(xyz)), j] <= _MATCH_MM
+                who[hit] = cols["lidc_patient_id"][rows[j[hit]]]
+        out[uid] = who.astype(str)
+    return out
+
+
 def roi_sampler(store, uids: Sequence[str], cfg: SamplerConfig, batch_size: int, *,
                 uncertain: str = "exclude", balance: bool = True,
-                class_repeat: Sequence[int] = (1, 1)) -> RoiSampler:
+                class_repeat: Sequence[int] = (1, 1),
+                exclude_patients: Sequence[str] = ()) -> RoiSampler:
     """ROIs centred on each annotated nodule with a malignancy label.
 
     Args:
@@ -188,43 +252,59 @@ def roi_sampler(store, uids: Sequence[str], cfg: SamplerConfig, batch_size: int,
       uncertain: "exclude", "benign" or "malignant" for median 3 and the ties.
       balance: exact malignant share per batch (else shuffled passes).
       class_repeat: without ``balance``, (benign, malignant) repeats of each ROI per pass.
+      exclude_patients: nodules from these patients (:func:`nodule_patients`) are left
+        out: a classifier trained on them would meet their patient again when tested on
+        the held-out scans.
 
     Returns:
       The sampler at round 0: rows of kind ``NODULE``, centre = target = the nodule,
-      label 1 malignant / 0 benign, malignancy = the median score.
+      label 1 malignant / 0 benign, malignancy = the median score; its ``left_out``
+      counts the labelled ROIs ``exclude_patients`` removed.
     """
     scans, parts = [], []
+    left_out = 0
+    exclude = set(exclude_patients)
+    patients = nodule_patients(store, uids) if exclude else {}
     for s, uid in enumerate(uids):
         info = scan_info(store.scan(uid))
         scans.append(info)
         lab = malignant_label(info.nodule_malignancy, uncertain)
         keep = lab >= 0
+        if exclude:
+            same = np.isin(patients[uid], list(exclude))
+            left_out += int(np.sum(keep & same))
+            keep &= ~same
         rows = pool_rows(s, info.nodules_zyx[keep], info.nodules_zyx[keep],
                      info.nodule_radius_mm[keep] * 2, 0, NODULE, info.nodule_malignancy[keep])
         rows["label"] = lab[keep]
         parts.append(rows)
     pool = np.concatenate(parts) if parts else np.zeros(0, SAMPLE_DTYPE)
     pool["sample_id"] = np.arange(len(pool))
-    return RoiSampler(list(uids), scans, pool, cfg, batch_size, balance=balance,
-                      class_repeat=class_repeat)
+    sampler = RoiSampler(list(uids), scans, pool, cfg, batch_size, balance=balance,
+                         class_repeat=class_repeat)
+    sampler.left_out = left_out
+    return sampler
 
 
 @SAMPLERS.register("balanced_slices")
 class SliceTrainData(StoreTrainData):
     """``StoreTrainData`` over :func:`slice_sampler` (config ``sampler.name =
-    "balanced_slices"``; reads ``sampler.slice_context`` and the ``Targets`` fields)."""
+    "balanced_slices"``; reads ``sampler.slice_context``, ``sampler.slice_centre`` and
+    the ``Targets`` fields)."""
 
     eval_kinds = (NODULE, RANDOM_NEG)
 
     def __init__(self, config, store, train_uids, eval_uids=None, **kw):
         self.slice_context = int(config.sampler.slice_context)
+        self.slice_centre = str(config.sampler.slice_centre)
         kw.setdefault("targets", Targets.from_config(config))
         super().__init__(config, store, train_uids, eval_uids, **kw)
 
     def make_sampler(self, uids, *, random_negatives: bool) -> Sampler:
         del random_negatives  # negatives are slices, not random points
         return slice_sampler(self.store, uids, SamplerConfig.from_config(self.config),
-                             _batch_size(self.config), self.slice_context)
+                             _batch_size(self.config), self.slice_context,
+                             self.slice_centre)
 
 
 @SAMPLERS.register("nodule_roi")
@@ -237,13 +317,26 @@ class RoiTrainData(StoreTrainData):
 
     def __init__(self, config, store, train_uids, eval_uids=None, **kw):
         self.balance = bool(config.sampler.roi_balance)
+        # Split by patient: no training ROI from a patient a held-out nodule comes from.
+        self.held_out_patients: set[str] = set()
+        if eval_uids is not None and bool(config.sampler.roi_split_by_patient):
+            self.held_out_patients = {p for v in nodule_patients(store, eval_uids).values()
+                                      for p in v}
         self.class_repeat = tuple(int(r) for r in config.sampler.roi_class_repeat)
         self.uncertain = str(config.data.malignancy_uncertain)
         kw.setdefault("targets", Targets.from_config(config))
         super().__init__(config, store, train_uids, eval_uids, **kw)
 
     def make_sampler(self, uids, *, random_negatives: bool) -> Sampler:
-        del random_negatives
-        return roi_sampler(self.store, uids, SamplerConfig.from_config(self.config),
-                           _batch_size(self.config), uncertain=self.uncertain,
-                           balance=self.balance, class_repeat=self.class_repeat)
+        # random_negatives: the training pool (the held-out one is built without).
+        exclude = self.held_out_patients if random_negatives else set()
+        sampler = roi_sampler(self.store, uids, SamplerConfig.from_config(self.config),
+                              _batch_size(self.config), uncertain=self.uncertain,
+                              balance=self.balance, class_repeat=self.class_repeat,
+                              exclude_patients=sorted(exclude))
+        if exclude:
+            n = sampler.left_out
+            print(f"nodule_roi: {n} of {n + len(sampler.pool)} training ROIs left out: their "
+                  "patient also gave a held-out nodule (sampler.roi_split_by_patient)",
+                  flush=True)
+        return sampler

@@ -9,7 +9,7 @@ then renamed.
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -243,7 +243,8 @@ def plot_run_learning_curves(out_dir: str | os.PathLike,
 
 
 def plot_findings(volume_zyx: np.ndarray, geometry, marks, diameter_mm, path: str | os.PathLike,
-                  *, top: int = 3, title: str = "") -> None:
+                  *, top: int = 3, title: str = "", mask_zyx: np.ndarray | None = None,
+                  notes: Sequence[str] | None = None) -> None:
     """One PNG of a scan's ``top`` highest-scoring findings, each on its axial slice with
     a circle of its diameter (10 mm where the method gives none), written atomically.
 
@@ -253,6 +254,9 @@ def plot_findings(volume_zyx: np.ndarray, geometry, marks, diameter_mm, path: st
       marks: ``Marks`` of this scan (world x, y, z mm, probability).
       diameter_mm: (K,) diameters of the marks, or None.
       path: the PNG.
+      mask_zyx: (D, H, W) the method's predicted mask on the same grid, outlined on
+        each slice shown; None: none.
+      notes: (K,) more text for each mark's title (e.g. its malignancy probability).
     """
     from matplotlib.patches import Circle
 
@@ -272,10 +276,14 @@ def plot_findings(volume_zyx: np.ndarray, geometry, marks, diameter_mm, path: st
         z = int(np.clip(np.rint(zyx[0]), 0, volume_zyx.shape[0] - 1))
         d = 10.0 if diameter_mm is None else float(diameter_mm[i])
         ax.imshow(volume_zyx[z], cmap="gray", vmin=0, vmax=1)
+        if mask_zyx is not None and np.any(mask_zyx[z]):
+            ax.contour(np.asarray(mask_zyx[z], np.float32), levels=[0.5], colors="yellow",
+                       linewidths=0.8)
         ax.add_patch(Circle((zyx[2], zyx[1]), radius=max(d / 2 / spacing[2], 2.0),
                             fill=False, color="red", lw=1.2))
         x, y, zw = marks.xyz[i]
-        ax.set_title(f"p={marks.probability[i]:.3f}, d={d:.1f} mm\n"
+        note = f", {notes[i]}" if notes is not None else ""
+        ax.set_title(f"p={marks.probability[i]:.3f}, d={d:.1f} mm{note}\n"
                      f"world ({x:.1f}, {y:.1f}, {zw:.1f}) mm, slice {z}", fontsize=7)
         ax.axis("off")
     if title:

@@ -32,6 +32,7 @@ import optax
 
 from lungjax.configcheck import as_dict
 from lungjax.evaluation.reports import n_folds
+from lungjax.methods.slices import crop_slices, segment_slices
 from lungjax.registry import CV_REPORTS, EXPORTED_METHODS, STAGE_EXPORTS, STAGES, STEPS
 from lungjax.state import step_key
 from lungjax.steps import apply_gradients, model_rngs, rng_streams
@@ -155,31 +156,6 @@ def turing_test_step(config, networks, task):
 # ----------------------------------------------------------------------------------
 
 
-def segment_slices(predict, volume: np.ndarray, *, multiple: int, batch: int = 16
-                   ) -> np.ndarray:
-    """Foreground probability of every axial slice of a volume.
-
-    Args:
-      predict: (B, H', W', 1) float32 -> (B, H', W') float32 probability (the segmenter;
-        a fully convolutional network whose sides must be multiples of ``multiple``).
-      volume: (D, H, W) float32 in [0, 1] (the store's intensities).
-      multiple: slices are zero-padded (0 = air) at their far sides to multiples of it.
-      batch: slices per call.
-
-    Returns:
-      (D, H, W) float32 probability.
-    """
-    vol = np.asarray(volume, np.float32)
-    d, h, w = vol.shape
-    hp, wp = -(-h // multiple) * multiple, -(-w // multiple) * multiple
-    out = np.zeros(vol.shape, np.float32)
-    for z in range(0, d, batch):
-        x = np.zeros((min(batch, d - z), hp, wp, 1), np.float32)
-        x[:, :h, :w, 0] = vol[z:z + batch]
-        out[z:z + batch] = np.asarray(predict(x))[:, :h, :w]
-    return out
-
-
 def patch_grid(region: np.ndarray, stride: int) -> np.ndarray:
     """Patch centres on every axial slice: the points of a ``stride`` grid (offset
     ``stride // 2``) that lie in ``region``.
@@ -195,19 +171,6 @@ def patch_grid(region: np.ndarray, stride: int) -> np.ndarray:
     grid = np.zeros(region.shape, bool)
     grid[:, stride // 2::stride, stride // 2::stride] = True
     return np.argwhere(grid & region).astype(np.int64)
-
-
-def crop_slices(volume: np.ndarray, centres: np.ndarray, size: int) -> np.ndarray:
-    """(K, size, size) float32 axial patches centred on ``centres`` ((K, 3) z, y, x),
-    zero-padded where they leave the volume (start: centre - size // 2)."""
-    vol = np.asarray(volume, np.float32)
-    pad = size
-    padded = np.pad(vol, ((0, 0), (pad, pad), (pad, pad)))
-    c = np.asarray(centres, np.int64).reshape(-1, 3)
-    y0, x0 = c[:, 1] - size // 2 + pad, c[:, 2] - size // 2 + pad
-    iy = y0[:, None] + np.arange(size)[None]
-    ix = x0[:, None] + np.arange(size)[None]
-    return padded[c[:, 0][:, None, None], iy[:, :, None], ix[:, None, :]]
 
 
 def cells_by_nodule(centres: np.ndarray, stride: int, nodules_zyx: np.ndarray,
@@ -403,38 +366,23 @@ def find_stage(run) -> dict:
     return out
 
 
-SEGMENTER_EXPORT = "segmenter"  # the segmenter's export, inside the find stage's folder
-
-
 def _export_find(run) -> dict:
     """The find stage: the classifier on (B, size, size, 1) patches in the stage folder,
     the segmenter on (B, H, W, 1) slices (sides multiples of its pools) in
     ``segmenter/``, the whole-scan settings in the classifier's sidecar."""
-    from lungjax import export as export_lib
     from lungjax import stages
     from lungjax import train as train_lib
+    from lungjax.methods.slices import export_slice_segmenter
     from lungjax.steps import make_predict_fn
 
-    cfg, spec = run.config, run.spec
-    src = spec["segmenter_from"]
-    seg_cfg = run.configs[src]
-    seg_model, seg_task = train_lib.build_model(seg_cfg), train_lib.build_task(seg_cfg)
-    multiple = int(seg_model.size_multiple())
-    # Symbolic slice sides: XLA's own convolutions (CPU-fast plans are per concrete shape).
-    if "conv_impl" in seg_model.__dataclass_fields__:
-        seg_model = seg_model.clone(conv_impl="xla")
-    export_lib.export_network(
-        os.path.join(run.dir, SEGMENTER_EXPORT),
-        os.path.join(run.dirs[src], "checkpoints"),
-        make_predict_fn(seg_model, seg_task, spatial_dims=2), (None, None),
-        {"model": as_dict(seg_cfg.model), "stage": src,
-         "output": "(B, H, W) lung probability"},
-        network=seg_cfg.train.network, min_size_zyx=(multiple, multiple),
-        multiple_of=multiple)
+    cfg = run.config
+    multiple = int(train_lib.build_model(run.configs[run.spec["segmenter_from"]])
+                   .size_multiple())
+    folder = export_slice_segmenter(run, multiple, "(B, H, W) lung probability")
     model, task = train_lib.build_model(cfg), train_lib.build_task(cfg)
     size = int(cfg.data.patch_size_zyx[-1])
     meta = {"find": {**as_dict(cfg.sathish2020), "patch_size": size,
-                     "segmenter": SEGMENTER_EXPORT, "segmenter_multiple": multiple},
+                     "segmenter": folder, "segmenter_multiple": multiple},
             "output": "(B,) nodule probability of the patch"}
     return stages.export_stage(run, make_predict_fn(model, task, spatial_dims=2),
                                (size, size), meta)

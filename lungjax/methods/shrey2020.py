@@ -8,6 +8,13 @@
   sensitivity, specificity, precision at the rule's threshold, the threshold sweep, the
   slice ROC AUC, the per-scan and pooled Dice of the predicted volume mask) and
   ``<stage>/threshold_sweep.png``, both atomically.
+* Stage kind ``"shrey2020_find"`` (``network`` = the classifier stage,
+  ``segmenter_from`` = the U-Net stage): the whole method on the held-out scans, as
+  ``python -m lungjax.detect`` runs its export on a new scan: suspicious slices, nodules
+  as 3D connected components of the U-Net's mask (world mm, peak probability, diameter),
+  each nodule's malignant probability from the classifier on its crop. Writes
+  ``<stage>/submission.csv`` and ``<stage>/find.json`` (nodules found, FPs/scan, CPM with
+  its bootstrap interval, malignancy AUC over the found nodules).
 * CV report ``"shrey2020_tables"`` (``config.cv.report``): the paper's Tables 1 and 2
   (precision, recall, F1, accuracy, ROC AUC) beside ours for the proposed classifier and
   every baseline classifier run as a ``cv.variants`` entry, plus the screening and
@@ -16,17 +23,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lungjax.atomic import atomic_write_json, atomic_write_text
 from lungjax.evaluation.reports import n_folds
-from lungjax.registry import CV_REPORTS, STAGES
+from lungjax.methods.slices import segment_slices
+from lungjax.registry import CV_REPORTS, EXPORTED_METHODS, STAGE_EXPORTS, STAGES
 
 # The classifier stage's name in configs/shrey2020.py, its evaluator's name, and the
 # screening stage's name: the tables read their records.
@@ -34,6 +42,7 @@ CLASSIFY_STAGE = "classify"
 CLASSIFY_EVAL = "eval/cls"
 SCREEN_STAGE = "screen"
 UNET_STAGE = "unet"
+FIND_STAGE = "find"
 
 # Thresholds of the sweep plot and record.
 SWEEP = tuple(np.round(np.arange(0.05, 1.0, 0.05), 2).tolist())
@@ -84,39 +93,6 @@ def slice_rule(max_prob: np.ndarray, labels: np.ndarray, threshold: float) -> di
             "precision": ratio(tp, tp + fp), "suspicious_fraction": ratio(tp + fp, len(p))}
 
 
-def _pad_to(x: np.ndarray, multiple: int) -> np.ndarray:
-    """(S, H, W) -> (S, H', W') zero-padded at the end to multiples of ``multiple``."""
-    h, w = x.shape[1:]
-    ph, pw = -h % multiple, -w % multiple
-    return np.pad(x, ((0, 0), (0, ph), (0, pw))) if ph or pw else x
-
-
-def segment_slices(predict, volume: np.ndarray, batch: int, multiple: int) -> np.ndarray:
-    """Nodule probability of every axial slice of a scan.
-
-    Args:
-      predict: jitted ``(B, H', W', 1) float32 -> (B, H', W') float32`` probabilities.
-      volume: (D, H, W) float32 image in [0, 1].
-      batch: slices per call (the last call is padded to it: one compiled shape).
-      multiple: the network's size multiple (H', W' = H, W rounded up to it).
-
-    Returns:
-      (D, H, W) float32 nodule probability.
-    """
-    d, h, w = volume.shape
-    x = _pad_to(volume.astype(np.float32), multiple)
-    out = np.zeros((d, h, w), np.float32)
-    for i in range(0, d, batch):
-        chunk = x[i:i + batch]
-        n = len(chunk)
-        if n < batch:
-            chunk = np.concatenate([chunk, np.zeros((batch - n,) + chunk.shape[1:],
-                                                    np.float32)])
-        prob = np.asarray(predict(jnp.asarray(chunk[..., None])))
-        out[i:i + n] = prob[:n, :h, :w]
-    return out
-
-
 def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
     inter, total = np.sum(pred & truth), np.sum(pred) + np.sum(truth)
     return 1.0 if total == 0 else float(2 * inter / total)
@@ -162,8 +138,8 @@ def slice_screen_stage(run) -> dict:
     inter = total = 0
     for uid in ctx.test_uids:
         t0 = time.perf_counter()
-        prob = segment_slices(predict, ctx.store.read_volume(uid), int(run.spec["batch"]),
-                              multiple)
+        prob = segment_slices(predict, ctx.store.read_volume(uid), multiple=multiple,
+                              batch=int(run.spec["batch"]))
         truth = ctx.store.read_volume(uid, array="nodules") > 0
         pred = prob >= float(cfg.task.threshold)
         scores.append(prob.reshape(len(prob), -1).max(axis=1))
@@ -199,6 +175,279 @@ def slice_screen_stage(run) -> dict:
         f"specificity {at_rule['specificity']:.3f} ({len(s)} slices, {int(y.sum())} with "
         f"nodule); slice AUC {auc:.3f}; volume Dice {record['dice_pooled']:.3f}")
     return record
+
+
+# ----------------------------------------------------------------------------------
+# Whole scans: suspicious slices, nodules, their malignancy
+# ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FindSettings:
+    """How the method reads a whole scan (``config.shrey2020`` in the find stage, the
+    export's ``find`` sidecar): the suspicious-slice rule's threshold, the nodule-mask
+    threshold, the smallest component kept (voxels), the most nodules kept per scan
+    (highest U-Net probability first), the classifier's crop side and the slice batch."""
+
+    rule: float = 0.35
+    mask_threshold: float = 0.5
+    min_voxels: int = 3
+    max_nodules: int = 100
+    crop: int = 64
+    batch: int = 16
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> "FindSettings":
+        return FindSettings(**{f.name: type(f.default)(d[f.name])
+                               for f in dataclasses.fields(FindSettings) if f.name in d})
+
+
+@dataclasses.dataclass
+class Findings2D:
+    """The method's output on one preprocessed volume (voxel coordinates of it).
+
+    Attributes:
+      probability: (D, H, W) float32 U-Net nodule probability.
+      slice_max: (D,) float32 each slice's largest probability (the rule reads it).
+      suspicious: (S,) int64 indices of the slices with ``slice_max`` > the rule.
+      mask: (D, H, W) uint8 predicted nodule mask (probability >= mask_threshold).
+      centres_zyx: (K, 3) float64 centroid of each kept component.
+      score: (K,) float64 its largest U-Net probability.
+      diameter_mm: (K,) float64 the diameter of a disc of its largest axial area.
+      malignancy: (K,) float64 the classifier's malignant probability.
+    """
+
+    probability: np.ndarray
+    slice_max: np.ndarray
+    suspicious: np.ndarray
+    mask: np.ndarray
+    centres_zyx: np.ndarray
+    score: np.ndarray
+    diameter_mm: np.ndarray
+    malignancy: np.ndarray
+
+
+def nodule_components(prob: np.ndarray, spacing_zyx, settings: FindSettings):
+    """Connected components (26-neighbourhood) of ``prob >= mask_threshold`` with at least
+    ``min_voxels`` voxels, the ``max_nodules`` of highest peak probability.
+
+    Returns:
+      (mask (D, H, W) uint8 of the kept components, centres (K, 3) float64 voxel
+      centroids, score (K,) peak probability, diameter_mm (K,)), ordered by score.
+    """
+    from scipy import ndimage
+
+    fg = prob >= settings.mask_threshold
+    labels, n = ndimage.label(fg, np.ones((3, 3, 3), bool))
+    if n == 0:
+        return (np.zeros(prob.shape, np.uint8), np.zeros((0, 3)), np.zeros(0), np.zeros(0))
+    idx = np.arange(1, n + 1)
+    size = ndimage.sum_labels(fg, labels, idx)
+    peak = ndimage.maximum(prob, labels, idx)
+    keep = idx[size >= settings.min_voxels]
+    keep = keep[np.argsort(-peak[keep - 1], kind="stable")][:settings.max_nodules]
+    centres = np.asarray(ndimage.center_of_mass(fg, labels, keep), np.float64).reshape(-1, 3)
+    pixel_mm2 = float(spacing_zyx[1]) * float(spacing_zyx[2])
+    diam = []
+    boxes = ndimage.find_objects(labels)
+    for lab in keep:
+        sl = boxes[lab - 1]
+        area = (labels[sl] == lab).reshape(labels[sl].shape[0], -1).sum(1).max()
+        diam.append(2.0 * np.sqrt(area * pixel_mm2 / np.pi))
+    mask = np.isin(labels, keep).astype(np.uint8)
+    return mask, centres, peak[keep - 1].astype(np.float64), np.asarray(diam, np.float64)
+
+
+def find_in_volume(segment, classify, volume: np.ndarray, spacing_zyx, multiple: int,
+                   settings: FindSettings) -> Findings2D:
+    """The method on one preprocessed volume.
+
+    Args:
+      segment: the U-Net, (B, H', W', 1) float32 -> (B, H', W') nodule probability
+        (sides multiples of ``multiple``).
+      classify: the classifier stage's network, (B, crop, crop, 1) image crops -> (B,)
+        malignant probability (it predicts the crop's mask itself, as in training).
+      volume: (D, H, W) float32 in [0, 1]; spacing_zyx: its voxel size (mm).
+    """
+    from lungjax.methods.slices import crop_slices
+
+    prob = segment_slices(segment, volume, multiple=multiple, batch=settings.batch)
+    slice_max = prob.reshape(len(prob), -1).max(axis=1) if prob.size else np.zeros(0)
+    mask, centres, score, diam = nodule_components(prob, spacing_zyx, settings)
+    mal = [np.zeros(0)]
+    vox = np.rint(centres).astype(np.int64)
+    for i in range(0, len(vox), settings.batch):
+        x = crop_slices(volume, vox[i:i + settings.batch], settings.crop)[..., None]
+        mal.append(np.asarray(classify(x), np.float64).reshape(len(x)))
+    return Findings2D(prob, slice_max.astype(np.float32),
+                      np.flatnonzero(slice_max > settings.rule), mask, centres, score, diam,
+                      np.concatenate(mal))
+
+
+def _find_networks(run):
+    """(segment, classify, multiple) of the find stage: the U-Net of ``segmenter_from``
+    and the classifier stage ``network`` (its cascade), each jitted."""
+    from lungjax import stages
+    from lungjax import train as train_lib
+
+    src = run.spec["segmenter_from"]
+    seg_cfg = run.configs[src]
+    seg_model, seg_task = stages.scan_model(seg_cfg), train_lib.build_task(seg_cfg)
+    seg_vars, _ = stages.restore_variables(run.dirs[src])
+    cfg = run.config
+    cls_model, cls_task = train_lib.build_model(cfg), train_lib.build_task(cfg)
+    cls_vars, step = stages.restore_variables(run.dirs[run.spec["network"]])
+    segment = jax.jit(lambda x: seg_task.probabilities(seg_model.apply(seg_vars, x,
+                                                                       train=False)))
+    classify = jax.jit(lambda x: cls_task.probabilities(cls_model.apply(cls_vars, x,
+                                                                        train=False)))
+    return segment, classify, 2 ** (len(seg_cfg.model.features) - 1), step
+
+
+def find_settings(cfg) -> FindSettings:
+    """The find stage's settings from its config (the rule and mask threshold are the
+    U-Net stage's ``screening.threshold`` and ``task.threshold``)."""
+    return FindSettings(rule=float(cfg.screening.threshold),
+                        mask_threshold=float(cfg.model.mask_threshold),
+                        crop=int(cfg.data.patch_size_zyx[-1]))
+
+
+@STAGES.register("shrey2020_find")
+def find_stage(run) -> dict:
+    """The whole method on the held-out scans: U-Net slice by slice, nodules as connected
+    components of its mask, each classified benign / malignant on its crop. Writes
+    ``submission.csv`` (world mm: the LUNA16 columns, probability = the U-Net's peak, then
+    diameter_mm and malignancy_probability) and ``find.json``: the nodules found (a
+    component's centroid within an annotated nodule's radius), false positives per scan,
+    the FROC of the marks, and the malignancy AUC over the found nodules that carry a
+    benign / malignant label."""
+    from lungjax import stages
+    from lungjax.data.coords import voxel_to_world
+    from lungjax.data.sampler import malignant_label
+    from lungjax.data.tables import Marks, write_marks_csv
+    from lungjax.detect import screening_stats
+    from lungjax.evaluation.classification import classification_record
+    from lungjax.evaluation.froc import compute_froc
+
+    from tqdm import tqdm
+
+    cfg, ctx = run.config, run.ctx
+    segment, classify, multiple, step = _find_networks(run)
+    settings = find_settings(cfg)
+    marks, mal, diam, labels, scores = [], [], [], [], []
+    for uid in tqdm(ctx.test_uids, desc=run.name, unit="scan", disable=not run.progress):
+        rec = ctx.store.scan(uid)
+        f = find_in_volume(segment, classify, ctx.store.read_volume(uid), rec.spacing_zyx,
+                           multiple, settings)
+        xyz = voxel_to_world(f.centres_zyx, rec.geometry).reshape(-1, 3)
+        marks.append(Marks(np.full(len(xyz), uid), xyz, f.score))
+        mal.append(f.malignancy)
+        diam.append(f.diameter_mm)
+        # Each annotated nodule with a label, scored by the found nodule that hits it.
+        lab = malignant_label(np.asarray(rec.nodule_malignancy, np.float64),
+                              str(cfg.data.malignancy_uncertain))
+        nxyz = np.asarray(rec.nodules_world, np.float64).reshape(-1, 3)
+        r = np.asarray(rec.nodule_diameter_mm, np.float64) / 2
+        for j in range(len(nxyz)):
+            if lab[j] < 0 or not len(xyz):
+                continue
+            d = np.linalg.norm(xyz - nxyz[j], axis=1)
+            if np.any(d < r[j]):
+                labels.append(int(lab[j]))
+                scores.append(float(f.malignancy[np.argmin(d)]))
+    all_marks = Marks.concatenate(marks)
+    uids = list(ctx.test_uids)
+    stats = screening_stats(all_marks, ctx.store.findings(uids), uids,
+                            ctx.store.excluded(uids))
+    froc = compute_froc(ctx.store.findings(uids), ctx.store.excluded(uids), uids, all_marks,
+                        n_bootstrap=1000, seed=0)
+    y, p = np.asarray(labels, np.int64), np.asarray(scores, np.float64)
+    cls = (classification_record(y, p, seed=0, threshold=0.5, n_bootstrap=1000)
+           if 0 < y.sum() < len(y) else {})
+    csv = os.path.join(run.dir, "submission.csv")
+    if jax.process_index() == 0:
+        write_marks_csv(csv, all_marks, {"diameter_mm": np.concatenate(diam or [[]]),
+                                         "malignancy_probability": np.concatenate(mal or [[]])})
+    figures = {"sensitivity": stats["sensitivity"], "fps_per_scan": stats["fps_per_scan"],
+               "n_nodules": stats["n_nodules"], "n_found": stats["n_detected"],
+               "cpm": froc.cpm, "cpm_lo": froc.cpm_ci95[0], "cpm_hi": froc.cpm_ci95[1],
+               "malignancy_nodules": int(len(y)),
+               "malignancy_auc": cls.get("roc_auc", float("nan"))}
+    out = {"step": int(step), "settings": dataclasses.asdict(settings),
+           "eval/find": figures, "malignancy": cls, "uids": uids, "marks": len(all_marks),
+           "submission_csv": csv}
+    stages.write_json(os.path.join(run.dir, "find.json"), out)
+    out["summary_line"] = (
+        f"nodules found {stats['n_detected']}/{stats['n_nodules']} at "
+        f"{stats['fps_per_scan']:.1f} FPs/scan; CPM {froc.cpm:.3f} ({froc.cpm_ci95[0]:.3f}-"
+        f"{froc.cpm_ci95[1]:.3f}); malignancy AUC "
+        f"{figures['malignancy_auc']:.3f} over {len(y)} found, labelled nodules; {csv}")
+    return out
+
+
+def _export_find(run) -> dict:
+    """The find stage: the classifier (cascade) on (B, crop, crop, 1) crops in the stage
+    folder, the U-Net on (B, H, W, 1) slices (sides multiples of its pools) in
+    ``segmenter/``, the whole-scan settings in the classifier's sidecar."""
+    from lungjax import stages
+    from lungjax import train as train_lib
+    from lungjax.methods.slices import export_slice_segmenter
+    from lungjax.steps import make_predict_fn
+
+    cfg = run.config
+    multiple = 2 ** (len(run.configs[run.spec["segmenter_from"]].model.features) - 1)
+    folder = export_slice_segmenter(run, multiple, "(B, H, W) nodule probability")
+    model, task = train_lib.build_model(cfg), train_lib.build_task(cfg)
+    settings = find_settings(cfg)
+    meta = {"find": {**dataclasses.asdict(settings), "segmenter": folder,
+                     "segmenter_multiple": multiple},
+            "output": "(B,) malignant probability of the crop"}
+    return stages.export_stage(run, make_predict_fn(model, task, spatial_dims=2),
+                               (settings.crop, settings.crop), meta)
+
+
+class ExportedFind:
+    """``python -m lungjax.detect`` on a shrey2020 export: suspicious slices, nodules
+    (world mm, diameter, malignant probability) and the nodule mask of a scan."""
+
+    @staticmethod
+    def load(stage_dir: str):
+        """``find(volume, geometry, lung) -> (world_xyz (K, 3), U-Net peak probability
+        (K,), diameter_mm (K,), {"nodules": mask}, {}, extra)`` where ``extra`` holds
+        the per-mark column ``malignancy_probability`` and the table
+        ``suspicious_slices`` (world z mm, the slice's largest probability)."""
+        from lungjax.data.coords import voxel_to_world
+        from lungjax.export import load_predictor
+
+        classify, sidecar = load_predictor(stage_dir)
+        if "find" not in sidecar:
+            raise ValueError(f"{stage_dir}: not a shrey2020 find export (no 'find' in its "
+                             "export.json)")
+        segment, _ = load_predictor(os.path.join(stage_dir, sidecar["find"]["segmenter"]))
+        settings = FindSettings.from_dict(sidecar["find"])
+        multiple = int(sidecar["find"]["segmenter_multiple"])
+
+        def find(volume, geometry, lung):
+            del lung  # the U-Net looks at whole slices
+            f = find_in_volume(segment, classify, volume, geometry.spacing_zyx, multiple,
+                               settings)
+            world = voxel_to_world(f.centres_zyx, geometry).reshape(-1, 3)
+            zs = np.zeros((len(f.suspicious), 3))
+            zs[:, 0] = f.suspicious
+            slice_z = voxel_to_world(zs, geometry).reshape(-1, 3)[:, 2]
+            extra = {"columns": {"malignancy_probability": f.malignancy},
+                     "tables": {"suspicious_slices": {
+                         "world_z_mm": slice_z,
+                         "max_probability": f.slice_max[f.suspicious].astype(np.float64)}},
+                     "info": {"suspicious_slices": int(len(f.suspicious)),
+                              "slices": int(len(f.slice_max))}}
+            return world, f.score, f.diameter_mm, {"nodules": f.mask}, {}, extra
+
+        return find
+
+
+STAGE_EXPORTS.register("shrey2020_find", _export_find)
+EXPORTED_METHODS.register("shrey2020_find", ExportedFind)
 
 
 # ----------------------------------------------------------------------------------
@@ -247,6 +496,11 @@ def _screen_rows(records: Sequence[dict]) -> dict[str, float]:
             if v is not None and np.isfinite(v):
                 vals.append(float(v))
         out[k] = float(np.mean(vals)) if vals else float("nan")
+    for k in ("sensitivity", "fps_per_scan", "cpm", "malignancy_auc"):
+        vals = [r["stages"][FIND_STAGE]["eval/find"].get(k) for r in records
+                if FIND_STAGE in r["stages"]]
+        vals = [float(v) for v in vals if v is not None and np.isfinite(v)]
+        out[f"method_{k}"] = float(np.mean(vals)) if vals else float("nan")
     dice = [r["stages"][UNET_STAGE].get("eval/seg", {}).get("dice") for r in records
             if UNET_STAGE in r["stages"]]
     dice = [d for d in dice if d is not None]
@@ -322,7 +576,11 @@ def write_tables(config, workdir: str, records: Sequence[dict], report: dict) ->
                   f"| {k.replace('_', ' ')} | – |")
     md.append("")
     md.append("Slice Dice: the U-Net stage's held-out training-style slices (5 before to 5 "
-              "after each nodule); volume Dice: every slice of the held-out scans pooled.")
+              "after each nodule; crops where the U-Net trains on crops); volume Dice: every "
+              "slice of the held-out scans pooled. method_*: the whole method on the "
+              "held-out scans (stage find: nodules as components of the U-Net's mask, "
+              "sensitivity and FPs/scan by LUNA16's hit rule, the FROC's CPM, and the "
+              "malignancy AUC over the found nodules with a benign / malignant label).")
     files = {"tables_md": os.path.join(out_dir, "shrey2020_tables.md"),
              "tables_json": os.path.join(out_dir, "shrey2020_tables.json"),
              "tables_png": os.path.join(out_dir, "shrey2020_tables.png")}

@@ -50,6 +50,13 @@ def subcase_centres(shape_zyx: Sequence[int], n: int) -> np.ndarray:
     return np.stack([z, np.full(n, h // 2), np.full(n, w // 2)], -1)
 
 
+def subcase_size(cfg) -> tuple[int, ...]:
+    """(3,) the sub-case size of a config: ``yu2021.subcase_size_zyx``, or the training
+    patch ``data.patch_size_zyx`` when it is empty (the paper trains on the sub-cases)."""
+    size = tuple(int(v) for v in cfg.yu2021.subcase_size_zyx)
+    return size or tuple(int(v) for v in cfg.data.patch_size_zyx)
+
+
 def subcase_owner(depth: int, n: int) -> np.ndarray:
     """(D,) int64: the slab each slice belongs to (slice z in [k D / n, (k + 1) D / n))."""
     return np.minimum((np.arange(depth) * n) // depth, n - 1)
@@ -213,7 +220,7 @@ def segment_stage(run) -> dict:
     per_scan, nodules = {}, []
     for uid in ctx.test_uids:
         prob = segment_volume(lambda x: apply(variables, x), ctx.store, uid,
-                              cfg.data.patch_size_zyx, int(cfg.yu2021.subcases))
+                              subcase_size(cfg), int(cfg.yu2021.subcases))
         labels = ctx.store.read_volume(uid, array="nodules").astype(np.int64)
         rec = ctx.store.scan(uid)
         per_scan[uid] = (prob, labels > 0, rec.spacing_zyx)
