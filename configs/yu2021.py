@@ -77,6 +77,9 @@ Decisions where the paper is silent (switchable by flags):
     convolution biases, affine instance norms;
   * learning-rate decay points (1/2 and 3/4 of the epochs: ``yu2021.lr_decay_epochs``);
   * sub-case placement: z-centres at 1/4 and 3/4 of the lung-cropped case, in-plane centred;
+    their size is the training patch's unless ``yu2021.subcase_size_zyx`` names another
+    (a network trained on smaller crops with ``--config.sampler.name=balanced`` is still
+    evaluated on the sub-cases);
   * the lung parenchyma mask is the store's lung mask, used to crop each case to the
     lungs' bounding box (plus the store's margin); voxels outside the lungs inside that
     box keep their intensities (the store does not blank them);

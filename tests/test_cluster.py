@@ -155,7 +155,7 @@ def test_a_run_folder_is_held_by_one_run(tmp_path):
         holder.kill()
         holder.wait()
     with run_folder_lock(folder) as path:  # the kernel dropped the dead holder's lock
-        assert json.loads(pathlib.Path(path).read_text())["pid"] == os.getpid()
+        assert json.loads(pathlib.Path(path).read_text(encoding="utf-8"))["pid"] == os.getpid()
     with run_folder_lock(folder, process_index=1) as path:  # other processes take none
         assert path is None
 
@@ -174,7 +174,7 @@ def test_slurm_scripts_and_k8s_jobset_name_every_fold(tmp_path, capsys):
     files = cv_launch.write_slurm(str(tmp_path / "slurm"), base, folds, name="m", nodes=2)
     for path in files.values():
         subprocess.run(["bash", "-n", path], check=True)
-    text = pathlib.Path(files["folds"]).read_text()
+    text = pathlib.Path(files["folds"]).read_text(encoding="utf-8")
     assert "#SBATCH --array=0-2" in text and "FOLDS=(0 3 7)" in text
     assert "#SBATCH --nodes=2" in text and "--cv_step=folds" in text
     # task i of the array runs fold FOLDS[i]: the line bash would run, for each task
@@ -185,15 +185,15 @@ def test_slurm_scripts_and_k8s_jobset_name_every_fold(tmp_path, capsys):
                                 f"printf '%s\\n' {line[len('srun '):]}"],
                                capture_output=True, **UTF8, check=True).stdout.split("\n")
         assert f"--config.cv.folds=({k},)" in shown and f"--workdir={work}" in shown
-    assert "--cv_step=prepare" in pathlib.Path(files["prepare"]).read_text()
-    assert "--cv_step=report" in pathlib.Path(files["report"]).read_text()
-    submit = pathlib.Path(files["submit"]).read_text()
+    assert "--cv_step=prepare" in pathlib.Path(files["prepare"]).read_text(encoding="utf-8")
+    assert "--cv_step=report" in pathlib.Path(files["report"]).read_text(encoding="utf-8")
+    submit = pathlib.Path(files["submit"]).read_text(encoding="utf-8")
     assert "afterok:$prep" in submit and "afterany:$folds" in submit
 
     k8s = cv_launch.write_k8s(str(tmp_path / "k8s"), base, folds, name="dou2017_tiny",
                               image="registry/lungjax:1", volume="runs",
                               workdir=str(work), cache_dir="data_cache")
-    m = yaml.safe_load(pathlib.Path(k8s["jobset"]).read_text())
+    m = yaml.safe_load(pathlib.Path(k8s["jobset"]).read_text(encoding="utf-8"))
     assert m["kind"] == "JobSet" and m["metadata"]["name"] == "dou2017-tiny-cv"
     jobs = {j["name"]: j for j in m["spec"]["replicatedJobs"]}
     assert list(jobs) == ["prepare", "folds", "report"]
@@ -259,7 +259,7 @@ def test_local_parallel_cv_writes_the_sequential_report(tmp_path, capsys):
     assert "cv: fold 0 done" in par and "cv: fold 1 done" in par
     with capsys.disabled():
         print(f"tiny 2-fold CV: local --cv_parallel=2 {t_par:.0f} s, sequential {t_seq:.0f} s")
-    a, b = (json.loads((tmp_path / d / "cv" / "cv_report.json").read_text())
+    a, b = (json.loads((tmp_path / d / "cv" / "cv_report.json").read_text(encoding="utf-8"))
             for d in ("par", "seq"))
     assert a["folds"] == b["folds"] == ["0", "1"] and a["missing_folds"] == []
     assert a["metrics"].keys() == b["metrics"].keys() and len(a["metrics"]) > 5
@@ -275,10 +275,10 @@ def test_local_parallel_cv_writes_the_sequential_report(tmp_path, capsys):
     os.remove(tmp_path / "seq" / "fold_1" / "fold.json")
     stages.run("cv", load_config(cfg), str(tmp_path / "seq"), cv_step="report")
     assert "fold(s) [1] have not finished" in capsys.readouterr().out
-    rep = json.loads((tmp_path / "seq" / "cv" / "cv_report.json").read_text())
+    rep = json.loads((tmp_path / "seq" / "cv" / "cv_report.json").read_text(encoding="utf-8"))
     assert rep["folds"] == ["0"] and rep["missing_folds"] == [1]
     assert "Not finished (not in this report): fold(s) 1." in (
-        tmp_path / "seq" / "cv" / "cv_report.md").read_text()
+        tmp_path / "seq" / "cv" / "cv_report.md").read_text(encoding="utf-8")
 
 
 def test_a_file_system_without_locks_warns_and_runs(tmp_path, monkeypatch):
@@ -292,4 +292,4 @@ def test_a_file_system_without_locks_warns_and_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(fcntl, "flock", refuse)
     with pytest.warns(UserWarning, match="cannot lock the run folder .No locks available"):
         with run_folder_lock(tmp_path / "nfs") as path:
-            assert json.loads(pathlib.Path(path).read_text())["pid"] == os.getpid()
+            assert json.loads(pathlib.Path(path).read_text(encoding="utf-8"))["pid"] == os.getpid()

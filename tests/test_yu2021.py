@@ -182,6 +182,11 @@ def test_yu2021_configs_build(path, arg):
         assert tuple(c.data.patch_size_zyx) == (48, 192, 192)
         assert c.yu2021.epochs == 64 and c.yu2021.bce_epochs == 3
         assert cls["yu2021"]["epochs"] == 52 and cls["train"]["batch_size"] == 16
+    # The sub-cases are the training patch unless yu2021.subcase_size_zyx names a size.
+    assert method.subcase_size(c) == tuple(c.data.patch_size_zyx)
+    with c.unlocked():
+        c.yu2021.subcase_size_zyx = (32, 96, 128)
+    assert method.subcase_size(c) == (32, 96, 128)
     if "unet3d" in path:
         assert c.model.residual is False and not c.cv.variants
     if "resnet50" in path:

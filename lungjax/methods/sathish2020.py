@@ -32,7 +32,7 @@ import optax
 
 from lungjax.configcheck import as_dict
 from lungjax.evaluation.reports import n_folds
-from lungjax.methods.slices import crop_slices, segment_slices
+from lungjax.methods.slices import classify_patches, segment_slices
 from lungjax.registry import CV_REPORTS, EXPORTED_METHODS, STAGE_EXPORTS, STAGES, STEPS
 from lungjax.state import step_key
 from lungjax.steps import apply_gradients, model_rngs, rng_streams
@@ -195,17 +195,6 @@ def nodule_cells(centres: np.ndarray, stride: int, nodules_zyx: np.ndarray,
                  radius_vox: np.ndarray) -> np.ndarray:
     """(K,) bool: the patch holds some nodule (:func:`cells_by_nodule`)."""
     return cells_by_nodule(centres, stride, nodules_zyx, radius_vox).any(axis=1)
-
-
-def classify_patches(predict, volume: np.ndarray, centres: np.ndarray, size: int,
-                     batch: int = 256) -> np.ndarray:
-    """(K,) float64 nodule probability of the axial patches at ``centres``; ``predict``:
-    (B, size, size, 1) float32 -> (B,) probability."""
-    out = [np.zeros(0)]
-    for i in range(0, len(centres), batch):
-        x = crop_slices(volume, centres[i:i + batch], size)[..., None]
-        out.append(np.asarray(predict(x), np.float64).reshape(len(x)))
-    return np.concatenate(out)
 
 
 @dataclasses.dataclass(frozen=True)

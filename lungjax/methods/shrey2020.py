@@ -269,19 +269,16 @@ def find_in_volume(segment, classify, volume: np.ndarray, spacing_zyx, multiple:
         malignant probability (it predicts the crop's mask itself, as in training).
       volume: (D, H, W) float32 in [0, 1]; spacing_zyx: its voxel size (mm).
     """
-    from lungjax.methods.slices import crop_slices
+    from lungjax.methods.slices import classify_patches
 
     prob = segment_slices(segment, volume, multiple=multiple, batch=settings.batch)
     slice_max = prob.reshape(len(prob), -1).max(axis=1) if prob.size else np.zeros(0)
     mask, centres, score, diam = nodule_components(prob, spacing_zyx, settings)
-    mal = [np.zeros(0)]
-    vox = np.rint(centres).astype(np.int64)
-    for i in range(0, len(vox), settings.batch):
-        x = crop_slices(volume, vox[i:i + settings.batch], settings.crop)[..., None]
-        mal.append(np.asarray(classify(x), np.float64).reshape(len(x)))
+    mal = classify_patches(classify, volume, np.rint(centres).astype(np.int64),
+                           settings.crop, settings.batch)
     return Findings2D(prob, slice_max.astype(np.float32),
                       np.flatnonzero(slice_max > settings.rule), mask, centres, score, diam,
-                      np.concatenate(mal))
+                      mal)
 
 
 def _find_networks(run):

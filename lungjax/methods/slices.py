@@ -1,5 +1,6 @@
 """Axial-slice helpers shared by the 2D methods (sathish2020, shrey2020): a slice
-segmenter run over a whole volume, and axial crops at given centres.
+segmenter run over a whole volume, axial crops at given centres and a patch classifier
+run on them, and the export of a slice segmenter.
 
 Arrays: volumes (D, H, W) float32 in [0, 1] (the store's intensities, 0 = air); networks
 take channels-last slices (B, H, W, 1).
@@ -48,6 +49,17 @@ def crop_slices(volume: np.ndarray, centres: np.ndarray, size: int) -> np.ndarra
     iy = y0[:, None] + np.arange(size)[None]
     ix = x0[:, None] + np.arange(size)[None]
     return padded[c[:, 0][:, None, None], iy[:, :, None], ix[:, None, :]]
+
+
+def classify_patches(predict, volume: np.ndarray, centres: np.ndarray, size: int,
+                     batch: int = 256) -> np.ndarray:
+    """(K,) float64 probability of the axial patches at ``centres`` ((K, 3) z, y, x
+    voxels); ``predict``: (B, size, size, 1) float32 -> (B,) probability."""
+    out = [np.zeros(0)]
+    for i in range(0, len(centres), batch):
+        x = crop_slices(volume, centres[i:i + batch], size)[..., None]
+        out.append(np.asarray(predict(x), np.float64).reshape(len(x)))
+    return np.concatenate(out)
 
 
 SEGMENTER_EXPORT = "segmenter"  # a slice segmenter's export, inside its stage's export
