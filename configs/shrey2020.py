@@ -82,6 +82,8 @@ Decisions where the paper is silent (switchable by flags):
     (``stages.classify.sections.model.mask_threshold``);
   * the baseline classifiers see the same two-channel crop, trained from scratch with
     the same optimiser and schedule (only the network differs);
+  * the classifier's ROIs flipped in-plane and turned by multiples of 90 degrees at
+    random (``stages.classify.sections.augment``), both classes;
   * classifier batch 16; one ROI per nodule at its annotated centre (the paper's
     suspicious slices of held-out scans are scored by ``screen``, the classifier by the
     annotated nodules of the held-out scans);
@@ -126,9 +128,12 @@ def _classify_sections(unet_features, crop):
     # Every ROI each round, benign ones 3x (the paper's oversampling), malignant once.
     s.sampler = config_dict.ConfigDict(dict(name="nodule_roi", roi_balance=False,
                                             roi_class_repeat=(3, 1)))
-    # The ROI sits on its nodule: none of the U-Net's crop shifts.
-    s.augment = config_dict.ConfigDict({side: dict(translate_mm=0.0)
-                                        for side in ("positive", "negative")})
+    # The ROI sits on its nodule: none of the U-Net's crop shifts; in-plane flips and
+    # 90-degree turns instead (held-out loss 2.85 -> 0.80 on seed 0, 1.36 -> 0.70 on seed 1:
+    # the classifier overfits ~120 ROIs without them).
+    s.augment = config_dict.ConfigDict({
+        side: dict(translate_mm=0.0, flip_axes=(1, 2), rot90=True)
+        for side in ("positive", "negative")})
     s.optimizer = config_dict.ConfigDict(dict(name="adam", learning_rate=1e-4,
                                               schedule="constant"))
     s.train = config_dict.ConfigDict(dict(batch_size=16, num_steps=300, log_every=50,
