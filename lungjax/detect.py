@@ -896,14 +896,14 @@ def write_tables(folder: str, uid: str, tables: Mapping[str, Mapping[str, Any]]
     """Each table {column: (N,) numbers} of a scan as ``<folder>/<uid>_<name>.csv``
     (atomically). Returns {name: path}."""
     from lungjax.atomic import atomic_write_text
+    from lungjax.data.tables import csv_text
 
     paths = {}
     for name, cols in tables.items():
         arrays = [np.asarray(v).reshape(-1) for v in cols.values()]
-        lines = [",".join(cols)] + [",".join(f"{a[i]:.6g}" for a in arrays)
-                                    for i in range(len(arrays[0]) if arrays else 0)]
+        rows = ([f"{a[i]:.6g}" for a in arrays] for i in range(len(arrays[0]) if arrays else 0))
         paths[name] = os.path.join(folder, f"{uid}_{name}.csv")
-        atomic_write_text(paths[name], "\n".join(lines) + "\n")
+        atomic_write_text(paths[name], csv_text(tuple(cols), rows))
     return paths
 
 

@@ -215,7 +215,7 @@ def nodule_patients(store, uids: Sequence[str]) -> dict[str, np.ndarray]:
     Returns:
       uid -> (N,) str, one per stored nodule (``ScanRecord.nodules_world`` order).
     """
-    from lungjax.data.prepare import _MATCH_MM
+    from lungjax.data.prepare import match_centres
     from lungjax.data.synthetic import read_malignancy_csv
 
     root = (store.manifest or {}).get("source_root", "")
@@ -225,14 +225,11 @@ def nodule_patients(store, uids: Sequence[str]) -> dict[str, np.ndarray]:
     for uid in uids:
         xyz = np.asarray(store.scan(uid).nodules_world, np.float64).reshape(-1, 3)
         who = np.full(len(xyz), uid, dtype=object)
-        if cols and "lidc_patient_id" in cols and len(xyz):
+        if cols and "lidc_patient_id" in cols:
             rows = np.flatnonzero(cols["seriesuid"] == uid)
             txyz = np.stack([cols[k][rows] for k in ("coordX", "coordY", "coordZ")], -1)
-            if len(rows):
-                d = np.abs(xyz[:, None] - txyz[None]).max(-1)
-                j = np.argmin(d, axis=1)
-                hit = d[np.arange(len(xyz)), j] <= _MATCH_MM
-                who[hit] = cols["lidc_patient_id"][rows[j[hit]]]
+            j, hit = match_centres(xyz, txyz)
+            who[hit] = cols["lidc_patient_id"][rows[j[hit]]]
         out[uid] = who.astype(str)
     return out
 

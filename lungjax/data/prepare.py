@@ -156,11 +156,22 @@ def match_nodule_labels(uid: str, nodules_xyz: np.ndarray, table) -> tuple[np.nd
     if table is None or uid not in table or not n:
         return mal, lab
     xyz, t_mal, t_lab = table[uid]
-    d = np.abs(np.asarray(nodules_xyz)[:, None, :] - xyz[None]).max(-1)
-    j = np.argmin(d, axis=1)
-    hit = d[np.arange(n), j] <= _MATCH_MM
+    j, hit = match_centres(nodules_xyz, xyz)
     mal[hit], lab[hit] = t_mal[j[hit]], t_lab[j[hit]]
     return mal, lab
+
+
+def match_centres(xyz: np.ndarray, table_xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each of ``xyz`` (N, 3) world mm matched to its row of ``table_xyz`` (M, 3), the
+    same centre written to 6 decimals in two tables: (row (N,) int64, hit (N,) bool, the
+    row within 1e-3 mm on every axis); M = 0 gives no hit."""
+    xyz = np.asarray(xyz, np.float64).reshape(-1, 3)
+    table_xyz = np.asarray(table_xyz, np.float64).reshape(-1, 3)
+    if not len(table_xyz) or not len(xyz):
+        return np.zeros(len(xyz), np.int64), np.zeros(len(xyz), bool)
+    d = np.abs(xyz[:, None, :] - table_xyz[None]).max(-1)
+    j = np.argmin(d, axis=1)
+    return j, d[np.arange(len(xyz)), j] <= _MATCH_MM
 
 
 def _read_on_grid(path: str, scan, what: str) -> np.ndarray:

@@ -161,7 +161,8 @@ def read_uid_list(path: str | os.PathLike) -> list[str]:
     return [u for u in uids if u != "seriesuid"]
 
 
-def _csv_text(header: Sequence[str], rows: Iterable[Sequence]) -> str:
+def csv_text(header: Sequence[str], rows: Iterable[Sequence]) -> str:
+    """CSV text (one "\\n" per row) of a header and rows, as every table lungjax writes."""
     import io
 
     buf = io.StringIO()
@@ -174,7 +175,7 @@ def _csv_text(header: Sequence[str], rows: Iterable[Sequence]) -> str:
 def write_findings_csv(path: str | os.PathLike, findings: Findings) -> None:
     rows = ((u, f"{x:.6f}", f"{y:.6f}", f"{z:.6f}", f"{d:.6f}")
             for u, (x, y, z), d in zip(findings.uid, findings.xyz, findings.diameter_mm))
-    atomic_write_text(path, _csv_text(("seriesuid",) + XYZ_COLUMNS + ("diameter_mm",), rows))
+    atomic_write_text(path, csv_text(("seriesuid",) + XYZ_COLUMNS + ("diameter_mm",), rows))
 
 
 def write_marks_csv(path: str | os.PathLike, marks: Marks, extra: dict | None = None) -> None:
@@ -185,4 +186,4 @@ def write_marks_csv(path: str | os.PathLike, marks: Marks, extra: dict | None = 
     cols = [np.asarray(v) for v in extra.values()]
     rows = ([u, f"{x:.6f}", f"{y:.6f}", f"{z:.6f}", f"{p:.8g}"] + [f"{c[i]:.6g}" for c in cols]
             for i, (u, (x, y, z), p) in enumerate(zip(marks.uid, marks.xyz, marks.probability)))
-    atomic_write_text(path, _csv_text(header, rows))
+    atomic_write_text(path, csv_text(header, rows))

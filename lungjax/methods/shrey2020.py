@@ -319,7 +319,7 @@ def find_stage(run) -> dict:
     the FROC of the marks, and the malignancy AUC over the found nodules that carry a
     benign / malignant label."""
     from lungjax import stages
-    from lungjax.data.coords import voxel_to_world
+    from lungjax.data.coords import voxel_to_world, within_sphere
     from lungjax.data.sampler import malignant_label
     from lungjax.data.tables import Marks, write_marks_csv
     from lungjax.detect import screening_stats
@@ -345,13 +345,11 @@ def find_stage(run) -> dict:
                               str(cfg.data.malignancy_uncertain))
         nxyz = np.asarray(rec.nodules_world, np.float64).reshape(-1, 3)
         r = np.asarray(rec.nodule_diameter_mm, np.float64) / 2
-        for j in range(len(nxyz)):
-            if lab[j] < 0 or not len(xyz):
-                continue
-            d = np.linalg.norm(xyz - nxyz[j], axis=1)
-            if np.any(d < r[j]):
-                labels.append(int(lab[j]))
-                scores.append(float(f.malignancy[np.argmin(d)]))
+        hit = within_sphere(xyz[:, None], nxyz[None], r[None])  # (K, N), LUNA16's rule
+        dist = np.linalg.norm(xyz[:, None] - nxyz[None], axis=-1)
+        for j in np.flatnonzero((lab >= 0) & hit.any(axis=0)):
+            labels.append(int(lab[j]))
+            scores.append(float(f.malignancy[np.argmin(dist[:, j])]))
     all_marks = Marks.concatenate(marks)
     uids = list(ctx.test_uids)
     stats = screening_stats(all_marks, ctx.store.findings(uids), uids,
