@@ -17,6 +17,13 @@ lungjax has the network, otherwise built on ``lungjax.models.layers`` (twins of
 * ``dou2017_fpr``: lungjax's own stage-2 network, ``lungjax.models.fp_reduction.Dou2017FPR`` as
   ResNet+HL (the paper's trunk 64-64-150 with (3,5,5) kernels, two residual stages,
   classification and regression heads) on 24x60x60; the loss sums both heads.
+* ``sumnet_adv``: sathish2020's segmentation stage as lungjax trains it, at the paper's
+  widths on 256x256 slices: SUMNet and its Turing-test discriminator (pools (2, 2, 2, 2),
+  final kernel 7 at this size) in lungjax's own alternating step
+  (``lungjax.train.build_engine`` on ``configs/sathish2020.py:paper``: one discriminator
+  update, then one segmenter update on J_seg - alpha J_adv; Adam 1e-4 each).
+* ``sathish_unet``: lungjax's ``sathish2020_unet`` (the paper's U-Net baseline: conv-BN-ReLU
+  blocks, nearest up-sampling + conv) on 256x256, 2-class output, the MSE loss above.
 """
 
 from __future__ import annotations
@@ -109,14 +116,75 @@ class UNet(nn.Module):
         return Conv(2, (1, 1))(x)
 
 
-# name -> (module factory, input shape (channels-last), batch)
+def _sathish_unet():
+    from lungjax.models.sathish2020 import UNet as SathishUNet
+
+    return SathishUNet(num_classes=2, features=64)
+
+
+# name -> (module factory, input shape (channels-last), batch); a factory of None is a
+# stage trained by lungjax's own engine (``ENGINE_STEPS``).
 NETS = {
     "fcn": (Dou2017FCN, (10, 30, 30, 1), 64),
     "fpr": (FPR, (24, 60, 60, 1), 16),
     "det": (Detector, (96, 96, 96, 1), 2),
     "unet": (UNet, (256, 256, 1), 2),
     "dou2017_fpr": (lambda: Dou2017FPR(regression=True), (24, 60, 60, 1), 16),
+    "sathish_unet": (_sathish_unet, (256, 256, 1), 2),
+    "sumnet_adv": (None, (256, 256, 1), 2),
 }
+
+
+def _sumnet_adv_engine(batch: int):
+    """lungjax's engine for sathish2020's adversarial segmentation stage at the paper's
+    widths on 256x256 slices; returns (engine, batch dict)."""
+    import importlib.util
+    import os
+
+    from lungjax import train
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "configs", "sathish2020.py")
+    spec = importlib.util.spec_from_file_location("sathish2020_config", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config("paper")
+    h, w = NETS["sumnet_adv"][1][:2]
+    c.data.patch_size_zyx = (h, w)
+    c.train.batch_size = batch
+    # The paper's (3, 3, 3, 2) pools need 512x512; at 256 these leave a 7x7 map for the
+    # last convolution, averaged as at any size other than the paper's.
+    c.networks.discriminator.model.pools = (2, 2, 2, 2)
+    engine = train.build_engine(c)
+    rng = np.random.default_rng(0)
+    image = rng.random((batch, h, w, 1), np.float32)
+    mask = (rng.random((batch, h, w)) < 0.3).astype(np.float32)
+    data = {"image": jnp.asarray(image), "mask": jnp.asarray(mask),
+            "weight": jnp.ones((batch,), jnp.float32)}
+    return engine, data
+
+
+def param_count(tree) -> int:
+    return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
+
+
+def engine_train_step(name: str, batch: int):
+    """The train step of a stage lungjax's engine runs (``NETS`` factory None).
+
+    Returns:
+      (jitted step, args, trainable parameter count): ``step(states, batch) -> (states,
+      loss)``, args [states, batch].
+    """
+    engine, data = {"sumnet_adv": _sumnet_adv_engine}[name](batch)
+    states = engine.state
+    key = f"{engine.network}/loss"
+
+    def step(states, data):
+        states, metrics, _ = engine.train_step(states, data)
+        return states, metrics[key]
+
+    n = sum(param_count(states[k].params) for k in states)
+    return jax.jit(step, donate_argnums=(0,)), [states, data], n
 
 
 def loss_fn(name: str, out, target):

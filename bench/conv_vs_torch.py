@@ -9,6 +9,8 @@ alone); ``--same-process`` runs them all in this one.
 
 Usage:
   python bench/conv_vs_torch.py [--nets fcn,fpr,det,unet,dou2017_fpr] [--steps 3] [--threads 2]
+      (also: sathish_unet, sumnet_adv: sathish2020's U-Net, and its SUMNet + Turing-test
+      discriminator in lungjax's own alternating step)
                                 [--rounds 4] [--warmup 3] [--jax-impls xla,auto]
                                 [--scan 300 | --small | --scan 0] [--same-process]
 
@@ -100,16 +102,21 @@ def jax_train_step(name, impl, batch):
     """A function running one jitted train step to completion, its compile seconds and the
     parameter count."""
     set_conv_impl(impl)
-    jstep, args = conv_nets.train_step(name, batch)
-    n_params = _count(args[0])
+    if conv_nets.NETS[name][0] is None:
+        jstep, args, n_params = conv_nets.engine_train_step(name, batch)
+    else:
+        jstep, args = conv_nets.train_step(name, batch)
+        n_params = _count(args[0])
     t0 = time.perf_counter()
     compiled = jstep.lower(*args).compile()
     compile_s = time.perf_counter() - t0
     set_conv_impl(None)
 
     def run():
-        args[0], args[1], args[2], l = compiled(*args)
-        l.block_until_ready()
+        # The step returns the updated state (replacing the donated inputs) and the loss.
+        *state, loss = compiled(*args)
+        args[:len(state)] = state
+        loss.block_until_ready()
 
     return run, compile_s, n_params
 

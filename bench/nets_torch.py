@@ -173,7 +173,180 @@ class _PreActUnit(nn.Module):
         return x + self.conv2(torch.relu(self.bn2(h)))
 
 
-NETS = {"fcn": FCN, "fpr": FPR, "det": Detector, "unet": UNet, "dou2017_fpr": Dou2017FPR}
+# ---------------------------------------------------------------------------------
+# sathish2020 (``lungjax.models.sathish2020``): U-Net, SUMNet, Turing-test discriminator
+# ---------------------------------------------------------------------------------
+
+
+class ConvBNReLU(nn.Sequential):
+    """3x3 conv (bias) -> BN -> ReLU, SAME padding."""
+
+    def __init__(self, cin, features):
+        super().__init__(nn.Conv2d(cin, features, 3, 1, 1), nn.BatchNorm2d(features), nn.ReLU())
+
+
+class SathishUNet(nn.Module):
+    """``sathish2020_unet``: blocks of two ConvBNReLU, 2x max-pools, nearest x2
+    up-sampling + ConvBNReLU, skip first in the concatenation, 1x1 head (2 classes)."""
+
+    def __init__(self, widths=(64, 128, 256, 512, 1024)):
+        super().__init__()
+        self.enc = nn.ModuleList()
+        cin = 1
+        for f in widths:
+            self.enc.append(nn.Sequential(ConvBNReLU(cin, f), ConvBNReLU(f, f)))
+            cin = f
+        self.up, self.dec = nn.ModuleList(), nn.ModuleList()
+        for i in range(len(widths) - 1, 0, -1):
+            self.up.append(ConvBNReLU(widths[i], widths[i - 1]))
+            self.dec.append(nn.Sequential(ConvBNReLU(2 * widths[i - 1], widths[i - 1]),
+                                          ConvBNReLU(widths[i - 1], widths[i - 1])))
+        self.head = nn.Conv2d(widths[0], 2, 1)
+
+    def forward(self, x):
+        skips = []
+        for i, enc in enumerate(self.enc):
+            if i:
+                x = nn.functional.max_pool2d(x, 2)
+            x = enc(x)
+            skips.append(x)
+        for k, (up, dec) in enumerate(zip(self.up, self.dec)):
+            x = up(nn.functional.interpolate(x, scale_factor=2, mode="nearest"))
+            x = dec(torch.cat([skips[-2 - k], x], dim=1))
+        return self.head(x)
+
+
+class SUMNet(nn.Module):
+    """``sathish2020_sumnet``: 1x1 conv to 3 channels + ReLU, the VGG11-BN encoder
+    (max-pools returning their indices), a decoder that unpools with them, concatenates
+    the encoder's pre-pool feature and applies 3x3 conv + ReLU, and a 1x1 head."""
+
+    ENC = ((64, True), (128, True), (256, False), (256, True), (512, False), (512, True),
+           (512, False), (512, True))
+    DEC = ((512, 512), (512, 256), (256, 128), (64,), (32,))
+
+    def __init__(self):
+        super().__init__()
+        self.preconv = nn.Conv2d(1, 3, 1)
+        self.enc, cin, skips = nn.ModuleList(), 3, []
+        for f, pool in self.ENC:
+            self.enc.append(ConvBNReLU(cin, f))
+            cin = f
+            if pool:
+                skips.append(f)
+        self.pool = nn.MaxPool2d(2, return_indices=True)
+        self.unpool = nn.MaxUnpool2d(2)
+        self.dec = nn.ModuleList()
+        for level, widths in enumerate(self.DEC):
+            cin = cin + skips[4 - level]
+            convs = []
+            for f in widths:
+                convs += [nn.Conv2d(cin, f, 3, 1, 1), nn.ReLU()]
+                cin = f
+            self.dec.append(nn.Sequential(*convs))
+        self.head = nn.Conv2d(cin, 2, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.preconv(x))
+        skips, indices = [], []
+        for conv, (_, pool) in zip(self.enc, self.ENC):
+            x = conv(x)
+            if pool:
+                skips.append(x)
+                x, idx = self.pool(x)
+                indices.append(idx)
+        for level, dec in enumerate(self.dec):
+            s = 4 - level
+            x = dec(torch.cat([self.unpool(x, indices[s]), skips[s]], dim=1))
+        return self.head(x)
+
+
+class Turing(nn.Module):
+    """``sathish2020_turing``: bias-free unpadded 3x3 convs with LeakyReLU 0.2 (BN after
+    conv2-5), max-pools ``pools``, a ``final`` x ``final`` conv to 2 channels, LeakyReLU,
+    spatial mean -> (B, 2) logits."""
+
+    def __init__(self, f=64, pools=(2, 2, 2, 2), final=7):
+        super().__init__()
+        p1, p2, p3, p4 = pools
+
+        def pool(p):
+            return nn.MaxPool2d(p) if p > 1 else nn.Identity()
+
+        def block(cin, cout, bn):
+            return [nn.Conv2d(cin, cout, 3, bias=False)] + \
+                ([nn.BatchNorm2d(cout)] if bn else []) + [nn.LeakyReLU(0.2)]
+
+        self.body = nn.Sequential(
+            *block(2, f, False), pool(p1), *block(f, 2 * f, True), pool(p2),
+            *block(2 * f, 2 * f, True), *block(2 * f, 4 * f, True), pool(p3),
+            *block(4 * f, 4 * f, True), pool(p4),
+            nn.Conv2d(4 * f, 2, final, bias=False), nn.LeakyReLU(0.2))
+
+    def forward(self, x):
+        return self.body(x).mean(dim=(2, 3))
+
+
+class SumNetAdversarial(nn.Module):
+    """Both networks of the adversarial stage (one module, so the parameters count
+    together)."""
+
+    def __init__(self):
+        super().__init__()
+        self.segmenter = SUMNet()
+        self.discriminator = Turing()
+
+
+def _turing_pairs(truth, pred):
+    """(B, 2, H, W) pairs with the truth in channel 0 where labels[:, 0] == 1, and the
+    (B, 2) labels; the channel order drawn per slice (``lungjax.methods.sathish2020``)."""
+    first = (torch.rand(truth.shape[0]) < 0.5)
+    sel = first[:, None, None]
+    pairs = torch.stack([torch.where(sel, truth, pred), torch.where(sel, pred, truth)], dim=1)
+    g = first.float()
+    return pairs.contiguous(memory_format=torch.channels_last), torch.stack([g, 1 - g], -1)
+
+
+def adversarial_step(shape, batch: int, alpha: float = 0.001):
+    """sathish2020's alternating step: one discriminator update on a shuffled
+    {truth, prediction} pair (BCE), then one segmenter update on J_seg - alpha J_adv
+    (J_seg the 2-class cross entropy), Adam 1e-4 each, as ``lungjax.methods.sathish2020``.
+
+    Returns:
+      (run, model).
+    """
+    torch.manual_seed(0)
+    fmt = torch.channels_last
+    model = SumNetAdversarial().to(memory_format=fmt).train()
+    seg, disc = model.segmenter, model.discriminator
+    x = torch.rand(batch, 1, *shape[:-1]).contiguous(memory_format=fmt)
+    truth = (torch.rand(batch, *shape[:-1]) < 0.3).float()
+    s_opt = torch.optim.Adam(seg.parameters(), lr=1e-4)
+    d_opt = torch.optim.Adam(disc.parameters(), lr=1e-4)
+    bce = nn.functional.binary_cross_entropy_with_logits
+
+    def run():
+        with torch.no_grad():
+            pred = torch.softmax(seg(x), dim=1)[:, 1]
+        pairs, labels = _turing_pairs(truth, pred)
+        d_opt.zero_grad(set_to_none=True)
+        bce(disc(pairs), labels).backward()
+        d_opt.step()
+        disc.requires_grad_(False)  # the segmenter's update differentiates its own only
+        s_opt.zero_grad(set_to_none=True)
+        out = seg(x)
+        j_seg = nn.functional.cross_entropy(out, truth.long())
+        pairs, labels = _turing_pairs(truth, torch.softmax(out, dim=1)[:, 1])
+        (j_seg - alpha * bce(disc(pairs), labels)).backward()
+        s_opt.step()
+        disc.requires_grad_(True)
+
+    return run, model
+
+
+NETS = {"fcn": FCN, "fpr": FPR, "det": Detector, "unet": UNet, "dou2017_fpr": Dou2017FPR,
+        "sathish_unet": SathishUNet}
+STEPS = {"sumnet_adv": adversarial_step}
 
 
 def loss_fn(out, target):
@@ -191,6 +364,8 @@ def train_step(name: str, shape, batch: int):
     Returns:
       (run, model): ``run()`` does one step (forward + backward + optimiser update).
     """
+    if name in STEPS:
+        return STEPS[name](shape, batch)
     torch.manual_seed(0)
     fmt = torch.channels_last_3d if len(shape) == 4 else torch.channels_last
     model = NETS[name]().to(memory_format=fmt).train()

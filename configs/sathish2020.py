@@ -113,8 +113,10 @@ def _sizes(variant):
     """(slice (H, W), width, discriminator pools, final kernel, seg batch, seg steps,
     cls batch, cls steps, held-out slices / patches, bootstrap resamples)."""
     if variant == "tiny":
+        # 40 segmenter steps (at 1e-3, below) take ~3 s more than 4 and leave the lung
+        # Dice on held-out slices at 0.93 instead of 0.005 (0.003 at step 0).
         return dict(slice=(64, 64), features=4, pools=(2, 2, 1, 1), final_kernel=3,
-                    batch=8, steps=4, batch2=8, steps2=4, eval_patches=16, n_bootstrap=50)
+                    batch=8, steps=40, batch2=8, steps2=4, eval_patches=16, n_bootstrap=50)
     if variant == "paper":
         # 35 epochs of the lung slices of nine LUNA16 subsets (~800 scans x ~250 slices
         # at 1 mm = 200k) at batch 8, and 50 epochs of ~2.4k balanced patches (the ~1.2k
@@ -160,7 +162,7 @@ def get_config(arg=None, segmenter: str = "sumnet", adversary: bool = True):
     c.task = config_dict.ConfigDict(dict(name="segmentation", num_classes=2, loss="bce",
                                          switch_step=0, dice_smooth=1.0, threshold=0.5))
     c.optimizer.name = "adam"
-    c.optimizer.learning_rate = 1e-4
+    c.optimizer.learning_rate = 1e-3 if variant == "tiny" else 1e-4  # paper: 1e-4
     c.train.batch_size = z["batch"]
     c.train.num_steps = int(kv.get("steps", z["steps"]))
     c.train.log_every = max(1, min(50, c.train.num_steps // 4))

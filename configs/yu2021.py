@@ -11,16 +11,20 @@ The method as the stages ``seg`` -> ``segeval`` -> ``cls`` -> ``clseval`` run by
    48 x 192 x 192);
 2. ``seg``: the 3D Res U-Net (4 down modules, bottom unit, 4 up modules, 1x1x1 output;
    residual units conv-IN-ReLU, conv-IN, + identity / 1x1x1 projection, ReLU; Xavier
-   init) on the sub-cases with their nodule masks: BCE for the first 3 epochs, then
-   Dice; Adam 1e-2 -> 1e-3 -> 1e-4, batch 6;
-3. ``segeval``: the held-out scans segmented sub-case by sub-case; Dice pooled over the
-   scans and per nodule, for all nodules and those over 10 mm (paper: 0.81);
+   init) on the sub-cases with their nodule masks (the default: on crops, below): BCE
+   for the first 3 epochs, then Dice; Adam 1e-2 -> 1e-3 -> 1e-4, batch 6;
+3. ``segeval``: the held-out scans segmented sub-case by sub-case inside the lung mask
+   (``yu2021.lung_only``); Dice pooled over the scans and per nodule, for all nodules
+   and those over 10 mm (paper: 0.81); each scan's mask as ``segeval/masks/<uid>.mha``;
 4. ``cls``: the 3D ResNet50 (3x3x3 stride-1 stem, no pooling, stage strides 1-2-2-2,
    (1, 3, 3) middle kernels in the last two stages) on 16 x 48 x 48 ROIs centred on the
    nodules, benign (malignancy 1-2) / malignant (4-5), 3 left out; NLL of the softmax,
    Adam 1e-4, batch 16;
 5. ``clseval``: every held-out ROI: accuracy, AUC, specificity with bootstrap intervals
-   (paper: 87.3%, 0.907, 94.8%).
+   (paper: 87.3%, 0.907, 94.8%). Its export (``--mode=export``) is the whole method on a
+   new scan (``python -m lungjax.detect``): the Res U-Net's nodules (connected
+   components, ``yu2021.min_nodule_voxels`` / ``max_nodules``) or, with ``--nodules
+   CSV``, the listed centres, each with its mask, volume and malignant probability.
 
     python -m lungjax.main --config=configs/yu2021.py                 # generated data
     python -m lungjax.main --config=configs/yu2021.py:tiny --workdir=/tmp/yu_tiny
@@ -32,18 +36,18 @@ Variants (``:arg``; ``key=value`` pairs after a comma: ``fold``, ``epochs`` (seg
   * default: sized so the whole job (generate, prepare, both networks, both
     evaluations) finishes within 30 minutes on a 2-core CPU on the generated default
     dataset (50 scans, 45 for training; ~53 x 78 x 122 voxels each after the lung crop at
-    3 x 1.5 x 1.5 mm): sub-cases of 32 x 96 x 128 (two cover a generated case, whose
-    chest is smaller than a real one); a Res U-Net of base width 4 (359,577 parameters;
-    the paper's widths are unknown) for 5 epochs of 15 steps, the first 2 on BCE; a
-    ResNet50 of widths 8-16-32-64 (395,594 parameters) for 6 epochs of 8 steps;
-    learning-rate decays at 1/2 and 3/4 of the segmentation schedule. Measured on the
-    shared 2-core machine (load 4-9): a Res U-Net step 7 s at base 4 (15 s at base 8), a
-    ResNet50 step 4-5 s (8-9 s at widths 16-128), first-step compilations 25 s and 50 s,
-    each held-out evaluation under 30 s, generating a default scan 11 s. The whole job
-    on fold 0 with the dataset already generated: 16 min 17 s (segmentation 13.8 min at
-    ~11 s a step, classification 2 min), 6.2 GB peak; generation adds ~5-9 min. That
-    schedule leaves the Res U-Net at Dice 0.000 on the held-out scans (it has not left
-    the empty prediction after 45 Dice steps) and the ResNet50 at AUC 0.64 on 15 ROIs;
+    3 x 1.5 x 1.5 mm). The Res U-Net (base width 8; the paper's widths are unknown)
+    trains on 16 x 32 x 32 crops (``sampler.name = "balanced"``): three in four centred
+    on a nodule (moved within its radius), one on a random lung point; it is evaluated
+    on sub-cases of 32 x 96 x 128 (``yu2021.subcase_size_zyx``; two cover a generated
+    case, whose chest is smaller than a real one). 320 epochs of 15 steps (an epoch is
+    as many steps as the paper's pass over the training sub-cases at batch 6), the first
+    100 on BCE, Adam 1e-3 decayed 10x at epochs 280 and 300. The ResNet50 (widths
+    8-16-32-64) trains 20 epochs on ROIs flipped along every axis and turned in-plane.
+    The earlier schedule (whole sub-cases, base 4, 5 epochs, Adam 1e-2) left the Res
+    U-Net at Dice 0.000: on whole sub-cases the nodule is ~0.1% of the voxels, and 75
+    steps never left the empty prediction; at 1e-2 the Dice loss collapsed it there
+    (gradient 0) in every probe;
   * ``paper``: the paper's sub-case size, 64 epochs (3 on BCE) and 52 epochs, full widths
     (Res U-Net base 32: 22,930,881 parameters; ResNet50 3D: 24,905,282);
   * ``tiny``: seconds on CPU (generated "tiny" data, minute widths), used by the tests;
@@ -85,7 +89,7 @@ Decisions where the paper is silent (switchable by flags):
     box keep their intensities (the store does not blank them);
   * ResNet50 details: which kernels shrink (the stem's 7 -> 3 and the middle kernel of
     the last two stages (3, 3, 3) -> (1, 3, 3)), stage strides 1-2-2-2, batch norm;
-  * ROI batches: half malignant (``sampler.roi_balance``), no augmentation.
+  * ROI batches: half malignant (``sampler.roi_balance``); no augmentation in ``paper``.
 """
 
 
@@ -131,7 +135,10 @@ def _stages(c):
     c.stages.segeval = dict(kind="yu2021_segment", network="seg")
     c.stages.cls = dict(kind="train", derive="yu2021_cls_epochs", sections=_classifier(c),
                         replace=("model", "task", "evals"))
-    c.stages.clseval = dict(kind="yu2021_classify", network="cls", batch=32)
+    # Its export is the whole method on a new scan: this Res U-Net's nodules, each
+    # classified by the ResNet50 (python -m lungjax.detect).
+    c.stages.clseval = dict(kind="yu2021_classify", network="cls", batch=32,
+                            segmenter_from="seg")
     c.stage_order = ("seg", "segeval", "cls", "clseval")
     c.cv.variants = dict(
         unet3d=dict(stages=dict(seg=dict(sections=dict(model=dict(residual=False))))),
@@ -146,23 +153,32 @@ def get_config(arg: str | None = None):
 
     c.data.spacing_zyx = (3.0, 1.5, 1.5)  # paper
     c.data.hu_window = (-1000.0, 400.0)  # paper: lung window
-    c.data.patch_size_zyx = (32, 96, 128)
+    c.data.patch_size_zyx = (16, 32, 32)  # CPU schedule: crops; paper: the sub-cases
+    c.data.positive_fraction = 0.75
     c.data.batch_mask = True
     c.data.prepare_workers = 2  # generating the 50 default scans is minutes of the job
-    c.sampler.name = "yu2021_subcases"
+    c.sampler.name = "balanced"
+    c.augment.positive.translate_nodule_fraction = 1.0
 
     # The method's own fields (lungjax.methods.yu2021).
     c.yu2021 = config_dict.ConfigDict()
     c.yu2021.subcases = 2  # paper: two sub-cases per case along z
-    c.yu2021.subcase_size_zyx = ()  # () = the training patch (the paper trains on them)
-    c.yu2021.epochs = 5.0  # a stage's length in epochs (-> train.num_steps)
-    c.yu2021.bce_epochs = 2.0  # segmentation: BCE for these epochs, then Dice (paper 3)
-    c.yu2021.lr_decay_epochs = (2.5, 3.75)  # x 0.1 at each (paper: 1e-2 -> 1e-3 -> 1e-4)
+    c.yu2021.subcase_size_zyx = (32, 96, 128)  # () = the training patch (the paper's)
+    c.yu2021.epochs = 320.0  # a stage's length in epochs (-> train.num_steps)
+    c.yu2021.bce_epochs = 100.0  # segmentation: BCE for these epochs, then Dice (paper 3)
+    c.yu2021.lr_decay_epochs = (280.0, 300.0)  # x 0.1 at each (paper: 1e-2 -> 1e-3 -> 1e-4)
+    # Paper: the network segments the extracted lung parenchyma; the held-out
+    # prediction is kept inside the store's (closed, hole-filled) lung mask.
+    c.yu2021.lung_only = True
     c.yu2021.large_nodule_mm = 10.0  # paper: Dice of nodules over 10 mm
+    # A new scan's nodules (the export): components of the thresholded mask with at
+    # least this many voxels (2 x 6.75 mm^3 at 3 x 1.5 x 1.5 mm), at most this many.
+    c.yu2021.min_nodule_voxels = 2
+    c.yu2021.max_nodules = 20
     c.yu2021.n_bootstrap = 1000  # bootstrap resamples of the held-out intervals
 
     c.model.name = "res_unet3d"
-    c.model.base_features = 4
+    c.model.base_features = 8
     c.model.num_classes = 1
     c.model.residual = True
     c.model.conv_impl = "auto"
@@ -174,7 +190,7 @@ def get_config(arg: str | None = None):
     c.task.threshold = 0.5
 
     c.optimizer.name = "adam"
-    c.optimizer.learning_rate = 1e-2  # paper
+    c.optimizer.learning_rate = 1e-3  # paper 1e-2 (collapses the CPU schedule, above)
     c.optimizer.schedule = "step"
     c.optimizer.decay_factor = 0.1
 
@@ -188,14 +204,28 @@ def get_config(arg: str | None = None):
     s2 = c.stages.cls.sections
     s2.model.widths = (8, 16, 32, 64)
     s2.model.stem_features = 8
-    s2.yu2021.epochs = 6.0
+    s2.yu2021.epochs = 20.0
+    # ~110 training ROIs: flips along every axis and in-plane quarter turns (the ROI
+    # stays on its nodule).
+    s2.augment = config_dict.ConfigDict({
+        side: dict(flip_axes=(0, 1, 2), rot90=True, scale_range=(1.0, 1.0),
+                   translate_mm=0.0, translate_nodule_fraction=0.0)
+        for side in ("positive", "negative")})
 
     if variant == "paper":
+        # The paper: whole sub-cases, no augmentation named, Adam 1e-2.
         c.data.patch_size_zyx = (48, 192, 192)
+        c.data.positive_fraction = 0.5
+        c.sampler.name = "yu2021_subcases"
+        c.augment.positive.translate_nodule_fraction = 0.0
+        c.yu2021.subcase_size_zyx = ()
+        c.optimizer.learning_rate = 1e-2
         c.model.base_features = 32
         c.yu2021.epochs = 64.0
         c.yu2021.bce_epochs = 3.0
         c.yu2021.lr_decay_epochs = (32.0, 48.0)
+        for side in ("positive", "negative"):
+            s2.augment[side].update(flip_axes=(), rot90=False)
         c.train.log_every = 50
         c.train.checkpoint_every = 500
         s2.model.widths = (64, 128, 256, 512)
@@ -205,6 +235,10 @@ def get_config(arg: str | None = None):
         s2.train.checkpoint_every = 500
     elif variant == "tiny":
         c.data.synthetic_preset = "tiny"
+        c.data.positive_fraction = 0.5
+        c.sampler.name = "yu2021_subcases"
+        c.yu2021.subcase_size_zyx = ()
+        c.optimizer.learning_rate = 1e-2
         # The five tiny scans hold no malignant (>= 4) nodule: median 3 counts as
         # malignant, so both classes exist.
         c.data.malignancy_uncertain = "malignant"

@@ -234,6 +234,9 @@ def get_config():
     c.yu2021.epochs = 5.0  # segmentation epochs (one = every training sub-case once)
     c.yu2021.bce_epochs = 2.0  # epochs of BCE before the Dice loss takes over
     c.yu2021.lr_decay_epochs = (2.5, 3.75)  # epochs where the learning rate falls 10x
+    c.yu2021.lung_only = True  # the held-out prediction is kept inside the lung mask
+    c.yu2021.min_nodule_voxels = 2  # a new scan's nodule: a component of at least this
+    c.yu2021.max_nodules = 20  # the most nodules kept per scan (highest probability first)
     c.yu2021.large_nodule_mm = 10.0  # Dice is also reported for nodules at least this big
     c.yu2021.n_bootstrap = 1000  # bootstrap resamples of the held-out figures
     return c

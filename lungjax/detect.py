@@ -334,7 +334,8 @@ def read_preprocessed(scan_path: str | os.PathLike, preprocess_cfg: Mapping[str,
       holding several series is read as its largest (most slices), said on the console.
     """
     from lungjax.data.io import dicom_series_sizes, read_scan
-    from lungjax.data.preprocess import LUNA16_LUNG_LABELS, preprocess_scan, uint8_to_unit
+    from lungjax.data.preprocess import (LUNA16_LUNG_LABELS, LungMaskError, preprocess_scan,
+                                         uint8_to_unit)
 
     path = os.fspath(scan_path)
     uid = _uid_of(path) if uid is None else uid
@@ -357,6 +358,8 @@ def read_preprocessed(scan_path: str | os.PathLike, preprocess_cfg: Mapping[str,
                              f"the scan's {scan.array.shape} at "
                              f"{tuple(np.round(scan.geometry.spacing, 4))} mm")
         seg = mask.array
+        if not np.any(seg > 0):
+            raise LungMaskError(f"{lung_mask_path}: empty lung mask: no voxel above 0")
         if not np.isin(seg, LUNA16_LUNG_LABELS).any():  # a binary mask: lung where > 0
             seg = np.where(seg > 0, LUNA16_LUNG_LABELS[0], 0).astype(np.uint8)
     pre = preprocess_scan(scan.array, scan.geometry, name=path, lung_seg=seg,
@@ -786,6 +789,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "on the scan's grid (dou2017: the screening network's nodule "
                              "probability; xie2018: the finest head's best anchor "
                              "noduleness per cell)")
+    parser.add_argument("--nodules", default=None,
+                        help="CSV of nodule centres (seriesuid, coordX, coordY, coordZ in "
+                             "world mm) for a method that measures given nodules (yu2021: "
+                             "each one's mask, volume and malignancy) instead of finding "
+                             "its own")
     parser.add_argument("--no-png", dest="png", action="store_false",
                         help="skip the per-scan PNG of the top findings")
     args = parser.parse_args(argv)
@@ -812,6 +820,16 @@ def _setup(args) -> tuple[ExportedMethod, list[str]]:
     if args.save_maps and not method.map_names:
         raise ValueError(f"--save-maps: {method.description} gives no score map (maps come "
                          "from dou2017, xie2018 or one exported screening network)")
+    if args.nodules:
+        import inspect
+
+        from lungjax.data.tables import read_points_csv
+
+        if "nodules_xyz" not in inspect.signature(method.find).parameters:
+            raise ValueError(f"--nodules: {method.description} finds its own nodules and "
+                             "takes no list (yu2021 does)")
+        uid, xyz = read_points_csv(args.nodules)
+        args.nodule_list = {u: xyz[uid == u] for u in np.unique(uid)}
     return method, scans
 
 
@@ -834,7 +852,8 @@ def _run_scans(method: ExportedMethod, scans: Sequence[str], args) -> int:
         try:
             mask = find_lung_mask(path, args.lung_mask, len(scans))
             marks, info, *pre = detect_scan_with(method, path, lung_mask_path=mask,
-                                                 keep_volume=args.png)
+                                                 keep_volume=args.png,
+                                                 nodules=getattr(args, "nodule_list", None))
             uid = info["uid"]
             diam = info["diameter_mm"]
             write_submission(os.path.join(out, "scans", f"{uid}.csv"), marks, diam,
@@ -932,8 +951,12 @@ def write_masks(folder: str, uid: str, info: Mapping[str, Any], key: str = "mask
 
 def detect_scan_with(method: ExportedMethod, scan_path: str | os.PathLike, *,
                      uid: str | None = None, lung_mask_path: str | None = None,
-                     keep_volume: bool = False):
+                     keep_volume: bool = False,
+                     nodules: Mapping[str, np.ndarray] | None = None):
     """:func:`detect_scan` with a whole exported method (:func:`load_method`).
+
+    ``nodules``: uid -> (N, 3) world (x, y, z) mm centres for a method that measures
+    given nodules (its ``find`` takes ``nodules_xyz``); a scan not in it gets none.
 
     Returns:
       (marks in world mm, info: uid, shape_zyx, seconds {read, preprocess, detect, total},
@@ -946,7 +969,9 @@ def detect_scan_with(method: ExportedMethod, scan_path: str | os.PathLike, *,
     volume, geometry, lung, uid, info = read_preprocessed(
         scan_path, method.preprocessing, uid=uid, lung_mask_path=lung_mask_path)
     t0 = time.perf_counter()
-    world, score, diam, *extra = method.find(volume, geometry, lung)
+    given = {} if nodules is None else \
+        {"nodules_xyz": np.asarray(nodules.get(uid, np.zeros((0, 3))), np.float64)}
+    world, score, diam, *extra = method.find(volume, geometry, lung, **given)
     info["seconds"]["detect"] = time.perf_counter() - t0
     info["masks"] = {name: (np.asarray(m), geometry) for name, m in
                      (extra[0] if extra else {}).items()}

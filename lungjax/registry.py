@@ -108,7 +108,7 @@ STAGES = Registry("stage", ("lungjax.stages", "lungjax.methods.candidates",
                             "lungjax.methods.sathish2020"))
 STAGE_EXPORTS = Registry("stage export", ("lungjax.stages", "lungjax.methods.candidates",
                                           "lungjax.methods.sathish2020",
-                                          "lungjax.methods.shrey2020"))
+                                          "lungjax.methods.shrey2020", "lungjax.methods.yu2021"))
 STAGE_CONFIGS = Registry("stage config", ("lungjax.methods.dou2017", "lungjax.methods.yu2021"))
 # Training-data sources chosen by ``config.sampler.name`` ("balanced" = the plain
 # ``lungjax.data.pipeline.StoreTrainData``), whole-scan detectors chosen by
@@ -126,7 +126,8 @@ EXPORTED_DETECTORS = Registry("exported detector", ("lungjax.methods.xie2018",))
 # lung) -> (world_xyz, score, diameter_mm or None, {name: (D, H, W) mask of the
 # volume})``; the predict command writes each mask on the scan's own grid.
 EXPORTED_METHODS = Registry("exported method", ("lungjax.methods.sathish2020",
-                                                 "lungjax.methods.shrey2020"))
+                                                 "lungjax.methods.shrey2020",
+                                                 "lungjax.methods.yu2021"))
 CV_REPORTS = Registry("cv_report", ("lungjax.methods.dou2017", "lungjax.methods.xie2018",
                                     "lungjax.methods.shrey2020", "lungjax.methods.yu2021",
                                     "lungjax.methods.sathish2020"))

@@ -93,3 +93,44 @@ def load_config(path, arg=None):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.get_config(arg)
+
+
+def assert_beats_step0(config, stage: str, evaluator: str, trained: dict, figure: str,
+                       margin: float) -> None:
+    """Asserts a trained stage's held-out ``figure`` (its record's ``eval/<evaluator>``,
+    ``trained``) exceeds the same evaluator's on the stage's initial state by ``margin``:
+    the network the trained run started from (same config and seed), on the same
+    held-out data. A network that learns nothing keeps its step-0 figures."""
+    from lungjax import stages, train
+    from lungjax.train_data import build_train_data
+
+    cfg = stages.stage_config(config, stage, dict(stages.stage_specs(config))[stage])
+    engine = train.build_engine(cfg)
+    hook = next(e for e in train.build_evaluators(cfg) if e.name == evaluator)
+    step0 = hook(engine, engine.init_state(), build_train_data(cfg))
+    print(f"{config.name} {stage} held-out {figure}: step 0 {step0[figure]:.4f}, trained "
+          f"{trained[figure]:.4f} ({int(step0['count'])} samples)")
+    assert step0["count"] == trained["count"] > 0
+    assert trained[figure] > step0[figure] + margin
+
+
+def scan_of(config, uid: str) -> str:
+    """The path of scan ``uid`` in the dataset the config's store was prepared from."""
+    from lungjax.data.luna16 import Luna16Dataset
+    from lungjax.data.store import read_manifest
+    from lungjax.train_data import prepare_data
+
+    return Luna16Dataset.open(read_manifest(prepare_data(config))["source_root"]).scan_path(uid)
+
+
+def read_on_scan_grid(path, scan_path):
+    """The image at ``path``, checked to lie on the scan's own grid (size, spacing,
+    origin); returns the SimpleITK image."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    image, scan = sitk.ReadImage(str(path)), sitk.ReadImage(str(scan_path))
+    assert image.GetSize() == scan.GetSize()
+    np.testing.assert_allclose(image.GetSpacing(), scan.GetSpacing())
+    np.testing.assert_allclose(image.GetOrigin(), scan.GetOrigin())
+    return image

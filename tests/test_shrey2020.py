@@ -258,7 +258,7 @@ def test_tables_put_the_paper_beside_ours(tmp_path):
 
 
 def test_nodule_components_keep_big_enough_blobs_by_peak():
-    from lungjax.methods.shrey2020 import FindSettings, nodule_components
+    from lungjax.tasks.screening import nodule_components
 
     prob = np.zeros((6, 40, 40), np.float32)
     zz, yy, xx = np.mgrid[:6, :40, :40]
@@ -267,15 +267,15 @@ def test_nodule_components_keep_big_enough_blobs_by_peak():
     prob[2, 10, 10] = 0.95
     prob[4, 30:32, 30:32] = 0.99  # 4 voxels, the highest peak
     prob[0, 35, 5] = 0.9  # one voxel: below min_voxels
-    s = FindSettings(mask_threshold=0.5, min_voxels=3)
-    mask, centres, score, diam = nodule_components(prob, (2.0, 0.5, 0.5), s)
+    s = dict(threshold=0.5, min_voxels=3)
+    mask, centres, score, diam = nodule_components(prob, (2.0, 0.5, 0.5), **s)
     np.testing.assert_allclose(score, [0.99, 0.95], rtol=1e-6)
     np.testing.assert_allclose(centres, [[4, 30.5, 30.5], [2, 10, 10]], atol=1e-6)
     # The disc's area (81 pixels of 0.25 mm^2) as a diameter: 2 sqrt(A / pi).
     assert diam[1] == pytest.approx(2 * np.sqrt(81 * 0.25 / np.pi))
     assert mask.sum() == 4 + 3 * 81 and mask[0, 35, 5] == 0
-    _, centres, _, _ = nodule_components(prob, (2.0, 0.5, 0.5),
-                                         FindSettings(min_voxels=3, max_nodules=1))
+    _, centres, _, _ = nodule_components(prob, (2.0, 0.5, 0.5), min_voxels=3,
+                                         max_nodules=1)
     assert len(centres) == 1
-    none = nodule_components(np.zeros((2, 8, 8), np.float32), (1, 1, 1), s)
+    none = nodule_components(np.zeros((2, 8, 8), np.float32), (1, 1, 1), **s)
     assert none[1].shape == (0, 3) and not none[0].any()

@@ -70,6 +70,18 @@ def test_tiny_cv_runs_every_stage_and_variant(tiny_cv):
     assert set(report["classifiers"]) == {"proposed", *c.cv.variants}
 
 
+def test_tiny_trained_unet_beats_step0_on_held_out_crops(tiny_cv):
+    """The U-Net of the trained tiny method against the same U-Net at step 0, by the
+    stage's own held-out evaluator (crops of the held-out scans, never trained on):
+    its pixel AUC must rise. A network that learns nothing keeps its step-0 ranking."""
+    from conftest import assert_beats_step0
+
+    c, cv, _ = tiny_cv
+    fold = json.loads((cv / "fold_0" / stages.FOLD_RECORD).read_text(encoding="utf-8"))
+    assert_beats_step0(c, "unet", "seg", fold["stages"]["unet"]["eval/seg"], "pixel_auc",
+                       0.05)
+
+
 def test_classifier_kept_the_trained_unet(tiny_cv):
     from lungjax.checkpointing import restore_params
 

@@ -114,38 +114,34 @@ def test_subcase_centres_and_owners():
     np.testing.assert_array_equal(own, [0, 0, 0, 1, 1])
 
 
-class _Store:
-    """A one-scan stand-in for PatchStore (read_patch pads with 0 as the store does)."""
-
-    def __init__(self, vol):
-        self.vol = vol
-
-    def scan(self, uid):
-        return type("R", (), {"shape_zyx": self.vol.shape})()
-
-    def read_patch(self, uid, c, size):
-        out = np.zeros(size, np.float32)
-        start = np.asarray(c) - np.asarray(size) // 2
-        lo = np.clip(start, 0, self.vol.shape)
-        hi = np.clip(start + np.asarray(size), 0, self.vol.shape)
-        a, b = lo - start, hi - start
-        out[a[0]:b[0], a[1]:b[1], a[2]:b[2]] = self.vol[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-        return out
-
-
 def test_segment_volume_pastes_each_slab_where_it_owns_the_slices():
     vol = np.random.default_rng(0).random((10, 6, 7)).astype(np.float32)
     # The identity "network": every covered voxel comes back as itself.
-    out = method.segment_volume(lambda x: x[..., 0], _Store(vol), "u", (6, 8, 8), 2)
+    out = method.segment_volume(lambda x: x[..., 0], vol, (6, 8, 8), 2)
     np.testing.assert_array_equal(out, vol)
     # A patch smaller than the volume leaves the uncovered voxels at 0.
     # Slabs of 4 slices centred at z = 2 and 7 cover z 0-3 and 5-8; 4 rows centred at
     # y = 3 cover y 1-4.
-    out = method.segment_volume(lambda x: x[..., 0], _Store(vol), "u", (4, 4, 8), 2)
+    out = method.segment_volume(lambda x: x[..., 0], vol, (4, 4, 8), 2)
     np.testing.assert_array_equal(out[:4, 1:5], vol[:4, 1:5])
     np.testing.assert_array_equal(out[5:9, 1:5], vol[5:9, 1:5])
     assert out[4].sum() == 0 and out[9].sum() == 0
     assert out[:, 0].sum() == 0 and out[:, 5].sum() == 0
+
+
+def test_measure_nodules_takes_the_component_at_or_near_each_centre():
+    prob = np.zeros((10, 20, 20), np.float32)
+    prob[2:4, 2:5, 2:5] = 0.9  # 18 voxels
+    prob[6:8, 12:16, 12:16] = 0.8  # 32 voxels
+    centres = np.array([[3, 3, 3],  # inside the first
+                        [7, 10, 14],  # 2 voxels (3 mm) from the second
+                        [5, 18, 2]], np.float64)  # nothing within 10 mm
+    labels, vol, peak, diam = method.measure_nodules(prob, centres, (3.0, 1.5, 1.5), 0.5)
+    voxel = 3.0 * 1.5 * 1.5
+    np.testing.assert_allclose(vol, [18 * voxel, 32 * voxel, 0.0])
+    np.testing.assert_allclose(peak, [0.9, 0.8, 0.0], rtol=1e-6)
+    assert diam[0] == pytest.approx(2 * np.sqrt(9 * 1.5 * 1.5 / np.pi)) and diam[2] == 0
+    assert (labels == 1).sum() == 18 and (labels == 2).sum() == 32 and labels.max() == 2
 
 
 def test_nodule_dice_in_the_nodule_box_without_other_nodules():
@@ -173,7 +169,8 @@ def test_yu2021_configs_build(path, arg):
     assert list(specs) == ["seg", "segeval", "cls", "clseval"]
     assert tuple(c.data.spacing_zyx) == (3.0, 1.5, 1.5)
     assert tuple(c.data.hu_window) == (-1000.0, 400.0)
-    assert c.optimizer.learning_rate == 1e-2
+    # The paper's 1e-2 and whole sub-cases, except the default's CPU schedule (crops).
+    assert c.optimizer.learning_rate == (1e-3 if arg is None else 1e-2)
     assert c.train.batch_size == (8 if arg and "tiny" in arg else 6)
     cls = specs["cls"]["sections"]
     assert cls["optimizer"]["learning_rate"] == 1e-4 and tuple(
@@ -182,11 +179,17 @@ def test_yu2021_configs_build(path, arg):
         assert tuple(c.data.patch_size_zyx) == (48, 192, 192)
         assert c.yu2021.epochs == 64 and c.yu2021.bce_epochs == 3
         assert cls["yu2021"]["epochs"] == 52 and cls["train"]["batch_size"] == 16
-    # The sub-cases are the training patch unless yu2021.subcase_size_zyx names a size.
-    assert method.subcase_size(c) == tuple(c.data.patch_size_zyx)
-    with c.unlocked():
-        c.yu2021.subcase_size_zyx = (32, 96, 128)
-    assert method.subcase_size(c) == (32, 96, 128)
+    if arg is None:  # crops around nodules; the sub-cases evaluated are larger
+        assert c.sampler.name == "balanced" and tuple(c.data.patch_size_zyx) == (16, 32, 32)
+        assert method.subcase_size(c) == (32, 96, 128) and c.yu2021.lung_only
+        assert tuple(cls["augment"]["positive"]["flip_axes"]) == (0, 1, 2)
+    else:
+        assert c.sampler.name == "yu2021_subcases"
+        # The sub-cases are the training patch unless yu2021.subcase_size_zyx names one.
+        assert method.subcase_size(c) == tuple(c.data.patch_size_zyx)
+        with c.unlocked():
+            c.yu2021.subcase_size_zyx = (32, 96, 128)
+        assert method.subcase_size(c) == (32, 96, 128)
     if "unet3d" in path:
         assert c.model.residual is False and not c.cv.variants
     if "resnet50" in path:
@@ -260,6 +263,19 @@ def test_yu2021_tiny_end_to_end_with_baselines_and_tables(tiny_cv):
     for f in ("segeval/segmentation.json", "segeval/segmentation.png",
               "clseval/classification.json", "clseval/roc.png"):
         assert (cv / "fold_0" / f).is_file(), f
+    # Each held-out scan's mask on the store's grid, inside the lung mask (lung_only).
+    import SimpleITK as sitk
+
+    from lungjax.data.store import PatchStore
+    from lungjax.train_data import prepare_data
+
+    store = PatchStore.open(prepare_data(c))
+    for uid in fold["uids"]:
+        img = sitk.ReadImage(str(cv / "fold_0" / "segeval" / "masks" / f"{uid}.mha"))
+        mask = sitk.GetArrayFromImage(img)
+        lung = store.read_volume(uid, array="lung") > 0
+        assert mask.shape == lung.shape and not np.any((mask > 0) & ~lung)
+        np.testing.assert_allclose(img.GetOrigin(), store.scan(uid).geometry.origin)
     # The baselines rerun only what they change: the plain U-Net its two segmentation
     # stages, the plain ResNet50 its two classification stages.
     v = fold["variants"]
@@ -273,6 +289,65 @@ def test_yu2021_tiny_end_to_end_with_baselines_and_tables(tiny_cv):
     assert tables["paper"]["large_nodule_dice"] == 0.81
     assert (cv / "cv" / "yu2021_tables.md").is_file()
     assert report["yu2021"]["runs"]["yu2021_tiny"]["accuracy"] == cls["accuracy"]
+
+
+@pytest.mark.slow
+def test_yu2021_export_runs_the_method_on_a_new_scan_file(tiny_cv, tmp_path):
+    """``python -m lungjax.detect`` on the export: the Res U-Net's nodule mask on the
+    scan's own grid (no more than the held-out stage's mask of the same scan: the same
+    network, keeping whole components only), each nodule with its diameter and the
+    ResNet50's malignant probability."""
+    import SimpleITK as sitk
+    from conftest import read_on_scan_grid, scan_of
+
+    from lungjax import detect, stages
+    from lungjax.data.store import PatchStore
+    from lungjax.data.tables import read_marks_csv
+    from lungjax.train_data import prepare_data
+
+    c, cv, _ = tiny_cv
+    run = cv / "fold_0"
+    fold = json.loads((run / "fold.json").read_text(encoding="utf-8"))
+    sidecars = stages.run("export", c, str(run))
+    settings = sidecars["clseval"]["yu2021"]
+    assert settings["subcases"] == 2 and settings["roi_size_zyx"] == [16, 48, 48]
+    uid = fold["uids"][0]
+    scan = scan_of(c, uid)
+    out = tmp_path / "predict"
+    assert detect.main(["--model", str(run / "export"), "--scan", scan, "--out", str(out),
+                        "--no-png"]) == 0
+    mask = read_on_scan_grid(out / "masks" / f"{uid}_nodules.mhd", scan)
+    stage = sitk.ReadImage(str(run / "segeval" / "masks" / f"{uid}.mha"))
+    mm3 = [float(sitk.GetArrayFromImage(m).astype(bool).sum()) * np.prod(m.GetSpacing())
+           for m in (mask, stage)]
+    assert mm3[0] <= 1.15 * mm3[1] + 100.0, mm3
+    header = (out / "submission.csv").read_text(encoding="utf-8").split("\n")[0]
+    assert header.endswith("probability,diameter_mm,malignancy_probability")
+    marks = read_marks_csv(str(out / "submission.csv"))
+    rec = json.loads((out / "predict.json").read_text(encoding="utf-8"))["scans"][uid]
+    assert rec["nodules"] == len(marks) <= settings["max_nodules"]
+    assert np.all((marks.probability >= settings["threshold"]) & (marks.probability <= 1))
+
+    # A list of nodule centres instead: each one measured where it is listed, one far
+    # outside the scan skipped and counted.
+    store_findings = PatchStore.open(prepare_data(c)).findings([uid])
+    nod = tmp_path / "nodules.csv"
+    rows = [f"{uid},{x:.3f},{y:.3f},{z:.3f}" for x, y, z in store_findings.xyz]
+    rows.append(f"{uid},{store_findings.xyz[0, 0] + 500:.3f},0,0")
+    nod.write_text("seriesuid,coordX,coordY,coordZ\n" + "\n".join(rows) + "\n",
+                   encoding="utf-8")
+    out2 = tmp_path / "measure"
+    assert detect.main(["--model", str(run / "export"), "--scan", scan, "--out", str(out2),
+                        "--no-png", "--nodules", str(nod)]) == 0
+    got = read_marks_csv(str(out2 / "submission.csv"))
+    np.testing.assert_allclose(got.xyz, store_findings.xyz, atol=1e-3)
+    header = (out2 / "submission.csv").read_text(encoding="utf-8").split("\n")[0]
+    assert header.endswith("diameter_mm,volume_mm3,malignancy_probability")
+    rec = json.loads((out2 / "predict.json").read_text(encoding="utf-8"))["scans"][uid]
+    assert (rec["nodules"], rec["nodules_outside"]) == (len(store_findings), 1)
+    labels = sitk.GetArrayFromImage(read_on_scan_grid(out2 / "masks" / f"{uid}_nodules.mhd",
+                                                      scan))
+    assert set(np.unique(labels)) <= set(range(len(store_findings) + 1))
 
 
 @pytest.mark.slow

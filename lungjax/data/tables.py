@@ -151,6 +151,17 @@ def read_marks_csv(path: str | os.PathLike) -> Marks:
     return Marks(uid, xyz, prob)
 
 
+def read_points_csv(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Reads a list of points (e.g. nodule centres): seriesuid, coordX, coordY, coordZ
+    (world mm; other columns ignored). Returns (uid (N,) str, xyz (N, 3) float64)."""
+    header, rows = _read_rows(path, ("seriesuid",) + XYZ_COLUMNS)
+    uid_col = header.index("seriesuid")
+    uid = np.asarray([r[uid_col].strip() for r in rows], dtype=str)
+    xyz = np.stack([_float_column(path, header, rows, c) for c in XYZ_COLUMNS], axis=-1) \
+        if rows else np.zeros((0, 3))
+    return uid, xyz
+
+
 def read_uid_list(path: str | os.PathLike) -> list[str]:
     """Reads ``seriesuids.csv``: one UID per line, no header."""
     path = os.fspath(path)

@@ -35,6 +35,7 @@ from lungjax.atomic import atomic_write_json, atomic_write_text
 from lungjax.evaluation.reports import n_folds
 from lungjax.methods.slices import segment_slices
 from lungjax.registry import CV_REPORTS, EXPORTED_METHODS, STAGE_EXPORTS, STAGES
+from lungjax.tasks.screening import nodule_components
 
 # The classifier stage's name in configs/shrey2020.py, its evaluator's name, and the
 # screening stage's name: the tables read their records.
@@ -227,37 +228,6 @@ class Findings2D:
     malignancy: np.ndarray
 
 
-def nodule_components(prob: np.ndarray, spacing_zyx, settings: FindSettings):
-    """Connected components (26-neighbourhood) of ``prob >= mask_threshold`` with at least
-    ``min_voxels`` voxels, the ``max_nodules`` of highest peak probability.
-
-    Returns:
-      (mask (D, H, W) uint8 of the kept components, centres (K, 3) float64 voxel
-      centroids, score (K,) peak probability, diameter_mm (K,)), ordered by score.
-    """
-    from scipy import ndimage
-
-    fg = prob >= settings.mask_threshold
-    labels, n = ndimage.label(fg, np.ones((3, 3, 3), bool))
-    if n == 0:
-        return (np.zeros(prob.shape, np.uint8), np.zeros((0, 3)), np.zeros(0), np.zeros(0))
-    idx = np.arange(1, n + 1)
-    size = ndimage.sum_labels(fg, labels, idx)
-    peak = ndimage.maximum(prob, labels, idx)
-    keep = idx[size >= settings.min_voxels]
-    keep = keep[np.argsort(-peak[keep - 1], kind="stable")][:settings.max_nodules]
-    centres = np.asarray(ndimage.center_of_mass(fg, labels, keep), np.float64).reshape(-1, 3)
-    pixel_mm2 = float(spacing_zyx[1]) * float(spacing_zyx[2])
-    diam = []
-    boxes = ndimage.find_objects(labels)
-    for lab in keep:
-        sl = boxes[lab - 1]
-        area = (labels[sl] == lab).reshape(labels[sl].shape[0], -1).sum(1).max()
-        diam.append(2.0 * np.sqrt(area * pixel_mm2 / np.pi))
-    mask = np.isin(labels, keep).astype(np.uint8)
-    return mask, centres, peak[keep - 1].astype(np.float64), np.asarray(diam, np.float64)
-
-
 def find_in_volume(segment, classify, volume: np.ndarray, spacing_zyx, multiple: int,
                    settings: FindSettings) -> Findings2D:
     """The method on one preprocessed volume.
@@ -273,7 +243,9 @@ def find_in_volume(segment, classify, volume: np.ndarray, spacing_zyx, multiple:
 
     prob = segment_slices(segment, volume, multiple=multiple, batch=settings.batch)
     slice_max = prob.reshape(len(prob), -1).max(axis=1) if prob.size else np.zeros(0)
-    mask, centres, score, diam = nodule_components(prob, spacing_zyx, settings)
+    mask, centres, score, diam = nodule_components(
+        prob, spacing_zyx, threshold=settings.mask_threshold, min_voxels=settings.min_voxels,
+        max_nodules=settings.max_nodules)
     mal = classify_patches(classify, volume, np.rint(centres).astype(np.int64),
                            settings.crop, settings.batch)
     return Findings2D(prob, slice_max.astype(np.float32),

@@ -9,7 +9,10 @@ Stages of ``configs/yu2021.py`` (``lungjax.stages`` runs them)::
                                  segmentation.json (+ per-nodule Dice), segmentation.png
     cls      "train"             3D ResNet50 on nodule ROIs (sampler "nodule_roi")
     clseval  "yu2021_classify"   held-out ROIs: classification.json (bootstrap
-                                 intervals), roc.png
+                                 intervals), roc.png; its export (``--mode=export``)
+                                 is the whole method on a new scan: the Res U-Net of
+                                 ``segmenter_from`` sub-case by sub-case, its nodules
+                                 (connected components) each classified on its ROI
 
 Sub-cases: each stored (preprocessed, lung-cropped) scan of D slices is split along z
 into ``yu2021.subcases`` equal slabs; slab k is the patch of ``data.patch_size_zyx``
@@ -32,7 +35,8 @@ from lungjax.data.pipeline import StoreTrainData, Targets
 from lungjax.data.sampler import (NODULE, RANDOM_NEG, SAMPLE_DTYPE, SamplerConfig,
                                   malignant_label, pool_rows, round_half_up, scan_info)
 from lungjax.evaluation.reports import n_folds
-from lungjax.registry import CV_REPORTS, SAMPLERS, STAGE_CONFIGS, STAGES
+from lungjax.registry import (CV_REPORTS, EXPORTED_METHODS, SAMPLERS, STAGE_CONFIGS,
+                              STAGE_EXPORTS, STAGES)
 
 # The paper's held-out figures (Yu et al. 2021, Results).
 PAPER = {"dice_large": 0.81, "accuracy": 0.873, "roc_auc": 0.907, "specificity": 0.948}
@@ -164,17 +168,19 @@ def cls_epochs(cfg, config) -> None:
 # ----------------------------------------------------------------------------------
 
 
-def segment_volume(predict, store, uid: str, size_zyx: Sequence[int], n: int) -> np.ndarray:
-    """Foreground probability (D, H, W) float32 of one stored scan: each z-slab's
-    sub-case through ``predict((1, *size, 1) image) -> (1, *size)`` probabilities, pasted
-    back where the slab owns the slices and the patch covers the volume (else 0)."""
-    rec = store.scan(uid)
-    shape = np.asarray(rec.shape_zyx, np.int64)
+def segment_volume(predict, volume: np.ndarray, size_zyx: Sequence[int], n: int) -> np.ndarray:
+    """Foreground probability (D, H, W) float32 of a (D, H, W) preprocessed volume: each
+    z-slab's sub-case through ``predict((1, *size, 1) image) -> (1, *size)``
+    probabilities, pasted back where the slab owns the slices and the patch covers the
+    volume (else 0); a sub-case running past the volume reads 0 there (air)."""
+    from lungjax.tasks.screening import crop_patch
+
+    shape = np.asarray(volume.shape, np.int64)
     size = np.asarray(size_zyx, np.int64)
     out = np.zeros(tuple(shape), np.float32)
     owner = subcase_owner(int(shape[0]), n)
     for k, c in enumerate(subcase_centres(shape, n)):
-        patch = store.read_patch(uid, c, size)
+        patch = crop_patch(volume, c, size)
         prob = np.asarray(predict(patch[None, ..., None]))[0]
         start = c - size // 2
         lo, hi = np.clip(start, 0, shape), np.clip(start + size, 0, shape)
@@ -206,10 +212,13 @@ def nodule_dice(prob: np.ndarray, labels: np.ndarray, label: int, threshold: flo
 
 @STAGES.register("yu2021_segment")
 def segment_stage(run) -> dict:
-    """Segments the held-out scans with the network of stage ``network``; Dice over all
-    voxels and per nodule (all, and nodules larger than ``yu2021.large_nodule_mm``) ->
-    ``segmentation.json`` and ``segmentation.png`` in the stage folder."""
+    """Segments the held-out scans with the network of stage ``network`` (inside the lung
+    mask with ``yu2021.lung_only``); Dice over all voxels and per nodule (all, and
+    nodules larger than ``yu2021.large_nodule_mm``) -> ``segmentation.json``,
+    ``segmentation.png`` and each scan's thresholded mask ``masks/<uid>.mha`` (uint8,
+    the store's grid, world geometry) in the stage folder."""
     from lungjax import stages, train
+    from lungjax.data import io
     from lungjax.evaluation.segmentation import segmentation_record
 
     cfg, ctx = run.config, run.ctx
@@ -218,11 +227,21 @@ def segment_stage(run) -> dict:
     apply = jax.jit(lambda v, x: task.probabilities(model.apply(v, x, train=False)))
     threshold = float(cfg.task.threshold)
     per_scan, nodules = {}, []
+    masks = os.path.join(run.dir, "masks")
+    os.makedirs(masks, exist_ok=True)
     for uid in ctx.test_uids:
-        prob = segment_volume(lambda x: apply(variables, x), ctx.store, uid,
+        prob = segment_volume(lambda x: apply(variables, x), ctx.store.read_volume(uid),
                               subcase_size(cfg), int(cfg.yu2021.subcases))
+        if cfg.yu2021.lung_only:
+            # The paper segments the lung parenchyma it extracted first: the store's
+            # lung mask (closed and hole-filled at preparation, so juxtapleural nodules
+            # stay inside) bounds the prediction.
+            prob *= ctx.store.read_volume(uid, array="lung")
         labels = ctx.store.read_volume(uid, array="nodules").astype(np.int64)
         rec = ctx.store.scan(uid)
+        if jax.process_index() == 0:
+            io.write_scan(os.path.join(masks, f"{uid}.mha"),
+                          (prob >= threshold).astype(np.uint8), rec.geometry, compress=True)
         per_scan[uid] = (prob, labels > 0, rec.spacing_zyx)
         for lab, r in zip(rec.nodule_mask_label, rec.nodule_diameter_mm):
             if lab > 0 and np.any(labels == lab):
@@ -334,6 +353,201 @@ def classify_stage(run) -> dict:
 # ----------------------------------------------------------------------------------
 # Cross-validation tables
 # ----------------------------------------------------------------------------------
+
+
+# ----------------------------------------------------------------------------------
+# The whole method on a new scan (the export python -m lungjax.detect runs)
+# ----------------------------------------------------------------------------------
+
+SEGMENTER_EXPORT = "segmenter"  # the Res U-Net's export, inside the classifier's
+
+
+def find_nodules(segment, classify, volume: np.ndarray, spacing_zyx, lung, settings: dict):
+    """The method on one preprocessed volume.
+
+    Args:
+      segment: the Res U-Net, (1, *subcase, 1) float32 -> (1, *subcase) probability.
+      classify: the ResNet50, (B, *roi, 1) float32 -> (B,) malignant probability.
+      volume: (D, H, W) float32 in [0, 1]; spacing_zyx: its voxel size (mm).
+      lung: (D, H, W) lung mask or None (used with ``settings["lung_only"]``).
+      settings: the export's ``yu2021`` sidecar (sub-case size and count, ROI size,
+        threshold, lung_only, min_voxels, max_nodules, batch).
+
+    Returns:
+      (mask (D, H, W) uint8, centres (K, 3) float64 voxels, score (K,) peak probability,
+      diameter_mm (K,), malignancy (K,) float64).
+    """
+    from lungjax.tasks.screening import nodule_components
+
+    prob = segment_volume(segment, volume, settings["subcase_size_zyx"],
+                          int(settings["subcases"]))
+    if settings["lung_only"] and lung is not None:
+        prob *= np.asarray(lung, np.float32)
+    mask, centres, score, diam = nodule_components(
+        prob, spacing_zyx, threshold=float(settings["threshold"]),
+        min_voxels=int(settings["min_voxels"]), max_nodules=int(settings["max_nodules"]))
+    return mask, centres, score, diam, classify_rois(classify, volume, centres, settings)
+
+
+def classify_rois(classify, volume: np.ndarray, centres_zyx: np.ndarray,
+                  settings: dict) -> np.ndarray:
+    """(K,) float64 malignant probability of the ROIs of ``settings["roi_size_zyx"]``
+    centred on the (K, 3) voxel centres (a ROI at the volume's edge reads 0 outside:
+    air), ``settings["batch"]`` ROIs per call of ``classify``."""
+    from lungjax.tasks.screening import crop_patch
+
+    roi, b = tuple(int(v) for v in settings["roi_size_zyx"]), int(settings["batch"])
+    at = np.rint(np.asarray(centres_zyx).reshape(-1, 3)).astype(np.int64)
+    out = [np.asarray(classify(np.stack([crop_patch(volume, c, roi) for c in at[i:i + b]])
+                               [..., None]), np.float64).reshape(-1)
+           for i in range(0, len(at), b)]
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def measure_nodules(prob: np.ndarray, centres_zyx: np.ndarray, spacing_zyx,
+                    threshold: float, search_mm: float = 10.0):
+    """Given nodules in a probability volume: each centre's connected component of
+    ``prob >= threshold`` (26-neighbourhood): the one at the centre voxel, else the one
+    with a voxel nearest to it within ``search_mm``, else none.
+
+    Args:
+      prob: (D, H, W) float probability; centres_zyx: (N, 3) float voxel centres, all
+        inside the volume; spacing_zyx: voxel size (mm).
+
+    Returns:
+      (labels (D, H, W) uint8, nodule k's voxels = k + 1 (a component claimed by an
+      earlier centre stays with it), volume_mm3 (N,), peak probability (N,), diameter_mm
+      (N,) of a disc of its largest axial area; 0 where no component was found).
+    """
+    from scipy import ndimage
+
+    if len(centres_zyx) > 255:
+        raise ValueError(f"{len(centres_zyx)} nodules in one scan: at most 255 (uint8 labels)")
+    fg = prob >= threshold
+    comp, _ = ndimage.label(fg, np.ones((3, 3, 3), bool))
+    sp = np.asarray(spacing_zyx, np.float64)
+    out = np.zeros(prob.shape, np.uint8)
+    n = len(centres_zyx)
+    vol, peak, diam = np.zeros(n), np.zeros(n), np.zeros(n)
+    for k, c in enumerate(np.asarray(centres_zyx, np.float64).reshape(-1, 3)):
+        v = np.rint(c).astype(np.int64)
+        lab = int(comp[tuple(v)])
+        if lab == 0:
+            r = np.ceil(search_mm / sp).astype(np.int64)
+            lo, hi = np.maximum(v - r, 0), np.minimum(v + r + 1, prob.shape)
+            box = comp[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+            at = np.argwhere(box > 0)
+            if len(at):
+                d = np.linalg.norm((at + lo - c) * sp, axis=1)
+                j = int(np.argmin(d))
+                lab = int(box[tuple(at[j])]) if d[j] <= search_mm else 0
+        if lab == 0:
+            continue
+        sel = (comp == lab) & (out == 0)
+        out[sel] = k + 1
+        vol[k] = float(sel.sum()) * float(np.prod(sp))
+        peak[k] = float(prob[sel].max()) if sel.any() else 0.0
+        area = sel.reshape(sel.shape[0], -1).sum(1).max()
+        diam[k] = 2.0 * np.sqrt(area * sp[1] * sp[2] / np.pi)
+    return out, vol, peak, diam
+
+
+def _export_method(run) -> dict:
+    """The classifier stage's ResNet50 on (B, *roi, 1) ROIs in the stage folder, the Res
+    U-Net of ``segmenter_from`` on (1, *subcase, 1) sub-cases in ``segmenter/``, the
+    whole-scan settings in the classifier's sidecar."""
+    from lungjax import export as export_lib
+    from lungjax import stages
+    from lungjax import train as train_lib
+    from lungjax.configcheck import as_dict
+    from lungjax.steps import make_predict_fn
+
+    cfg, src = run.config, run.spec["segmenter_from"]
+    if not src:
+        raise ValueError(f"stage {run.name!r}: the export needs segmenter_from (the Res "
+                         "U-Net's stage)")
+    seg_cfg = run.configs[src]
+    # The export's batch is symbolic: XLA's own convolutions (the CPU-fast plans are made
+    # per concrete shape).
+    seg_model = train_lib.build_model(seg_cfg).clone(conv_impl="xla")
+    seg_task = train_lib.build_task(seg_cfg)
+    size = subcase_size(seg_cfg)
+    export_lib.export_network(
+        os.path.join(run.dir, SEGMENTER_EXPORT), os.path.join(run.dirs[src], "checkpoints"),
+        make_predict_fn(seg_model, seg_task, spatial_dims=3), size,
+        {"model": as_dict(seg_cfg.model), "stage": src,
+         "output": "(1, D, H, W) nodule probability of a sub-case"},
+        network=seg_cfg.train.network)
+    y = seg_cfg.yu2021
+    settings = {"segmenter": SEGMENTER_EXPORT, "subcase_size_zyx": list(size),
+                "subcases": int(y.subcases), "roi_size_zyx": list(cfg.data.patch_size_zyx),
+                "threshold": float(seg_cfg.task.threshold), "lung_only": bool(y.lung_only),
+                "min_voxels": int(y.min_nodule_voxels), "max_nodules": int(y.max_nodules),
+                "batch": int(run.spec["batch"])}
+    model = train_lib.build_model(cfg).clone(conv_impl="xla")
+    task = train_lib.build_task(cfg)
+    return stages.export_stage(run, make_predict_fn(model, task, spatial_dims=3),
+                               tuple(int(v) for v in cfg.data.patch_size_zyx),
+                               {"yu2021": settings,
+                                "output": "(B,) malignant probability of the ROI"})
+
+
+class ExportedMethod:
+    """``python -m lungjax.detect`` on a yu2021 export: the nodule mask of a scan and each
+    nodule (world mm, peak probability, diameter, malignant probability)."""
+
+    @staticmethod
+    def load(stage_dir: str):
+        """``find(volume, geometry, lung) -> (world_xyz (K, 3), peak probability (K,),
+        diameter_mm (K,), {"nodules": mask}, {}, extra)``; ``extra`` holds the per-mark
+        column ``malignancy_probability``."""
+        from lungjax.data.coords import voxel_to_world, world_to_voxel
+        from lungjax.export import load_predictor
+
+        classify, sidecar = load_predictor(stage_dir)
+        if "yu2021" not in sidecar:
+            raise ValueError(f"{stage_dir}: not a yu2021 export (no 'yu2021' in its "
+                             "export.json)")
+        settings = sidecar["yu2021"]
+        segment, _ = load_predictor(os.path.join(stage_dir, settings["segmenter"]))
+
+        def find(volume, geometry, lung, nodules_xyz=None):
+            if nodules_xyz is not None:
+                return given(volume, geometry, lung, np.asarray(nodules_xyz, np.float64))
+            mask, centres, score, diam, mal = find_nodules(
+                segment, classify, volume, geometry.spacing_zyx, lung, settings)
+            world = voxel_to_world(centres, geometry).reshape(-1, 3)
+            extra = {"columns": {"malignancy_probability": mal}, "tables": {},
+                     "info": {"nodules": int(len(centres))}}
+            return world, score, diam, {"nodules": mask}, {}, extra
+
+        def given(volume, geometry, lung, xyz):
+            """The listed nodules (world mm): a centre outside the preprocessed volume
+            is a counted skip, named on the console; the others get their mask
+            (label k + 1), volume and the malignancy of the ROI on the given centre."""
+            vox = world_to_voxel(xyz.reshape(-1, 3), geometry).reshape(-1, 3)
+            inside = np.all((vox >= -0.5) & (vox <= np.asarray(volume.shape) - 0.5), axis=1)
+            for p in xyz[~inside]:
+                print(f"nodule at ({p[0]:.1f}, {p[1]:.1f}, {p[2]:.1f}) mm: outside the "
+                      "scan's lung-cropped volume; skipped", flush=True)
+            xyz, vox = xyz[inside], np.clip(vox[inside], 0, np.asarray(volume.shape) - 1)
+            prob = segment_volume(segment, volume, settings["subcase_size_zyx"],
+                                  int(settings["subcases"]))
+            if settings["lung_only"] and lung is not None:
+                prob *= np.asarray(lung, np.float32)
+            labels, vol, peak, diam = measure_nodules(prob, vox, geometry.spacing_zyx,
+                                                      float(settings["threshold"]))
+            mal = classify_rois(classify, volume, vox, settings)
+            extra = {"columns": {"volume_mm3": vol, "malignancy_probability": mal},
+                     "tables": {},
+                     "info": {"nodules": int(len(xyz)), "nodules_outside": int((~inside).sum())}}
+            return xyz, peak, diam, {"nodules": labels}, {}, extra
+
+        return find
+
+
+STAGE_EXPORTS.register("yu2021_classify", _export_method)
+EXPORTED_METHODS.register("yu2021_classify", ExportedMethod)
 
 
 def _mean(values) -> float:

@@ -670,3 +670,40 @@ def crop_patch(volume: np.ndarray, center_zyx, size_zyx) -> np.ndarray:
         a, b = lo - start, hi - start
         out[a[0]:b[0], a[1]:b[1], a[2]:b[2]] = volume[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
     return out
+
+
+def nodule_components(prob: np.ndarray, spacing_zyx, *, threshold: float = 0.5,
+                      min_voxels: int = 1, max_nodules: int = 100):
+    """Nodules of a probability volume: connected components (26-neighbourhood) of
+    ``prob >= threshold`` with at least ``min_voxels`` voxels, the ``max_nodules`` of
+    highest peak probability.
+
+    Args:
+      prob: (D, H, W) float probability; spacing_zyx: its voxel size (mm).
+
+    Returns:
+      (mask (D, H, W) uint8 of the kept components, centres (K, 3) float64 voxel
+      centroids, score (K,) float64 peak probability, diameter_mm (K,) float64 the
+      diameter of a disc of the component's largest axial area), ordered by score.
+    """
+    from scipy import ndimage
+
+    fg = prob >= threshold
+    labels, n = ndimage.label(fg, np.ones((3, 3, 3), bool))
+    if n == 0:
+        return (np.zeros(prob.shape, np.uint8), np.zeros((0, 3)), np.zeros(0), np.zeros(0))
+    idx = np.arange(1, n + 1)
+    size = ndimage.sum_labels(fg, labels, idx)
+    peak = ndimage.maximum(prob, labels, idx)
+    keep = idx[size >= min_voxels]
+    keep = keep[np.argsort(-peak[keep - 1], kind="stable")][:max_nodules]
+    centres = np.asarray(ndimage.center_of_mass(fg, labels, keep), np.float64).reshape(-1, 3)
+    pixel_mm2 = float(spacing_zyx[1]) * float(spacing_zyx[2])
+    diam = []
+    boxes = ndimage.find_objects(labels)
+    for lab in keep:
+        sl = boxes[lab - 1]
+        area = (labels[sl] == lab).reshape(labels[sl].shape[0], -1).sum(1).max()
+        diam.append(2.0 * np.sqrt(area * pixel_mm2 / np.pi))
+    mask = np.isin(labels, keep).astype(np.uint8)
+    return mask, centres, peak[keep - 1].astype(np.float64), np.asarray(diam, np.float64)
