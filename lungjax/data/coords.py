@@ -122,6 +122,13 @@ def world_to_voxel(world_xyz: np.ndarray, geometry: Geometry) -> np.ndarray:
     return index_xyz[..., ::-1]
 
 
+def inside_grid(voxels: np.ndarray, shape) -> np.ndarray:
+    """(N,) bool: (N, 3) voxel coordinates fall within a grid of ``shape`` (half a voxel
+    of slack: the voxel's own extent)."""
+    voxels = np.asarray(voxels).reshape(-1, 3)
+    return np.all((voxels >= -0.5) & (voxels <= np.asarray(shape) - 0.5), axis=1)
+
+
 def within_sphere(points: np.ndarray, centres: np.ndarray, radii: np.ndarray,
                   spacing: np.ndarray | None = None) -> np.ndarray:
     """Whether each point lies strictly inside its sphere: |p - c| < r.

@@ -34,7 +34,7 @@ import SimpleITK as sitk
 from tqdm.auto import tqdm
 
 from lungjax.data import store as store_lib
-from lungjax.data.coords import world_to_voxel
+from lungjax.data.coords import inside_grid, world_to_voxel
 from lungjax.data.io import ScanReadError, read_scan
 from lungjax.data.luna16 import Luna16Dataset
 from lungjax.data.preprocess import (DEFAULT_HU_WINDOW, LungMaskError, preprocess_scan,
@@ -187,13 +187,6 @@ def _read_on_grid(path: str, scan, what: str) -> np.ndarray:
                        nearest=True)
 
 
-def _inside(voxels: np.ndarray, shape) -> np.ndarray:
-    """(N,) bool: (N, 3) voxel coordinates fall within the grid (half a voxel of slack:
-    the voxel's own extent)."""
-    voxels = np.asarray(voxels).reshape(-1, 3)
-    return np.all((voxels >= -0.5) & (voxels <= np.asarray(shape) - 0.5), axis=1)
-
-
 def prepare_scan(job: dict) -> tuple[str, str, dict | str]:
     """Prepares one scan (run in a worker).
 
@@ -232,8 +225,8 @@ def prepare_scan(job: dict) -> tuple[str, str, dict | str]:
     warnings = []
     nod_xyz, nod_d = job["nodules_xyz"], job["nodules_d"]
     nod_zyx = world_to_voxel(nod_xyz, pre.geometry)
-    inside = _inside(nod_zyx, shape)
-    in_scan = _inside(world_to_voxel(nod_xyz, pre.source_geometry), pre.source_shape_zyx)
+    inside = inside_grid(nod_zyx, shape)
+    in_scan = inside_grid(world_to_voxel(nod_xyz, pre.source_geometry), pre.source_shape_zyx)
     for xyz, d, scanned in zip(nod_xyz[~inside], nod_d[~inside], in_scan[~inside]):
         where = "the lung crop" if scanned else "the scanned volume"
         warnings.append(f"{uid}: nodule at world (x, y, z) = "
@@ -241,7 +234,7 @@ def prepare_scan(job: dict) -> tuple[str, str, dict | str]:
                         f"{where}; dropped from training records")
     exc_zyx = world_to_voxel(job["excluded_xyz"], pre.geometry)
     cand_zyx = world_to_voxel(job["candidates_xyz"], pre.geometry)
-    cand_in = _inside(cand_zyx, shape)
+    cand_in = inside_grid(cand_zyx, shape)
 
     # Nodule mask: the dataset's consensus labels, else balls of the annotated diameters
     # drawn on the stored grid (every annotated nodule, also those whose centre was

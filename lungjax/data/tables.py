@@ -126,16 +126,22 @@ def _float_column(path, header, rows, name) -> np.ndarray:
     return out
 
 
+def _uid_xyz(path, header, rows) -> tuple[np.ndarray, np.ndarray]:
+    """(uid (N,) str, world xyz (N, 3) float64) of a LUNA16-style table's rows."""
+    uid_col = header.index("seriesuid")
+    uid = np.asarray([r[uid_col].strip() for r in rows], dtype=str)
+    xyz = np.stack([_float_column(path, header, rows, c) for c in XYZ_COLUMNS], axis=-1) \
+        if rows else np.zeros((0, 3))
+    return uid, xyz
+
+
 def read_findings_csv(path: str | os.PathLike) -> Findings:
     """Reads a LUNA16 ``annotations.csv`` / ``annotations_excluded.csv``.
 
     Columns: seriesuid, coordX, coordY, coordZ, diameter_mm.
     """
     header, rows = _read_rows(path, ("seriesuid",) + XYZ_COLUMNS + ("diameter_mm",))
-    uid_col = header.index("seriesuid")
-    uid = np.asarray([r[uid_col].strip() for r in rows], dtype=str)
-    xyz = np.stack([_float_column(path, header, rows, c) for c in XYZ_COLUMNS], axis=-1) \
-        if rows else np.zeros((0, 3))
+    uid, xyz = _uid_xyz(path, header, rows)
     diameter = _float_column(path, header, rows, "diameter_mm")
     return Findings(uid, xyz, diameter)
 
@@ -143,10 +149,7 @@ def read_findings_csv(path: str | os.PathLike) -> Findings:
 def read_marks_csv(path: str | os.PathLike) -> Marks:
     """Reads a LUNA16 submission: seriesuid, coordX, coordY, coordZ, probability."""
     header, rows = _read_rows(path, ("seriesuid",) + XYZ_COLUMNS + ("probability",))
-    uid_col = header.index("seriesuid")
-    uid = np.asarray([r[uid_col].strip() for r in rows], dtype=str)
-    xyz = np.stack([_float_column(path, header, rows, c) for c in XYZ_COLUMNS], axis=-1) \
-        if rows else np.zeros((0, 3))
+    uid, xyz = _uid_xyz(path, header, rows)
     prob = _float_column(path, header, rows, "probability")
     return Marks(uid, xyz, prob)
 
@@ -154,12 +157,7 @@ def read_marks_csv(path: str | os.PathLike) -> Marks:
 def read_points_csv(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Reads a list of points (e.g. nodule centres): seriesuid, coordX, coordY, coordZ
     (world mm; other columns ignored). Returns (uid (N,) str, xyz (N, 3) float64)."""
-    header, rows = _read_rows(path, ("seriesuid",) + XYZ_COLUMNS)
-    uid_col = header.index("seriesuid")
-    uid = np.asarray([r[uid_col].strip() for r in rows], dtype=str)
-    xyz = np.stack([_float_column(path, header, rows, c) for c in XYZ_COLUMNS], axis=-1) \
-        if rows else np.zeros((0, 3))
-    return uid, xyz
+    return _uid_xyz(path, *_read_rows(path, ("seriesuid",) + XYZ_COLUMNS))
 
 
 def read_uid_list(path: str | os.PathLike) -> list[str]:

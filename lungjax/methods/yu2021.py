@@ -168,11 +168,14 @@ def cls_epochs(cfg, config) -> None:
 # ----------------------------------------------------------------------------------
 
 
-def segment_volume(predict, volume: np.ndarray, size_zyx: Sequence[int], n: int) -> np.ndarray:
+def segment_volume(predict, volume: np.ndarray, size_zyx: Sequence[int], n: int,
+                   lung: np.ndarray | None = None) -> np.ndarray:
     """Foreground probability (D, H, W) float32 of a (D, H, W) preprocessed volume: each
     z-slab's sub-case through ``predict((1, *size, 1) image) -> (1, *size)``
     probabilities, pasted back where the slab owns the slices and the patch covers the
-    volume (else 0); a sub-case running past the volume reads 0 there (air)."""
+    volume (else 0); a sub-case running past the volume reads 0 there (air). ``lung``:
+    a (D, H, W) lung mask bounding the prediction (``yu2021.lung_only``: the paper
+    segments the lung parenchyma it extracted first), None = unbounded."""
     from lungjax.tasks.screening import crop_patch
 
     shape = np.asarray(volume.shape, np.int64)
@@ -191,6 +194,8 @@ def segment_volume(predict, volume: np.ndarray, size_zyx: Sequence[int], n: int)
         a = lo - start
         out[z, lo[1]:hi[1], lo[2]:hi[2]] = prob[z - start[0], a[1]:a[1] + hi[1] - lo[1],
                                                 a[2]:a[2] + hi[2] - lo[2]]
+    if lung is not None:
+        out *= np.asarray(lung, np.float32)
     return out
 
 
@@ -230,13 +235,11 @@ def segment_stage(run) -> dict:
     masks = os.path.join(run.dir, "masks")
     os.makedirs(masks, exist_ok=True)
     for uid in ctx.test_uids:
+        # The store's lung mask is closed and hole-filled at preparation, so
+        # juxtapleural nodules stay inside it.
+        lung = ctx.store.read_volume(uid, array="lung") if cfg.yu2021.lung_only else None
         prob = segment_volume(lambda x: apply(variables, x), ctx.store.read_volume(uid),
-                              subcase_size(cfg), int(cfg.yu2021.subcases))
-        if cfg.yu2021.lung_only:
-            # The paper segments the lung parenchyma it extracted first: the store's
-            # lung mask (closed and hole-filled at preparation, so juxtapleural nodules
-            # stay inside) bounds the prediction.
-            prob *= ctx.store.read_volume(uid, array="lung")
+                              subcase_size(cfg), int(cfg.yu2021.subcases), lung)
         labels = ctx.store.read_volume(uid, array="nodules").astype(np.int64)
         rec = ctx.store.scan(uid)
         if jax.process_index() == 0:
@@ -380,9 +383,7 @@ def find_nodules(segment, classify, volume: np.ndarray, spacing_zyx, lung, setti
     from lungjax.tasks.screening import nodule_components
 
     prob = segment_volume(segment, volume, settings["subcase_size_zyx"],
-                          int(settings["subcases"]))
-    if settings["lung_only"] and lung is not None:
-        prob *= np.asarray(lung, np.float32)
+                          int(settings["subcases"]), lung if settings["lung_only"] else None)
     mask, centres, score, diam = nodule_components(
         prob, spacing_zyx, threshold=float(settings["threshold"]),
         min_voxels=int(settings["min_voxels"]), max_nodules=int(settings["max_nodules"]))
@@ -421,6 +422,8 @@ def measure_nodules(prob: np.ndarray, centres_zyx: np.ndarray, spacing_zyx,
     """
     from scipy import ndimage
 
+    from lungjax.tasks.screening import axial_disc_diameter_mm
+
     if len(centres_zyx) > 255:
         raise ValueError(f"{len(centres_zyx)} nodules in one scan: at most 255 (uint8 labels)")
     fg = prob >= threshold
@@ -447,8 +450,7 @@ def measure_nodules(prob: np.ndarray, centres_zyx: np.ndarray, spacing_zyx,
         out[sel] = k + 1
         vol[k] = float(sel.sum()) * float(np.prod(sp))
         peak[k] = float(prob[sel].max()) if sel.any() else 0.0
-        area = sel.reshape(sel.shape[0], -1).sum(1).max()
-        diam[k] = 2.0 * np.sqrt(area * sp[1] * sp[2] / np.pi)
+        diam[k] = axial_disc_diameter_mm(sel, sp)
     return out, vol, peak, diam
 
 
@@ -501,7 +503,7 @@ class ExportedMethod:
         """``find(volume, geometry, lung) -> (world_xyz (K, 3), peak probability (K,),
         diameter_mm (K,), {"nodules": mask}, {}, extra)``; ``extra`` holds the per-mark
         column ``malignancy_probability``."""
-        from lungjax.data.coords import voxel_to_world, world_to_voxel
+        from lungjax.data.coords import inside_grid, voxel_to_world, world_to_voxel
         from lungjax.export import load_predictor
 
         classify, sidecar = load_predictor(stage_dir)
@@ -526,15 +528,14 @@ class ExportedMethod:
             is a counted skip, named on the console; the others get their mask
             (label k + 1), volume and the malignancy of the ROI on the given centre."""
             vox = world_to_voxel(xyz.reshape(-1, 3), geometry).reshape(-1, 3)
-            inside = np.all((vox >= -0.5) & (vox <= np.asarray(volume.shape) - 0.5), axis=1)
+            inside = inside_grid(vox, volume.shape)
             for p in xyz[~inside]:
                 print(f"nodule at ({p[0]:.1f}, {p[1]:.1f}, {p[2]:.1f}) mm: outside the "
                       "scan's lung-cropped volume; skipped", flush=True)
             xyz, vox = xyz[inside], np.clip(vox[inside], 0, np.asarray(volume.shape) - 1)
             prob = segment_volume(segment, volume, settings["subcase_size_zyx"],
-                                  int(settings["subcases"]))
-            if settings["lung_only"] and lung is not None:
-                prob *= np.asarray(lung, np.float32)
+                                  int(settings["subcases"]),
+                                  lung if settings["lung_only"] else None)
             labels, vol, peak, diam = measure_nodules(prob, vox, geometry.spacing_zyx,
                                                       float(settings["threshold"]))
             mal = classify_rois(classify, volume, vox, settings)

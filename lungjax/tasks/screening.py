@@ -672,6 +672,12 @@ def crop_patch(volume: np.ndarray, center_zyx, size_zyx) -> np.ndarray:
     return out
 
 
+def axial_disc_diameter_mm(mask: np.ndarray, spacing_zyx) -> float:
+    """The diameter (mm) of a disc of a (D, H, W) bool mask's largest axial area."""
+    area = np.asarray(mask).reshape(mask.shape[0], -1).sum(1).max() if mask.size else 0
+    return float(2.0 * np.sqrt(area * float(spacing_zyx[1]) * float(spacing_zyx[2]) / np.pi))
+
+
 def nodule_components(prob: np.ndarray, spacing_zyx, *, threshold: float = 0.5,
                       min_voxels: int = 1, max_nodules: int = 100):
     """Nodules of a probability volume: connected components (26-neighbourhood) of
@@ -698,12 +704,7 @@ def nodule_components(prob: np.ndarray, spacing_zyx, *, threshold: float = 0.5,
     keep = idx[size >= min_voxels]
     keep = keep[np.argsort(-peak[keep - 1], kind="stable")][:max_nodules]
     centres = np.asarray(ndimage.center_of_mass(fg, labels, keep), np.float64).reshape(-1, 3)
-    pixel_mm2 = float(spacing_zyx[1]) * float(spacing_zyx[2])
-    diam = []
     boxes = ndimage.find_objects(labels)
-    for lab in keep:
-        sl = boxes[lab - 1]
-        area = (labels[sl] == lab).reshape(labels[sl].shape[0], -1).sum(1).max()
-        diam.append(2.0 * np.sqrt(area * pixel_mm2 / np.pi))
+    diam = [axial_disc_diameter_mm(labels[boxes[lab - 1]] == lab, spacing_zyx) for lab in keep]
     mask = np.isin(labels, keep).astype(np.uint8)
     return mask, centres, peak[keep - 1].astype(np.float64), np.asarray(diam, np.float64)
