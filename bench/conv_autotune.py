@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -80,7 +79,6 @@ import jax.numpy as jnp  # noqa: E402
 
 import conv_nets  # noqa: E402
 from lungjax.atomic import atomic_write_text  # noqa: E402
-from lungjax.models.conv import primitives  # noqa: E402
 from lungjax.models.conv import select as conv_select  # noqa: E402
 from lungjax.models.conv import split as conv_split  # noqa: E402
 from lungjax.models.conv import tune as conv_tune  # noqa: E402
@@ -113,16 +111,6 @@ def net_keys(names):
     return list(dict.fromkeys(keys))
 
 
-def key_flops(key) -> int:
-    """Multiply-adds x 2 of the forward of ``key`` (the two gradients cost the same each)."""
-    if key.kind == "conv":
-        out = primitives.conv_out_shape(key.spatial, key.kernel, key.strides, key.pads,
-                                        key.dilation)
-    else:  # every input sample meets every tap once
-        out = key.spatial
-    return 2 * key.batch * math.prod(out) * math.prod(key.kernel) * key.cin * key.cout
-
-
 def main():
     args = ARGS
     args.out = args.out or str(conv_select.TABLE_PATH)
@@ -139,7 +127,7 @@ def main():
         keys = [k for k in keys if k.kind == "conv"
                 and conv_split.winograd_ok(k.kernel, k.strides, k.dilation)]
     if args.order == "flops":
-        keys = sorted(keys, key=key_flops, reverse=True)
+        keys = sorted(keys, key=conv_tune.pass_flops, reverse=True)
     if args.limit:
         keys = keys[:args.limit]
     max_buffer = int(args.max_buffer_gb * 2 ** 30)
@@ -155,7 +143,7 @@ def main():
         atomic_write_text(args.out, json.dumps({"machine": machine, "entries": entries},
                                                indent=1))
         desc = (f"{key.kind} b{key.batch} {key.spatial} {key.cin}->{key.cout} k{key.kernel} "
-                f"s{key.strides} ({3 * key_flops(key) / 1e9:.1f} GFLOP)")
+                f"s{key.strides} ({3 * conv_tune.pass_flops(key) / 1e9:.1f} GFLOP)")
         passes = "".join(f" {p}={ms}" for p, ms in entry.get("passes", {}).items())
         print(f"[{i + 1}/{len(keys)}] {desc}:{passes} full: "
               + ", ".join(f"{k} {v:.1f}" for k, v in entry["ms"].items())

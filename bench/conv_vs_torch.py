@@ -15,8 +15,13 @@ Usage:
                                 [--scan 300 | --small | --scan 0] [--same-process]
 
 ``--jax-impls`` lists global overrides (``lungjax.models.layers.set_conv_impl``): "xla" is
-XLA's native convolution, "auto" the per-layer choice from ``lungjax/models/conv/table.json``,
-"im2col"/"matmul"/"hybrid" force one formulation everywhere. Prints a table of median step
+XLA's native convolution, "auto" the per-layer choice from the shipped table
+``lungjax/models/conv/table.json`` alone (``LUNGJAX_CONV_TUNE=0``), "tuned" the per-layer
+choice this machine measured (``lungjax.models.conv.select``: its cache, and the shapes it
+lacks measured now, up to ``TUNED_SECONDS`` each; the seconds spent are printed as the
+network's tuning time, 0 when the cache held every shape), "im2col"/"matmul"/"hybrid"
+force one formulation everywhere. ``--jax-impls auto,tuned`` gives the ratio with the
+shipped table and with the machine's own tuning, same run. Prints a table of median step
 seconds and the ratio JAX / PyTorch (<= 1.0: JAX no slower). Timings on a shared machine
 are noisy: medians of ``--rounds`` x ``--steps`` steps (default 4 x 3) after ``--warmup``
 (3) untimed ones.
@@ -85,6 +90,7 @@ import conv_nets  # noqa: E402
 from lungjax.models.layers import set_conv_impl  # noqa: E402
 
 
+TUNED_SECONDS = 30.0  # per shape, for "tuned" (the first-use default is shorter)
 SCAN_STRIDE = 16  # the detector's total down-sampling: a full-scan edge is a multiple
 PAUSE_S = 0.5  # between blocks, untimed: the other framework's idle threads stop spinning
 
@@ -98,10 +104,29 @@ def _count(tree):
     return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
 
 
+def _select_plans(impl: str) -> str:
+    """Sets up ``impl`` ("auto": the shipped table only; "tuned": this machine's plans,
+    measuring the missing shapes); returns the override ``set_conv_impl`` takes."""
+    from lungjax.models.conv import select as conv_select
+
+    if impl in ("auto", "tuned"):
+        os.environ[conv_select.ENV_TUNE] = "1" if impl == "tuned" else "0"
+        os.environ.setdefault(conv_select.ENV_TUNE_SECONDS, str(TUNED_SECONDS))
+        os.environ[conv_select.ENV_TUNE_TOTAL] = "inf"
+        return "auto"
+    return impl
+
+
+def _tuning_spent() -> float:
+    from lungjax.models.conv import select as conv_select
+
+    return conv_select._state.spent
+
+
 def jax_train_step(name, impl, batch):
-    """A function running one jitted train step to completion, its compile seconds and the
-    parameter count."""
-    set_conv_impl(impl)
+    """A function running one jitted train step to completion, its compile seconds (the
+    tuning of "tuned" included: see ``_tuning_spent``) and the parameter count."""
+    set_conv_impl(_select_plans(impl))
     if conv_nets.NETS[name][0] is None:
         jstep, args, n_params = conv_nets.engine_train_step(name, batch)
     else:
@@ -158,11 +183,13 @@ def interleaved_times(runs: dict, steps: int, warmup: int, rounds: int) -> dict:
 
 def jax_scan_seconds(impl, edge):
     """Seconds of one fully-convolutional forward pass of the detector over edge^3 (eval)."""
+    from lungjax.steps import forward_apply
+
     model = conv_nets.Detector()
-    set_conv_impl(impl)
+    set_conv_impl(_select_plans(impl))
     x = jnp.zeros((1, edge, edge, edge, 1), jnp.float32)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 16, 1)), train=False)
-    f = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    f = jax.jit(lambda v, x: forward_apply(model, v, x))  # forward-only plans
     t0 = time.perf_counter()
     compiled = f.lower(variables, x).compile()
     compile_s = time.perf_counter() - t0
@@ -226,9 +253,15 @@ def main():
         row = {"net": f"{name} {'x'.join(map(str, shape[:-1]))} ({batch})"}
         counts, runs = set(), {}
         for impl in impls:
+            spent = _tuning_spent()
             runs[impl], comp, n = jax_train_step(name, impl, batch)
             counts.add(n)
-            print(f"  {name:5s} jax[{impl}] compiled in {comp:.1f} s, {n} params", flush=True)
+            tuned = _tuning_spent() - spent
+            if impl == "tuned":
+                row["tuning_s"] = round(tuned, 1)
+            print(f"  {name:5s} jax[{impl}] compiled in {comp:.1f} s"
+                  + (f", tuned in {tuned:.1f} s (while tracing)" if impl == "tuned" else "")
+                  + f", {n} params", flush=True)
         if not ARGS.no_torch:
             runs["torch"], n = torch_train_step(name, batch)
             counts.add(n)
@@ -252,16 +285,19 @@ def main():
 
     cols = impls + ([] if ARGS.no_torch else ["torch"])
     spread = " (rounds: lowest-highest)" if ARGS.rounds > 1 else ""
-    print("\n| network (batch) | " + " | ".join(f"{c} s" for c in cols)
-          + ("" if ARGS.no_torch else " | " + " | ".join(f"{i}/torch{spread}" for i in impls))
-          + " |")
-    print("|---" * (1 + len(cols) + (0 if ARGS.no_torch else len(impls))) + "|")
+    tuned = "tuned" in impls
+    print(("\n| network (batch) | " + " | ".join(f"{c} s" for c in cols)
+           + ("" if ARGS.no_torch else " | " + " | ".join(f"{i}/torch{spread}" for i in impls))
+           + (" | tuning s" if tuned else "") + " |"))
+    print("|---" * (1 + len(cols) + (0 if ARGS.no_torch else len(impls)) + tuned) + "|")
     for r in rows:
         cells = [f"{r[c]:.3f}" for c in cols]
         if not ARGS.no_torch:
             cells += [f"{r[i] / r['torch']:.2f}" + (
                 f" ({min(r['round_ratios'][i]):.2f}-{max(r['round_ratios'][i]):.2f})"
                 if ARGS.rounds > 1 else "") for i in impls]
+        if tuned:
+            cells.append(f"{r.get('tuning_s', 0):.0f}")
         print(f"| {r['net']} | " + " | ".join(cells) + " |")
 
     edge = 128 if ARGS.small else ARGS.scan

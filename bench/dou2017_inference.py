@@ -8,8 +8,12 @@ weights (timing does not depend on the weights; the candidate count is fixed ins
 Prints the seconds of the whole-scan FCN pass (one pass, or tiles of at most ``--tile``
 voxels per core, default the config's ``detection.tile_zyx``), of scoring the candidates'
 24x60x60 patches with ResNet+HL, and their sum; the first run includes compilation and is
-reported apart. Ends with the process's peak resident memory (run one setting per process
-to compare peaks). On a shared machine the numbers are noisy.
+reported apart. Ends with one line, ``per-scan seconds: N (compile C, peak GB M)``: the last
+run's total, the first run's excess over it (compilation and first-use convolution
+tuning), and the process's peak resident memory (run one setting per process to compare
+peaks). JAX's persistent compilation cache is on (``lungjax.compile_cache``, as in
+``python -m lungjax.detect``): a second process with the same settings compiles nothing.
+On a shared machine the numbers are noisy.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ def main() -> None:
                    help="detection.conv_impl of the FCN (default: the config's)")
     args = p.parse_args()
 
+    from lungjax import compile_cache
     from lungjax import train as train_lib
     from lungjax.data.coords import Geometry
     from lungjax.detect import DetectionSettings, detect_volume
@@ -55,6 +60,7 @@ def main() -> None:
     from lungjax.steps import make_predict_fn
     from lungjax.tasks.screening import output_mapping
 
+    compile_cache.enable()
     c = _config(args.variant)
     if args.tile is not None:
         c.detection.tile_zyx = (() if args.tile.strip().lower() in ("", "none") else
@@ -85,6 +91,7 @@ def main() -> None:
           f"{tuple(c.detection.tile_zyx) or 'none (one pass)'}, conv_impl "
           f"{c.detection.conv_impl!r}, {args.candidates} candidates, devices "
           f"{jax.devices()[0].platform} x {jax.device_count()}", flush=True)
+    totals = []
     for r in range(args.repeats):
         t0 = time.perf_counter()
         # The whole volume as lung: the candidate count, not the mask, is what is timed.
@@ -97,9 +104,13 @@ def main() -> None:
         print(f"{tag}: screening {t1 - t0:.1f} s ({len(cands)} candidates), "
               f"FP reduction {t2 - t1:.1f} s ({len(out['score'])} patches), "
               f"total {t2 - t0:.1f} s per scan", flush=True)
+        totals.append(t2 - t0)
     # ru_maxrss is in KiB on Linux.
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB",
-          flush=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    print(f"per-scan seconds: {totals[-1]:.1f} (compile {totals[0] - totals[-1]:.1f}, "
+          f"peak GB {peak:.2f})" if len(totals) > 1 else
+          f"per-scan seconds: {totals[0]:.1f} (compile not apart: --repeats=1, peak GB "
+          f"{peak:.2f})", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ Uses the latest checkpoint of ``--workdir`` when given (else a freshly initialis
 of the same config: the cost does not depend on the weights, except the NMS share, which
 depends on how many anchors pass the threshold). Runs on the scans of the config's
 prepared store (generated default data unless ``--config.data.root`` says otherwise).
+Ends with one line, ``per-scan seconds: N (compile C, peak GB M)``: the mean of preprocessing
+and detection over the timed scans, the warm-up scan's excess over that mean (compilation
+and first-use convolution tuning), and the process's peak resident memory. JAX's persistent
+compilation cache is on (``lungjax.compile_cache``, as in ``python -m lungjax.detect``).
 On a shared machine the numbers are noisy.
 
     python bench/xie2018_inference.py --scans=3 [--tile=z,y,x|none] [--conv_impl=auto]
@@ -55,6 +59,9 @@ def main(argv=None) -> int:
                    help="detection.conv_impl (default: the config's)")
     args = p.parse_args(argv)
 
+    from lungjax import compile_cache
+
+    compile_cache.enable()
     c = _config(args.arg)
     if args.cache_dir:
         c.data.cache_dir = args.cache_dir
@@ -103,6 +110,7 @@ def main(argv=None) -> int:
                "marks": int(len(run.marks.uid))}
         if i == 0:
             print(f"warm-up (compiles): {json.dumps(rec)}", flush=True)
+            warm = rec
             continue
         rows.append(rec)
         print(json.dumps(rec), flush=True)
@@ -114,6 +122,11 @@ def main(argv=None) -> int:
           + (f", preprocessing {np.mean(pres):.1f} s/scan" if pres else "")
           + f" over {len(rows)} scans; peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB")
+    per_scan = det + (float(np.mean(pres)) if pres else 0.0)
+    first = warm["detect_s"] + warm["read_s"] + (warm["preprocess_s"] or 0.0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    print(f"per-scan seconds: {per_scan:.1f} (compile {first - per_scan:.1f}, peak GB "
+          f"{peak:.2f})", flush=True)
     return 0
 
 

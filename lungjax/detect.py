@@ -797,6 +797,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-png", dest="png", action="store_false",
                         help="skip the per-scan PNG of the top findings")
     args = parser.parse_args(argv)
+    from lungjax import compile_cache
+
+    compile_cache.enable()  # a second run on scans of the same size compiles nothing
     try:
         method, scans = _setup(args)
     except (OSError, ValueError) as e:

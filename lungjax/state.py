@@ -300,9 +300,12 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
       init_params: optional params overriding the random ones (two-stage methods pass
         a transferred tree from ``transfer_params``).
     """
+    from lungjax.models.conv.select import no_tuning
+
     init_rng, state_rng, dropout_rng = jax.random.split(rng, 3)
-    variables = model.init({"params": init_rng, "dropout": dropout_rng}, sample_input,
-                           train=False)
+    with no_tuning():  # a batch-1 trace for the shapes of the parameters: never timed
+        variables = model.init({"params": init_rng, "dropout": dropout_rng}, sample_input,
+                               train=False)
     params = variables["params"]
     if init_params is not None:
         params = init_params

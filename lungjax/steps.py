@@ -165,6 +165,15 @@ def model_rngs(key: jax.Array, streams: tuple[str, ...]) -> dict[str, jax.Array]
             for i, name in enumerate(streams)}
 
 
+def forward_apply(model, variables, image, **kwargs):
+    """``model.apply(variables, image, train=False, **kwargs)`` traced as inference: its
+    convolutions take the forward-only plans (``lungjax.models.conv.select.forward_only``)."""
+    from lungjax.models.conv.select import forward_only
+
+    with forward_only():
+        return model.apply(variables, image, train=False, **kwargs)
+
+
 def _apply(model, state_or_vars, params, model_state, image, train, rngs):
     mutable = [k for k in model_state] if train else False
     variables = {"params": params, **model_state}
@@ -172,6 +181,8 @@ def _apply(model, state_or_vars, params, model_state, image, train, rngs):
         outputs, new_state = model.apply(variables, image, train=True, rngs=rngs,
                                          mutable=mutable)
         return outputs, dict(new_state)
+    if not train:
+        return forward_apply(model, variables, image, rngs=rngs), model_state
     return model.apply(variables, image, train=train, rngs=rngs), model_state
 
 
@@ -387,7 +398,7 @@ def make_predict_fn(model, task, spatial_dims: int = 3, output: str = "probabili
 
     def predict(variables, image):
         x = _image({"image": image}, spatial_dims)
-        return score(model.apply(variables, x, train=False))
+        return score(forward_apply(model, variables, x))
 
     return predict
 

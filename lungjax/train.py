@@ -151,7 +151,7 @@ class Engine:
         return tuple(f"{name}/loss" for name in self.networks)
 
 
-def _build_networks(config, settings: StageSettings) -> list[Network]:
+def build_networks(config, settings: StageSettings) -> list[Network]:
     """The stage's networks: ``settings.network`` from config.model / config.optimizer,
     then ``config.networks`` in order."""
     model = build_model(config)
@@ -192,7 +192,7 @@ def build_engine(config, mesh=None) -> Engine:
     shd.check_batch_size(config.train.batch_size, mesh)
     settings = stage_settings(config)
     task = build_task(config)
-    nets = _build_networks(config, settings)
+    nets = build_networks(config, settings)
     init_fn = functools.partial(create_train_states, nets)
     rng = jax.random.key(config.seed, impl=config.rng_impl)
     try:

@@ -1,5 +1,5 @@
 """Test set-up: eight simulated CPU devices, set before JAX initialises its backends,
-so sharding tests see a multi-device mesh on any machine."""
+so sharding tests see a multi-device mesh on any machine; the shipped convolution plans."""
 
 import os
 
@@ -7,6 +7,10 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The shipped convolution plans, never a timing at trace time: tests (and the runs they
+# start) stay deterministic and take the same time on every machine. The tuning's own
+# tests switch it on into a temporary cache.
+os.environ["LUNGJAX_CONV_TUNE"] = "0"
 
 import pathlib  # noqa: E402
 import signal  # noqa: E402

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lungjax.models.conv import machine as conv_machine
 from lungjax.models.conv import malloc as conv_malloc
 from lungjax.models.conv import ops as conv_ops
 from lungjax.models.conv import select as conv_select
@@ -283,22 +284,6 @@ def test_committed_table_is_valid_and_drives_auto():
     assert not conv_split.plan_applies("split_fwx", (3, 3, 3), (1, 2, 2), (1, 1, 1))
 
 
-def test_first_use_autotune_caches_on_disk(tmp_path, monkeypatch):
-    cache = tmp_path / "tune.json"
-    monkeypatch.setenv(conv_select.ENV_AUTOTUNE, "1")
-    monkeypatch.setenv(conv_select.ENV_CACHE, str(cache))
-    x = jnp.ones((1, 5, 5, 2))
-    y = Conv(2, (3, 3)).init_with_output(jax.random.key(0), x)[0]
-    assert y.shape == (1, 5, 5, 2)
-    entries = json.loads(cache.read_text(encoding="utf-8"))["entries"]
-    assert len(entries) == 1
-    ms = entries[0]["ms"]
-    assert {"matmul", "xla"} <= set(ms) and any(conv_split.is_split(i) for i in ms)
-    key = conv_select.ConvKey.from_json(entries[0]["key"])
-    assert key.spatial == (5, 5) and key.cin == 2 and key.cout == 2
-    assert conv_select.lookup(key) == (entries[0]["best"], "exact")
-
-
 def test_sharded_batch_matches_single_device():
     devices = jax.devices()
     mesh = jax.sharding.Mesh(np.array(devices), ("data",))
@@ -323,13 +308,15 @@ def test_auto_falls_back_to_xla_over_the_buffer_budget(tmp_path, monkeypatch):
     monkeypatch.delenv(conv_select.ENV_BUDGET, raising=False)
     key = _scan_key()
     # A measurement saying im2col is fastest at this shape (an on-disk cache entry).
-    cache = tmp_path / "tune.json"
+    monkeypatch.setenv(conv_machine.ENV_CACHE_DIR, str(tmp_path))
+    monkeypatch.setenv(conv_select.ENV_TUNE, "1")  # this machine's cache is read
+    monkeypatch.setattr(conv_select, "_state", conv_select._State())
     small = conv_select.ConvKey("conv", 1, (6, 6), 2, 3, (3, 3), (1, 1), (1, 1),
                                 ((1, 1),) * 2, "float32")
-    cache.write_text(json.dumps({"entries": [
-        {"key": k.to_json(), "best": "im2col", "ms": {"im2col": 1.0, "xla": 2.0}}
-        for k in (key, small)]}), encoding="utf-8")
-    monkeypatch.setenv(conv_select.ENV_CACHE, str(cache))
+    conv_machine.cache_file().write_text(json.dumps({
+        "fingerprint": conv_machine.fingerprint(), "entries": [
+            {"key": k.to_json(), "best": "im2col", "ms": {"im2col": 1.0, "xla": 2.0}}
+            for k in (key, small)]}), encoding="utf-8")
     patches = 1 * 294 * 142 * 142 * 75 * 64 * 4  # batch * out voxels * K * C_in * 4 bytes
     assert conv_select.buffer_bytes("im2col", key) == patches > conv_select.BUFFER_BUDGET_BYTES
     assert conv_select.buffer_bytes("matmul", key) == patches
@@ -343,7 +330,7 @@ def test_auto_falls_back_to_xla_over_the_buffer_budget(tmp_path, monkeypatch):
         conv_select.buffer_bytes("split_1xx", batch4) // 4
     assert conv_select.buffer_bytes("split_1xxb3", batch4) == \
         conv_select.buffer_bytes("split_1xx", batch4)  # 3 does not divide 4: unchunked
-    assert conv_select.lookup(key) == ("im2col", "exact")
+    assert conv_select.lookup(key) == ("im2col", "tuned")
     assert conv_select.resolve("auto", key) == "xla"
     assert conv_select.resolve("im2col", key) == "im2col"  # a forced choice is kept
     monkeypatch.setenv(conv_select.ENV_BUDGET, "0")  # disabled

@@ -30,6 +30,7 @@ from lungjax.registry import STAGE_EXPORTS, STAGES
 from lungjax.tasks.screening import crop_patch
 from lungjax.stages import (StageRun, evaluate_marks, export_stage, restore_variables,
                             scan_model)
+from lungjax.steps import forward_apply
 
 
 # ---------------------------------------------------------------------------- records
@@ -170,7 +171,7 @@ class CandidateClassifier:
 
         @jax.jit
         def _decode(variables, x):
-            return task.decode(model.apply(variables, x, train=False))
+            return task.decode(forward_apply(model, variables, x))
 
         self._decode = _decode
 
@@ -344,7 +345,7 @@ def _export_classify(run: StageRun) -> dict:
         model = model.clone(conv_impl=cfg.detection.conv_impl)
 
     def predict(variables, image):
-        dec = task.decode(model.apply(variables, image, train=False))
+        dec = task.decode(forward_apply(model, variables, image))
         cols = [dec["score"]]
         if "diameter_mm" in dec:
             cols.append(dec["diameter_mm"])

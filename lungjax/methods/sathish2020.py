@@ -35,7 +35,7 @@ from lungjax.evaluation.reports import n_folds
 from lungjax.methods.slices import classify_patches, segment_slices
 from lungjax.registry import CV_REPORTS, EXPORTED_METHODS, STAGE_EXPORTS, STAGES, STEPS
 from lungjax.state import step_key
-from lungjax.steps import apply_gradients, model_rngs, rng_streams
+from lungjax.steps import apply_gradients, forward_apply, model_rngs, rng_streams
 
 SEGMENTER, DISCRIMINATOR = "segmenter", "discriminator"
 
@@ -298,8 +298,8 @@ def find_stage(run) -> dict:
     cls_vars, step = stages.restore_variables(run.dirs[spec["network"]])
     settings = FindSettings.from_dict(as_dict(cfg.sathish2020))
     method = LoadedFind(
-        jax.jit(lambda x: seg_task.probabilities(seg_model.apply(seg_vars, x, train=False))),
-        jax.jit(lambda x: cls_task.probabilities(cls_model.apply(cls_vars, x, train=False))),
+        jax.jit(lambda x: seg_task.probabilities(forward_apply(seg_model, seg_vars, x))),
+        jax.jit(lambda x: cls_task.probabilities(forward_apply(cls_model, cls_vars, x))),
         settings, int(cfg.data.patch_size_zyx[-1]), int(seg_model.size_multiple()))
     per_scan, labels, scores, found, marks, no_lung = {}, [], [], [], [], []
     scored = {}

@@ -36,6 +36,7 @@ from lungjax.evaluation.reports import n_folds
 from lungjax.methods.slices import segment_slices
 from lungjax.registry import CV_REPORTS, EXPORTED_METHODS, STAGE_EXPORTS, STAGES
 from lungjax.tasks.screening import nodule_components
+from lungjax.steps import forward_apply
 
 # The classifier stage's name in configs/shrey2020.py, its evaluator's name, and the
 # screening stage's name: the tables read their records.
@@ -132,7 +133,7 @@ def slice_screen_stage(run) -> dict:
     cfg, ctx = run.config, run.ctx
     model, task = stages.scan_model(cfg), train.build_task(cfg)
     variables, step = stages.restore_variables(run.dirs[run.spec["network"]])
-    predict = jax.jit(lambda x: task.probabilities(model.apply(variables, x, train=False)))
+    predict = jax.jit(lambda x: task.probabilities(forward_apply(model, variables, x)))
     multiple = 2 ** (len(cfg.model.features) - 1)
     rule = float(cfg.screening.threshold)
     scores, labels, per_scan, seconds = [], [], {}, {}
@@ -266,10 +267,8 @@ def _find_networks(run):
     cfg = run.config
     cls_model, cls_task = train_lib.build_model(cfg), train_lib.build_task(cfg)
     cls_vars, step = stages.restore_variables(run.dirs[run.spec["network"]])
-    segment = jax.jit(lambda x: seg_task.probabilities(seg_model.apply(seg_vars, x,
-                                                                       train=False)))
-    classify = jax.jit(lambda x: cls_task.probabilities(cls_model.apply(cls_vars, x,
-                                                                        train=False)))
+    segment = jax.jit(lambda x: seg_task.probabilities(forward_apply(seg_model, seg_vars, x)))
+    classify = jax.jit(lambda x: cls_task.probabilities(forward_apply(cls_model, cls_vars, x)))
     return segment, classify, 2 ** (len(seg_cfg.model.features) - 1), step
 
 

@@ -38,6 +38,7 @@ import numpy as np
 from lungjax.data.pipeline import StoreTrainData
 from lungjax.data.sampler import HARD_NEG, NODULE, spread_subset
 from lungjax.registry import CV_REPORTS, DETECTORS, EXPORTED_DETECTORS, SAMPLERS
+from lungjax.steps import forward_apply
 
 # ----------------------------------------------------------------------------------
 # Whole-scan detection
@@ -49,7 +50,7 @@ def scan_apply_fn(model):
     """``apply(variables, x) -> per-head outputs`` in inference mode (mean RReLU slope,
     running batch statistics). One function object per model, so the jitted decoder of
     ``anchors_decode.detect_volume`` compiles once per tile shape."""
-    return lambda variables, x: model.apply(variables, x, train=False)
+    return lambda variables, x: forward_apply(model, variables, x)
 
 
 @functools.lru_cache(maxsize=8)
@@ -59,7 +60,7 @@ def ensemble_apply_fn(model):
     and the regression deltas averaged."""
 
     def apply(variables_list, x):
-        outs = [model.apply(v, x, train=False) for v in variables_list]
+        outs = [forward_apply(model, v, x) for v in variables_list]
         heads = []
         for per_head in zip(*outs):
             st = jnp.stack(per_head)  # (members, B, d, h, w, A, 5)

@@ -37,6 +37,7 @@ from lungjax.data.sampler import (NODULE, RANDOM_NEG, SAMPLE_DTYPE, SamplerConfi
 from lungjax.evaluation.reports import n_folds
 from lungjax.registry import (CV_REPORTS, EXPORTED_METHODS, SAMPLERS, STAGE_CONFIGS,
                               STAGE_EXPORTS, STAGES)
+from lungjax.steps import forward_apply
 
 # The paper's held-out figures (Yu et al. 2021, Results).
 PAPER = {"dice_large": 0.81, "accuracy": 0.873, "roc_auc": 0.907, "specificity": 0.948}
@@ -229,7 +230,7 @@ def segment_stage(run) -> dict:
     cfg, ctx = run.config, run.ctx
     model, task = train.build_model(cfg), train.build_task(cfg)
     variables, step = stages.restore_variables(run.dirs[run.spec["network"]])
-    apply = jax.jit(lambda v, x: task.probabilities(model.apply(v, x, train=False)))
+    apply = jax.jit(lambda v, x: task.probabilities(forward_apply(model, v, x)))
     threshold = float(cfg.task.threshold)
     per_scan, nodules = {}, []
     masks = os.path.join(run.dir, "masks")
@@ -315,8 +316,7 @@ def classify_stage(run) -> dict:
     cfg, ctx = run.config, run.ctx
     model, task = train.build_model(cfg), train.build_task(cfg)
     variables, step = stages.restore_variables(run.dirs[run.spec["network"]])
-    apply = jax.jit(lambda v, x: task.probabilities(task.logits(model.apply(v, x,
-                                                                            train=False))))
+    apply = jax.jit(lambda v, x: task.probabilities(task.logits(forward_apply(model, v, x))))
     sampler = roi_sampler(ctx.store, ctx.test_uids, SamplerConfig.from_config(cfg), 1,
                           uncertain=str(cfg.data.malignancy_uncertain), balance=False)
     rows, size = sampler.pool, tuple(int(v) for v in cfg.data.patch_size_zyx)

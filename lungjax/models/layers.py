@@ -10,9 +10,11 @@ other, and in plain ``flax.linen`` models.
 Choosing the formulation (see ``lungjax.models.conv.select``):
 
 * ``impl="auto"`` (default): XLA's native convolution on GPU/TPU; on CPU the formulation
-  measured fastest for the nearest layer shape in ``lungjax/models/conv/table.json``
-  (regenerate with ``python bench/conv_autotune.py``), or tuned on first use and cached on
-  disk when ``LUNGJAX_CONV_AUTOTUNE=1``; a choice whose temporary buffers (im2col patches)
+  this machine measured fastest for the layer shape and pass (training or forward-only),
+  measured on first use within a few seconds and cached per machine fingerprint, else the
+  one measured for the nearest shape in the shipped ``lungjax/models/conv/table.json``
+  (regenerate with ``python bench/conv_autotune.py``; ``LUNGJAX_CONV_TUNE=0`` uses it
+  alone); a choice whose temporary buffers (im2col patches)
   would exceed ``conv_select.BUFFER_BUDGET_BYTES`` (1 GiB, env ``LUNGJAX_CONV_BUFFER_BYTES``)
   runs "xla" instead, so "auto" is safe on whole scans. A symbolic batch size
   (``jax.export``) is budgeted per example; symbolic spatial sizes run "xla".

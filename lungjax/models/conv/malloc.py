@@ -73,6 +73,11 @@ def keep_freed_memory() -> bool:
     return ok
 
 
+def is_kept() -> bool:
+    """Whether ``keep_freed_memory`` took effect in this process."""
+    return _done
+
+
 def reexec_with_malloc_env(argv: list[str] | None = None) -> None:
     """Restarts the current Python script with ``MALLOC_ENV`` set, unless it already is;
     in the restarted process, also ``keep_freed_memory()`` (the environment cannot switch

@@ -5,17 +5,21 @@ Resolution, done once per layer when it is traced:
 1. a global override: ``set_conv_impl(name)`` (what a config calls), else the environment
    variable ``LUNGJAX_CONV_IMPL``; "auto" or unset means no override;
 2. the layer's own ``impl`` attribute when it is not "auto";
-3. "auto": off CPU (GPU/TPU) always ``"xla"``; on CPU the formulation measured fastest for
-   the nearest layer shape in the committed table ``table.json`` (produced by
-   ``python bench/conv_autotune.py``: for every layer shape of the benchmark networks and
-   the lungjax models, each pass (forward, input-gradient, weight-gradient) timed alone in
-   each of its formulations, the fastest per pass composed into a ``"split_FIW"`` plan
-   (``split``), and that plan's full forward + backward timed against the reference
-   formulations, on this project's 2-core CPU machine), merged with the on-disk cache of shapes tuned on first use when
-   ``LUNGJAX_CONV_AUTOTUNE=1`` (``~/.cache/lungjax/conv_autotune.json``, or
-   ``LUNGJAX_CONV_CACHE``). A committed table keeps "auto" deterministic and free of
-   timing at trace time by default (tests, CI, exports); first-use tuning is there for a
-   machine whose CPU differs from the one the table was measured on.
+3. "auto": off CPU (GPU/TPU) always ``"xla"``; on CPU the plan measured fastest on this
+   machine for this layer shape and pass (training, or forward-only inside
+   :func:`forward_only`: inference) when there is one (``read_cache``:
+   ``~/.cache/lungjax/conv/<fingerprint>.json``, the directory ``LUNGJAX_CONV_CACHE_DIR``,
+   the fingerprint ``machine``); else, when tuning is on (``LUNGJAX_CONV_TUNE``, default
+   on), the shape is measured now (``tune.tune_bounded``: the candidates the shipped
+   table's timings of this shape, or of the nearest shape, rank first, within
+   ``LUNGJAX_CONV_TUNE_SECONDS`` per shape; announced once per process on stderr) and
+   the winner cached; else the shipped table ``table.json`` (``python
+   bench/conv_autotune.py``: every pass of every layer shape of the benchmark networks and
+   the lungjax models timed in each formulation, on the machine its ``"machine"`` field
+   names), exact or nearest shape. ``python -m lungjax.tune --config=...`` measures every
+   shape a method meets ahead of time, without the per-shape bound's shortcuts. Tests, CI
+   and multi-host runs (every host must compile the same program) use the shipped table
+   only: no timing at trace time there.
 
 Memory: "auto" never picks a formulation whose largest temporary buffer (the im2col
 patches, ``batch * out_voxels * kernel_volume * C_in * itemsize`` bytes, or a split plan's
@@ -41,19 +45,27 @@ import json
 import math
 import os
 import pathlib
+import sys
 import threading
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lungjax.models.conv import machine as conv_machine
 from lungjax.models.conv import ops as conv_ops
 from lungjax.models.conv import primitives
 from lungjax.models.conv import split as conv_split
 
 ENV_IMPL = "LUNGJAX_CONV_IMPL"
-ENV_AUTOTUNE = "LUNGJAX_CONV_AUTOTUNE"
-ENV_CACHE = "LUNGJAX_CONV_CACHE"
+ENV_TUNE = "LUNGJAX_CONV_TUNE"
+ENV_TUNE_SECONDS = "LUNGJAX_CONV_TUNE_SECONDS"
+ENV_TUNE_TOTAL = "LUNGJAX_CONV_TUNE_TOTAL_SECONDS"
+#: Seconds a shape may take to tune on first use (compilation and timing).
+TUNE_SECONDS = 4.0
+#: Seconds one process may spend tuning on first use; later runs measure the rest.
+TUNE_TOTAL_SECONDS = 90.0
 ENV_BUDGET = "LUNGJAX_CONV_BUFFER_BYTES"
 #: Largest temporary buffer (bytes) a formulation picked by "auto" may build per layer.
 BUFFER_BUDGET_BYTES = 1 << 30
@@ -66,6 +78,12 @@ class _State:
     override: str | None = None  # process-wide: tracing may happen on any thread
     cache: tuple | None = None
     recorded: list | None = None  # keys seen by resolve() inside record_keys()
+    forward: int = 0  # > 0 inside forward_only()
+    untuned: int = 0  # > 0 inside no_tuning()
+    announced: bool = False  # the first-use tuning line was printed
+    spent: float = 0.0  # seconds this process spent tuning on first use
+    spent_said: bool = False  # the "tuning time spent" line was printed
+    warned: set = set()  # cache files already warned about
 
 
 _state = _State()
@@ -77,7 +95,8 @@ class ConvKey:
     """Everything about a convolution call that its speed depends on.
 
     ``kind`` is "conv" or "conv_transpose"; shapes are channels-last, spatial tuples in
-    array axis order.
+    array axis order; ``mode`` "train" (forward and both gradients) or "forward"
+    (inference only).
     """
 
     kind: str
@@ -90,6 +109,7 @@ class ConvKey:
     dilation: tuple[int, ...]
     pads: tuple[tuple[int, int], ...]
     dtype: str
+    mode: str = "train"
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -101,7 +121,8 @@ class ConvKey:
         return cls(kind=d["kind"], batch=int(d["batch"]), spatial=tuple(d["spatial"]),
                    cin=int(d["cin"]), cout=int(d["cout"]), kernel=tuple(d["kernel"]),
                    strides=tuple(d["strides"]), dilation=tuple(d["dilation"]),
-                   pads=tuple(tuple(p) for p in d["pads"]), dtype=str(d["dtype"]))
+                   pads=tuple(tuple(p) for p in d["pads"]), dtype=str(d["dtype"]),
+                   mode=str(d.get("mode", "train")))
 
     def features(self) -> tuple[float, ...]:
         """Log-scale descriptors used for nearest-shape lookup (needs concrete sizes:
@@ -166,45 +187,137 @@ def conv_impl(impl: str | None):
 # ----------------------------------------------------------------------------------------
 
 
-def cache_path() -> pathlib.Path:
-    return pathlib.Path(os.environ.get(ENV_CACHE) or
-                        pathlib.Path.home() / ".cache" / "lungjax" / "conv_autotune.json")
+def tuning_enabled() -> bool:
+    """Whether "auto" may use and extend this machine's measured plans
+    (``LUNGJAX_CONV_TUNE``, default on; "0", "false", "no" or "off": the shipped table
+    only, the cache neither read nor written)."""
+    raw = os.environ.get(ENV_TUNE, "1").strip().lower()
+    return raw not in ("0", "false", "no", "off", "")
+
+
+def _seconds(env: str, default: float) -> float:
+    raw = os.environ.get(env, "").strip()
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"environment variable {env}={raw!r}: expected a number of "
+                         "seconds") from None
+
+
+def tune_seconds() -> float:
+    """The time one shape may take to tune on first use (``LUNGJAX_CONV_TUNE_SECONDS``)."""
+    return _seconds(ENV_TUNE_SECONDS, TUNE_SECONDS)
+
+
+def tune_total_seconds() -> float:
+    """The time one process may spend tuning on first use
+    (``LUNGJAX_CONV_TUNE_TOTAL_SECONDS``)."""
+    return _seconds(ENV_TUNE_TOTAL, TUNE_TOTAL_SECONDS)
+
+
+def _entry_ok(e) -> dict:
+    ConvKey.from_json(e["key"]), str(e["best"]), dict(e["ms"])
+    return e
 
 
 def _read_entries(path: pathlib.Path) -> list[dict]:
-    if not path.is_file():
-        return []
+    """The shipped table's entries (a broken shipped table is an error)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        entries = data["entries"]
-        for e in entries:
-            ConvKey.from_json(e["key"]), str(e["best"]), dict(e["ms"])
-        return entries
-    except (ValueError, KeyError, TypeError) as err:
+        return [_entry_ok(e) for e in json.loads(path.read_text(encoding="utf-8"))["entries"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: not a convolution timing table ({err})") from err
 
 
 @functools.lru_cache(maxsize=1)
-def _table() -> tuple[tuple[ConvKey, str], ...]:
-    return tuple((ConvKey.from_json(e["key"]), e["best"]) for e in _read_entries(TABLE_PATH))
+def _table() -> dict[ConvKey, dict]:
+    """The shipped table: key -> entry ({"key", "best", "ms"[, "passes"]})."""
+    return {ConvKey.from_json(e["key"]): e for e in _read_entries(TABLE_PATH)}
 
 
-def _cache() -> dict[ConvKey, str]:
+def _warn_once(path: pathlib.Path, why: str) -> None:
+    if (path, why) in _state.warned:  # once per file and reason
+        return
+    _state.warned.add((path, why))
+    warnings.warn(f"{path}: convolution plan cache ignored ({why}); plans are measured "
+                  "again and the file is rewritten", RuntimeWarning, stacklevel=3)
+
+
+def read_cache(path: pathlib.Path | None = None) -> dict[ConvKey, dict]:
+    """This machine's measured plans (``machine.cache_file()``): key -> entry.
+
+    A file that is not valid JSON of the expected layout, or whose fingerprint is not this
+    machine's (copied from another machine, another jax version, another allocator
+    setting), is ignored with a warning, never trusted.
+    """
+    path = conv_machine.cache_file() if path is None else path
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        fp = data["fingerprint"]
+        entries = {ConvKey.from_json(e["key"]): _entry_ok(e) for e in data["entries"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        _warn_once(path, f"unreadable: {type(err).__name__}: {err}"[:200])
+        return {}
+    if fp != conv_machine.fingerprint():
+        _warn_once(path, f"measured on another machine: {conv_machine.describe(fp)}"
+                   if isinstance(fp, dict) and "cpu" in fp else "no machine fingerprint")
+        return {}
+    return entries
+
+
+def _cache() -> dict[ConvKey, dict]:
+    """``read_cache()``, read again when the file changed (another process tuned); empty
+    where tuning is off or the run spans several processes (the shipped table only: the
+    hosts of a multi-host run must compile the same program)."""
+    if not tuning_enabled() or jax.process_count() > 1:
+        return {}
+    path = conv_machine.cache_file()
+    try:
+        st = path.stat()
+        stamp = (str(path), st.st_mtime_ns, st.st_size)
+    except OSError:
+        stamp = (str(path), None, None)
     cached = _state.cache
-    path = cache_path()
-    if cached is None or cached[0] != path:
-        cached = (path, {ConvKey.from_json(e["key"]): e["best"] for e in _read_entries(path)})
+    if cached is None or cached[0] != stamp:
+        cached = (stamp, read_cache(path))
         _state.cache = cached
     return cached[1]
 
 
+def _similar(a: ConvKey, b: ConvKey) -> bool:
+    """Same layer, pass and dtype, with output rows within a factor 2: a forward-only
+    plan measured on one scan's tiles serves the next scan's (tiles are sized to each
+    volume, so whole-scan shapes rarely repeat exactly)."""
+    same = dataclasses.replace(b, batch=a.batch, spatial=a.spatial) == a
+    return same and abs(a.features()[0] - b.features()[0]) <= 1.0
+
+
+def _train_key(key: ConvKey) -> ConvKey:
+    return dataclasses.replace(key, mode="train")
+
+
 def lookup(key: ConvKey) -> tuple[str, str]:
-    """Best measured formulation for ``key``: (impl, how) with how in
-    {"exact", "nearest", "default"}."""
-    entries = dict(_table())
-    entries.update(_cache())
-    if key in entries:
-        return entries[key], "exact"
+    """Best known formulation for ``key``: (impl, how).
+
+    how: "tuned" (measured on this machine, ``read_cache``; a forward-only key also takes
+    a similar measured shape), "skipped" (a first-use tuning found no time to measure two
+    candidates and kept this plan; ``python -m lungjax.tune`` measures it), "exact" (the
+    shipped table's entry of this shape, or of its training pass for a forward-only key),
+    "nearest" (the shipped or measured entry of the nearest shape whose plan can run this
+    layer) or "default" (no entry of this kind).
+    """
+    cache = _cache()
+    if key in cache:
+        return cache[key]["best"], "tuned" if cache[key]["ms"] else "skipped"
+    if key.mode == "forward":
+        near = [e for k, e in cache.items() if e["ms"] and _similar(key, k)]
+        if near:
+            return near[0]["best"], "tuned"
+    entries = {k: e["best"] for k, e in _table().items()}
+    entries.update({k: e["best"] for k, e in cache.items() if k.mode == "train"})
+    if _train_key(key) in entries:
+        return entries[_train_key(key)], "exact"
     # Nearest among the entries whose plan can run this layer: a Winograd plan measured on
     # a 3x3x3 layer cannot run a (3, 5, 5) or strided one.
     same = [(k, b) for k, b in entries.items()
@@ -218,27 +331,98 @@ def lookup(key: ConvKey) -> tuple[str, str]:
     return best[1], "nearest"
 
 
-def record(key: ConvKey, ms: dict[str, float]) -> str:
-    """Adds a measurement to the on-disk cache (atomic rewrite); returns the best impl."""
+def prior(key: ConvKey) -> dict | None:
+    """The shipped or measured entry of ``key``'s training pass (its timings order the
+    candidates a first-use tuning measures), or None."""
+    measured = _cache().get(_train_key(key))
+    return measured if measured and measured["ms"] else _table().get(_train_key(key))
+
+
+def record(key: ConvKey, ms: dict[str, float], best: str | None = None,
+           passes: dict | None = None) -> str:
+    """Adds a measurement to this machine's cache (atomic rewrite); returns the best impl."""
     from lungjax.atomic import atomic_write_text
 
     from lungjax.models.conv.tune import pick_best
 
-    best = pick_best(ms)
+    best = best or pick_best(ms)
     with _lock:
-        path = cache_path()
-        entries = [e for e in _read_entries(path) if ConvKey.from_json(e["key"]) != key]
-        entries.append({"key": key.to_json(), "ms": ms, "best": best})
+        path = conv_machine.cache_file()
+        entries = {k: e for k, e in read_cache(path).items() if k != key}
+        entry = {"key": key.to_json(), "ms": ms, "best": best}
+        if passes:
+            entry["passes"] = passes
+        entries[key] = entry
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps({"entries": entries}, indent=1))
+        atomic_write_text(path, json.dumps({"fingerprint": conv_machine.fingerprint(),
+                                            "entries": list(entries.values())}, indent=1))
         _state.cache = None
     return best
 
 
-def _autotune(key: ConvKey) -> str:
+def _tune(key: ConvKey, fallback: str) -> str:
+    """First-use tuning of ``key`` within ``tune_seconds()`` and what is left of
+    ``tune_total_seconds()``; announced once per process."""
     from lungjax.models.conv import tune as conv_tune
 
-    return record(key, conv_tune.tune_key(key)["ms"])
+    left = tune_total_seconds() - _state.spent
+    if left <= 0:
+        if not _state.spent_said:
+            _state.spent_said = True
+            print(f"lungjax: this run's convolution tuning time ({tune_total_seconds():g} s, "
+                  f"{ENV_TUNE_TOTAL}) is spent; the other shapes run the shipped plans until "
+                  "a later run or `python -m lungjax.tune --config=...` measures them",
+                  file=sys.stderr, flush=True)
+        return fallback
+    if not _state.announced:
+        _state.announced = True
+        print(f"lungjax: tuning convolution plans for this machine ({conv_machine.describe()})"
+              f" on first use, at most ~{tune_seconds():g} s per layer shape and "
+              f"{tune_total_seconds():g} s per run; kept in {conv_machine.cache_file()} "
+              f"({ENV_TUNE}=0: the shipped plans)", file=sys.stderr, flush=True)
+    # Tracing a jitted function stages every array operation; the measurement must run.
+    with jax.ensure_compile_time_eval():
+        result = conv_tune.tune_bounded(key, prior(key), fallback,
+                                        min(tune_seconds(), left), buffer_budget())
+    _state.spent += result["seconds"]
+    if not result["ms"] and left < tune_seconds():
+        return fallback  # cut short by this run's total: a later run measures it
+    # Recorded even when nothing fitted ("skipped"): later runs do not try again.
+    return record(key, result["ms"], result["best"])
+
+
+def tunable(key: ConvKey) -> bool:
+    """Whether first-use tuning may measure ``key`` in this process: enabled, on CPU, one
+    process (hosts of a multi-host run must compile the same program, so they all use the
+    shipped table), not while only recording keys or inside ``no_tuning``."""
+    return (tuning_enabled() and _state.recorded is None and not _state.untuned
+            and jax.process_count() == 1 and jax.default_backend() == "cpu")
+
+
+@contextlib.contextmanager
+def no_tuning():
+    """Layers traced inside never start a first-use tuning (a parameter initialisation's
+    batch-1 trace, whose shapes the training never runs)."""
+    with _lock:
+        _state.untuned += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _state.untuned -= 1
+
+
+@contextlib.contextmanager
+def forward_only():
+    """Layers traced inside are looked up (and tuned) as forward-only: inference, where no
+    gradient is taken, has its own best plans (the whole-scan and tile shapes)."""
+    with _lock:
+        _state.forward += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _state.forward -= 1
 
 
 @contextlib.contextmanager
@@ -320,6 +504,8 @@ def buffer_bytes(impl: str, key: ConvKey) -> int:
 
 def resolve(layer_impl: str, key: ConvKey) -> str:
     """The formulation a layer with attribute ``impl=layer_impl`` runs for ``key``."""
+    if _state.forward:
+        key = dataclasses.replace(key, mode="forward")
     if _state.recorded is not None:
         _state.recorded.append(key)
     impl = get_conv_impl_override() or _check(layer_impl, "Conv.impl")
@@ -331,8 +517,8 @@ def resolve(layer_impl: str, key: ConvKey) -> str:
         if key is None:
             return "xla"
         impl, how = lookup(key)
-        if how != "exact" and os.environ.get(ENV_AUTOTUNE, "") not in ("", "0"):
-            impl = _autotune(key)
+        if how not in ("tuned", "skipped") and tunable(key):
+            impl = _tune(key, impl)
     if key.kind == "conv_transpose" and (impl == "hybrid" or conv_split.is_split(impl)):
         impl = "matmul"
     if auto:

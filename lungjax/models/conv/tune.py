@@ -1,6 +1,8 @@
 """Timing of one convolution shape in each formulation (forward + backward), and of each
 pass (forward, input-gradient, weight-gradient) alone in each of its ``split`` choices, for
-the per-shape choice of ``impl="auto"`` on CPU (see ``select``, ``split``)."""
+the per-shape choice of ``impl="auto"`` on CPU (see ``select``, ``split``): exhaustively
+(``tune_key``, for the shipped table) or bounded in time with a prior's ranking
+(``tune_bounded``, on the machine that runs)."""
 
 from __future__ import annotations
 
@@ -45,14 +47,20 @@ def _inputs(key):
 
 def _median_ms(compiled, args, reps, warmup, give_up_ms):
     """Median ms of ``compiled(*args)`` over ``reps`` runs after ``warmup`` (at least 1)
-    untimed runs; a run slower than ``give_up_ms`` ends the timing (it cannot win).
+    untimed runs; a run slower than ``give_up_ms`` ends the timing (it cannot win), and a
+    warm-up run over four times that skips the timed runs (its time is returned: heap
+    growth alone does not make a first run that much slower).
 
-    The warm-up is never timed: the first run of a program also pays for growing the heap
-    to its buffer sizes (a depth-folded forward of a 16x24x60x60x32 layer: 1361 ms first,
-    ~900 ms after), and judging a choice by that run alone dropped ones that win warm.
+    The warm-up is never timed otherwise: the first run of a program also pays for growing
+    the heap to its buffer sizes (a depth-folded forward of a 16x24x60x60x32 layer: 1361 ms
+    first, ~900 ms after), and judging a choice by that run alone dropped ones that win warm.
     """
     for _ in range(max(warmup, 1)):
+        t0 = time.perf_counter()
         jax.block_until_ready(compiled(*args))
+        first = 1e3 * (time.perf_counter() - t0)
+        if first > 4 * give_up_ms:
+            return round(first, 3)
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -257,3 +265,121 @@ def tune_key(key, reps: int = 2, full: Sequence[str] = ("matmul", "xla"),
     ms = time_key(key, [plan] + [i for i in full if i != plan], reps=reps,
                   max_buffer_bytes=max_buffer_bytes)
     return {"key": key.to_json(), "ms": ms, "best": pick_best(ms), "passes": passes}
+
+
+#: Arithmetic rate assumed before a shape is measured (FLOP/s; the slowest formulations on
+#: the 2-core machines run 3-D convolutions at 13-90 GFLOP/s), to skip at first use the
+#: shapes whose measurement alone would overrun the per-shape time.
+ASSUMED_FLOPS = 40e9
+#: The same for XLA's native 3-D convolutions (13-90 GFLOP/s measured, forward and backward).
+XLA_3D_FLOPS = 15e9
+
+
+def pass_flops(key) -> float:
+    """Multiply-adds x 2 of one pass (forward, input- or weight-gradient) of ``key``."""
+    if key.kind == "conv":
+        out = primitives.conv_out_shape(key.spatial, key.kernel, key.strides, key.pads,
+                                        key.dilation)
+    else:  # every input sample meets every tap once
+        out = key.spatial
+    return 2.0 * key.batch * float(np.prod(out)) * float(np.prod(key.kernel)) * key.cin * key.cout
+
+
+def _forward_choices(key) -> list[str]:
+    """The forward choices of a convolution (``conv_split.choices``), in ``time_passes``'s
+    order, without the ones it does not offer (contractions under 8 numbers)."""
+    opts = conv_split.choices(len(key.kernel), key.kernel, key.strides, key.dilation)["fwd"]
+    order = {"f": -9, **{c: i - 8 for i, c in enumerate(conv_split.WINOGRAD_TILES)}}
+    opts = sorted(opts, key=lambda c: -int(c) if c.isdigit() else order.get(c, 10))
+    return [c for c in opts if not (c.isdigit() or c in conv_split.WINOGRAD_TILES)
+            or conv_split.contraction_size("fwd", c, key.kernel, key.cin, key.cout) >= 8]
+
+
+def candidates(key, prior: dict | None, fallback: str, budget: int | None) -> list[str]:
+    """Formulations worth measuring for ``key`` on a new machine, most promising first.
+
+    The prior (the shipped or measured entry of this shape's training pass, ``select.prior``)
+    ranks them: training keys take its full timings within 2x of its best, then
+    ``fallback`` (the nearest shape's plan), XLA's native form and im2col + matmul;
+    forward-only convolutions take each forward choice as a ``"split_<F>xx"`` plan (XLA's
+    native for "x"), ranked by the prior's forward-pass timings, then ``fallback``'s
+    forward choice. Formulations whose buffers exceed ``budget`` bytes are left out.
+    """
+    from lungjax.models.conv import select as conv_select
+
+    ms = dict((prior or {}).get("ms", {}))
+    if key.kind == "conv" and key.mode == "forward":
+        fwd = {conv_split.split_choice(c)[0]: t
+               for c, t in (prior or {}).get("passes", {}).get("fwd", {}).items()}
+        first = ([conv_split.parse(fallback, len(key.kernel))[0]]
+                 if conv_split.is_split(fallback) else [])
+        opts = _forward_choices(key)
+        ordered = sorted((c for c in fwd if c in opts), key=fwd.get) + first + ["x"] + opts
+        names = ["xla" if c == "x" else f"{conv_split.PREFIX}{c}xx" for c in ordered]
+    else:
+        ranked = sorted(ms, key=ms.get)
+        names = [i for i in ranked if ms[i] <= 2 * ms[ranked[0]]] + [fallback, "xla"]
+        names += ["matmul"] if key.kind == "conv" else list(conv_ops.CONV_TRANSPOSE_IMPLS)
+    out = []
+    for name in dict.fromkeys(names):
+        if key.kind == "conv" and conv_split.is_split(name):
+            if not conv_split.plan_applies(name, key.kernel, key.strides, key.dilation):
+                continue
+        elif name not in (conv_ops.CONV_IMPLS if key.kind == "conv"
+                          else conv_ops.CONV_TRANSPOSE_IMPLS):
+            continue
+        if name == "xla" or budget is None or conv_select.buffer_bytes(name, key) <= budget:
+            out.append(name)
+    return out
+
+
+def _timed_fn(key, impl: str):
+    """(x, w, g) -> the forward (forward-only keys) or both gradients (training keys)."""
+    if key.mode == "forward":
+        op = conv_ops.conv if key.kind == "conv" else conv_ops.conv_transpose
+        return lambda x, w, g: op(x, w, strides=key.strides, pads=key.pads,
+                                  dilation=key.dilation, impl=impl)
+    return jax.grad(_loss_fn(key, impl), argnums=(0, 1))
+
+
+def _estimate_ms(key, name: str, prior: dict | None, measured: dict[str, float]) -> float:
+    """Expected ms of one run of ``name`` before it runs: scaled from the prior's timings
+    where the prior timed it and a measured candidate, else from its arithmetic (XLA's
+    native 3-D convolutions at ``XLA_3D_FLOPS``, the others at ``ASSUMED_FLOPS``)."""
+    ms = (prior or {}).get("ms", {}) if key.mode == "train" else {}
+    common = [m for m in measured if m in ms and ms[m] > 0]
+    if name in ms and common:
+        return ms[name] * measured[common[0]] / ms[common[0]]
+    rate = XLA_3D_FLOPS if name == "xla" and len(key.kernel) == 3 else ASSUMED_FLOPS
+    return (1 if key.mode == "forward" else 3) * pass_flops(key) / rate * 1e3
+
+
+def tune_bounded(key, prior: dict | None, fallback: str, seconds: float,
+                 budget: int | None, reps: int = 2) -> dict:
+    """Measures ``candidates`` of ``key`` in order within ``seconds`` (compilation
+    included): a candidate whose estimated runs (``_estimate_ms``, one warm-up and
+    ``reps``) would overrun the time left is skipped; at least one is measured when the
+    first fits, and a plan only wins over ones actually timed.
+
+    Returns:
+      {"ms": {impl: median ms} (empty when nothing fitted), "best": the winner
+      (``pick_best``; ``fallback`` when nothing was measured), "seconds": spent}.
+    """
+    t0 = time.perf_counter()
+    names = candidates(key, prior, fallback, budget)
+    ms: dict[str, float] = {}
+    x = w = g = None
+    for name in names:
+        left = seconds - (time.perf_counter() - t0)
+        if (reps + 1) * _estimate_ms(key, name, prior, ms) / 1e3 > left:
+            continue
+        if x is None:
+            x, w, g = _inputs(key)
+        compiled = jax.jit(_timed_fn(key, name)).lower(x, w, g).compile()
+        if name != "xla" and budget is not None and temp_bytes(compiled) > budget:
+            continue
+        ms[name] = _median_ms(compiled, (x, w, g), reps, 1,
+                              2 * min(ms.values()) if ms else float("inf"))
+    best = pick_best(ms) if len(ms) > 1 else fallback
+    return {"ms": ms if len(ms) > 1 else {}, "best": best,
+            "seconds": round(time.perf_counter() - t0, 3)}
