@@ -111,6 +111,12 @@ def _parse_flags(argv):
 
 
 def main(argv):
+    run_one_line(_main, argv)
+
+
+def run_one_line(fn, argv) -> None:
+    """Runs a command's ``fn()``: quiet logging and any error as one line, unless
+    -v/--verbosity asks for more (then the traceback)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     verbose = FLAGS["verbosity"].present
@@ -119,7 +125,7 @@ def main(argv):
         # readable unless -v/--verbosity asks for more.
         logging.set_verbosity(logging.WARNING)
     try:
-        _main()
+        fn()
     except (Exception, KeyboardInterrupt) as e:
         if verbose or isinstance(e, KeyboardInterrupt):
             raise

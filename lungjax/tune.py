@@ -23,7 +23,7 @@ import dataclasses
 import os
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from lungjax import main as main_lib
 
@@ -144,17 +144,7 @@ def _main():
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    try:
-        _main()
-    except Exception as e:  # noqa: BLE001 - one line, as lungjax.main
-        if FLAGS["verbosity"].present:
-            raise
-        raise SystemExit(f"error: {main_lib._one_line(e)} (--verbosity=1 for the traceback)") \
-            from None
+    main_lib.run_one_line(_main, argv)
 
 
 if __name__ == "__main__":

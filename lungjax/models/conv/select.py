@@ -391,8 +391,8 @@ def _tune(key: ConvKey, fallback: str) -> str:
     return record(key, result["ms"], result["best"])
 
 
-def tunable(key: ConvKey) -> bool:
-    """Whether first-use tuning may measure ``key`` in this process: enabled, on CPU, one
+def tunable() -> bool:
+    """Whether first-use tuning may measure a shape in this process: enabled, on CPU, one
     process (hosts of a multi-host run must compile the same program, so they all use the
     shipped table), not while only recording keys or inside ``no_tuning``."""
     return (tuning_enabled() and _state.recorded is None and not _state.untuned
@@ -400,29 +400,27 @@ def tunable(key: ConvKey) -> bool:
 
 
 @contextlib.contextmanager
+def _counted(field: str):
+    """Raises the process-wide counter ``_state.<field>`` for the duration (nestable)."""
+    with _lock:
+        setattr(_state, field, getattr(_state, field) + 1)
+    try:
+        yield
+    finally:
+        with _lock:
+            setattr(_state, field, getattr(_state, field) - 1)
+
+
 def no_tuning():
-    """Layers traced inside never start a first-use tuning (a parameter initialisation's
-    batch-1 trace, whose shapes the training never runs)."""
-    with _lock:
-        _state.untuned += 1
-    try:
-        yield
-    finally:
-        with _lock:
-            _state.untuned -= 1
+    """Context: layers traced inside never start a first-use tuning (a parameter
+    initialisation's batch-1 trace, whose shapes the training never runs)."""
+    return _counted("untuned")
 
 
-@contextlib.contextmanager
 def forward_only():
-    """Layers traced inside are looked up (and tuned) as forward-only: inference, where no
-    gradient is taken, has its own best plans (the whole-scan and tile shapes)."""
-    with _lock:
-        _state.forward += 1
-    try:
-        yield
-    finally:
-        with _lock:
-            _state.forward -= 1
+    """Context: layers traced inside are looked up (and tuned) as forward-only: inference,
+    where no gradient is taken, has its own best plans (the whole-scan and tile shapes)."""
+    return _counted("forward")
 
 
 @contextlib.contextmanager
@@ -517,7 +515,7 @@ def resolve(layer_impl: str, key: ConvKey) -> str:
         if key is None:
             return "xla"
         impl, how = lookup(key)
-        if how not in ("tuned", "skipped") and tunable(key):
+        if how not in ("tuned", "skipped") and tunable():
             impl = _tune(key, impl)
     if key.kind == "conv_transpose" and (impl == "hybrid" or conv_split.is_split(impl)):
         impl = "matmul"

@@ -97,6 +97,22 @@ def _chunk_count(need_bytes: int, max_bytes: int, batch: int, start: int = 1) ->
     return k
 
 
+def _offered(key, pass_name: str, options) -> list[str]:
+    """The choices of one pass worth timing, in timing order.
+
+    Largest im2col first: usually the fastest, so the slow ones stop early. Then depth
+    folding, then the Winograd choices in conv_split's order. A matmul contracting fewer
+    than 8 numbers (im2col over few taps of a 1-channel input) is lowered as
+    broadcast-multiplies that XLA fuses into, and recomputes in, the layer's consumers:
+    fast alone, far slower inside a network. Not offered.
+    """
+    order = {"f": -9, **{c: i - 8 for i, c in enumerate(conv_split.WINOGRAD_TILES)}}
+    options = sorted(options, key=lambda c: -int(c) if c.isdigit() else order.get(c, 10))
+    return [c for c in options
+            if not (c.isdigit() or c in conv_split.WINOGRAD_TILES)
+            or conv_split.contraction_size(pass_name, c, key.kernel, key.cin, key.cout) >= 8]
+
+
 def time_passes(key, reps: int = 3, warmup: int = 1,
                 max_buffer_bytes: int = 2 << 30) -> dict[str, dict[str, float]]:
     """Median ms of each pass of a convolution alone, in each of its split choices.
@@ -120,17 +136,7 @@ def time_passes(key, reps: int = 3, warmup: int = 1,
     out = {}
     for pass_name, options in conv_split.choices(len(key.kernel), key.kernel, key.strides,
                                                  key.dilation).items():
-        # Largest im2col first: usually the fastest, so the slow ones stop early.
-        # Then depth folding, then the Winograd choices in conv_split's order.
-        order = {"f": -9, **{c: i - 8 for i, c in enumerate(conv_split.WINOGRAD_TILES)}}
-        options = sorted(options, key=lambda c: -int(c) if c.isdigit() else order.get(c, 10))
-        # A matmul contracting fewer than 8 numbers (im2col over few taps of a 1-channel
-        # input) is lowered as broadcast-multiplies that XLA fuses into, and recomputes in,
-        # the layer's consumers: fast alone, far slower inside a network. Not offered.
-        options = [c for c in options
-                   if not (c.isdigit() or c in conv_split.WINOGRAD_TILES)
-                   or conv_split.contraction_size(pass_name, c, key.kernel, key.cin,
-                                                  key.cout) >= 8]
+        options = _offered(key, pass_name, options)
         ms = {}
         for choice in options:
             chunks = _chunk_count(conv_split.buffer_bytes(
@@ -285,16 +291,6 @@ def pass_flops(key) -> float:
     return 2.0 * key.batch * float(np.prod(out)) * float(np.prod(key.kernel)) * key.cin * key.cout
 
 
-def _forward_choices(key) -> list[str]:
-    """The forward choices of a convolution (``conv_split.choices``), in ``time_passes``'s
-    order, without the ones it does not offer (contractions under 8 numbers)."""
-    opts = conv_split.choices(len(key.kernel), key.kernel, key.strides, key.dilation)["fwd"]
-    order = {"f": -9, **{c: i - 8 for i, c in enumerate(conv_split.WINOGRAD_TILES)}}
-    opts = sorted(opts, key=lambda c: -int(c) if c.isdigit() else order.get(c, 10))
-    return [c for c in opts if not (c.isdigit() or c in conv_split.WINOGRAD_TILES)
-            or conv_split.contraction_size("fwd", c, key.kernel, key.cin, key.cout) >= 8]
-
-
 def candidates(key, prior: dict | None, fallback: str, budget: int | None) -> list[str]:
     """Formulations worth measuring for ``key`` on a new machine, most promising first.
 
@@ -313,7 +309,8 @@ def candidates(key, prior: dict | None, fallback: str, budget: int | None) -> li
                for c, t in (prior or {}).get("passes", {}).get("fwd", {}).items()}
         first = ([conv_split.parse(fallback, len(key.kernel))[0]]
                  if conv_split.is_split(fallback) else [])
-        opts = _forward_choices(key)
+        opts = _offered(key, "fwd", conv_split.choices(
+            len(key.kernel), key.kernel, key.strides, key.dilation)["fwd"])
         ordered = sorted((c for c in fwd if c in opts), key=fwd.get) + first + ["x"] + opts
         names = ["xla" if c == "x" else f"{conv_split.PREFIX}{c}xx" for c in ordered]
     else:
