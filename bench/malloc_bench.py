@@ -10,6 +10,9 @@ reads them before JAX starts its threads), the benchmark network's jitted step
 * ``trim2g``: ``keep_freed_memory()`` but with the largest positive trim threshold mallopt
   takes (2 GiB), the setting before trimming was switched off;
 * ``keep``: ``keep_freed_memory()`` (shared heap, no mmap, trimming off);
+* ``thp``: glibc's defaults but large blocks on transparent huge pages
+  (``glibc.malloc.hugetlb=1`` alone, ``THP_ENV``): still mapped and unmapped per call, but
+  faulted 2 MiB at a time;
 * ``env``: ``MALLOC_ENV`` alone (tunables incl. transparent huge pages; trimming at 4 GiB);
 * ``env+keep``: ``MALLOC_ENV`` and ``keep_freed_memory()``, what ``conv_vs_torch`` and
   ``step_profile`` run under (``reexec_with_malloc_env``).
@@ -30,7 +33,7 @@ import statistics
 import subprocess
 import sys
 
-MODES = ("default", "trim2g", "keep", "env", "env+keep")
+MODES = ("default", "trim2g", "keep", "thp", "env", "env+keep")
 
 
 def _parse():
@@ -78,7 +81,7 @@ def main():
     if args.child:
         child(args.child, args.net, args.steps)
         return
-    from lungjax.models.conv.malloc import MALLOC_ENV
+    from lungjax.models.conv.malloc import MALLOC_ENV, THP_ENV
 
     print(f"{args.net}: {args.steps} steps per setting, each setting in a fresh process")
     summary = []
@@ -89,6 +92,8 @@ def main():
         env.pop("GLIBC_TUNABLES", None)
         if mode.startswith("env"):
             env.update(MALLOC_ENV)
+        elif mode == "thp":
+            env.update(THP_ENV)
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", mode,
                               "--net", args.net, "--steps", str(args.steps)], env=env,
                              capture_output=True, text=True, check=False)

@@ -67,15 +67,18 @@ def build_store(path: str, n_scans: int, shape: tuple[int, int, int], seed: int 
 
 
 def make_config(patch, batch, workers, threads) -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.train = dict(batch_size=batch)
-    c.data = dict(patch_size_zyx=patch, positive_fraction=0.5, workers=workers,
-                  prefetch_buffer=2, read_threads=threads, prefetch_batches=4)
+    """The run config's defaults (``lungjax.config_schema``) with this case's patch, batch,
+    loader threads and full augmentation."""
+    from lungjax import config_schema
+
+    c = config_schema.get_config()
+    c.train.batch_size = batch
+    c.data.update(dict(patch_size_zyx=patch, positive_fraction=0.5, workers=workers,
+                       prefetch_buffer=2, read_threads=threads, prefetch_batches=4))
     full = dict(flip_axes=(0, 1, 2), rot90=True, scale_range=(0.9, 1.1))
-    c.augment = dict(positive=dict(full, translate_nodule_fraction=1.0),
-                     negative=dict(full, translate_mm=5.0))
-    c.sampler = dict(random_negatives_per_scan=64, samples_per_round=batch * 64)
+    c.augment.positive.update(dict(full, translate_nodule_fraction=1.0))
+    c.augment.negative.update(dict(full, translate_mm=5.0))
+    c.sampler.update(dict(random_negatives_per_scan=64, samples_per_round=batch * 64))
     return c
 
 

@@ -599,7 +599,7 @@ def load_method(export_dir: str | os.PathLike, changes: Mapping[str, Any] | None
     import json
 
     from lungjax.export import load_predictor
-    from lungjax.methods.candidates import mirror_averaged
+    from lungjax.methods.candidates import merge_within_diameter, mirror_averaged
     from lungjax.registry import EXPORTED_DETECTORS, EXPORTED_METHODS
 
     export_dir = os.fspath(export_dir)
@@ -644,6 +644,7 @@ def load_method(export_dir: str | os.PathLike, changes: Mapping[str, Any] | None
         batch = 32
 
         mirrors = bool(side2.get("mirrors", False))
+        merge = bool(side2.get("merge_within_diameter", False))
 
         def columns(x):  # the export's (B, columns) -> the classifier's named outputs
             out = np.asarray(classify(x), np.float64).reshape(len(x), -1)
@@ -663,7 +664,10 @@ def load_method(export_dir: str | os.PathLike, changes: Mapping[str, Any] | None
             if not parts:
                 return c.world_xyz, np.zeros(0), None, {}, maps
             diam = np.concatenate(parts["diameter_mm"]) if "diameter_mm" in parts else None
-            return c.world_xyz, np.concatenate(parts["score"]), diam, {}, maps
+            xyz, score = c.world_xyz, np.concatenate(parts["score"])
+            if merge and diam is not None:  # as the classify stage did (its export.json)
+                xyz, score, diam = merge_within_diameter(xyz, score, diam)
+            return xyz, score, diam, {}, maps
 
         return ExportedMethod(sidecar["preprocessing"], find,
                               f"{screen[-1]['name']} -> {final['name']}", SCREEN_MAPS)

@@ -48,8 +48,9 @@ flags.DEFINE_enum("cv_step", "all", list(CV_STEPS),
 flags.mark_flags_as_required(["config"])
 
 
-def _configure_malloc(config) -> None:
-    """Applies ``config.runtime.keep_freed_memory``; must run before JAX starts a backend.
+def _configure_malloc(config, program: str = "lungjax.main") -> None:
+    """Applies ``config.runtime.huge_pages`` (for ``python -m <program>``, by restarting it
+    once) and ``keep_freed_memory``; must run before JAX starts a backend.
 
     XLA:CPU allocates its buffers afresh at every call and glibc maps and unmaps the large
     ones, so each step page-faults its whole working set again
@@ -58,9 +59,18 @@ def _configure_malloc(config) -> None:
     """
     from lungjax.sharding import runs_on_cpu
 
-    if not config.runtime.keep_freed_memory or not runs_on_cpu():
+    if not runs_on_cpu():
         return
-    from lungjax.models.conv.malloc import keep_freed_memory
+    from lungjax.models.conv import malloc
+
+    if config.runtime.huge_pages:
+        malloc.reexec_with_huge_pages(program)  # returns only if no restart was needed
+        if malloc.huge_pages_on():
+            print("runtime.huge_pages: glibc malloc backs large blocks with transparent huge "
+                  "pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)", flush=True)
+    if not config.runtime.keep_freed_memory:
+        return
+    keep_freed_memory = malloc.keep_freed_memory
 
     if keep_freed_memory():
         print("runtime.keep_freed_memory: glibc malloc keeps freed memory (fewer page faults "

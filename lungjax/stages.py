@@ -77,6 +77,9 @@ STAGE_FIELDS: dict[str, Any] = {
     "regressed_position": False,  # "classify_candidates": marks at the regressed centre
     "mirrors": False,  # "classify_candidates": outputs averaged over the patch's 8 mirror
     #                    images (lungjax.methods.candidates.mirror_averaged)
+    "merge_within_diameter": False,  # "classify_candidates": a mark inside the regressed
+    #                                  diameter of a higher-scoring one on its scan joins it
+    #                                  (lungjax.methods.candidates.merge_within_diameter)
     "evaluator": "",  # "froc": the stage's marks scored with the LUNA16 FROC
     "progress": True,  # progress bars over scans
 }
@@ -546,7 +549,9 @@ def print_fold(record: dict, fold_dir: str) -> None:
         lines += [f"CPM (FROC[luna]) = {res['cpm']:.4f} (95% CI {lo:.3f}-{hi:.3f}, bootstrap "
                   f"over scans), FROC[new] = {res['froc_new']:.4f}; {res['n_detected']}/"
                   f"{res['n_nodules']} nodules hit; {res['marks']} marks; "
-                  f"{res['mean_seconds_per_scan']:.1f} s/scan",
+                  f"{res['mean_seconds_per_scan']:.1f} s/scan"
+                  + (f"; CPM {res['cpm_unmerged']:.4f} before merging marks within the "
+                     "regressed diameter" if "cpm_unmerged" in res else ""),
                   "sensitivity at FPs/scan " + ", ".join(
                       f"{r:g}: {s:.3f}" for r, s in zip(res["fp_rates"], res["sensitivities"])),
                   f"submission: {res['submission_csv']}",

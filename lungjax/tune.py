@@ -114,7 +114,7 @@ def tune_keys(keys, seconds: float, *, exhaustive: bool = False, force: bool = F
 
 def _main():
     config = FLAGS.config
-    main_lib._configure_malloc(config)  # the plans are measured under the run's allocator
+    main_lib._configure_malloc(config, "lungjax.tune")  # plans measured under the run's allocator
     from lungjax import train
     from lungjax.models.conv import machine as conv_machine
     from lungjax.models.conv import select as conv_select

@@ -110,7 +110,8 @@ def test_malloc_setting_applies_only_when_asked_and_on_cpu(monkeypatch):
 
     calls = []
     monkeypatch.setattr(conv_malloc, "keep_freed_memory", lambda: calls.append(1) or True)
-    cfg = config_dict.ConfigDict({"runtime": {"keep_freed_memory": False}})
+    cfg = config_dict.ConfigDict({"runtime": {"keep_freed_memory": False,
+                                              "huge_pages": True}})  # pytest: no restart
     cli._configure_malloc(cfg)
     assert calls == []  # off by default: it raises peak memory (configs/base.py)
     cfg.runtime.keep_freed_memory = True

@@ -132,6 +132,26 @@ def test_a_shape_too_large_for_its_time_is_not_measured():
     assert "xla" in names and "split_3xx" not in names
 
 
+def test_a_skipped_scan_shape_stands_for_similar_ones(tuning, monkeypatch):
+    """A forward-only shape recorded as too large to measure ("skipped") keeps its plan for
+    the next scan's similar shape (output rows within 2x) without another try; a measured
+    similar shape is preferred; a shape 3x larger is tried."""
+    scan = conv_select.ConvKey("conv", 1, (150, 110, 170), 1, 32, (3, 5, 5), (1, 1, 1),
+                               (1, 1, 1), ((0, 0),) * 3, "float32", mode="forward")
+    conv_select.record(scan, {}, "split_3xx")
+    tries = []
+    monkeypatch.setattr(conv_select, "_tune", lambda key, fallback: tries.append(key) or "x")
+    similar = dataclasses.replace(scan, spatial=(160, 120, 180))
+    assert conv_select.lookup(similar) == ("split_3xx", "skipped")
+    assert conv_select.resolve("auto", similar) in ("split_3xx", "split_sxx", "split_0xx")
+    assert tries == []
+    conv_select.record(dataclasses.replace(scan, spatial=(155, 115, 175)), {"matmul": 1.0})
+    assert conv_select.lookup(similar) == ("matmul", "tuned")
+    large = dataclasses.replace(scan, spatial=(300, 330, 170))
+    conv_select.resolve("auto", large)
+    assert tries == [large]
+
+
 def test_tune_command_measures_every_shape_of_a_method(tuning):
     config = load_config(ROOT / "configs" / "dou2017.py", "tiny")
     from lungjax import tune
@@ -149,11 +169,12 @@ def test_tune_command_measures_every_shape_of_a_method(tuning):
         assert entries[key]["best"] == row["after"] == min(row["ms"], key=row["ms"].get) \
             or conv_split.is_split(min(row["ms"], key=row["ms"].get))  # pick_best's margin
     # Listed from the command line (no measurement), one line naming the cache. The
-    # allocator setting is part of the fingerprint: the command runs under this process's.
+    # allocator settings are part of the fingerprint: the command runs under this process's.
     keep = conv_malloc.is_kept()
     out = subprocess.run([sys.executable, "-m", "lungjax.tune",
                           f"--config={ROOT / 'configs' / 'dou2017.py'}:tiny", "--list",
-                          f"--config.runtime.keep_freed_memory={keep}"],
+                          f"--config.runtime.keep_freed_memory={keep}",
+                          f"--config.runtime.huge_pages={conv_malloc.huge_pages_on()}"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120,
                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr

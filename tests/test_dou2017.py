@@ -54,7 +54,9 @@ def test_fpr_stage_config_is_the_papers_stage2_on_the_fcn_trunk():
     assert c2.task.lam == 0.5 and c2.optimizer.weight_decay == pytest.approx(2e-4)
     assert tuple(c2.train.init_paths) == ("conv1:conv1", "conv2:conv2", "conv3:conv3")
     assert not c2.train.osf.enabled and c.train.osf.enabled
-    assert dict(c2.sampler.negative_mix) == {"hard": 1.0}
+    # Stage-1 false positives and the dataset's candidate negatives (the paper: the first)
+    assert dict(c2.sampler.negative_mix) == {"hard": 1.0, "candidate": 1.0}
+    assert dict(_stage(_config("paper"), "fpr").sampler.negative_mix) == {"hard": 1.0}
     # stage-1 fields the stage-2 network does not take are gone, merged ones kept
     assert "features" not in c2.model and c2.data.fold == c.data.fold
     assert c2.augment.positive.translate_nodule_fraction == 1.0
@@ -146,10 +148,13 @@ def test_tiny_end_to_end_train_export_cv(tiny_fold):
     assert 0.0 <= res["cpm"] <= 1.0 and len(res["sensitivities"]) == 7
     s1 = rec["stages"]["screen"]["stats"]
     assert s1["n_scans"] == 1 and s1["n_nodules"] >= 1 and s1["fps_per_scan"] >= 0
-    # stage 2 scored every held-out stage-1 candidate, with a regressed diameter
+    # stage 2 scored every held-out stage-1 candidate, with a regressed diameter, and
+    # merged the marks within the regressed diameter of a higher-scoring one (the record
+    # keeps the CPM before the merge)
     cands = st.load_candidates(str(fold_dir / "screen" / "candidates_test.npz"))
     sub = read_marks_csv(res["submission_csv"])
-    assert len(sub) == sum(len(v["score"]) for v in cands.values()) > 0
+    assert 0 < len(sub) <= sum(len(v["score"]) for v in cands.values())
+    assert 0.0 <= res["cpm_unmerged"] <= 1.0
     header = pathlib.Path(res["submission_csv"]).read_text(encoding="utf-8").splitlines()[0].split(",")
     assert header[-1] == "diameter_mm"
     png = pathlib.Path(res["submission_csv"]).with_name("froc.png")

@@ -341,3 +341,33 @@ def test_mirror_averaged_maps_offsets_back_through_each_flip():
     once = mirror_averaged(predict, x, False)
     assert len(calls) == 1
     np.testing.assert_allclose(once["score"], [0.7, 0.0])
+
+
+def test_merge_within_diameter_joins_rim_marks_and_keeps_neighbours():
+    """Rim marks of a 20 mm nodule (one radius from its best mark, which a radius rule
+    would keep) join that mark, which moves to the members' score-weighted mean; a
+    separate small nodule 25 mm away stays its own mark; a mark inside the small
+    diameter of a higher-scoring one joins it, one just outside does not."""
+    from lungjax.data.tables import Marks
+    from lungjax.methods.candidates import merge_marks, merge_within_diameter
+
+    xyz = np.array([[0.0, 0.0, 0.0], [11.0, 0.0, 0.0], [-11.0, 0.0, 0.0], [25.0, 0.0, 0.0],
+                    [25.0, 3.9, 0.0], [25.0, -4.1, 0.0]])
+    score = np.array([0.9, 0.6, 0.6, 0.8, 0.5, 0.4])
+    diam = np.array([20.0, 8.0, 8.0, 4.0, 4.0, 4.0])
+    out, s, d = merge_within_diameter(xyz, score, diam)
+    # Kept, highest score first: the big nodule, the small one, the mark 4.1 mm from it.
+    np.testing.assert_allclose(s, [0.9, 0.8, 0.4])
+    np.testing.assert_allclose(d, [20.0, 4.0, 4.0])
+    np.testing.assert_allclose(out[0], [0.0, 0.0, 0.0])  # symmetric rim: the centre
+    np.testing.assert_allclose(out[1], [25.0, 3.9 * 0.5 / 1.3, 0.0])
+    np.testing.assert_allclose(out[2], [25.0, -4.1, 0.0])
+    # One-sided rim: the merged mark moves towards the rim mark by its weight.
+    one, _, _ = merge_within_diameter(xyz[:2], score[:2], diam[:2])
+    np.testing.assert_allclose(one, [[11.0 * 0.6 / 1.5, 0.0, 0.0]])
+    # Per scan: marks of two scans never merge, whatever their distance.
+    marks = Marks(np.array(["a", "b"]), np.zeros((2, 3)), np.array([0.9, 0.8]))
+    merged, md = merge_marks(marks, np.array([10.0, 10.0]))
+    assert merged.uid.tolist() == ["a", "b"] and md.tolist() == [10.0, 10.0]
+    with pytest.raises(ValueError, match="2 positions, 2 scores, 1 diameters"):
+        merge_within_diameter(xyz[:2], score[:2], diam[:1])

@@ -163,6 +163,36 @@ def test_malloc_env_process_also_switches_trimming_off(monkeypatch):
     assert calls == [1]
 
 
+def test_huge_pages_restart_only_the_named_main_module_once(monkeypatch):
+    """The restart with glibc's huge-page tunable replaces the process only when the named
+    module is the program (never pytest or a library caller), only once (the restarted
+    process already carries the tunable) and keeps tunables the user set."""
+    execs = []
+    monkeypatch.setattr(conv_malloc.os, "execv", lambda *a: execs.append(a))
+    monkeypatch.setattr(conv_malloc, "huge_pages_available", lambda: True)
+    monkeypatch.setattr("platform.libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    conv_malloc.reexec_with_huge_pages("lungjax.main")  # pytest is the program here
+    assert execs == [] and not conv_malloc.huge_pages_on()
+
+    class Main:  # a process started as ``python -m lungjax.main``
+        __spec__ = type("Spec", (), {"name": "lungjax.main"})()
+
+    monkeypatch.setitem(conv_malloc.sys.modules, "__main__", Main)
+    monkeypatch.setattr(conv_malloc.sys, "platform", "linux")
+    monkeypatch.setattr(conv_malloc.sys, "orig_argv", ["python", "-m", "lungjax.main", "--x"])
+    conv_malloc.reexec_with_huge_pages("lungjax.main")
+    assert execs == [(conv_malloc.sys.executable, ["python", "-m", "lungjax.main", "--x"])]
+    assert conv_malloc.os.environ["GLIBC_TUNABLES"] == \
+        "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert conv_malloc.huge_pages_on()
+    conv_malloc.reexec_with_huge_pages("lungjax.main")  # the restarted process: no loop
+    assert len(execs) == 1
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")  # the user's choice
+    conv_malloc.reexec_with_huge_pages("lungjax.main")
+    assert len(execs) == 1 and not conv_malloc.huge_pages_on()
+
+
 @pytest.mark.parametrize("ks,strides,padding,dil,spatial", TRANSPOSE_CASES)
 def test_conv_transpose_matches_flax(ks, strides, padding, dil, spatial):
     x = jnp.asarray(np.random.default_rng(1).standard_normal((2, *spatial, 3)), jnp.float32)
@@ -302,6 +332,37 @@ def _scan_key(batch=1):
     """dou2017's conv2 (64 -> 64, 3x5x5) applied to a whole 300^3 scan."""
     return conv_select.ConvKey("conv", batch, (296, 146, 146), 64, 64, (3, 5, 5), (1, 1, 1),
                                (1, 1, 1), ((0, 0),) * 3, "float32")
+
+
+def test_forward_only_over_the_budget_runs_a_lean_plan_not_xla(monkeypatch):
+    """A forward-only (inference) convolution whose plan would not fit runs Winograd in
+    depth slabs, or, where that cannot run it, one matmul per tap; training keys and 1x1x1
+    kernels still go to XLA's own; the lean plans give XLA's result."""
+    monkeypatch.delenv(conv_select.ENV_BUDGET, raising=False)
+    monkeypatch.setattr(conv_select, "_state", conv_select._State())
+    fwd = dataclasses.replace(_scan_key(), mode="forward", cin=1, cout=32)
+    assert conv_select.buffer_bytes("im2col", fwd) > conv_select.BUFFER_BUDGET_BYTES
+    assert conv_select._within_budget(fwd, conv_select.BUFFER_BUDGET_BYTES) == "split_sxx"
+    strided = dataclasses.replace(fwd, strides=(2, 2, 2))  # no Winograd at stride 2
+    assert conv_select._within_budget(strided, conv_select.BUFFER_BUDGET_BYTES) == "split_0xx"
+    assert conv_select._within_budget(dataclasses.replace(fwd, mode="train"),
+                                      conv_select.BUFFER_BUDGET_BYTES) == "xla"
+    one = dataclasses.replace(fwd, kernel=(1, 1, 1))
+    assert conv_select._within_budget(one, conv_select.BUFFER_BUDGET_BYTES) == "xla"
+    assert conv_select._within_budget(fwd, 1) == "xla"  # nothing fits: XLA's own
+    # Traced for inference under a budget that rules out im2col but not the lean plans.
+    x = jax.random.uniform(jax.random.key(0), (1, 10, 12, 12, 3))
+    layer = Conv(4, (3, 3, 3), padding="VALID", impl="auto")
+    variables = layer.init(jax.random.key(1), x)
+    want = Conv(4, (3, 3, 3), padding="VALID", impl="xla").apply(variables, x)
+    monkeypatch.setenv(conv_select.ENV_TUNE, "0")
+    monkeypatch.setenv(conv_select.ENV_BUDGET, str(conv_select.buffer_bytes(
+        "split_sxx", conv_select.ConvKey("conv", 1, (10, 12, 12), 3, 4, (3, 3, 3), (1, 1, 1),
+                                         (1, 1, 1), ((0, 0),) * 3, "float32", "forward"))))
+    with conv_select.forward_only():
+        assert "conv_general_dilated" not in _ops_of(layer, x)
+        got = layer.apply(variables, x)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_auto_falls_back_to_xla_over_the_buffer_budget(tmp_path, monkeypatch):

@@ -11,11 +11,20 @@ import os
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
+def _stage2(name):
+    """Stage 2 as the network ``name``; one without the hybrid loss regresses no diameter,
+    so its marks are not merged within one (``stages.classify.merge_within_diameter``)."""
+    def change(c):
+        c.stages.fpr.sections.model.name = name
+        c.stages.classify.merge_within_diameter = False
+    return change
+
+
 # name -> the one change from the method (Tables 1 and 2 of the paper).
 ABLATIONS = {
     "fcn_no_osf": lambda c: setattr(c.train.osf, "enabled", False),
-    "deepnet": lambda c: setattr(c.stages.fpr.sections.model, "name", "dou2017_fpr_deepnet"),
-    "resnet": lambda c: setattr(c.stages.fpr.sections.model, "name", "dou2017_fpr_resnet"),
+    "deepnet": _stage2("dou2017_fpr_deepnet"),
+    "resnet": _stage2("dou2017_fpr_resnet"),
     "resnet_hl": lambda c: setattr(c.stages.fpr.sections.model, "name",
                                    "dou2017_fpr_resnet_hl"),
 }

@@ -80,7 +80,8 @@ def _static() -> dict:
 
 def fingerprint() -> dict:
     """This process's machine fingerprint (JSON-able dict of strings and ints)."""
-    return {**_static(), "malloc": "keep" if conv_malloc.is_kept() else "default"}
+    heap = "keep" if conv_malloc.is_kept() else "default"
+    return {**_static(), "malloc": heap + ("+thp" if conv_malloc.huge_pages_on() else "")}
 
 
 def fingerprint_id(fp: dict | None = None) -> str:

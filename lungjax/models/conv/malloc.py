@@ -46,6 +46,11 @@ _NO_TRIM = -1  # M_TRIM_THRESHOLD: never give the top of the heap back (mallopt(
 MALLOC_ENV = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
                                 "glibc.malloc.trim_threshold=4294967296:glibc.malloc.hugetlb=1"}
 
+# Transparent huge pages for glibc's large blocks, nothing else changed: the blocks are
+# still mapped per call, but the kernel faults them 2 MiB at a time (512x fewer faults) and
+# the heap keeps glibc's own trimming, so resident memory does not grow with fragmentation.
+THP_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+
 _done = False
 
 
@@ -76,6 +81,54 @@ def keep_freed_memory() -> bool:
 def is_kept() -> bool:
     """Whether ``keep_freed_memory`` took effect in this process."""
     return _done
+
+
+def huge_pages_available() -> bool:
+    """Whether the kernel gives transparent huge pages to memory that asks for them
+    (``/sys/kernel/mm/transparent_hugepage/enabled`` is ``always`` or ``madvise``)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+def huge_pages_on() -> bool:
+    """Whether this process started with glibc's huge-page tunable (``THP_ENV``)."""
+    return "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "").split(":")
+
+
+def reexec_with_huge_pages(module: str) -> None:
+    """Restarts the running ``python -m <module>`` command with ``THP_ENV`` added to
+    ``GLIBC_TUNABLES``, so that glibc backs its large blocks with transparent huge pages.
+
+    glibc reads its tunables only when a process starts, so a running program cannot
+    switch them on. Nothing happens when ``module`` is not the program's main module (a
+    test or a library call must never restart its host), when the variable already names
+    ``glibc.malloc.hugetlb`` (the restarted process, or the user's own choice), off Linux
+    glibc, or where the kernel has huge pages off. Does not return when it restarts
+    (``os.execv`` with the original command line, interpreter flags included).
+
+    Measured by ``python bench/malloc_bench.py --net dou2017_fpr --modes default,thp`` and
+    ``--net fcn``: page faults per step 509k -> 40k and 107k -> 1k, seconds per step -12%
+    and -11%, the same peak resident memory (unlike ``keep_freed_memory``).
+    """
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if getattr(spec, "name", None) != module:
+        return
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb=" in tunables:
+        return
+    import platform
+
+    if (not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc"
+            or not huge_pages_available()):
+        return
+    os.environ["GLIBC_TUNABLES"] = ":".join(
+        t for t in (tunables, THP_ENV["GLIBC_TUNABLES"]) if t)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, list(sys.orig_argv))
 
 
 def reexec_with_malloc_env(argv: list[str] | None = None) -> None:
