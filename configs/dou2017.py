@@ -216,9 +216,10 @@ def get_config(arg: str | None = None):
     # halo-overlapping tiles, whose padding multiplies the work (the same holds for xie2018:
     # python bench/xie2018_inference.py --scans=1 [--tile=none]).
     c.detection.tile_zyx = ()
-    # The layers' own plans on whole scans too: a plan whose buffers would not fit runs a
-    # column-free forward plan (lungjax.models.conv.select._within_budget), not XLA's
-    # native 3-D convolution, which spent ~20 s of each scan's ~25 s screening.
+    # The layers' own plans on whole scans too; a plan whose buffers would not fit runs
+    # Winograd by depth slabs where that fits (lungjax.models.conv.select._within_budget),
+    # else XLA's native 3-D convolution, which spent ~20 s of each generated scan's ~25 s
+    # screening (300^3 volumes at 1 mm still run natively: use tiles, as ``paper`` does).
     c.detection.conv_impl = "auto"
     c.cv.folds = ()
 

@@ -143,7 +143,7 @@ def test_a_skipped_scan_shape_stands_for_similar_ones(tuning, monkeypatch):
     monkeypatch.setattr(conv_select, "_tune", lambda key, fallback: tries.append(key) or "x")
     similar = dataclasses.replace(scan, spatial=(160, 120, 180))
     assert conv_select.lookup(similar) == ("split_3xx", "skipped")
-    assert conv_select.resolve("auto", similar) in ("split_3xx", "split_sxx", "split_0xx")
+    assert conv_select.resolve("auto", similar) in ("split_3xx", "split_sxx")
     assert tries == []
     conv_select.record(dataclasses.replace(scan, spatial=(155, 115, 175)), {"matmul": 1.0})
     assert conv_select.lookup(similar) == ("matmul", "tuned")

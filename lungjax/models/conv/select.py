@@ -505,10 +505,12 @@ def buffer_bytes(impl: str, key: ConvKey) -> int:
     return key.batch * math.prod(out) * kvol * key.cin * item
 
 
-# Forward plans that build no full column buffer, for a forward-only convolution whose
-# chosen plan is over the buffer budget: Winograd one depth slab at a time, then shifted-
-# slice accumulation (one matmul per tap, no columns at all).
-_LEAN_FORWARD = ("split_sxx", "split_0xx")
+# Forward plans for a forward-only convolution whose chosen plan is over the buffer
+# budget: Winograd one depth slab at a time (a ``lax.map`` over slabs, so only one slab's
+# transforms are alive). Not shifted-slice accumulation ("0"): XLA:CPU keeps every shifted
+# slice of the input alive at once, far beyond its estimate (dou2017's FCN on a 300^3
+# volume asked for 142 GB).
+_LEAN_FORWARD = ("split_sxx",)
 
 
 def _within_budget(key: ConvKey, budget: int) -> str:
@@ -516,7 +518,7 @@ def _within_budget(key: ConvKey, budget: int) -> str:
     except for a forward-only convolution, which runs the first of ``_LEAN_FORWARD`` that
     applies and fits. XLA:CPU's native 3-D convolution is the slowest choice by far at
     whole-scan size: the dou2017 FCN's first layer (1 -> 32 channels, (3, 5, 5)) on a
-    176x126x194 volume took 5.9 s natively, 1.1 s as split_sxx and 0.8 s as split_0xx."""
+    176x126x194 volume took 5.9 s natively and 1.1 s as split_sxx."""
     if key.mode == "forward" and key.kind == "conv" and math.prod(key.kernel) > 1:
         for plan in _LEAN_FORWARD:
             if (conv_split.plan_applies(plan, key.kernel, key.strides, key.dilation)
