@@ -67,12 +67,10 @@ def _configure_malloc(config, program: str = "lungjax.main") -> None:
         malloc.reexec_with_huge_pages(program)  # returns only if no restart was needed
         if malloc.huge_pages_on():
             print("runtime.huge_pages: glibc malloc backs large blocks with transparent huge "
-                  "pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)", flush=True)
+                  f"pages (GLIBC_TUNABLES={malloc.THP_ENV['GLIBC_TUNABLES']})", flush=True)
     if not config.runtime.keep_freed_memory:
         return
-    keep_freed_memory = malloc.keep_freed_memory
-
-    if keep_freed_memory():
+    if malloc.keep_freed_memory():
         print("runtime.keep_freed_memory: glibc malloc keeps freed memory (fewer page faults "
               "per step; resident memory stays at its peak)", flush=True)
     else:

@@ -853,14 +853,23 @@ def evaluate_marks(run: StageRun, marks, diameters, seconds: Mapping[str, Mappin
     return record
 
 
+def held_out_froc(run: StageRun, marks, n_bootstrap: int = 0):
+    """``lungjax.evaluation.froc.compute_froc`` of ``marks`` against the fold's held-out
+    scans (their findings and excluded findings in the store)."""
+    from lungjax.evaluation.froc import compute_froc
+
+    store, uids = run.ctx.store, run.ctx.test_uids
+    return compute_froc(store.findings(uids), store.excluded(uids), uids, marks,
+                        n_bootstrap=n_bootstrap, seed=int(run.config.seed))
+
+
 def froc_evaluation(run: StageRun, marks, out_dir: str) -> dict:
     """LUNA16 FROC of the held-out marks (bootstrap interval over scans), froc.json and
     froc.png in ``out_dir``."""
-    from lungjax.evaluation.froc import FP_RATES, N_BOOTSTRAP, compute_froc
+    from lungjax.evaluation.froc import FP_RATES, N_BOOTSTRAP
 
-    store, uids = run.ctx.store, run.ctx.test_uids
-    froc = compute_froc(store.findings(uids), store.excluded(uids), uids, marks,
-                        n_bootstrap=N_BOOTSTRAP, seed=int(run.config.seed))
+    uids = run.ctx.test_uids
+    froc = held_out_froc(run, marks, N_BOOTSTRAP)
     rec = {"cpm": froc.cpm, "cpm_ci95": froc.cpm_ci95, "froc_new": froc.froc_new,
            "fp_rates": list(FP_RATES),
            "sensitivities": np.asarray(froc.sensitivities).tolist(),

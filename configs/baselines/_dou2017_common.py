@@ -11,6 +11,7 @@ import os
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
+
 def _stage2(name):
     """Stage 2 as the network ``name``; one without the hybrid loss regresses no diameter,
     so its marks are not merged within one (``stages.classify.merge_within_diameter``)."""

@@ -29,7 +29,7 @@ from lungjax.data.tables import Marks
 from lungjax.registry import STAGE_EXPORTS, STAGES
 from lungjax.tasks.screening import crop_patch
 from lungjax.stages import (StageError, StageRun, evaluate_marks, export_stage,
-                            restore_variables, scan_model)
+                            held_out_froc, restore_variables, scan_model)
 from lungjax.steps import forward_apply
 
 
@@ -371,12 +371,7 @@ def classify_stage(run: StageRun) -> dict:
             raise StageError(f"config.stages.{run.name}.merge_within_diameter: network "
                              f"{spec['network']!r} regresses no diameter")
         if spec["evaluator"] == "froc":  # what the merge changed, in every record
-            from lungjax.evaluation.froc import compute_froc
-
-            uids = ctx.test_uids
-            extra["cpm_unmerged"] = compute_froc(
-                ctx.store.findings(uids), ctx.store.excluded(uids), uids, marks,
-                n_bootstrap=0).cpm
+            extra["cpm_unmerged"] = held_out_froc(run, marks).cpm
         marks, diam = merge_marks(marks, diam)
     per_scan = {u: {src: cands[u]["seconds"], run.name: seconds[u],
                     "total": cands[u]["seconds"] + seconds[u]} for u in ctx.test_uids}

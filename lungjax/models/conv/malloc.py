@@ -95,7 +95,7 @@ def huge_pages_available() -> bool:
 
 def huge_pages_on() -> bool:
     """Whether this process started with glibc's huge-page tunable (``THP_ENV``)."""
-    return "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "").split(":")
+    return THP_ENV["GLIBC_TUNABLES"] in os.environ.get("GLIBC_TUNABLES", "").split(":")
 
 
 def reexec_with_huge_pages(module: str) -> None:

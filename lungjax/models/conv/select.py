@@ -314,10 +314,9 @@ def lookup(key: ConvKey) -> tuple[str, str]:
         # Measured first; a similar shape found too large to measure ("skipped") also
         # stands for this one, or every new scan's shape would be tried again (the
         # dou2017 main job's whole-scan screening did so on every scan).
-        near = sorted((not e["ms"], i) for i, (k, e) in enumerate(cache.items())
-                      if _similar(key, k))
+        near = [e for k, e in cache.items() if _similar(key, k)]
         if near:
-            e = list(cache.values())[near[0][1]]
+            e = max(near, key=lambda e: bool(e["ms"]))  # the first measured, if any
             return e["best"], "tuned" if e["ms"] else "skipped"
     entries = {k: e["best"] for k, e in _table().items()}
     entries.update({k: e["best"] for k, e in cache.items() if k.mode == "train"})
@@ -505,25 +504,24 @@ def buffer_bytes(impl: str, key: ConvKey) -> int:
     return key.batch * math.prod(out) * kvol * key.cin * item
 
 
-# Forward plans for a forward-only convolution whose chosen plan is over the buffer
+# The forward plan for a forward-only convolution whose chosen plan is over the buffer
 # budget: Winograd one depth slab at a time (a ``lax.map`` over slabs, so only one slab's
 # transforms are alive). Not shifted-slice accumulation ("0"): XLA:CPU keeps every shifted
 # slice of the input alive at once, far beyond its estimate (dou2017's FCN on a 300^3
 # volume asked for 142 GB).
-_LEAN_FORWARD = ("split_sxx",)
+_LEAN_FORWARD = "split_sxx"
 
 
 def _within_budget(key: ConvKey, budget: int) -> str:
     """The formulation of a layer whose chosen plan is over ``budget`` bytes: XLA's own,
-    except for a forward-only convolution, which runs the first of ``_LEAN_FORWARD`` that
-    applies and fits. XLA:CPU's native 3-D convolution is the slowest choice by far at
+    except for a forward-only convolution, which runs ``_LEAN_FORWARD`` where it applies
+    and fits. XLA:CPU's native 3-D convolution is the slowest choice by far at
     whole-scan size: the dou2017 FCN's first layer (1 -> 32 channels, (3, 5, 5)) on a
     176x126x194 volume took 5.9 s natively and 1.1 s as split_sxx."""
-    if key.mode == "forward" and key.kind == "conv" and math.prod(key.kernel) > 1:
-        for plan in _LEAN_FORWARD:
-            if (conv_split.plan_applies(plan, key.kernel, key.strides, key.dilation)
-                    and buffer_bytes(plan, key) <= budget):
-                return plan
+    if (key.mode == "forward" and key.kind == "conv" and math.prod(key.kernel) > 1
+            and conv_split.plan_applies(_LEAN_FORWARD, key.kernel, key.strides, key.dilation)
+            and buffer_bytes(_LEAN_FORWARD, key) <= budget):
+        return _LEAN_FORWARD
     return "xla"
 
 
