@@ -84,6 +84,30 @@ def store(tmp_path_factory):
     return store_lib.PatchStore.open(root)
 
 
+def test_lung_restriction_comes_before_suppression():
+    """A chest-wall peak next to an in-lung nodule neither suppresses the nodule's peak nor
+    takes its place under the cap."""
+    from lungjax.detect import candidates_of_scores
+    from lungjax.tasks.screening import OutputMapping
+
+    mapping = OutputMapping((1, 1, 1), (0.0, 0.0, 0.0))
+    geometry = Geometry.identity()
+    scores = np.zeros((12, 12, 24), np.float32)
+    lung = np.zeros(scores.shape, bool)
+    lung[:, :, :12] = True
+    scores[6, 6, 10] = 0.8  # nodule, inside the lung, 3 voxels from the wall's peak
+    scores[6, 6, 13] = 0.99  # chest wall, outside
+    scores[2, 2, 20] = 0.95  # chest wall, far away
+    settings = DetectionSettings(threshold=0.5, nms_radius_mm=5.0, max_candidates=1)
+    free = candidates_of_scores(scores, mapping, geometry, settings, scores.shape)
+    np.testing.assert_array_equal(free.voxel_zyx, [[6, 6, 13]])
+    kept = candidates_of_scores(scores, mapping, geometry,
+                                dataclasses.replace(settings, lung_only=True), scores.shape,
+                                lung_mask=lung)
+    np.testing.assert_array_equal(kept.voxel_zyx, [[6, 6, 10]])
+    np.testing.assert_allclose(kept.score, [0.8])
+
+
 def test_detect_store_finds_every_sphere_in_world_mm(store, tmp_path):
     uids = store.uids()
     settings = DetectionSettings(threshold=0.9, nms_radius_mm=5.0)

@@ -179,7 +179,8 @@ def test_tiny_end_to_end_train_export_cv(tiny_fold):
     assert again["result"]["cpm"] == res["cpm"]
     assert again["stages"]["fpr"]["step"] == rec["stages"]["fpr"]["step"]
 
-    # export: stage 2 gives (probability, diameter) per candidate patch, as the checkpoint
+    # export: stage 2 gives (probability, diameter, centre offset z, y, x) per candidate
+    # patch, as the checkpoint
     out = stages.run("export", c, str(fold_dir))
     assert out["screen"]["output_mapping"]["stride_zyx"] == [1, 2, 2]
     method = json.loads((fold_dir / "export" / stages.METHOD_JSON).read_text(encoding="utf-8"))
@@ -191,13 +192,15 @@ def test_tiny_end_to_end_train_export_cv(tiny_fold):
     predict, sidecar = load_predictor(str(fold_dir / "export" / "classify"))
     x = np.random.default_rng(0).random((3, 24, 60, 60, 1), dtype=np.float32)
     y = np.asarray(predict(x))
-    assert y.shape == (3, 2) and np.all((y[:, 0] >= 0) & (y[:, 0] <= 1)) and np.all(y[:, 1] > 0)
+    assert y.shape == (3, 5) and np.all((y[:, 0] >= 0) & (y[:, 0] <= 1)) and np.all(y[:, 1] > 0)
+    assert sidecar["regressed_position"] and sidecar["merge_within_diameter"]
     c2 = _stage(c, "fpr")
     ck = restore_params(str(fold_dir / "fpr" / "checkpoints"))
     model, task = train.build_model(c2), train.build_task(c2)
     ref = jax.jit(lambda v, x: task.decode(model.apply(v, x, train=False)))(
         {"params": ck["params"], **ck["model_state"]}, x)
     np.testing.assert_allclose(y[:, 0], np.asarray(ref["score"]), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(y[:, 2:], np.asarray(ref["offset_zyx"]), rtol=1e-4, atol=1e-4)
 
     # the whole method on a scan file, from the folder export printed: screening, then
     # each candidate's patch scored by the stage-2 network, with its diameter

@@ -275,6 +275,18 @@ class CandidateClassifier:
         return {k: np.concatenate(v) for k, v in parts.items()}
 
 
+def regressed_centres(read_zyx: np.ndarray, size_zyx: Sequence[int], offset_zyx: np.ndarray,
+                      geometry) -> np.ndarray:
+    """(K, 3) world (x, y, z) mm of the nodule centres stage 2 regressed: ``offset_zyx``
+    ((K, 3) voxels) from the geometric centre of each patch of ``size_zyx`` read at the
+    integer voxel ``read_zyx`` ((K, 3)) of a grid placed by ``geometry``."""
+    from lungjax.data.coords import voxel_to_world
+    from lungjax.tasks.hybrid import patch_geometric_center
+
+    vox = patch_geometric_center(read_zyx, size_zyx) + np.asarray(offset_zyx).reshape(-1, 3)
+    return voxel_to_world(vox, geometry).reshape(-1, 3)
+
+
 def classify_scans(classifier: CandidateClassifier, store, cands: Mapping[str, Mapping],
                    uids: Sequence[str], *, regressed_position: bool = False
                    ) -> tuple[Marks, np.ndarray | None, dict[str, float]]:
@@ -291,9 +303,6 @@ def classify_scans(classifier: CandidateClassifier, store, cands: Mapping[str, M
       stage-2 probability, (M,) regressed diameters in mm or None for classification-only
       networks, {uid: stage-2 seconds}).
     """
-    from lungjax.data.coords import voxel_to_world
-    from lungjax.tasks.hybrid import patch_geometric_center
-
     marks, diam, seconds = [], [], {}
     for uid in uids:
         t0 = time.perf_counter()
@@ -303,8 +312,8 @@ def classify_scans(classifier: CandidateClassifier, store, cands: Mapping[str, M
         xyz = c["world_xyz"]
         if regressed_position and "offset_zyx" in out and len(out["score"]):
             read = np.rint(np.asarray(c["voxel_zyx"], np.float64).reshape(-1, 3))
-            vox = patch_geometric_center(read, classifier.size) + out["offset_zyx"]
-            xyz = voxel_to_world(vox, store.scan(uid).geometry).reshape(-1, 3)
+            xyz = regressed_centres(read, classifier.size, out["offset_zyx"],
+                                    store.scan(uid).geometry)
         marks.append(Marks(np.full(len(out["score"]), uid), xyz, out["score"]))
         if "diameter_mm" in out:
             diam.append(out["diameter_mm"])
@@ -400,8 +409,9 @@ def _export_screen(run: StageRun) -> dict:
 
 
 def _export_classify(run: StageRun) -> dict:
-    """The candidate classifier on (B, *patch, 1) patches: column 0 the probability,
-    column 1 (networks with a regression head) the diameter in mm."""
+    """The candidate classifier on (B, *patch, 1) patches: column 0 the probability;
+    networks with a regression head add column 1, the diameter in mm, and columns 2-4,
+    the nodule centre's offset (z, y, x) in voxels from the patch's geometric centre."""
     cfg = run.config
     model, task = train_lib.build_model(cfg), train_lib.build_task(cfg)
     if cfg.detection.conv_impl:
@@ -413,15 +423,18 @@ def _export_classify(run: StageRun) -> dict:
         dec = task.decode(forward_apply(model, variables, image))
         cols = [dec["score"]]
         if "diameter_mm" in dec:
-            cols.append(dec["diameter_mm"])
+            cols += [dec["diameter_mm"], *(dec["offset_zyx"][..., a] for a in range(3))]
         return jnp.stack(cols, axis=-1)
 
     meaning = ("column 0: nodule probability of the candidate patch"
-               + ("; column 1: regressed diameter (mm)" if model.regression else ""))
+               + ("; column 1: regressed diameter (mm); columns 2-4: regressed centre, "
+                  "(z, y, x) voxels from the patch's geometric centre" if model.regression
+                  else ""))
     size = tuple(int(s) for s in cfg.data.patch_size_zyx)
     return export_stage(run, predict, size, {
         "output_columns": meaning, "patch_start": "candidate voxel - patch_size // 2",
         "mirrors": bool(run.spec["mirrors"]),
+        "regressed_position": bool(run.spec["regressed_position"]),
         "merge_within_diameter": bool(run.spec["merge_within_diameter"])})
 
 

@@ -566,6 +566,18 @@ def inside_mask(mask: np.ndarray, points_zyx: np.ndarray) -> np.ndarray:
     return mask[tuple(v.T)] > 0
 
 
+def mask_at_cells(mask: np.ndarray, mapping: OutputMapping,
+                  cells_shape: Sequence[int]) -> np.ndarray:
+    """(D', H', W') bool: ``mask`` ((D, H, W), e.g. a lung mask) at the input voxel each
+    output cell speaks for (nearest voxel, clipped into the volume)."""
+    mask = np.asarray(mask)
+    index = []
+    for a, n in enumerate(cells_shape):
+        v = np.rint(mapping.offset_zyx[a] + mapping.stride_zyx[a] * np.arange(n))
+        index.append(np.clip(v, 0, mask.shape[a] - 1).astype(np.int64))
+    return mask[np.ix_(*index)] > 0
+
+
 def nms_radius_cells(radius_mm: float, mapping: OutputMapping,
                      spacing_zyx: Sequence[float]) -> np.ndarray:
     """(3,) suppression radius in score cells for a radius in mm on a grid of this spacing."""
