@@ -22,6 +22,12 @@ lungjax has the network, otherwise built on ``lungjax.models.layers`` (twins of
   final kernel 7 at this size) in lungjax's own alternating step
   (``lungjax.train.build_engine`` on ``configs/sathish2020.py:paper``: one discriminator
   update, then one segmenter update on J_seg - alpha J_adv; Adam 1e-4 each).
+* ``res_unet3d``: lungjax's yu2021 3D Res U-Net (``lungjax.models.yu2021.ResUNet3D``) at
+  the paper's width (base 32, bottom 512) on 32x64x64 crops, batch 2 (the paper's
+  sub-case, 48x192x192 in batches of 6, is 18x the voxels).
+* ``resnet50_3d``: lungjax's yu2021 3D ResNet50 (``lungjax.models.yu2021.ResNet3D``, the
+  paper's version) on the paper's 16x48x48 ROIs, batch 4 (the paper's 16 is four times
+  the work per step).
 * ``sathish_unet``: lungjax's ``sathish2020_unet`` (the paper's U-Net baseline: conv-BN-ReLU
   blocks, nearest up-sampling + conv) on 256x256, 2-class output, the MSE loss above.
 """
@@ -37,6 +43,7 @@ import optax
 from lungjax.models.fcn import Dou2017FCN
 from lungjax.models.fp_reduction import Dou2017FPR
 from lungjax.models.layers import BatchNorm, Conv, ConvTranspose, max_pool
+from lungjax.models.yu2021 import ResNet3D, ResUNet3D
 
 N_ANCHORS = 9
 
@@ -131,6 +138,8 @@ NETS = {
     "unet": (UNet, (256, 256, 1), 2),
     "dou2017_fpr": (lambda: Dou2017FPR(regression=True), (24, 60, 60, 1), 16),
     "sathish_unet": (_sathish_unet, (256, 256, 1), 2),
+    "res_unet3d": (lambda: ResUNet3D(base_features=32), (32, 64, 64, 1), 2),
+    "resnet50_3d": (ResNet3D, (16, 48, 48, 1), 4),
     "sumnet_adv": (None, (256, 256, 1), 2),
 }
 

@@ -10,7 +10,8 @@ alone); ``--same-process`` runs them all in this one.
 Usage:
   python bench/conv_vs_torch.py [--nets fcn,fpr,det,unet,dou2017_fpr] [--steps 3] [--threads 2]
       (also: sathish_unet, sumnet_adv: sathish2020's U-Net, and its SUMNet + Turing-test
-      discriminator in lungjax's own alternating step)
+      discriminator in lungjax's own alternating step; res_unet3d, resnet50_3d: yu2021's
+      3D Res U-Net and 3D ResNet50)
                                 [--rounds 4] [--warmup 3] [--jax-impls xla,auto]
                                 [--scan 300 | --small | --scan 0] [--same-process]
 

@@ -344,8 +344,103 @@ def adversarial_step(shape, batch: int, alpha: float = 0.001):
     return run, model
 
 
+class YuResidualUnit(nn.Module):
+    """``lungjax.models.yu2021.ResidualUnit``: conv3-IN-ReLU, conv3-IN, + shortcut
+    (identity, or a 1x1x1 conv with bias when the channels change), ReLU."""
+
+    def __init__(self, cin, features):
+        super().__init__()
+        self.conv1 = nn.Conv3d(cin, features, 3, 1, 1)
+        self.norm1 = nn.InstanceNorm3d(features, eps=1e-5, affine=True)
+        self.conv2 = nn.Conv3d(features, features, 3, 1, 1)
+        self.norm2 = nn.InstanceNorm3d(features, eps=1e-5, affine=True)
+        self.proj = nn.Conv3d(cin, features, 1) if cin != features else None
+
+    def forward(self, x):
+        h = self.norm2(self.conv2(torch.relu(self.norm1(self.conv1(x)))))
+        return torch.relu(h + (self.proj(x) if self.proj is not None else x))
+
+
+class ResUNet3D(nn.Module):
+    """yu2021's 3D Res U-Net (``res_unet3d``): four residual down modules with 2x2x2
+    max-pools, a bottom unit, four 2x2x2 stride-2 transposed convs + concatenation +
+    residual unit, a 1x1x1 conv to one logit."""
+
+    def __init__(self, base=32):
+        super().__init__()
+        widths = [base * 2 ** i for i in range(4)]
+        cins = [1] + widths[:3]
+        self.down = nn.ModuleList(YuResidualUnit(c, w) for c, w in zip(cins, widths))
+        self.pool = nn.MaxPool3d(2)
+        self.bottom = YuResidualUnit(widths[3], base * 16)
+        ups = [base * 16] + widths[:0:-1]
+        self.upconv = nn.ModuleList(nn.ConvTranspose3d(c, w, 2, 2)
+                                    for c, w in zip(ups, widths[::-1]))
+        self.up = nn.ModuleList(YuResidualUnit(2 * w, w) for w in widths[::-1])
+        self.out = nn.Conv3d(base, 1, 1)
+
+    def forward(self, x):
+        skips = []
+        for unit in self.down:
+            x = unit(x)
+            skips.append(x)
+            x = self.pool(x)
+        x = self.bottom(x)
+        for upconv, unit, skip in zip(self.upconv, self.up, reversed(skips)):
+            x = unit(torch.cat([upconv(x), skip], dim=1))
+        return self.out(x)
+
+
+class Bottleneck3D(nn.Module):
+    """``lungjax.models.yu2021.Bottleneck3D``: 1x1x1 -> k (stride) -> 1x1x1 (4 x width),
+    BN-ReLU, projection (1x1x1 conv + BN) on a change of stride or width."""
+
+    def __init__(self, cin, width, stride, kernel):
+        super().__init__()
+        out = 4 * width
+        pad = tuple(k // 2 for k in kernel)
+        self.conv1 = nn.Conv3d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm3d(width)
+        self.conv2 = nn.Conv3d(width, width, kernel, stride, pad, bias=False)
+        self.bn2 = nn.BatchNorm3d(width)
+        self.conv3 = nn.Conv3d(width, out, 1, bias=False)
+        self.bn3 = nn.BatchNorm3d(out)
+        self.proj = (nn.Sequential(nn.Conv3d(cin, out, 1, stride, bias=False),
+                                   nn.BatchNorm3d(out))
+                     if cin != out or stride != 1 else None)
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x)))
+        h = torch.relu(self.bn2(self.conv2(h)))
+        h = self.bn3(self.conv3(h))
+        return torch.relu(h + (self.proj(x) if self.proj is not None else x))
+
+
+class ResNet3D(nn.Module):
+    """yu2021's 3D ResNet50 (``resnet50_3d``, the paper's version): 3x3x3 stride-1 stem,
+    no pooling, stages 3-4-6-3 of widths 64-128-256-512 with strides 1-2-2-2 and (1, 3, 3)
+    middle kernels in the last two, global average pool, dense 2."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv3d(1, 64, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm3d(64)
+        blocks, cin = [], 64
+        for n, w, st, k in zip((3, 4, 6, 3), (64, 128, 256, 512), (1, 2, 2, 2),
+                               ((3, 3, 3), (3, 3, 3), (1, 3, 3), (1, 3, 3))):
+            for b in range(n):
+                blocks.append(Bottleneck3D(cin, w, st if b == 0 else 1, k))
+                cin = 4 * w
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(cin, 2)
+
+    def forward(self, x):
+        x = self.blocks(torch.relu(self.bn(self.stem(x))))
+        return self.head(x.mean(dim=(2, 3, 4)))
+
+
 NETS = {"fcn": FCN, "fpr": FPR, "det": Detector, "unet": UNet, "dou2017_fpr": Dou2017FPR,
-        "sathish_unet": SathishUNet}
+        "sathish_unet": SathishUNet, "res_unet3d": ResUNet3D, "resnet50_3d": ResNet3D}
 STEPS = {"sumnet_adv": adversarial_step}
 
 

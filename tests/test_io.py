@@ -226,3 +226,15 @@ def test_dicom_series_with_a_missing_slice(tmp_path):
     with pytest.raises(ScanReadError, match=r"gap: series .* not equally spaced: slices at "
                                             r"-98\.00 and -94\.00 mm are 4\.00 mm apart"):
         read_scan(tmp_path / "gap")
+
+
+def test_a_folder_without_dicom_has_no_series_and_prints_nothing(tmp_path, capfd):
+    """ITK's "No Series were found" warning is an answer here (a folder of .mhd scans the
+    predict command searches), not a message for the user."""
+    from lungjax.data.io import list_dicom_series
+
+    write_scan(str(tmp_path / "a.mhd"), np.zeros((2, 3, 4), np.int16),
+               Geometry(np.ones(3), np.zeros(3), np.eye(3)))
+    assert list_dicom_series(str(tmp_path)) == []
+    assert "No Series" not in capfd.readouterr().err
+    assert sitk.ProcessObject.GetGlobalWarningDisplay()  # restored for everyone else

@@ -103,17 +103,28 @@ def _iou(a, b):
     return (a & b).sum() / (a | b).sum()
 
 
-@pytest.mark.parametrize("case", ["table", "apex", "past_the_end"])
+@pytest.mark.parametrize("case", ["table", "apex", "past_the_end", "fov_cuts_lungs",
+                                  "round_fov"])
 def test_threshold_lung_mask_on_hard_real_world_layouts(case):
     """The cases where outside air reaches the lungs in 3-D: a CT table (a hollow slab
     spanning the field of view under the body), a scan that starts inside the lungs (cut
-    at the apex) and an air-filled slice past the end of the scan (a resampled grid one
-    slice longer)."""
+    at the apex), an air-filled slice past the end of the scan (a resampled grid one
+    slice longer); and where a lung touches the border of its slice as outside air does:
+    a field of view cut through both lungs, and a round field of view padded with
+    -2000 HU that cuts the body."""
     hu, truth, _ = chest_phantom(shape=(40, 64, 64))
     hu = hu.astype(np.float32)
+    if case == "fov_cuts_lungs":
+        hu, truth = hu[:, :, 11:53], truth[:, :, 11:53]  # +-31.5 mm; lungs reach +-39 mm
+        assert truth[:, :, [0, -1]].any(axis=(1, 2)).sum() > 10
+    elif case == "round_fov":
+        yy, xx = np.mgrid[:64, :64]
+        outside = (yy - 31.5) ** 2 + (xx - 31.5) ** 2 > 27.5 ** 2  # the body reaches past
+        assert (hu[:, outside] > -400).any() and not truth[:, outside].any()
+        hu[:, outside] = -2000.0
     if case == "table":
         hu[:, 56:62, :] = 300.0  # the table top and bottom, border to border
-        hu[:, 58:60, 2:-2] = -1000.0  # its hollow core, open to the air at the sides
+        hu[:, 58:60, 2:-2] = -1000.0  # its hollow core, closed at the ends
     elif case == "apex":
         hu, truth = hu[14:], truth[14:]  # the first slice crosses both lungs
     elif case == "past_the_end":
@@ -121,7 +132,8 @@ def test_threshold_lung_mask_on_hard_real_world_layouts(case):
         hu[-1] = -1000.0  # resampling fill beyond the last slice
         truth[-1] = False
     mask = lung_mask_from_hu(hu, (2.0, 1.5, 1.5))
-    assert _iou(mask, truth) > 0.9
+    # Where the field of view cuts a lung, the hull's margin costs a few columns of it.
+    assert _iou(mask, truth) > (0.85 if case == "fov_cuts_lungs" else 0.9)
 
 
 def test_close_mask_bridges_gaps_and_contains_input():

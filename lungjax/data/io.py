@@ -290,7 +290,14 @@ def _from_image(image: sitk.Image, path: str) -> Scan:
 
 def list_dicom_series(directory: str) -> list[str]:
     """Series instance UIDs of the DICOM series in ``directory`` (not recursive)."""
-    return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(directory))
+    # ITK warns "No Series were found" on stderr for a folder of .mhd files: here that is
+    # an answer (an empty list), not something to show the user.
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(directory))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def dicom_series_sizes(directory: str) -> dict[str, int]:

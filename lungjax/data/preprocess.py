@@ -25,6 +25,12 @@ from lungjax.data.coords import Geometry
 
 DEFAULT_HU_WINDOW = (-1200.0, 600.0)
 AIR_HU = -1024.0
+# Below any tissue or air: what scanners write outside a round field of view (-2000,
+# -3024). Neither air nor body to the threshold lung mask.
+FOV_PADDING_HU = -1500.0
+# How far inside the body's convex hull air must lie for the threshold lung mask to
+# take it for lung (cut by the field of view, say), not outside air.
+HULL_MARGIN_MM = 3.0
 # LUNA16 seg-lungs-LUNA16 label values: 3 = right lung, 4 = left lung (5 = trachea).
 LUNA16_LUNG_LABELS = (3, 4)
 
@@ -229,8 +235,10 @@ def lung_mask_from_hu(hu: np.ndarray, spacing_zyx: Sequence[float], *, threshold
                       name: str = "scan") -> np.ndarray:
     """Lung mask by HU threshold, 3-D connected components and morphology.
 
-    Steps: voxels below ``threshold_hu`` -> on each axial slice, drop the air connected
-    to the slice's border (outside the body) -> 6-connected 3-D components of the rest
+    Steps: voxels below ``threshold_hu`` -> on each axial slice, drop the outside air:
+    of the air connected to the slice's border, what lies outside the convex hull of the
+    body; of the enclosed air, components mostly outside it (a slice with no body: all
+    air connected to its border) -> 6-connected 3-D components of the rest
     -> keep the two largest of at least ``min_lung_ml`` -> ball closing of
     ``closing_mm`` and per-slice hole filling (vessels, nodules), cheap route of
     :func:`close_mask`.
@@ -239,6 +247,16 @@ def lung_mask_from_hu(hu: np.ndarray, spacing_zyx: Sequence[float], *, threshold
     lungs often reach it: through a slab of air-filled slices past the end of the scan
     (a resampled grid one slice longer than the scan), or where the field of view cuts
     the body. Per slice, only the lung's part on such a slice is lost, not the lung.
+
+    Where the field of view cuts through a lung, that lung's air touches the slice's
+    border (or the scanner's padding outside a round field of view, below
+    ``FOV_PADDING_HU``) as outside air does, and often joins it along the cut. So outside
+    air is the air outside the convex hull of the slice's body (its largest non-air
+    component, the hull shrunk by ``HULL_MARGIN_MM``): it lies around the body, a cut
+    lung within it. That also drops air enclosed outside the body, such as the hollow
+    core of a CT table. Padding is neither air nor body, so a cut lung does not join the
+    air around the body through it. Where a round field of view cuts a lung, the part of
+    the lung beyond the hull's chord between the body's two cut ends is lost.
 
     Args:
       hu: (z, y, x) HU volume (any real dtype).
@@ -255,22 +273,40 @@ def lung_mask_from_hu(hu: np.ndarray, spacing_zyx: Sequence[float], *, threshold
       LungMaskError: no component qualifies.
     """
     spacing = np.asarray(spacing_zyx, np.float64)
-    air = hu < threshold_hu
+    padding = hu < FOV_PADDING_HU
+    air = (hu < threshold_hu) & ~padding
     if not air.any():
         raise LungMaskError(f"{name}: empty lung mask: no voxel below {threshold_hu} HU")
     in_plane = np.zeros((3, 3, 3), bool)
     in_plane[1] = ndimage.generate_binary_structure(2, 1)
     slices, _ = ndimage.label(air, structure=in_plane)  # 2-D components, every slice
-    border = np.unique(np.concatenate([
-        slices[:, 0, :].ravel(), slices[:, -1, :].ravel(),
-        slices[:, :, 0].ravel(), slices[:, :, -1].ravel()]))
-    air &= ~np.isin(slices, border[border > 0])
-    del slices
+    at_edge = np.zeros(air.shape, bool)
+    at_edge[:, [0, -1], :] = True
+    at_edge[:, :, [0, -1]] = True
+    if padding.any():
+        at_edge |= ndimage.binary_dilation(padding, in_plane)
+    border = np.unique(slices[at_edge])
+    del at_edge
+    inside, hulled = _inside_body_hull(~air & ~padding,
+                                       HULL_MARGIN_MM / float(min(spacing[1:])))
+    inside &= hulled[:, None, None]
+    # Enclosed components: kept whole when mostly inside the hull (a lung whose edge
+    # passes the hull's chord keeps that edge; a table's core goes). Border-touching ones:
+    # only their part inside the hull.
+    total = np.bincount(slices.ravel())
+    within = np.bincount(slices[inside], minlength=len(total))
+    label_z = np.array([0] + [box[0].start for box in ndimage.find_objects(slices)])
+    enclosed = (2 * within >= total) | ~hulled[label_z]
+    enclosed[border] = False
+    enclosed[0] = False
+    air = enclosed[slices] | (air & inside)
+    del slices, inside
     labels, n = ndimage.label(air)
     del air
     if n == 0:
         raise LungMaskError(f"{name}: empty lung mask: all air below {threshold_hu} HU is "
-                            "outside the body (connected to the border of its slice)")
+                            "outside the body (outside its convex hull or connected to "
+                            "the border of its slice)")
     # Component sizes from every 2nd voxel per axis: 8x less work than a full count
     # and plenty to rank components and compare them with a size floor.
     step = 2 if min(labels.shape) >= 16 else 1
@@ -291,6 +327,48 @@ def lung_mask_from_hu(hu: np.ndarray, spacing_zyx: Sequence[float], *, threshold
         mask |= labels == keep[1]
     del labels
     return close_mask(mask, spacing, closing_mm)
+
+
+def _inside_body_hull(nonair: np.ndarray, margin_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per slice, the convex hull of the body (the largest ``nonair`` component), shrunk
+    by ``margin_px``.
+
+    Args:
+      nonair: (z, y, x) bool, neither air nor padding.
+      margin_px: in-plane pixels the hull is shrunk by, so that air along the body's
+        outline (a concave chest wall, partial volume) stays outside it.
+
+    Returns:
+      ((z, y, x) bool inside the hull, (z,) bool the slice has a hull: a body of at least
+      three points not on one line).
+    """
+    from scipy.spatial import ConvexHull, QhullError
+
+    inside = np.zeros(nonair.shape, bool)
+    hulled = np.zeros(nonair.shape[0], bool)
+    y = np.arange(nonair.shape[1], dtype=np.float64)[:, None]
+    x = np.arange(nonair.shape[2])
+    for z in range(nonair.shape[0]):
+        body, n = ndimage.label(nonair[z])
+        if n == 0:
+            continue
+        body = body == 1 + int(np.argmax(np.bincount(body.ravel())[1:]))
+        edge = np.argwhere(body & ~ndimage.binary_erosion(body))
+        try:
+            planes = ConvexHull(edge).equations  # (f, 3): a*y + b*x + c <= 0 inside
+        except (QhullError, ValueError):  # too few or collinear points: no hull
+            continue
+        # A convex polygon is one x-interval per row: intersect every face's bound on x.
+        a, b, c = planes.T
+        with np.errstate(divide="ignore", invalid="ignore"):
+            bound = (-margin_px - c - a * y) / b  # (rows, faces)
+        left = np.max(np.where(b < 0, bound, -np.inf), axis=1)
+        right = np.min(np.where(b > 0, bound, np.inf), axis=1)
+        flat = np.all(np.where(b == 0, a * y + c <= -margin_px, True), axis=1)
+        right = np.where(flat, right, -np.inf)
+        inside[z] = (x >= left[:, None]) & (x <= right[:, None])
+        hulled[z] = True
+    return inside, hulled
 
 
 def lung_mask_from_luna_seg(seg: np.ndarray, name: str = "mask") -> np.ndarray:
