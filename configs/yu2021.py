@@ -175,6 +175,9 @@ def get_config(arg: str | None = None):
     # least this many voxels (2 x 6.75 mm^3 at 3 x 1.5 x 1.5 mm), at most this many.
     c.yu2021.min_nodule_voxels = 2
     c.yu2021.max_nodules = 20
+    # A nodule's mark scores its peak probability ("mean" and "volume" are the others,
+    # lungjax.tasks.screening.NODULE_SCORES; not measured on this method).
+    c.yu2021.nodule_score = "peak"
     c.yu2021.n_bootstrap = 1000  # bootstrap resamples of the held-out intervals
 
     c.model.name = "res_unet3d"

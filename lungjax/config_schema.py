@@ -233,6 +233,9 @@ def get_config():
     c.sathish2020.patch_threshold = 0.5
     c.screening = config_dict.ConfigDict()  # shrey2020's suspicious-slice rule
     c.screening.threshold = 0.35  # a slice is suspicious when its max probability exceeds it
+    # How a found nodule (a component of the U-Net's mask) is scored for its mark:
+    # "peak" | "mean" | "volume" (lungjax.tasks.screening.NODULE_SCORES).
+    c.screening.nodule_score = "peak"
     c.yu2021 = config_dict.ConfigDict()
     c.yu2021.subcases = 2  # sub-cases each case is split into along z
     c.yu2021.subcase_size_zyx = ()  # their size where not data.patch_size_zyx (empty: it)
@@ -241,7 +244,8 @@ def get_config():
     c.yu2021.lr_decay_epochs = (2.5, 3.75)  # epochs where the learning rate falls 10x
     c.yu2021.lung_only = True  # the held-out prediction is kept inside the lung mask
     c.yu2021.min_nodule_voxels = 2  # a new scan's nodule: a component of at least this
-    c.yu2021.max_nodules = 20  # the most nodules kept per scan (highest probability first)
+    c.yu2021.max_nodules = 20  # the most nodules kept per scan (highest score first)
+    c.yu2021.nodule_score = "peak"  # a nodule's score (lungjax.tasks.screening.NODULE_SCORES)
     c.yu2021.large_nodule_mm = 10.0  # Dice is also reported for nodules at least this big
     c.yu2021.n_bootstrap = 1000  # bootstrap resamples of the held-out figures
     return c

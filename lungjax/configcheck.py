@@ -164,6 +164,8 @@ def _positive_int(v) -> bool:
 
 def _rules(c: Mapping[str, Any]) -> list[tuple[str, Any, bool, str]]:
     """(field, value, holds, what is allowed) for the values a run cannot start without."""
+    from lungjax.tasks.screening import NODULE_SCORES
+
     d, t, o = c["data"], c["train"], c["optimizer"]
     size = tuple(d.get("patch_size_zyx") or ())
     spacing = tuple(d["spacing_zyx"])
@@ -201,7 +203,9 @@ def _rules(c: Mapping[str, Any]) -> list[tuple[str, Any, bool, str]]:
         ("cv.folds", folds,
          all(isinstance(f, int) and 0 <= f < max(1, d["num_folds"]) for f in folds),
          f"folds in [0, data.num_folds = {d['num_folds']})"),
-    ]
+    ] + [(f"{section}.nodule_score", c[section]["nodule_score"],
+          c[section]["nodule_score"] in NODULE_SCORES, " | ".join(NODULE_SCORES))
+         for section in ("screening", "yu2021")]
 
 
 def check_values(config, where: str = "config") -> None:

@@ -190,6 +190,8 @@ def test_a_stage_section_typo_fails_naming_the_stage():
     ("data.fold", 10, r"config.data.fold: 10 is not allowed; must be an integer in \[0, "
                       r"data.num_folds = 10\)"),
     ("data.hu_window", (400.0, -1000.0), r"config.data.hu_window"),
+    ("screening.nodule_score", "max", r"config.screening.nodule_score: 'max' is not "
+                                      r"allowed; must be peak \| mean \| volume"),
 ])
 def test_impossible_values_fail_before_anything_runs(field, value, match):
     c = load_config("configs/dou2017.py", "tiny")

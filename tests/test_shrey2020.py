@@ -279,3 +279,13 @@ def test_nodule_components_keep_big_enough_blobs_by_peak():
     assert len(centres) == 1
     none = nodule_components(np.zeros((2, 8, 8), np.float32), (1, 1, 1), **s)
     assert none[1].shape == (0, 3) and not none[0].any()
+    # The other scores: the disc's mean (242 voxels at 0.8, one at 0.95) is below the
+    # small blob's 0.99; its expected volume (197.75 mm^3 against 1.98) is far above.
+    _, centres, score, _ = nodule_components(prob, (2.0, 0.5, 0.5), score="mean", **s)
+    np.testing.assert_allclose(score, [0.99, (242 * 0.8 + 0.95) / 243], rtol=1e-6)
+    _, centres, score, _ = nodule_components(prob, (2.0, 0.5, 0.5), score="volume", **s)
+    volume = np.array([242 * 0.8 + 0.95, 4 * 0.99]) * 0.5
+    np.testing.assert_allclose(score, volume / (volume + np.pi / 6 * 125), rtol=1e-6)
+    np.testing.assert_allclose(centres[0], [2, 10, 10], atol=1e-6)
+    with pytest.raises(ValueError, match="nodule score 'max'"):
+        nodule_components(prob, (2.0, 0.5, 0.5), score="max")

@@ -189,12 +189,14 @@ class FindSettings:
     """How the method reads a whole scan (``config.shrey2020`` in the find stage, the
     export's ``find`` sidecar): the suspicious-slice rule's threshold, the nodule-mask
     threshold, the smallest component kept (voxels), the most nodules kept per scan
-    (highest U-Net probability first), the classifier's crop side and the slice batch."""
+    (highest score first), how a nodule is scored (``screening.NODULE_SCORES``), the
+    classifier's crop side and the slice batch."""
 
     rule: float = 0.35
     mask_threshold: float = 0.5
     min_voxels: int = 3
     max_nodules: int = 100
+    score: str = "peak"
     crop: int = 64
     batch: int = 16
 
@@ -214,7 +216,7 @@ class Findings2D:
       suspicious: (S,) int64 indices of the slices with ``slice_max`` > the rule.
       mask: (D, H, W) uint8 predicted nodule mask (probability >= mask_threshold).
       centres_zyx: (K, 3) float64 centroid of each kept component.
-      score: (K,) float64 its largest U-Net probability.
+      score: (K,) float64 its score (``FindSettings.score``).
       diameter_mm: (K,) float64 the diameter of a disc of its largest axial area.
       malignancy: (K,) float64 the classifier's malignant probability.
     """
@@ -246,7 +248,7 @@ def find_in_volume(segment, classify, volume: np.ndarray, spacing_zyx, multiple:
     slice_max = prob.reshape(len(prob), -1).max(axis=1) if prob.size else np.zeros(0)
     mask, centres, score, diam = nodule_components(
         prob, spacing_zyx, threshold=settings.mask_threshold, min_voxels=settings.min_voxels,
-        max_nodules=settings.max_nodules)
+        max_nodules=settings.max_nodules, score=settings.score)
     mal = classify_patches(classify, volume, np.rint(centres).astype(np.int64),
                            settings.crop, settings.batch)
     return Findings2D(prob, slice_max.astype(np.float32),
@@ -277,6 +279,7 @@ def find_settings(cfg) -> FindSettings:
     U-Net stage's ``screening.threshold`` and ``task.threshold``)."""
     return FindSettings(rule=float(cfg.screening.threshold),
                         mask_threshold=float(cfg.model.mask_threshold),
+                        score=str(cfg.screening.nodule_score),
                         crop=int(cfg.data.patch_size_zyx[-1]))
 
 

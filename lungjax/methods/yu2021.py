@@ -377,7 +377,8 @@ def find_nodules(segment, classify, volume: np.ndarray, spacing_zyx, lung, setti
         threshold, lung_only, min_voxels, max_nodules, batch).
 
     Returns:
-      (mask (D, H, W) uint8, centres (K, 3) float64 voxels, score (K,) peak probability,
+      (mask (D, H, W) uint8, centres (K, 3) float64 voxels, score (K,) the
+      ``nodule_score`` of each (peak probability by default),
       diameter_mm (K,), malignancy (K,) float64).
     """
     from lungjax.tasks.screening import nodule_components
@@ -386,7 +387,8 @@ def find_nodules(segment, classify, volume: np.ndarray, spacing_zyx, lung, setti
                           int(settings["subcases"]), lung if settings["lung_only"] else None)
     mask, centres, score, diam = nodule_components(
         prob, spacing_zyx, threshold=float(settings["threshold"]),
-        min_voxels=int(settings["min_voxels"]), max_nodules=int(settings["max_nodules"]))
+        min_voxels=int(settings["min_voxels"]), max_nodules=int(settings["max_nodules"]),
+        score=str(settings.get("nodule_score", "peak")))  # exports before the field: peak
     return mask, centres, score, diam, classify_rois(classify, volume, centres, settings)
 
 
@@ -485,7 +487,7 @@ def _export_method(run) -> dict:
                 "subcases": int(y.subcases), "roi_size_zyx": list(cfg.data.patch_size_zyx),
                 "threshold": float(seg_cfg.task.threshold), "lung_only": bool(y.lung_only),
                 "min_voxels": int(y.min_nodule_voxels), "max_nodules": int(y.max_nodules),
-                "batch": int(run.spec["batch"])}
+                "nodule_score": str(y.nodule_score), "batch": int(run.spec["batch"])}
     model = train_lib.build_model(cfg).clone(conv_impl="xla")
     task = train_lib.build_task(cfg)
     return stages.export_stage(run, make_predict_fn(model, task, spatial_dims=3),

@@ -690,33 +690,52 @@ def axial_disc_diameter_mm(mask: np.ndarray, spacing_zyx) -> float:
     return float(2.0 * np.sqrt(area * float(spacing_zyx[1]) * float(spacing_zyx[2]) / np.pi))
 
 
+# A component's score (``nodule_components``): its peak probability, its mean
+# probability, or its expected volume V = sum of probabilities x voxel volume, as
+# V / (V + NODULE_SCORE_HALF_MM3) (a 5 mm ball's volume scores 0.5).
+NODULE_SCORES = ("peak", "mean", "volume")
+NODULE_SCORE_HALF_MM3 = float(np.pi / 6 * 5.0 ** 3)
+
+
 def nodule_components(prob: np.ndarray, spacing_zyx, *, threshold: float = 0.5,
-                      min_voxels: int = 1, max_nodules: int = 100):
+                      min_voxels: int = 1, max_nodules: int = 100, score: str = "peak"):
     """Nodules of a probability volume: connected components (26-neighbourhood) of
     ``prob >= threshold`` with at least ``min_voxels`` voxels, the ``max_nodules`` of
-    highest peak probability.
+    highest ``score`` (``NODULE_SCORES``: a segmenter's peak probability saturates near 1
+    on most components, which leaves a FROC little to rank by).
 
     Args:
       prob: (D, H, W) float probability; spacing_zyx: its voxel size (mm).
+      score: "peak" | "mean" | "volume" (``NODULE_SCORES``).
 
     Returns:
       (mask (D, H, W) uint8 of the kept components, centres (K, 3) float64 voxel
-      centroids, score (K,) float64 peak probability, diameter_mm (K,) float64 the
-      diameter of a disc of the component's largest axial area), ordered by score.
+      centroids, score (K,) float64 in [0, 1], diameter_mm (K,) float64 the diameter of a
+      disc of the component's largest axial area), ordered by score.
     """
     from scipy import ndimage
 
+    if score not in NODULE_SCORES:
+        raise ValueError(f"nodule score {score!r}: one of {', '.join(NODULE_SCORES)}")
     fg = prob >= threshold
     labels, n = ndimage.label(fg, np.ones((3, 3, 3), bool))
     if n == 0:
         return (np.zeros(prob.shape, np.uint8), np.zeros((0, 3)), np.zeros(0), np.zeros(0))
     idx = np.arange(1, n + 1)
     size = ndimage.sum_labels(fg, labels, idx)
-    peak = ndimage.maximum(prob, labels, idx)
+    if score == "peak":
+        value = ndimage.maximum(prob, labels, idx)
+    else:
+        mass = ndimage.sum_labels(prob.astype(np.float64), labels, idx)
+        if score == "mean":
+            value = mass / size
+        else:
+            volume = mass * float(np.prod(np.asarray(spacing_zyx, np.float64)))
+            value = volume / (volume + NODULE_SCORE_HALF_MM3)
     keep = idx[size >= min_voxels]
-    keep = keep[np.argsort(-peak[keep - 1], kind="stable")][:max_nodules]
+    keep = keep[np.argsort(-value[keep - 1], kind="stable")][:max_nodules]
     centres = np.asarray(ndimage.center_of_mass(fg, labels, keep), np.float64).reshape(-1, 3)
     boxes = ndimage.find_objects(labels)
     diam = [axial_disc_diameter_mm(labels[boxes[lab - 1]] == lab, spacing_zyx) for lab in keep]
     mask = np.isin(labels, keep).astype(np.uint8)
-    return mask, centres, peak[keep - 1].astype(np.float64), np.asarray(diam, np.float64)
+    return mask, centres, np.asarray(value[keep - 1], np.float64), np.asarray(diam, np.float64)
