@@ -120,6 +120,31 @@ def test_tuning_off_or_out_of_time_keeps_the_shipped_plans(tuning, capsys, monke
         conv_select.tune_seconds()
 
 
+def test_the_shipped_plan_is_measured_and_kept_unless_twice_as_slow(tuning, monkeypatch):
+    """A run tuning layer by layer must not hand one layer's winner on as the next one's
+    only plan to beat: the shipped table's plan is always a candidate, and it stays unless
+    another takes at most half its time."""
+    key = conv_select.ConvKey("conv", 6, (16, 32, 32), 8, 8, (3, 3, 3), (1, 1, 1), (1, 1, 1),
+                              ((1, 1),) * 3, "float32")
+    shipped = conv_select.lookup(key, measured=False)[0]
+    names = conv_tune.candidates(key, None, "matmul", None)
+    assert shipped in names and shipped != "matmul"
+    timed = []  # the candidate each compiled function stands for, in order
+
+    def timed_fn(key, name):
+        timed.append(name)
+        return lambda x, w, g: x.sum()  # compiles in no time; the timing is mocked
+
+    monkeypatch.setattr(conv_tune, "_timed_fn", timed_fn)
+    monkeypatch.setattr(conv_tune, "_estimate_ms", lambda *a: 0.0)
+    for faster, want in ((0.6, shipped), (0.4, "matmul")):
+        times = {shipped: 10.0, "matmul": 10.0 * faster, "xla": 50.0}
+        monkeypatch.setattr(conv_tune, "_median_ms",
+                            lambda *a, t=times: t.get(timed[-1], 99.0))
+        out = conv_tune.tune_bounded(key, None, "matmul", 60.0, None)
+        assert shipped in out["ms"] and out["best"] == want, (faster, out)
+
+
 def test_a_shape_too_large_for_its_time_is_not_measured():
     # dou2017's conv2 on a whole 300^3 scan: ~1.2 TFLOP per pass, no time to measure it
     # in a second (and nothing is allocated to find that out).

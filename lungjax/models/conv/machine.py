@@ -78,10 +78,17 @@ def _static() -> dict:
             "jax": jax.__version__, "jaxlib": jaxlib.__version__}
 
 
+# The rules a cache's plans were chosen by: a new number starts a new cache file, so
+# plans chosen by older rules are not trusted. 2: the shipped plan is always measured and
+# kept unless twice as slow (lungjax.models.conv.tune.SHIPPED_MARGIN).
+TUNING_RULES = 2
+
+
 def fingerprint() -> dict:
     """This process's machine fingerprint (JSON-able dict of strings and ints)."""
     heap = "keep" if conv_malloc.is_kept() else "default"
-    return {**_static(), "malloc": heap + ("+thp" if conv_malloc.huge_pages_on() else "")}
+    return {**_static(), "malloc": heap + ("+thp" if conv_malloc.huge_pages_on() else ""),
+            "tuning_rules": TUNING_RULES}
 
 
 def fingerprint_id(fp: dict | None = None) -> str:

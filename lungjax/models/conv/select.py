@@ -297,8 +297,9 @@ def _train_key(key: ConvKey) -> ConvKey:
     return dataclasses.replace(key, mode="train")
 
 
-def lookup(key: ConvKey) -> tuple[str, str]:
-    """Best known formulation for ``key``: (impl, how).
+def lookup(key: ConvKey, measured: bool = True) -> tuple[str, str]:
+    """Best known formulation for ``key``: (impl, how); ``measured=False`` reads the
+    shipped table alone (what runs where nothing is measured).
 
     how: "tuned" (measured on this machine, ``read_cache``; a forward-only key also takes
     a similar measured shape), "skipped" (a first-use tuning found no time to measure two
@@ -307,7 +308,7 @@ def lookup(key: ConvKey) -> tuple[str, str]:
     "nearest" (the shipped or measured entry of the nearest shape whose plan can run this
     layer) or "default" (no entry of this kind).
     """
-    cache = _cache()
+    cache = _cache() if measured else {}
     if key in cache:
         return cache[key]["best"], "tuned" if cache[key]["ms"] else "skipped"
     if key.mode == "forward":
