@@ -571,10 +571,11 @@ def mask_at_cells(mask: np.ndarray, mapping: OutputMapping,
     """(D', H', W') bool: ``mask`` ((D, H, W), e.g. a lung mask) at the input voxel each
     output cell speaks for (nearest voxel, clipped into the volume)."""
     mask = np.asarray(mask)
-    index = []
-    for a, n in enumerate(cells_shape):
-        v = np.rint(mapping.offset_zyx[a] + mapping.stride_zyx[a] * np.arange(n))
-        index.append(np.clip(v, 0, mask.shape[a] - 1).astype(np.int64))
+    # Cell k of every axis at once: voxel (z, y, x) of the diagonal cell (k, k, k).
+    diagonal = np.arange(max(cells_shape))[:, None].repeat(len(cells_shape), axis=1)
+    voxels = np.rint(mapping.cells_to_voxels(diagonal))
+    index = [np.clip(voxels[:n, a], 0, mask.shape[a] - 1).astype(np.int64)
+             for a, n in enumerate(cells_shape)]
     return mask[np.ix_(*index)] > 0
 
 
