@@ -53,7 +53,8 @@ Variants (``:arg``):
   * ``tiny``: seconds on CPU (generated "tiny" data, minute widths), used by the tests.
 
 ``arg`` may also carry ``key=value`` pairs after a comma, e.g. ``:tiny,fold=3``
-(``fold``, ``steps`` = U-Net steps, ``steps2`` = classifier steps).
+(``fold``, ``steps`` = U-Net steps, ``steps2`` = classifier steps, ``score`` = how the
+``find`` stage alone scores its marks: peak | mean | volume).
 
 ``--mode=cv`` runs ``cv.folds`` with the paper's comparison classifiers as
 ``cv.variants`` (``fc_net``, ``encoder_decoder_fc``, ``resnet50``, ``vgg16``,
@@ -272,7 +273,17 @@ def get_config(arg: str | None = None):
             c.train.num_steps = int(v)
         elif k == "steps2":
             s2.train.num_steps = int(v)
+        elif k == "score":
+            # The find stage alone scores its marks so: with --restart on a finished run,
+            # only `find` runs again (a run-level screening.nodule_score is in every
+            # stage's config, so the U-Net would train again).
+            from lungjax.tasks.screening import NODULE_SCORES
+
+            if v not in NODULE_SCORES:
+                raise ValueError(f"configs/shrey2020.py: score={v!r}: one of "
+                                 f"{' | '.join(NODULE_SCORES)}")
+            c.stages.find.sections = {"screening": {"nodule_score": v}}
         else:
             raise ValueError(f"configs/shrey2020.py: unknown config arg {k!r} "
-                             "(fold | steps | steps2)")
+                             "(fold | steps | steps2 | score)")
     return c

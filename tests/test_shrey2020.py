@@ -218,6 +218,19 @@ def test_configs_build_and_variants_share_the_unet(arg):
         load_config("configs/shrey2020.py", "tiny,bogus=1")
 
 
+def test_score_arg_changes_the_find_stage_alone():
+    """``:score=mean`` rescoring a finished run with --restart reruns `find` only."""
+    c = load_config("configs/shrey2020.py", "tiny")
+    m = load_config("configs/shrey2020.py", "tiny,score=mean")
+    cs, ms = dict(stages.stage_specs(c)), dict(stages.stage_specs(m))
+    for s in ("unet", "screen", "classify"):
+        assert stages.fingerprint(m, s, ms) == stages.fingerprint(c, s, cs)
+    assert stages.fingerprint(m, "find", ms) != stages.fingerprint(c, "find", cs)
+    assert method.find_settings(stages.stage_config(m, "find", ms["find"])).score == "mean"
+    with pytest.raises(ValueError, match=r"score='max': one of peak \| mean \| volume"):
+        load_config("configs/shrey2020.py", "tiny,score=max")
+
+
 @pytest.mark.parametrize("path", BASELINE_FILES, ids=lambda p: p.stem)
 def test_baseline_configs_replace_only_the_classifier(path):
     c = load_config(path.relative_to(ROOT), "tiny")
