@@ -5,6 +5,10 @@ an interrupted write leaves the previous file intact.
 ``atomic_path`` is the one place that does the temp + rename; the ``atomic_write_*``
 helpers are what most writers need. Writers that need a file name rather than bytes
 (``np.savez``, ``Figure.savefig``, SimpleITK) write through ``atomic_path``.
+
+A target that is a ``gs://`` / ``s3://`` URL (``lungjax.fileio``) is written to a local
+temporary file and uploaded as one object when the block ends: an object store shows an
+object only once its upload is complete, which is the same guarantee.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import tempfile
 from typing import Iterator
 
 import numpy as np
+
+from lungjax import fileio
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_npz",
            "atomic_write_text"]
@@ -40,6 +46,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
       The temporary file's path (str); it exists, empty, when the block starts.
     """
     path = os.fspath(path)
+    if fileio.is_url(path):
+        with _upload_on_exit(path) as tmp:
+            yield tmp
+        return
+    path = fileio.local_path(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
@@ -53,8 +64,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
             os.unlink(tmp)
 
 
+@contextlib.contextmanager
+def _upload_on_exit(url: str) -> Iterator[str]:
+    """``atomic_path`` for a URL: a local temporary file, uploaded whole on a clean exit."""
+    fs, key = fileio.url_filesystem(url)  # fails before the block on a bad URL
+    with tempfile.TemporaryDirectory(prefix="lungjax-upload-") as d:
+        tmp = os.path.join(d, ".tmp-" + os.path.basename(url))
+        open(tmp, "wb").close()
+        yield tmp
+        fs.put_file(tmp, key)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Writes ``data`` to ``path`` atomically, synced to disk before the rename."""
+    if fileio.is_url(path):
+        fs, key = fileio.url_filesystem(os.fspath(path))
+        fs.pipe_file(key, data)  # one upload: the object appears whole or not at all
+        return
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
         f.flush()

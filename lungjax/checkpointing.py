@@ -28,6 +28,24 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lungjax import fileio
+
+
+def checkpoint_path(directory: str | os.PathLike) -> str:
+    """The checkpoint folder as Orbax takes it: a local path made absolute, or a
+    ``gs://`` URL.
+
+    Raises:
+      ValueError: an ``s3://`` URL; this Orbax version builds checkpoint paths for local
+        folders and ``gs://`` only (it reads ``s3://bucket`` as a relative path).
+    """
+    directory = fileio.abspath(directory)
+    if fileio.is_url(directory) and not directory.startswith("gs://"):
+        raise ValueError(f"{directory}: orbax-checkpoint {ocp.__version__} writes checkpoints "
+                         "to local or shared folders and gs:// only; give the run folder "
+                         "(--workdir) there (the patch store may stay on s3://)")
+    return directory
+
 
 class Checkpointer:
     """Save / restore the (state, data iterator, host state) triple of a run.
@@ -41,7 +59,7 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3,
                  async_save: bool = True):
-        self.directory = os.path.abspath(os.fspath(directory))
+        self.directory = checkpoint_path(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
         self._mngr = ocp.CheckpointManager(
@@ -158,7 +176,7 @@ def restore_params(directory: str | os.PathLike, step: int | None = None,
     Returns:
       ``{"params": ..., "model_state": ..., "step": int, "network": str}``.
     """
-    directory = os.path.abspath(os.fspath(directory))
+    directory = checkpoint_path(directory)
     with ocp.CheckpointManager(directory, item_handlers={
             "state": ocp.StandardCheckpointHandler()}) as mngr:
         step = mngr.latest_step() if step is None else step

@@ -33,6 +33,8 @@ import sys
 import time
 from typing import Sequence
 
+from lungjax import fileio
+
 LAUNCHERS = ("slurm", "k8s", "local")
 # The steps of a cross-validation (lungjax.stages.cross_validate), what the jobs run.
 CV_STEPS = ("all", "prepare", "folds", "report")
@@ -129,8 +131,10 @@ def write_k8s(out_dir: str, argv: Sequence[str], folds: Sequence[int], *, name: 
 
     os.makedirs(out_dir, exist_ok=True)
     folds = [int(k) for k in folds]
-    mounts = [{"name": "shared", "mountPath": os.path.abspath(workdir), "subPath": "run"},
-              {"name": "shared", "mountPath": os.path.abspath(cache_dir), "subPath": "data"}]
+    mounts = [{"name": "shared", "mountPath": os.path.abspath(cache_dir), "subPath": "data"}]
+    if not fileio.is_url(workdir):  # a gs:// run folder needs no volume
+        mounts.insert(0, {"name": "shared", "mountPath": os.path.abspath(workdir),
+                          "subPath": "run"})
     job_name = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:40]
 
     def job(step: str, command: str, completions: int = 1, depends: str = "") -> dict:
@@ -214,7 +218,10 @@ def launch(kind: str, argv: Sequence[str], config, workdir: str, *, parallel: in
         raise ValueError(f"--cv_launch={kind!r}: expected one of {LAUNCHERS}")
     folds = stages.cv_folds(config)
     argv = base_args(argv, workdir)
-    out = os.path.join(workdir, "cv_launch", kind)
+    # The scheduler's files and the local folds' logs are local files even when the
+    # run folder is a bucket (sbatch and kubectl read local files).
+    out = os.path.join(os.path.abspath("cv_launch") if fileio.is_url(workdir)
+                       else os.path.join(workdir, "cv_launch"), kind)
     if kind == "slurm":
         files = write_slurm(out, argv, folds, name=config.name, nodes=nodes)
         print(f"cv: SLURM scripts for {len(folds)} folds in {out}; submit with "

@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from scipy import special
 
+from lungjax import fileio
 from lungjax.data.coords import Geometry, within_sphere
 from lungjax.data.tables import Findings, Marks, write_marks_csv
 from lungjax.tasks.screening import (Candidates, OutputMapping, candidates_from_scores,
@@ -578,15 +579,15 @@ def read_method_stages(export_dir: str) -> list[dict]:
     import json
 
     path = os.path.join(export_dir, METHOD_JSON)
-    if not os.path.isfile(path):
+    if not fileio.isfile(path):
         raise FileNotFoundError(f"{export_dir}: no {METHOD_JSON}; pass the folder "
                                 "--mode=export printed")
-    with open(path, encoding="utf-8") as f:
+    with fileio.open_file(path, encoding="utf-8") as f:
         stages = json.load(f)["stages"]
     if not stages:
         raise ValueError(f"{path}: no exported stage")
     for st in stages:
-        if not os.path.isfile(os.path.join(export_dir, st["dir"], "export.json")):
+        if not fileio.isfile(os.path.join(export_dir, st["dir"], "export.json")):
             raise FileNotFoundError(f"{export_dir}: the export lacks stage {st['name']!r} "
                                     f"({st['dir']}/export.json); run --mode=export again")
     return stages
@@ -615,7 +616,7 @@ def load_method(export_dir: str | os.PathLike, changes: Mapping[str, Any] | None
     export_dir = os.fspath(export_dir)
     changes = dict(changes or {})
     path = os.path.join(export_dir, METHOD_JSON)
-    if not os.path.isfile(path):  # a single exported screening network
+    if not fileio.isfile(path):  # a single exported screening network
         find, sidecar, _ = _screening(export_dir, changes)
         return ExportedMethod(sidecar.get("preprocessing", sidecar), find, "screening",
                               SCREEN_MAPS)
@@ -623,13 +624,13 @@ def load_method(export_dir: str | os.PathLike, changes: Mapping[str, Any] | None
     final = stages[-1]
     sub = os.path.join(export_dir, final["dir"])
     if final["kind"] in EXPORTED_METHODS:
-        with open(os.path.join(sub, "export.json"), encoding="utf-8") as f:
+        with fileio.open_file(os.path.join(sub, "export.json"), encoding="utf-8") as f:
             sidecar = json.load(f)
         return ExportedMethod(sidecar["preprocessing"],
                               EXPORTED_METHODS.get(final["kind"]).load(sub),
                               f"{final['name']} ({final['kind']})")
     if final["kind"] == "detect":
-        with open(os.path.join(sub, "export.json"), encoding="utf-8") as f:
+        with fileio.open_file(os.path.join(sub, "export.json"), encoding="utf-8") as f:
             sidecar = json.load(f)
         detector = sidecar["detection"]["detector"]
         maps: tuple[str, ...] = ()
@@ -841,7 +842,7 @@ def _setup(args) -> tuple[ExportedMethod, list[str]]:
         changes["lung_only"] = True
     if args.tile:
         changes["tile_zyx"] = tuple(int(v) for v in args.tile.split(","))
-    if os.path.isfile(args.out):
+    if fileio.isfile(args.out):
         raise ValueError(f"--out {args.out}: a file; --out is the output folder")
     scans = expand_scans(args.scan)
     method = load_method(args.model, changes)
@@ -870,9 +871,9 @@ def _run_scans(method: ExportedMethod, scans: Sequence[str], args) -> int:
     from lungjax.atomic import atomic_write_json
 
     out = args.out
-    os.makedirs(os.path.join(out, "scans"), exist_ok=True)
+    fileio.makedirs(os.path.join(out, "scans"))
     print(f"method: {method.description}; {len(scans)} scan(s) -> {out}", flush=True)
-    record: dict[str, Any] = {"model": os.path.abspath(args.model),
+    record: dict[str, Any] = {"model": fileio.abspath(args.model),
                               "method": method.description, "scans": {}, "failed": {}}
     parts, diameters, columns = [], [], []
     bar = tqdm(scans, unit="scan", desc="predict", disable=len(scans) < 2)
@@ -966,7 +967,7 @@ def write_masks(folder: str, uid: str, info: Mapping[str, Any], key: str = "mask
     grid, shape = info["scan_grid"]
     paths = {}
     for name, (array, geometry) in info.get(key, {}).items():
-        os.makedirs(folder, exist_ok=True)
+        fileio.makedirs(folder)
         if key == "masks":
             on_scan = resample_to(np.asarray(array, np.uint8), geometry, grid, shape,
                                   nearest=True)

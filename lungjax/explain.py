@@ -23,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+from lungjax import fileio
 from lungjax.atomic import atomic_write_bytes
 
 
@@ -88,7 +89,7 @@ def explain_scan(model_dir: str, scan: str, out: str, *, top: int = 6, n_masks: 
     maps = np.stack([rise_saliency(method.classify, p, n_masks=n_masks, grid=grid, seed=seed)
                      for p in patches]) if len(order) else np.zeros((0,) + patches.shape[1:])
     world = voxel_to_world(centres[order], geometry).reshape(-1, 3)
-    os.makedirs(out, exist_ok=True)
+    fileio.makedirs(out)
     png, npz = (os.path.join(out, f"{uid}_rise{ext}") for ext in (".png", ".npz"))
     plot_saliency(patches, maps, prob[order], world, png,
                   f"{uid}: RISE saliency of the top {len(order)} patches ({n_masks} masks, "

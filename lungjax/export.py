@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
+from lungjax import fileio
 from lungjax.atomic import atomic_write_bytes, atomic_write_text
 
 FORMAT_VERSION = 1
@@ -81,7 +82,7 @@ def export_predictor(out_dir: str, predict_fn: Callable, variables: Any,
                      "lungjax": _lungjax_version()},
         **metadata,
     }
-    os.makedirs(out_dir, exist_ok=True)
+    fileio.makedirs(out_dir)
     atomic_write_bytes(os.path.join(out_dir, "params.msgpack"),
                         serialization.msgpack_serialize(variables))
     atomic_write_bytes(os.path.join(out_dir, "predict.jax"), exported.serialize())
@@ -141,9 +142,9 @@ def load_predictor(export_dir: str) -> tuple[Callable[[np.ndarray], np.ndarray],
       sidecar's preprocessing and returns the exported probabilities as numpy.
     """
     for name in ("params.msgpack", "predict.jax", "export.json"):
-        if not os.path.isfile(os.path.join(export_dir, name)):
+        if not fileio.isfile(os.path.join(export_dir, name)):
             raise FileNotFoundError(f"export directory {export_dir} lacks {name}")
-    with open(os.path.join(export_dir, "export.json"), encoding="utf-8") as f:
+    with fileio.open_file(os.path.join(export_dir, "export.json"), encoding="utf-8") as f:
         sidecar = json.load(f)
     if sidecar.get("format_version") != FORMAT_VERSION:
         theirs = sidecar.get("versions", {}).get("lungjax", "unknown")
@@ -151,9 +152,9 @@ def load_predictor(export_dir: str) -> tuple[Callable[[np.ndarray], np.ndarray],
                          f"{sidecar.get('format_version')}); this is lungjax "
                          f"{_lungjax_version()} (format {FORMAT_VERSION}): export the model "
                          "again with this version")
-    with open(os.path.join(export_dir, "params.msgpack"), "rb") as f:
+    with fileio.open_file(os.path.join(export_dir, "params.msgpack"), "rb") as f:
         variables = serialization.msgpack_restore(f.read())
-    with open(os.path.join(export_dir, "predict.jax"), "rb") as f:
+    with fileio.open_file(os.path.join(export_dir, "predict.jax"), "rb") as f:
         exported = jax.export.deserialize(bytearray(f.read()))
 
     def predict(image):

@@ -7,6 +7,10 @@ as TensorBoard summaries under ``<workdir>/tb/<split>/``. Only process 0 writes.
 A stage with several networks logs each network's training metrics as
 ``"<network>/<name>"`` (e.g. "segmenter/loss"; TensorBoard groups them by network);
 ``network_rows`` gives one network's view of a log.
+
+A run folder on an object store (``gs://``, ``s3://``) cannot be appended to: the log and
+the event files are kept in a local folder and uploaded whole at most every
+``UPLOAD_SECONDS`` and when the writer closes.
 """
 
 from __future__ import annotations
@@ -14,12 +18,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from typing import Iterable, Mapping
 
 import numpy as np
 
+from lungjax import fileio
+
 METRICS_JSONL = "metrics.jsonl"  # a run directory's metric log (read by learning curves)
+UPLOAD_SECONDS = 30.0  # a URL run folder's log is at most this much behind
 
 
 def banner(title: str, width: int = 72) -> str:
@@ -51,17 +60,42 @@ class MetricWriter:
         self._tb = {}
         self._use_tb = tensorboard
         self._jsonl = None
+        # Where the files are written: the run folder, or a local stand-in for a URL.
+        self._local = self.workdir
+        self._staged = fileio.is_url(self.workdir)
+        self._uploaded = 0.0
         if enabled:
-            os.makedirs(self.workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(self.workdir, METRICS_JSONL), "a",
+            if self._staged:
+                self._local = tempfile.mkdtemp(prefix="lungjax-metrics-")
+                remote = os.path.join(self.workdir, METRICS_JSONL)
+                if fileio.isfile(remote):  # a resumed run appends to its log
+                    with fileio.open_file(remote, "rb") as src, \
+                            open(os.path.join(self._local, METRICS_JSONL), "wb") as dst:
+                        dst.write(src.read())
+            os.makedirs(self._local, exist_ok=True)
+            self._jsonl = open(os.path.join(self._local, METRICS_JSONL), "a",
                                encoding="utf-8")
 
     def _tb_writer(self, split: str):
         if split not in self._tb:
             from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-            self._tb[split] = EventFileWriter(os.path.join(self.workdir, "tb", split))
+            self._tb[split] = EventFileWriter(os.path.join(self._local, "tb", split))
         return self._tb[split]
+
+    def _upload(self, force: bool = False) -> None:
+        """A URL run folder: the local log and event files uploaded over their copies."""
+        if not self._staged or (not force and time.time() - self._uploaded < UPLOAD_SECONDS):
+            return
+        from lungjax.atomic import atomic_write_bytes
+
+        for root, _, files in os.walk(self._local):
+            for n in files:
+                p = os.path.join(root, n)
+                with open(p, "rb") as f:
+                    atomic_write_bytes(os.path.join(
+                        self.workdir, os.path.relpath(p, self._local)), f.read())
+        self._uploaded = time.time()
 
     def write(self, step: int, scalars: Mapping[str, float], split: str = "train") -> None:
         """Writes scalars for ``step``; non-finite values are kept in JSON as strings."""
@@ -81,6 +115,7 @@ class MetricWriter:
             w = self._tb_writer(split)
             w.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
             w.flush()
+        self._upload()
 
     def close(self) -> None:
         if self._jsonl is not None:
@@ -89,6 +124,10 @@ class MetricWriter:
         for w in self._tb.values():
             w.close()
         self._tb = {}
+        if self._staged and self.enabled:
+            self._upload(force=True)
+            shutil.rmtree(self._local, ignore_errors=True)
+            self._staged = False
 
     def __enter__(self):
         return self
@@ -101,7 +140,7 @@ class MetricWriter:
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Reads a ``metrics.jsonl`` file; a torn last line (killed writer) is skipped."""
     out = []
-    with open(path, encoding="utf-8") as f:
+    with fileio.open_file(path, encoding="utf-8") as f:
         for line in f:
             line = line.strip()
             if not line:

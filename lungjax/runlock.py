@@ -21,6 +21,8 @@ import time
 import warnings
 from typing import Iterator
 
+from lungjax import fileio
+
 LOCK_NAME = ".lungjax.lock"
 
 
@@ -48,6 +50,13 @@ def run_folder_lock(folder: str | os.PathLike, *, process_index: int = 0,
         yield None
         return
     folder = os.fspath(folder)
+    if fileio.is_url(folder):
+        # Object stores have no advisory locks; a lock object could not be told from one
+        # a killed run left behind.
+        warnings.warn(f"{folder}: an object store cannot lock the run folder; two runs on "
+                      "it would not be stopped", stacklevel=3)
+        yield None
+        return
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, LOCK_NAME)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

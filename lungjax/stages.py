@@ -44,6 +44,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
+from lungjax import fileio
 from lungjax import train as train_lib
 from lungjax.atomic import atomic_write_json
 from lungjax.configcheck import OPEN_SECTIONS, as_dict
@@ -288,11 +289,11 @@ def _check_or_restart(d: str, name: str, computed: dict, restart: bool) -> bool:
 def _has_results(d: str) -> bool:
     """Whether stage folder ``d`` holds anything computed besides its recorded config (a
     stage that failed before computing anything, e.g. on a bad patch size, does not)."""
-    for n in os.listdir(d):
+    for n in fileio.listdir(d):
         p = os.path.join(d, n)
-        if n == STAGE_CONFIG or (os.path.isdir(p) and not os.listdir(p)):
+        if n == STAGE_CONFIG or (fileio.isdir(p) and not fileio.listdir(p)):
             continue
-        if n == "checkpoints" and not any(c.isdigit() for c in os.listdir(p)):
+        if n == "checkpoints" and not any(c.isdigit() for c in fileio.listdir(p)):
             continue
         return True
     return False
@@ -301,7 +302,7 @@ def _has_results(d: str) -> bool:
 def _move_aside(d: str) -> str:
     aside = f"{d}.old-{time.strftime('%Y%m%d-%H%M%S')}"
     if jax.process_index() == 0:
-        os.replace(d, aside)
+        fileio.move(d, aside)
     print(f"--restart: {d} moved to {aside}", flush=True)
     return aside
 
@@ -356,9 +357,9 @@ class StageRun:
 
 
 def read_json(path: str) -> dict | None:
-    if not os.path.isfile(path):
+    if not fileio.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
+    with fileio.open_file(path, encoding="utf-8") as f:
         return json.load(f)
 
 
@@ -424,7 +425,7 @@ def run_stages(ctx: FoldContext, config, base_dir: str, *, until: str = "",
             d = os.path.join(base_dir, name)
             path = os.path.join(d, STAGE_RECORD)
             computed = computed_from(config, name, by_name)
-            if os.path.isdir(d) and (restarted or _check_or_restart(d, name, computed,
+            if fileio.isdir(d) and (restarted or _check_or_restart(d, name, computed,
                                                                     restart)):
                 _move_aside(d)
                 restarted = True
@@ -441,7 +442,7 @@ def run_stages(ctx: FoldContext, config, base_dir: str, *, until: str = "",
                 run = StageRun(name, spec, configs[name], d, ctx, dirs, records, configs,
                                needs_train_candidates=any(
                                    s["hard_negatives_from"] == name for _, s in later))
-                os.makedirs(d, exist_ok=True)
+                fileio.makedirs(d)
                 write_json(os.path.join(d, STAGE_CONFIG), computed)
                 banner(f"stage {name} ({spec['kind']}): fold {ctx.config.data.fold}")
                 rec = STAGES.get(spec["kind"])(run)
@@ -691,7 +692,7 @@ def export(config, workdir: str) -> dict:
             continue
         net = spec["network"]
         run_dir = os.path.join(workdir, net)
-        if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
+        if not fileio.isdir(os.path.join(run_dir, "checkpoints")):
             raise FileNotFoundError(f"{run_dir}: stage {net!r} has no checkpoints; run "
                                     "--mode=train first")
         # What the stage takes from, as run_stages gives it: folders and configs.
@@ -829,7 +830,7 @@ def evaluate_marks(run: StageRun, marks, diameters, seconds: Mapping[str, Mappin
     from lungjax.detect import write_submission
 
     out_dir = os.path.join(run.dir, "eval")
-    os.makedirs(out_dir, exist_ok=True)
+    fileio.makedirs(out_dir)
     sub = os.path.join(out_dir, "submission.csv")
     if jax.process_index() == 0:
         write_submission(sub, marks, diameters)

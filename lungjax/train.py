@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lungjax import fileio
 from lungjax import sharding as shd
 from lungjax.checkpointing import Checkpointer, PreemptionGuard, restore_params
 from lungjax.configcheck import ConfigError, as_dict, check_declared, check_values
@@ -315,7 +316,7 @@ def train_and_evaluate(config, workdir: str, data=None, mesh=None,
       "preempted" (bool) and "state" (the final ``TrainStates``).
     """
     primary = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
+    fileio.makedirs(workdir)
     banner(f"setup: {config.name} in {workdir}")
     if primary:
         _write_config(config, workdir)

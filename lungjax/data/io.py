@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from lungjax import fileio
 from lungjax.data.coords import Geometry
 
 METAIMAGE_SUFFIXES = (".mhd", ".mha")
@@ -433,6 +434,15 @@ def write_scan(path: str | os.PathLike, array_zyx: np.ndarray, geometry: Geometr
         array_zyx = array_zyx.astype(np.uint8)
     image = sitk.GetImageFromArray(np.ascontiguousarray(array_zyx))
     geometry.apply_to_sitk(image)
+    if fileio.is_url(path):  # written here, then uploaded: data file(s) first, header last
+        fs, key = fileio.url_filesystem(path)
+        with tempfile.TemporaryDirectory(prefix="lungjax-upload-") as tmp_dir:
+            name = os.path.basename(key)
+            sitk.WriteImage(image, os.path.join(tmp_dir, name), useCompression=compress)
+            for n in sorted(os.listdir(tmp_dir), key=lambda n: n == name):
+                fs.put_file(os.path.join(tmp_dir, n), os.path.join(os.path.dirname(key), n))
+        return
+    path = fileio.local_path(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp_dir = tempfile.mkdtemp(dir=directory, prefix=".tmp-write-")

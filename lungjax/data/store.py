@@ -43,6 +43,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import tensorstore as ts
 
+from lungjax import fileio
 from lungjax.atomic import atomic_write_text
 from lungjax.data.coords import Geometry, voxel_to_world
 from lungjax.data.preprocess import uint8_to_unit
@@ -93,19 +94,27 @@ def kvstore_spec(path_or_url: str | os.PathLike, subpath: str = "") -> dict:
         bucket, _, prefix = rest.partition("/")
         prefix = prefix.strip("/")
         path = (prefix + "/" if prefix else "") + subpath
-        return {"driver": "gcs" if scheme == "gs" else "s3", "bucket": bucket, "path": path}
+        spec = {"driver": "gcs" if scheme == "gs" else "s3", "bucket": bucket, "path": path}
+        if scheme == "s3":
+            # An S3-compatible server (MinIO, Ceph, a test double), named the way the AWS
+            # tools name it, goes into the spec: without it tensorstore asks AWS for the
+            # bucket's region and waits.
+            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+            if endpoint:
+                spec["endpoint"] = endpoint
+            if region:
+                spec["aws_region"] = region
+        return spec
     raise StoreError(f"{url}: unsupported store URL scheme {scheme!r} "
                      "(use a local path, file://, gs://, s3:// or memory://)")
 
 
 def _is_local(path_or_url) -> bool:
-    url = os.fspath(path_or_url)
-    return re.match(r"^[a-z0-9]+://", url) is None or url.startswith("file://")
+    return not fileio.is_url(path_or_url)
 
 
-def _local_path(path_or_url) -> str:
-    url = os.fspath(path_or_url)
-    return "/" + url[len("file://"):].lstrip("/") if url.startswith("file://") else url
+_local_path = fileio.local_path
 
 
 def check_uid(uid: str) -> str:

@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from lungjax import fileio
 from lungjax.data import io
 from lungjax.data.coords import voxel_to_world
 from lungjax.data.tables import Marks
@@ -130,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lungjax.data.luna16 import Luna16Dataset
     from lungjax.atomic import atomic_write_json
 
-    if not os.path.isdir(args.data):
+    if not fileio.isdir(args.data):
         print(f"--data {args.data}: not a directory", file=sys.stderr)
         return 2
     folds = [int(f) for f in args.folds.split(",") if f.strip()]
@@ -147,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"best: CPM {b['cpm']:.4f} (95% CI {lo:.3f}-{hi:.3f}) at {b['threshold_hu']:+.0f} HU, "
           f"score {b['score']}")
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
+        fileio.makedirs(args.out)
         atomic_write_json(os.path.join(args.out, "blob_baseline.json"), res)
     return 0
 

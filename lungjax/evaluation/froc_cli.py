@@ -24,6 +24,7 @@ import warnings
 
 import numpy as np
 
+from lungjax import fileio
 from lungjax.atomic import atomic_write_text
 from lungjax.data.tables import (TableError, read_findings_csv, read_marks_csv, read_uid_list,
                                  write_findings_csv)
@@ -47,7 +48,7 @@ def write_outputs(result: FrocResult, out_dir: str | os.PathLike, *, name: str =
     from lungjax.evaluation.plots import plot_froc  # matplotlib only when writing figures
 
     out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    fileio.makedirs(out_dir)
     paths = {k: os.path.join(out_dir, f) for k, f in (
         ("summary_txt", "summary.txt"), ("summary_json", "summary.json"),
         ("froc_png", "froc.png"), ("froc_curve_csv", "froc_curve.csv"),

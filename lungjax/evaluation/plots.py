@@ -15,6 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedFormatter, FixedLocator, MaxNLocator
 
+from lungjax import fileio
 from lungjax.atomic import atomic_path
 from lungjax.evaluation.froc import FP_RATES, FROC_MAX_X, FROC_MIN_X, FrocResult
 from lungjax.metrics_log import METRICS_JSONL, metric_series, read_jsonl
@@ -233,9 +234,9 @@ def plot_run_learning_curves(out_dir: str | os.PathLike,
     written = []
     for name, run_dir in runs.items():
         log = os.path.join(run_dir, METRICS_JSONL)
-        if not os.path.isfile(log):
+        if not fileio.isfile(log):
             continue
-        tail = os.path.join(*os.path.normpath(os.path.abspath(run_dir)).split(os.sep)[-2:])
+        tail = "/".join(fileio.abspath(run_dir).split("/")[-2:])
         path = os.path.join(out_dir, name)
         plot_learning_curve(log, path, title=f"learning curve: {tail}")
         written.append(path)

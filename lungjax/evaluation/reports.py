@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from lungjax import fileio
 from lungjax.atomic import atomic_write_text
 from lungjax.data.tables import Findings, Marks
 from lungjax.evaluation.froc import FP_RATES, FrocResult, compute_froc
@@ -270,7 +271,7 @@ def cv_report(fold_results: Sequence[Mapping[str, Any]], out_dir: str | os.PathL
     if not fold_results:
         raise ValueError("cv_report: no fold results")
     out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    fileio.makedirs(out_dir)
     summary = summarize_folds(fold_results, ddof=ddof, metrics=metrics)
     names = list(summary["metrics"])
     md = [f"# {title}", "", f"{n_folds(len(fold_results))}; mean ± std over folds "

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lungjax import fileio
 from lungjax import train as train_lib
 from lungjax.atomic import atomic_write_npz
 from lungjax.data.sampler import spread_subset
@@ -61,7 +62,7 @@ def save_candidates(path: str, cands: Mapping[str, Any], seconds: Mapping[str, d
 
 def load_candidates(path: str) -> dict[str, dict[str, np.ndarray]]:
     """``save_candidates`` file -> {uid: {"voxel_zyx", "world_xyz", "score", "seconds"}}."""
-    with np.load(path) as z:
+    with fileio.open_file(path, "rb") as f, np.load(f) as z:
         d = {k: z[k] for k in z.files}
     out = {}
     for u, sec in zip(d["scan_uid"], d["scan_seconds"]):
@@ -344,7 +345,7 @@ def screen_stage(run: StageRun) -> dict:
     for part, uids in parts:
         path = os.path.join(run.dir, f"candidates_{part}.npz")
         # A killed stage keeps the scans screened in full: screening is its largest cost.
-        if ctx.evaluate_only or not os.path.isfile(path):
+        if ctx.evaluate_only or not fileio.isfile(path):
             banner_line = f"{run.name}: screening {len(uids)} {part} scans"
             print(banner_line, flush=True)
             det = screen_scans(run.config, run.dirs[spec["network"]], ctx.store, uids,

@@ -20,6 +20,7 @@ import json
 import os
 from typing import Sequence
 
+from lungjax import fileio
 from lungjax.atomic import atomic_write_text
 from lungjax.models.fp_reduction import FCN_TRANSFER_PATHS
 from lungjax.registry import CV_REPORTS, STAGE_CONFIGS
@@ -68,7 +69,7 @@ def _screening(record: dict) -> dict[str, dict]:
     for part in [record] + list(record["variants"].values()):
         for rec in part["stages"].values():
             if "stats" in rec and "network_dir" in rec:
-                with open(os.path.join(rec["network_dir"], "config.json"),
+                with fileio.open_file(os.path.join(rec["network_dir"], "config.json"),
                           encoding="utf-8") as f:
                     osf = json.load(f)["train"]["osf"]["enabled"]
                 out["osf" if osf else "no_osf"] = rec["stats"]

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lungjax import fileio
 from lungjax.configcheck import as_dict
 from lungjax.evaluation.reports import n_folds
 from lungjax.methods.slices import classify_patches, segment_slices
@@ -303,7 +304,7 @@ def find_stage(run) -> dict:
         settings, int(cfg.data.patch_size_zyx[-1]), int(seg_model.size_multiple()))
     per_scan, labels, scores, found, marks, no_lung = {}, [], [], [], [], []
     scored = {}
-    os.makedirs(os.path.join(run.dir, "masks"), exist_ok=True)
+    fileio.makedirs(os.path.join(run.dir, "masks"))
     from tqdm import tqdm
 
     for uid in tqdm(ctx.test_uids, desc=run.name, unit="scan", disable=not run.progress):
@@ -481,7 +482,7 @@ def cv_tables(config, workdir: str, records, report: dict) -> dict:
         lines.append(f"| {k} | {v:.4f} | {cls[k]['first']:.4f} | "
                      f"{cls[k]['mean_sd'][0]:.4f} +- {cls[k]['mean_sd'][1]:.4f} |")
     out = os.path.join(workdir, "cv")
-    os.makedirs(out, exist_ok=True)
+    fileio.makedirs(out)
     tables = {"folds": [int(r["fold"]) for r in records], "segmentation": seg,
               "classifier": cls,
               "paper": {"segmentation_fold1": PAPER_SEGMENTATION,

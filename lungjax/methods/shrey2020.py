@@ -31,6 +31,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
+from lungjax import fileio
 from lungjax.atomic import atomic_write_json, atomic_write_text
 from lungjax.evaluation.reports import n_folds
 from lungjax.methods.slices import segment_slices
@@ -514,7 +515,7 @@ def write_tables(config, workdir: str, records: Sequence[dict], report: dict) ->
     proposed and baseline classifiers, then the screening rule and segmentation figures;
     returns the report plus "tables" (the Markdown) and "classifiers" (the rows)."""
     out_dir = os.path.join(workdir, "cv")
-    os.makedirs(out_dir, exist_ok=True)
+    fileio.makedirs(out_dir)
     rows = _classifier_rows(records)
     screen = _screen_rows(records)
     folds = [int(r["fold"]) for r in records]

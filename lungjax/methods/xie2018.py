@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lungjax import fileio
 from lungjax.data.pipeline import StoreTrainData
 from lungjax.data.sampler import HARD_NEG, NODULE, spread_subset
 from lungjax.registry import CV_REPORTS, DETECTORS, EXPORTED_DETECTORS, SAMPLERS
@@ -351,12 +352,12 @@ def ensemble_fold(config, members: Sequence[str], out_dir: str, uids: Sequence[s
     from lungjax.stages import restore_variables, scan_model
 
     sub = os.path.join(out_dir, "submission.csv")
-    if os.path.isfile(sub):
+    if fileio.isfile(sub):
         return read_marks_csv(sub)
     model, task = scan_model(config), train_lib.build_task(config)
     variables = [restore_variables(m)[0] for m in members]
     run = detect_scans(config, model, task, variables, store, uids, ensemble=True)
-    os.makedirs(out_dir, exist_ok=True)
+    fileio.makedirs(out_dir)
     if jax.process_index() == 0:
         write_marks_csv(sub, run.marks)
     return run.marks

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from lungjax import fileio
 from lungjax.data.dense_sampling import RoiSampler, roi_sampler
 from lungjax.data.pipeline import StoreTrainData, Targets
 from lungjax.data.sampler import (NODULE, RANDOM_NEG, SAMPLE_DTYPE, SamplerConfig,
@@ -234,7 +235,7 @@ def segment_stage(run) -> dict:
     threshold = float(cfg.task.threshold)
     per_scan, nodules = {}, []
     masks = os.path.join(run.dir, "masks")
-    os.makedirs(masks, exist_ok=True)
+    fileio.makedirs(masks)
     for uid in ctx.test_uids:
         # The store's lung mask is closed and hole-filled at preparation, so
         # juxtapleural nodules stay inside it.
@@ -589,7 +590,7 @@ def cv_tables(config, workdir: str, records: Sequence[dict], report: dict) -> di
     for name, row in table.items():
         lines.append(f"| {name} | " + " | ".join(f"{row[c]:.3f}" for c in cols) + " |")
     out = os.path.join(workdir, "cv")
-    os.makedirs(out, exist_ok=True)
+    fileio.makedirs(out)
     if jax.process_index() == 0:
         atomic_write_text(os.path.join(out, "yu2021_tables.md"), "\n".join(lines) + "\n")
         atomic_write_json(os.path.join(out, "yu2021_tables.json"),
