@@ -15,6 +15,7 @@ the event files are kept in a local folder and uploaded whole at most every
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
@@ -67,6 +68,8 @@ class MetricWriter:
         if enabled:
             if self._staged:
                 self._local = tempfile.mkdtemp(prefix="lungjax-metrics-")
+                # A run that fails past its training loop still uploads what it logged.
+                atexit.register(self.close)
                 remote = os.path.join(self.workdir, METRICS_JSONL)
                 if fileio.isfile(remote):  # a resumed run appends to its log
                     with fileio.open_file(remote, "rb") as src, \
@@ -128,6 +131,7 @@ class MetricWriter:
             self._upload(force=True)
             shutil.rmtree(self._local, ignore_errors=True)
             self._staged = False
+            atexit.unregister(self.close)
 
     def __enter__(self):
         return self
