@@ -609,8 +609,8 @@ def load_method(export_dir: str | os.PathLike, changes: Mapping[str, Any] | None
     import json
 
     from lungjax.export import load_predictor
-    from lungjax.methods.candidates import (merge_within_diameter, mirror_averaged,
-                                            regressed_centres)
+    from lungjax.methods.candidates import (merge_within_diameter, regressed_centres,
+                                            score_candidates)
     from lungjax.registry import EXPORTED_DETECTORS, EXPORTED_METHODS
 
     export_dir = os.fspath(export_dir)
@@ -655,6 +655,7 @@ def load_method(export_dir: str | os.PathLike, changes: Mapping[str, Any] | None
         batch = 32
 
         mirrors = bool(side2.get("mirrors", False))
+        mirror_top = int(side2.get("mirror_top", 0))  # older exports: every candidate
         merge = bool(side2.get("merge_within_diameter", False))
         regressed = bool(side2.get("regressed_position", False))
 
@@ -675,18 +676,16 @@ def load_method(export_dir: str | os.PathLike, changes: Mapping[str, Any] | None
                                     lung_mask=lung, jit=False, score_map=True)
             maps = {SCREEN_MAPS[0]: prob}
             centres = np.rint(c.voxel_zyx).astype(np.int64)
-            parts: dict[str, list] = {}
-            for i in range(0, len(centres), batch):
-                x = np.stack([crop_patch(volume, v, size) for v in centres[i:i + batch]])
-                for k, v in mirror_averaged(columns, x[..., None], mirrors).items():
-                    parts.setdefault(k, []).append(v)
-            if not parts:
+            out = score_candidates(
+                columns, lambda idx: np.stack([crop_patch(volume, centres[i], size)
+                                               for i in idx])[..., None],
+                len(centres), batch, mirrors, mirror_top)
+            if not out:
                 return c.world_xyz, np.zeros(0), None, {}, maps
-            diam = np.concatenate(parts["diameter_mm"]) if "diameter_mm" in parts else None
-            xyz, score = c.world_xyz, np.concatenate(parts["score"])
+            diam = out.get("diameter_mm")
+            xyz, score = c.world_xyz, out["score"]
             if regressed:  # as the classify stage did (its export.json)
-                xyz = regressed_centres(centres, size, np.concatenate(parts["offset_zyx"]),
-                                        geometry)
+                xyz = regressed_centres(centres, size, out["offset_zyx"], geometry)
             if merge and diam is not None:
                 xyz, score, diam = merge_within_diameter(xyz, score, diam)
             return xyz, score, diam, {}, maps

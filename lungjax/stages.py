@@ -78,6 +78,8 @@ STAGE_FIELDS: dict[str, Any] = {
     "regressed_position": False,  # "classify_candidates": marks at the regressed centre
     "mirrors": False,  # "classify_candidates": outputs averaged over the patch's 8 mirror
     #                    images (lungjax.methods.candidates.mirror_averaged)
+    "mirror_top": 0,  # with mirrors: only the best this many candidates of a scan by one
+    #                   view get all eight (score_candidates); 0 = every candidate
     "merge_within_diameter": False,  # "classify_candidates": a mark inside the regressed
     #                                  diameter of a higher-scoring one on its scan joins it
     #                                  (lungjax.methods.candidates.merge_within_diameter)

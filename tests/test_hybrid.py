@@ -343,6 +343,48 @@ def test_mirror_averaged_maps_offsets_back_through_each_flip():
     np.testing.assert_allclose(once["score"], [0.7, 0.0])
 
 
+def test_score_candidates_spends_the_mirror_views_on_the_top_candidates_only():
+    """``mirror_top=k``: the k best candidates by their one-view score get exactly the
+    outputs of all eight views, the others their one-view outputs; the calls are one view
+    of every candidate plus seven of the k. ``mirror_top`` 0 or >= n: every candidate
+    averaged, as ``mirror_averaged`` alone."""
+    from lungjax.methods.candidates import mirror_averaged, score_candidates
+
+    rng = np.random.default_rng(0)
+    n, batch, k = 11, 4, 3
+    patches = rng.random((n, 4, 6, 6, 1)).astype(np.float32)
+    seen = []
+
+    def outputs(p):  # the score depends on the view (not flip invariant)
+        return {"score": p[:, 0, 0, :3, 0].sum(axis=1) / 3.0 + p[:, 1, 2, 3, 0],
+                "offset_zyx": np.stack([p[:, 0, 0, 0, 0]] * 3, axis=1)}
+
+    def predict(p):  # what score_candidates calls: at most a batch at a time
+        assert len(p) <= batch
+        seen.append(len(p))
+        return outputs(p)
+
+    def patches_of(idx):
+        return patches[np.asarray(idx)]
+
+    full = mirror_averaged(outputs, patches, True)
+    one = mirror_averaged(outputs, patches, False)
+    out = score_candidates(predict, patches_of, n, batch, True, mirror_top=k)
+    top = np.argsort(-one["score"])[:k]
+    rest = np.setdiff1d(np.arange(n), top)
+    np.testing.assert_allclose(out["score"][top], full["score"][top])
+    np.testing.assert_allclose(out["offset_zyx"][top], full["offset_zyx"][top])
+    np.testing.assert_allclose(out["score"][rest], one["score"][rest])
+    assert sum(seen) == n + 7 * k
+    for m in (0, n, n + 5):
+        np.testing.assert_allclose(
+            score_candidates(predict, patches_of, n, batch, True, mirror_top=m)["score"],
+            full["score"])
+    np.testing.assert_allclose(score_candidates(predict, patches_of, n, batch, False,
+                                                mirror_top=k)["score"], one["score"])
+    assert score_candidates(predict, patches_of, 0, batch, True, mirror_top=k) == {}
+
+
 def test_merge_within_diameter_joins_rim_marks_and_keeps_neighbours():
     """Rim marks of a 20 mm nodule (one radius from its best mark, which a radius rule
     would keep) join that mark, which moves to the members' score-weighted mean; a
