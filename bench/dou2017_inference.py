@@ -1,8 +1,10 @@
 """Per-scan inference seconds of dou2017 (stage-1 screening + stage-2 FP reduction) on a
 1 mm scan of 300^3 voxels, with the default (CPU schedule) or paper widths and random
-weights (timing does not depend on the weights; the candidate count is fixed instead).
+weights (timing does not depend on the weights; the candidate count is fixed instead, by
+default the config's ``max_candidates_per_scan``). Stage 2 runs as the config's classify
+stage does (``mirrors``, ``mirror_top``).
 
-    python bench/dou2017_inference.py [--variant=default|paper] [--size=300] [--candidates=100]
+    python bench/dou2017_inference.py [--variant=default|paper] [--size=300] [--candidates=N]
         [--repeats=2] [--tile=z,y,x|none] [--conv_impl=xla|auto|...]
 
 Prints the seconds of the whole-scan FCN pass (one pass, or tiles of at most ``--tile``
@@ -42,7 +44,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variant", default="default", choices=("default", "paper"))
     p.add_argument("--size", type=int, default=300)
-    p.add_argument("--candidates", type=int, default=100)
+    p.add_argument("--candidates", type=int, default=0,
+                   help="candidates per scan (default: the config's max_candidates_per_scan)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--tile", default=None,
                    help="detection.tile_zyx as z,y,x (most voxels per tile core); 'none' or "
@@ -72,6 +75,7 @@ def main() -> None:
     v1 = jax.jit(fcn.init)(jax.random.key(0), train_lib.sample_input(c))
     mapping = output_mapping(fcn.layer_specs(), center="patch")
     # Threshold 0: every NMS peak is a candidate, capped at --candidates.
+    args.candidates = args.candidates or int(c.detection.max_candidates_per_scan)
     settings = DetectionSettings.from_config({**c.detection.to_dict(), "threshold": 0.0,
                                               "max_candidates_per_scan": args.candidates})
     predict1 = make_predict_fn(fcn, task1)
@@ -84,12 +88,16 @@ def main() -> None:
     model2, task2 = train_lib.build_model(c2), train_lib.build_task(c2)
     x2 = np.zeros((1, *c2.data.patch_size_zyx, 1), np.float32)
     v2 = jax.jit(model2.init)(jax.random.key(1), x2)
-    clf = st.CandidateClassifier(model2, task2, v2, c2.data.patch_size_zyx,
-                                 int(c.stages.classify.batch))
+    # Stage 2 as the method's classify stage runs it: mirror images, and on how many.
+    spec = dict(stages.stage_specs(c))["classify"]
+    clf = st.CandidateClassifier(model2, task2, v2, c2.data.patch_size_zyx, int(spec["batch"]),
+                                 mirrors=bool(spec["mirrors"]),
+                                 mirror_top=int(spec["mirror_top"]))
 
     print(f"dou2017 {args.variant}: {n}^3 scan at 1 mm, FCN tiles "
           f"{tuple(c.detection.tile_zyx) or 'none (one pass)'}, conv_impl "
-          f"{c.detection.conv_impl!r}, {args.candidates} candidates, devices "
+          f"{c.detection.conv_impl!r}, {args.candidates} candidates (stage 2: mirrors "
+          f"{clf.mirrors}, on the best {clf.mirror_top or 'all'}), devices "
           f"{jax.devices()[0].platform} x {jax.device_count()}", flush=True)
     totals = []
     for r in range(args.repeats):
