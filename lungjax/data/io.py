@@ -434,24 +434,22 @@ def write_scan(path: str | os.PathLike, array_zyx: np.ndarray, geometry: Geometr
         array_zyx = array_zyx.astype(np.uint8)
     image = sitk.GetImageFromArray(np.ascontiguousarray(array_zyx))
     geometry.apply_to_sitk(image)
-    if fileio.is_url(path):  # written here, then uploaded: data file(s) first, header last
+    if fileio.is_url(path):  # written here, then each file uploaded
         fs, key = fileio.url_filesystem(path)
-        with tempfile.TemporaryDirectory(prefix="lungjax-upload-") as tmp_dir:
-            name = os.path.basename(key)
-            sitk.WriteImage(image, os.path.join(tmp_dir, name), useCompression=compress)
-            for n in sorted(os.listdir(tmp_dir), key=lambda n: n == name):
-                fs.put_file(os.path.join(tmp_dir, n), os.path.join(os.path.dirname(key), n))
-        return
-    path = fileio.local_path(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(dir=directory, prefix=".tmp-write-")
+        directory, name = os.path.dirname(key), os.path.basename(key)
+        tmp_dir = tempfile.mkdtemp(prefix="lungjax-upload-")
+        place = fs.put_file
+    else:
+        path = fileio.local_path(path)
+        directory, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+        os.makedirs(directory, exist_ok=True)
+        tmp_dir = tempfile.mkdtemp(dir=directory, prefix=".tmp-write-")
+        place = os.replace
     try:
-        name = os.path.basename(path)
         sitk.WriteImage(image, os.path.join(tmp_dir, name), useCompression=compress)
         produced = sorted(os.listdir(tmp_dir), key=lambda n: n == name)  # header last
         for n in produced:
-            os.replace(os.path.join(tmp_dir, n), os.path.join(directory, n))
+            place(os.path.join(tmp_dir, n), os.path.join(directory, n))
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 

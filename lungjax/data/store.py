@@ -110,13 +110,6 @@ def kvstore_spec(path_or_url: str | os.PathLike, subpath: str = "") -> dict:
                      "(use a local path, file://, gs://, s3:// or memory://)")
 
 
-def _is_local(path_or_url) -> bool:
-    return not fileio.is_url(path_or_url)
-
-
-_local_path = fileio.local_path
-
-
 def check_uid(uid: str) -> str:
     if not _UID_RE.match(uid):
         raise StoreError(f"scan uid {uid!r} has characters not allowed in a store key")
@@ -125,8 +118,8 @@ def check_uid(uid: str) -> str:
 
 def read_manifest(path_or_url, context: ts.Context | None = None) -> dict | None:
     """The store's manifest as a dict, or None if the store has none yet."""
-    if _is_local(path_or_url):
-        p = os.path.join(_local_path(path_or_url), MANIFEST)
+    if not fileio.is_url(path_or_url):
+        p = os.path.join(fileio.local_path(path_or_url), MANIFEST)
         if not os.path.isfile(p):
             return None
         with open(p, encoding="utf-8") as f:
@@ -155,8 +148,8 @@ def write_manifest(path_or_url, manifest: dict) -> None:
     """Writes the manifest atomically (temp + rename locally; object stores replace
     an object atomically)."""
     text = json.dumps(manifest, indent=1, sort_keys=True)
-    if _is_local(path_or_url):
-        atomic_write_text(os.path.join(_local_path(path_or_url), MANIFEST), text)
+    if not fileio.is_url(path_or_url):
+        atomic_write_text(os.path.join(fileio.local_path(path_or_url), MANIFEST), text)
     else:
         kv = ts.KvStore.open(kvstore_spec(path_or_url)).result()
         kv.write(MANIFEST, text.encode()).result()
@@ -165,9 +158,9 @@ def write_manifest(path_or_url, manifest: dict) -> None:
 def scan_arrays_present(path_or_url, uid: str, arrays: Iterable[str]) -> bool:
     """Whether the zarr metadata of every named array of a scan exists (local stores
     only; for bucket URLs the manifest record is trusted and this returns True)."""
-    if not _is_local(path_or_url):
+    if fileio.is_url(path_or_url):
         return True
-    base = os.path.join(_local_path(path_or_url), "scans", check_uid(uid))
+    base = os.path.join(fileio.local_path(path_or_url), "scans", check_uid(uid))
     return all(os.path.isfile(os.path.join(base, name, ".zarray")) for name in arrays)
 
 

@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lungjax.data.luna16 import Luna16Dataset
     from lungjax.atomic import atomic_write_json
 
-    if not fileio.isdir(args.data):
+    if not os.path.isdir(args.data):
         print(f"--data {args.data}: not a directory", file=sys.stderr)
         return 2
     folds = [int(f) for f in args.folds.split(",") if f.strip()]

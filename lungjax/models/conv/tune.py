@@ -291,7 +291,8 @@ def pass_flops(key) -> float:
     return 2.0 * key.batch * float(np.prod(out)) * float(np.prod(key.kernel)) * key.cin * key.cout
 
 
-def candidates(key, prior: dict | None, fallback: str, budget: int | None) -> list[str]:
+def candidates(key, prior: dict | None, fallback: str, budget: int | None,
+               shipped: str | None = None) -> list[str]:
     """Formulations worth measuring for ``key`` on a new machine, most promising first.
 
     The prior (the shipped or measured entry of this shape's training pass, ``select.prior``)
@@ -305,12 +306,13 @@ def candidates(key, prior: dict | None, fallback: str, budget: int | None) -> li
     The shipped plan is always measured: ``fallback`` may be a shape this run has just
     measured, and a run tuning a network layer by layer would otherwise hand each
     winner on as the next layer's only plan to beat (matmul for every layer of yu2021's
-    Res U-Net, 3x slower per step than the shipped split plans).
+    Res U-Net, 3x slower per step than the shipped split plans). ``shipped``: that plan,
+    when the caller has looked it up already (default: looked up here).
     """
     from lungjax.models.conv import select as conv_select
 
     ms = dict((prior or {}).get("ms", {}))
-    shipped = conv_select.lookup(key, measured=False)[0]
+    shipped = shipped or conv_select.lookup(key, measured=False)[0]
     if key.kind == "conv" and key.mode == "forward":
         fwd = {conv_split.split_choice(c)[0]: t
                for c, t in (prior or {}).get("passes", {}).get("fwd", {}).items()}
@@ -381,7 +383,8 @@ def tune_bounded(key, prior: dict | None, fallback: str, seconds: float,
     from lungjax.models.conv import select as conv_select
 
     t0 = time.perf_counter()
-    names = candidates(key, prior, fallback, budget)
+    shipped = conv_select.lookup(key, measured=False)[0]
+    names = candidates(key, prior, fallback, budget, shipped)
     ms: dict[str, float] = {}
     x = w = g = None
     for name in names:
@@ -396,7 +399,6 @@ def tune_bounded(key, prior: dict | None, fallback: str, seconds: float,
         ms[name] = _median_ms(compiled, (x, w, g), reps, 1,
                               2 * min(ms.values()) if ms else float("inf"))
     best = pick_best(ms) if len(ms) > 1 else fallback
-    shipped = conv_select.lookup(key, measured=False)[0]
     if shipped in ms and ms[best] > SHIPPED_MARGIN * ms[shipped]:
         best = shipped
     return {"ms": ms if len(ms) > 1 else {}, "best": best,
