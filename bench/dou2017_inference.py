@@ -1,21 +1,29 @@
-"""Per-scan inference seconds of dou2017 (stage-1 screening + stage-2 FP reduction) on a
-1 mm scan of 300^3 voxels, with the default (CPU schedule) or paper widths and random
-weights (timing does not depend on the weights; the candidate count is fixed instead, by
-default the config's ``max_candidates_per_scan``). Stage 2 runs as the config's classify
-stage does (``mirrors``, ``mirror_top``).
+"""Per-scan inference seconds of dou2017 (stage-1 screening + stage-2 FP reduction), with
+the default (CPU schedule) or paper widths and random weights (timing does not depend on
+the weights; the candidate count is fixed instead, by default the config's
+``max_candidates_per_scan``). Stage 2 runs as the config's classify stage does
+(``mirrors``, ``mirror_top``). Two kinds of scan:
 
-    python bench/dou2017_inference.py [--variant=default|paper] [--size=300] [--candidates=N]
-        [--repeats=2] [--tile=z,y,x|none] [--conv_impl=xla|auto|...]
+* ``--scale=S`` (default 1.5): a raw scan of an adult-size generated chest
+  (``bench/adult_scan.py``: 262 x 361 x 361 mm at a real LIDC voxel size), read and
+  preprocessed as ``python -m lungjax.detect`` does (resampled to 1 mm, lung mask,
+  cropped to the lungs' box, windowed), screened inside its lung mask;
+* ``--scale=0 --size=N``: a random N^3 volume at 1 mm taken as lung everywhere, the worst
+  case (no preprocessing, no crop: the whole volume is screened).
 
-Prints the seconds of the whole-scan FCN pass (one pass, or tiles of at most ``--tile``
-voxels per core, default the config's ``detection.tile_zyx``), of scoring the candidates'
-24x60x60 patches with ResNet+HL, and their sum; the first run includes compilation and is
-reported apart. Ends with one line, ``per-scan seconds: N (compile C, peak GB M)``: the last
-run's total, the first run's excess over it (compilation and first-use convolution
-tuning), and the process's peak resident memory (run one setting per process to compare
-peaks). JAX's persistent compilation cache is on (``lungjax.compile_cache``, as in
-``python -m lungjax.detect``): a second process with the same settings compiles nothing.
-On a shared machine the numbers are noisy.
+    python bench/dou2017_inference.py [--variant=default|paper] [--scale=1.5 | --scale=0
+        --size=300] [--candidates=N] [--repeats=2] [--tile=z,y,x|none] [--conv_impl=...]
+
+Prints the seconds of preprocessing, of the FCN over the volume (one pass, or tiles of at
+most ``--tile`` voxels per core, default the config's ``detection.tile_zyx``), of the
+candidates from its score map (threshold 0, suppression, refinement), of scoring the
+candidates' 24x60x60 patches with ResNet+HL, and their sum; the first run includes
+compilation and is reported apart. Ends with one line, ``per-scan seconds: N (compile C,
+peak GB M)``: the last run's total, the first run's excess over it (compilation and
+first-use convolution tuning), and the process's peak resident memory (run one setting
+per process to compare peaks). JAX's persistent compilation cache is on
+(``lungjax.compile_cache``, as in ``python -m lungjax.detect``): a second process with the
+same settings compiles nothing. On a shared machine the numbers are noisy.
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ def _config(variant: str):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variant", default="default", choices=("default", "paper"))
+    p.add_argument("--scale", type=float, default=1.5,
+                   help="chest scale of the generated raw scan; 0: a random --size^3 volume")
     p.add_argument("--size", type=int, default=300)
     p.add_argument("--candidates", type=int, default=0,
                    help="candidates per scan (default: the config's max_candidates_per_scan)")
@@ -57,7 +67,8 @@ def main() -> None:
     from lungjax import compile_cache
     from lungjax import train as train_lib
     from lungjax.data.coords import Geometry
-    from lungjax.detect import DetectionSettings, detect_volume
+    from lungjax.detect import (DetectionSettings, candidates_of_scores, read_preprocessed,
+                                score_volume)
     from lungjax import stages
     from lungjax.methods import candidates as st
     from lungjax.steps import make_predict_fn
@@ -79,10 +90,26 @@ def main() -> None:
     settings = DetectionSettings.from_config({**c.detection.to_dict(), "threshold": 0.0,
                                               "max_candidates_per_scan": args.candidates})
     predict1 = make_predict_fn(fcn, task1)
-    n = args.size
-    rng = np.random.default_rng(0)
-    volume = rng.random((n, n, n), dtype=np.float32)
-    geom = Geometry(np.ones(3), np.zeros(3), np.eye(3))
+    if args.scale > 0:
+        from adult_scan import adult_scan
+
+        raw = adult_scan(args.scale)
+        pre_cfg = {k: c.data[k] for k in ("spacing_zyx", "hu_window")}
+        pre_cfg.update(stages.store_preprocessing(c))
+
+        def scan():
+            volume, geom, lung, _, _ = read_preprocessed(raw, pre_cfg)
+            return volume, geom, lung
+        what = f"{raw} (chest scale {args.scale:g}), preprocessed"
+    else:
+        n = args.size
+        rng = np.random.default_rng(0)
+        volume0 = rng.random((n, n, n), dtype=np.float32)
+
+        def scan():
+            # The whole volume as lung: the candidate count, not the mask, is what is timed.
+            return volume0, Geometry(np.ones(3), np.zeros(3), np.eye(3)), np.ones((n,) * 3, bool)
+        what = f"{n}^3 random volume at 1 mm, all lung"
 
     c2 = stages.stage_config(c, "fpr", dict(stages.stage_specs(c))["fpr"])
     model2, task2 = train_lib.build_model(c2), train_lib.build_task(c2)
@@ -94,7 +121,7 @@ def main() -> None:
                                  mirrors=bool(spec["mirrors"]),
                                  mirror_top=int(spec["mirror_top"]))
 
-    print(f"dou2017 {args.variant}: {n}^3 scan at 1 mm, FCN tiles "
+    print(f"dou2017 {args.variant}: {what}, FCN tiles "
           f"{tuple(c.detection.tile_zyx) or 'none (one pass)'}, conv_impl "
           f"{c.detection.conv_impl!r}, {args.candidates} candidates (stage 2: mirrors "
           f"{clf.mirrors}, on the best {clf.mirror_top or 'all'}), devices "
@@ -102,17 +129,22 @@ def main() -> None:
     totals = []
     for r in range(args.repeats):
         t0 = time.perf_counter()
-        # The whole volume as lung: the candidate count, not the mask, is what is timed.
-        cands = detect_volume(predict1, volume, geom, mapping, settings, variables=v1,
-                              lung_mask=np.ones(volume.shape, bool))
+        volume, geom, lung = scan()
         t1 = time.perf_counter()
-        out = clf(volume, cands.voxel_zyx)
+        scores, cell_map = score_volume(predict1, volume, mapping, settings.tile_zyx,
+                                        settings.batch, variables=v1)
         t2 = time.perf_counter()
+        cands = candidates_of_scores(scores, cell_map, geom, settings, volume.shape,
+                                     lung_mask=lung)
+        t3 = time.perf_counter()
+        out = clf(volume, cands.voxel_zyx)
+        t4 = time.perf_counter()
         tag = "first run (with compilation)" if r == 0 else f"run {r + 1}"
-        print(f"{tag}: screening {t1 - t0:.1f} s ({len(cands)} candidates), "
-              f"FP reduction {t2 - t1:.1f} s ({len(out['score'])} patches), "
-              f"total {t2 - t0:.1f} s per scan", flush=True)
-        totals.append(t2 - t0)
+        print(f"{tag}: preprocessing {t1 - t0:.1f} s (volume {volume.shape}), FCN "
+              f"{t2 - t1:.1f} s, candidates {t3 - t2:.1f} s ({len(cands)}), FP reduction "
+              f"{t4 - t3:.1f} s ({len(out['score'])} candidates), total {t4 - t0:.1f} s per "
+              "scan", flush=True)
+        totals.append(t4 - t0)
     # ru_maxrss is in KiB on Linux.
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     print(f"per-scan seconds: {totals[-1]:.1f} (compile {totals[0] - totals[-1]:.1f}, "

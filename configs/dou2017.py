@@ -228,14 +228,14 @@ def get_config(arg: str | None = None):
     # 10 mm 19 and 30): a wider blob reaches the centre of a large nodule, a much wider
     # one pulls small nodules' candidates towards their neighbours.
     c.detection.refine_radius_mm = 6.0
-    # Generated scans are ~3 M voxels after cropping: one pass per scan is much faster than
-    # halo-overlapping tiles, whose padding multiplies the work (the same holds for xie2018:
-    # python bench/xie2018_inference.py --scans=1 [--tile=none]).
-    c.detection.tile_zyx = ()
-    # The layers' own plans on whole scans too; a plan whose buffers would not fit runs
-    # Winograd by depth slabs where that fits (lungjax.models.conv.select._within_budget),
-    # else XLA's native 3-D convolution, which spent ~20 s of each generated scan's ~25 s
-    # screening (300^3 volumes at 1 mm still run natively: use tiles, as ``paper`` does).
+    # Depth slabs of 32 output slices (+ the 9 the receptive field needs), the whole plane
+    # each: every layer's CPU-fast plan then fits the buffer budget, where one pass over a
+    # scan of real size fell back to XLA's native 3-D convolution. The FCN on a random
+    # 300^3 volume: 36.9 s in slabs against 194.4 s in one pass; on a generated scan of
+    # the default data (165 x 123 x 197) the two cost the same (3.0 / 2.8 s): python
+    # bench/dou2017_inference.py --scale=0 --size=300 [--tile=none].
+    c.detection.tile_zyx = (32, 512, 512)
+    # The layers' own plans (measured on this machine, lungjax.models.conv.select).
     c.detection.conv_impl = "auto"
     c.cv.folds = ()
 
@@ -253,7 +253,6 @@ def get_config(arg: str | None = None):
         c.stages.classify.mirrors = False  # the paper scores each candidate once
         c.stages.classify.merge_within_diameter = False  # and keeps every stage-1 candidate
         c.stages.classify.regressed_position = False  # (see _stages)
-        c.detection.tile_zyx = (64, 128, 128)  # real scans at 1 mm are ~300^3
     elif variant == "tiny":
         c.data.synthetic_preset = "tiny"
         c.data.eval_patches = 64

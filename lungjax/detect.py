@@ -609,8 +609,8 @@ def load_method(export_dir: str | os.PathLike, changes: Mapping[str, Any] | None
     import json
 
     from lungjax.export import load_predictor
-    from lungjax.methods.candidates import (merge_within_diameter, regressed_centres,
-                                            score_candidates)
+    from lungjax.methods.candidates import (merge_within_diameter, padded_to,
+                                            regressed_centres, score_candidates)
     from lungjax.registry import EXPORTED_DETECTORS, EXPORTED_METHODS
 
     export_dir = os.fspath(export_dir)
@@ -659,7 +659,7 @@ def load_method(export_dir: str | os.PathLike, changes: Mapping[str, Any] | None
         merge = bool(side2.get("merge_within_diameter", False))
         regressed = bool(side2.get("regressed_position", False))
 
-        def columns(x):  # the export's (B, columns) -> the classifier's named outputs
+        def named(x):  # the export's (B, columns) -> the classifier's named outputs
             out = np.asarray(classify(x), np.float64).reshape(len(x), -1)
             named = {"score": out[:, 0]}
             if out.shape[1] > 1:
@@ -677,7 +677,7 @@ def load_method(export_dir: str | os.PathLike, changes: Mapping[str, Any] | None
             maps = {SCREEN_MAPS[0]: prob}
             centres = np.rint(c.voxel_zyx).astype(np.int64)
             out = score_candidates(
-                columns, lambda idx: np.stack([crop_patch(volume, centres[i], size)
+                padded_to(batch, named), lambda idx: np.stack([crop_patch(volume, centres[i], size)
                                                for i in idx])[..., None],
                 len(centres), batch, mirrors, mirror_top)
             if not out:

@@ -11,7 +11,15 @@ Layout of an export directory::
                        size and axis order, output mapping, model/task names, versions
 
 ``load_predictor(dir)`` rebuilds a callable ``predict(image) -> probabilities`` with no
-model code (only jax and flax serialization are needed).
+model code (only jax and flax serialization are needed). A sidecar with a ``rebuild``
+section ({"output": one of ``REBUILD_OUTPUTS``, "conv_impl", "compute_dtype"}:
+what the serialized function computes from the sidecar's ``model`` and ``task``) is run as
+the lungjax network itself where this installation has that model, jitted per input
+shape: a function exported for any volume size was traced with symbolic sizes, where no
+CPU-fast convolution plan has a bounded buffer, so every layer of the serialized one runs
+XLA's native convolution (dou2017's FCN on a 1 mm 300^3 scan: ~190 s against ~30 s
+rebuilt, ``bench/dou2017_inference.py``); rebuilt, each concrete shape gets the plans
+measured on the machine that runs it.
 """
 
 from __future__ import annotations
@@ -134,8 +142,57 @@ def _lungjax_version() -> str:
         return "unknown"
 
 
-def load_predictor(export_dir: str) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
+# What a rebuilt network computes (the sidecar's ``rebuild.output``): its raw outputs, the
+# task's probability / log-odds per output cell (``lungjax.steps.make_predict_fn``), or a
+# candidate classifier's columns (``lungjax.methods.candidates.candidate_columns``).
+REBUILD_OUTPUTS = ("heads", "probability", "log_odds", "candidate_columns")
+
+
+def rebuild_spec(output: str, conv_impl: str = "auto", compute_dtype: str = "float32") -> dict:
+    """The sidecar's ``rebuild`` section for an exported ``predict`` that computes
+    ``output`` (:data:`REBUILD_OUTPUTS`) from the sidecar's ``model`` and ``task``."""
+    if output not in REBUILD_OUTPUTS:
+        raise ValueError(f"rebuild output {output!r}: expected one of {REBUILD_OUTPUTS}")
+    return {"output": output, "conv_impl": conv_impl, "compute_dtype": compute_dtype}
+
+
+def _rebuilt(sidecar: dict) -> Callable | None:
+    """The jitted ``(variables, image) -> outputs`` of the sidecar's network rebuilt from
+    its ``model`` and ``task``; None when there is no ``rebuild`` section or this
+    installation lacks the model (then the serialized function runs)."""
+    from ml_collections import config_dict
+
+    from lungjax import train as train_lib
+    from lungjax.registry import MODELS, TASKS
+    from lungjax.steps import forward_apply, make_predict_fn
+
+    how = sidecar.get("rebuild")
+    model_cfg = sidecar.get("model")
+    if not how or not model_cfg or model_cfg.get("name") not in MODELS:
+        return None
+    cfg = config_dict.ConfigDict({"model": model_cfg, "train": {
+        "compute_dtype": how.get("compute_dtype", "float32")}})
+    model = train_lib.build_model(cfg)
+    if "conv_impl" in model.__dataclass_fields__:
+        model = model.clone(conv_impl=how.get("conv_impl") or "auto")
+    if how["output"] == "heads":
+        return jax.jit(lambda variables, image: forward_apply(model, variables, image))
+    task = TASKS.build(sidecar["task"])
+    if how["output"] == "candidate_columns":
+        from lungjax.methods.candidates import candidate_columns
+
+        return jax.jit(candidate_columns(model, task))
+    return jax.jit(make_predict_fn(model, task, output=how["output"]))
+
+
+def load_predictor(export_dir: str, rebuild: bool = True
+                   ) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
     """Loads an export directory.
+
+    Args:
+      export_dir: the directory (local or a bucket URL).
+      rebuild: run the network rebuilt from the sidecar where it says how (module
+        docstring); False: always the serialized function.
 
     Returns:
       (predict, sidecar): ``predict(image)`` takes (B, *input_size_zyx[, 1]) float32 in the
@@ -154,14 +211,16 @@ def load_predictor(export_dir: str) -> tuple[Callable[[np.ndarray], np.ndarray],
                          "again with this version")
     with fileio.open_file(os.path.join(export_dir, "params.msgpack"), "rb") as f:
         variables = serialization.msgpack_restore(f.read())
-    with fileio.open_file(os.path.join(export_dir, "predict.jax"), "rb") as f:
-        exported = jax.export.deserialize(bytearray(f.read()))
+    call = _rebuilt(sidecar) if rebuild else None
+    if call is None:
+        with fileio.open_file(os.path.join(export_dir, "predict.jax"), "rb") as f:
+            call = jax.export.deserialize(bytearray(f.read())).call
 
     def predict(image):
         x = np.asarray(image, np.float32)
         if x.ndim == len(sidecar["input"]["shape"]) - 1:
             x = x[..., None]
         # One array, or a tuple of them for a network with several heads.
-        return jax.tree_util.tree_map(np.asarray, exported.call(variables, x))
+        return jax.tree_util.tree_map(np.asarray, call(variables, x))
 
     return predict, sidecar

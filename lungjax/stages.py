@@ -933,6 +933,7 @@ def store_preprocessing(config) -> dict:
 
 
 def _export_detect(run: StageRun) -> dict:
+    from lungjax.export import rebuild_spec
     from lungjax.registry import EXPORTED_DETECTORS
     from lungjax.steps import make_predict_fn
     from lungjax.tasks.screening import output_mapping
@@ -947,7 +948,9 @@ def _export_detect(run: StageRun) -> dict:
     size = tuple(cfg.export.input_size_zyx) or (None,) * len(cfg.data.patch_size_zyx)
     min_size = None if cfg.export.input_size_zyx else tuple(int(r) for r in
                                                             m.receptive_field_zyx)
-    meta = {"detection": as_dict(cfg.detection), "output_mapping": m.to_json()}
+    meta = {"detection": as_dict(cfg.detection), "output_mapping": m.to_json(),
+            "rebuild": rebuild_spec("probability", cfg.detection.conv_impl or "auto",
+                                    cfg.train.compute_dtype)}
     return export_stage(run, make_predict_fn(model, task), size, meta, min_size)
 
 

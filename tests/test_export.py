@@ -72,3 +72,42 @@ def test_export_with_symbolic_spatial_sizes_runs_on_any_volume(tmp_path):
     assert y.shape == (1, 4, 3, 6)  # (13 - 9, (34 - 4) // 2 - 12, (41 - 4) // 2 - 12)
     np.testing.assert_allclose(y, np.asarray(jax.jit(predict)(variables, x)), rtol=1e-6,
                                atol=1e-7)
+
+
+def test_a_whole_scan_export_runs_rebuilt_with_each_shapes_own_plans(tmp_path):
+    from lungjax.export import rebuild_spec
+    from lungjax.models.conv import select as conv_select
+
+    model = Dou2017FCN(features=(4, 4, 8, 8), init_std=0.1, conv_impl="xla")
+    variables = jax.jit(model.init)(jax.random.key(3, impl="rbg"), jnp.zeros((1, 10, 30, 30, 1)))
+    task = ClassificationTask()
+    predict = make_predict_fn(model, task, output="log_odds")
+    meta = {"model": {"name": "dou2017_fcn", "features": [4, 4, 8, 8], "init_std": 0.1,
+                      "conv_impl": "auto"},
+            "task": {"name": "classification", "num_classes": 2},
+            "rebuild": rebuild_spec("log_odds", "auto")}
+    export_predictor(str(tmp_path), predict, variables, (None, None, None), meta,
+                     min_size_zyx=(10, 30, 30))
+    x = np.random.default_rng(4).random((1, 13, 34, 41, 1), dtype=np.float32)
+    serialized, _ = load_predictor(str(tmp_path), rebuild=False)
+    rebuilt, _ = load_predictor(str(tmp_path))
+    # The serialized function was traced once, with symbolic sizes: nothing is traced now.
+    with conv_select.record_keys() as keys:
+        y0 = serialized(x)
+    assert keys == []
+    # Rebuilt, each concrete shape is traced, its layers looked up as forward passes.
+    with conv_select.record_keys() as keys:
+        y1 = rebuilt(x)
+    assert [k.spatial for k in keys][:2] == [(13, 34, 41), (11, 15, 18)]
+    assert {k.mode for k in keys} == {"forward"}
+    np.testing.assert_allclose(y1, y0, rtol=1e-4, atol=1e-5)
+    # A model this installation lacks, or no rebuild section: the serialized function.
+    side = json.loads((tmp_path / "export.json").read_text(encoding="utf-8"))
+    for change in ({"model": {**meta["model"], "name": "not_a_model"}}, {"rebuild": None}):
+        (tmp_path / "export.json").write_text(json.dumps({**side, **change}), encoding="utf-8")
+        again, _ = load_predictor(str(tmp_path))
+        with conv_select.record_keys() as keys:
+            np.testing.assert_array_equal(again(x), y0)
+        assert keys == []
+    with pytest.raises(ValueError, match="rebuild output 'logits'"):
+        rebuild_spec("logits")

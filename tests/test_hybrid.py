@@ -348,7 +348,7 @@ def test_score_candidates_spends_the_mirror_views_on_the_top_candidates_only():
     outputs of all eight views, the others their one-view outputs; the calls are one view
     of every candidate plus seven of the k. ``mirror_top`` 0 or >= n: every candidate
     averaged, as ``mirror_averaged`` alone."""
-    from lungjax.methods.candidates import mirror_averaged, score_candidates
+    from lungjax.methods.candidates import mirror_averaged, padded_to, score_candidates
 
     rng = np.random.default_rng(0)
     n, batch, k = 11, 4, 3
@@ -383,6 +383,16 @@ def test_score_candidates_spends_the_mirror_views_on_the_top_candidates_only():
     np.testing.assert_allclose(score_candidates(predict, patches_of, n, batch, False,
                                                 mirror_top=k)["score"], one["score"])
     assert score_candidates(predict, patches_of, 0, batch, True, mirror_top=k) == {}
+    # Padded to the batch (the predict command's classifier): the network sees one shape
+    # only, and the outputs are the same.
+    seen.clear()
+    padded = score_candidates(padded_to(batch, predict), patches_of, n, batch, True,
+                              mirror_top=k)
+    assert set(seen) == {batch}
+    for key in out:
+        np.testing.assert_allclose(padded[key], out[key])
+    with pytest.raises(ValueError, match="5 patches in a call of at most 4"):
+        padded_to(batch, predict)(patches[:5])
 
 
 def test_merge_within_diameter_joins_rim_marks_and_keeps_neighbours():

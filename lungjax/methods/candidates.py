@@ -154,6 +154,26 @@ def mirror_averaged(predict: Callable[[np.ndarray], Mapping[str, np.ndarray]],
     return {k: np.mean([np.asarray(o[k], np.float64) for o in outs], axis=0) for k in outs[0]}
 
 
+def padded_to(batch: int, predict: Callable[[np.ndarray], Mapping[str, np.ndarray]]
+              ) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """``predict`` called on exactly ``batch`` patches, zeros after the given ones, and its
+    outputs cut back to those: one compilation serves every call. A scan's last batch
+    has its own size, and each new size compiled the network again (3-4 s a scan for
+    dou2017's stage 2 in ``python -m lungjax.detect``).
+
+    ``predict``: (batch, D, H, W, 1) float32 -> {name: (batch, ...)}; the result takes
+    (B, D, H, W, 1) with B <= ``batch``.
+    """
+    def run(x: np.ndarray) -> dict[str, np.ndarray]:
+        if len(x) > batch:
+            raise ValueError(f"{len(x)} patches in a call of at most {batch}")
+        full = np.zeros((batch, *x.shape[1:]), np.float32)
+        full[:len(x)] = x
+        return {k: np.asarray(v)[:len(x)] for k, v in predict(full).items()}
+
+    return run
+
+
 def score_candidates(predict: Callable[[np.ndarray], Mapping[str, np.ndarray]],
                      patches_of: Callable[[np.ndarray], np.ndarray], n: int, batch: int,
                      mirrors: bool, mirror_top: int = 0) -> dict[str, np.ndarray]:
@@ -307,11 +327,8 @@ class CandidateClassifier:
         """
         centers = np.rint(np.asarray(voxel_zyx, np.float64).reshape(-1, 3)).astype(np.int64)
 
-        def predict(x):  # padded to the batch: one compilation
-            x_full = np.zeros((self.batch, *x.shape[1:]), np.float32)
-            x_full[:len(x)] = x
-            out = jax.device_get(self._decode(self.variables, jnp.asarray(x_full)))
-            return {k: np.asarray(v)[:len(x)] for k, v in out.items()}
+        predict = padded_to(self.batch, lambda x: jax.device_get(
+            self._decode(self.variables, jnp.asarray(x))))
 
         def patches_of(idx):
             return np.stack([crop_patch(volume, centers[i], self.size)
@@ -441,7 +458,9 @@ def classify_stage(run: StageRun) -> dict:
 
 def _export_screen(run: StageRun) -> dict:
     """The screening network on whole scans: spatial sizes stay symbolic (any size from
-    the receptive field up) unless ``export.input_size_zyx`` fixes them."""
+    the receptive field up) unless ``export.input_size_zyx`` fixes them; the predict
+    command runs it rebuilt per scan shape (``lungjax.export``'s ``rebuild``)."""
+    from lungjax.export import rebuild_spec
     from lungjax.steps import make_predict_fn
     from lungjax.tasks.screening import output_mapping
 
@@ -455,22 +474,18 @@ def _export_screen(run: StageRun) -> dict:
     # probability is 1.0 on many cells, which would tie them.
     meta = {"output_mapping": m.to_json(), "detection": {**cfg.detection.to_dict(),
                                                          "log_odds": True},
-            "output": "nodule log-odds per output cell"}
+            "output": "nodule log-odds per output cell",
+            "rebuild": rebuild_spec("log_odds", cfg.detection.conv_impl or "auto",
+                                    cfg.train.compute_dtype)}
     return export_stage(run, make_predict_fn(model, task, output="log_odds"), size, meta,
                         min_size)
 
 
-def _export_classify(run: StageRun) -> dict:
-    """The candidate classifier on (B, *patch, 1) patches: column 0 the probability;
-    networks with a regression head add column 1, the diameter in mm, and columns 2-4,
-    the nodule centre's offset (z, y, x) in voxels from the patch's geometric centre."""
-    cfg = run.config
-    model, task = train_lib.build_model(cfg), train_lib.build_task(cfg)
-    if cfg.detection.conv_impl:
-        # Measured per-shape convolution choices need concrete shapes; the export's batch
-        # size is symbolic.
-        model = model.clone(conv_impl=cfg.detection.conv_impl)
-
+def candidate_columns(model, task) -> Callable:
+    """``predict(variables, (B, D, H, W, 1) patches) -> (B, columns)`` float32 of a candidate
+    classifier: column 0 its probability; a network with a regression head adds column 1,
+    the diameter in mm, and columns 2-4, the nodule centre's offset (z, y, x) in voxels
+    from the patch's geometric centre (what the classify stage's export computes)."""
     def predict(variables, image):
         dec = task.decode(forward_apply(model, variables, image))
         cols = [dec["score"]]
@@ -478,12 +493,30 @@ def _export_classify(run: StageRun) -> dict:
             cols += [dec["diameter_mm"], *(dec["offset_zyx"][..., a] for a in range(3))]
         return jnp.stack(cols, axis=-1)
 
+    return predict
+
+
+def _export_classify(run: StageRun) -> dict:
+    """The candidate classifier on (B, *patch, 1) patches: column 0 the probability;
+    networks with a regression head add column 1, the diameter in mm, and columns 2-4,
+    the nodule centre's offset (z, y, x) in voxels from the patch's geometric centre."""
+    from lungjax.export import rebuild_spec
+
+    cfg = run.config
+    model, task = train_lib.build_model(cfg), train_lib.build_task(cfg)
+    if cfg.detection.conv_impl:
+        # Measured per-shape convolution choices need concrete shapes; the export's batch
+        # size is symbolic.
+        model = model.clone(conv_impl=cfg.detection.conv_impl)
+
     meaning = ("column 0: nodule probability of the candidate patch"
                + ("; column 1: regressed diameter (mm); columns 2-4: regressed centre, "
                   "(z, y, x) voxels from the patch's geometric centre" if model.regression
                   else ""))
     size = tuple(int(s) for s in cfg.data.patch_size_zyx)
-    return export_stage(run, predict, size, {
+    return export_stage(run, candidate_columns(model, task), size, {
+        "rebuild": rebuild_spec("candidate_columns", cfg.detection.conv_impl or "auto",
+                                cfg.train.compute_dtype),
         "output_columns": meaning, "patch_start": "candidate voxel - patch_size // 2",
         "mirrors": bool(run.spec["mirrors"]), "mirror_top": int(run.spec["mirror_top"]),
         "regressed_position": bool(run.spec["regressed_position"]),

@@ -146,11 +146,12 @@ class ExportedAnchorDetector:
     @staticmethod
     def export(run) -> dict:
         from lungjax import train as train_lib
+        from lungjax.export import rebuild_spec
         from lungjax.stages import export_stage
 
         cfg = run.config
         # Shape-polymorphic export: XLA's own convolutions (the CPU-fast plans are chosen
-        # per concrete shape).
+        # per concrete shape: the predict command runs the network rebuilt, ``rebuild``).
         model = train_lib.build_model(cfg).clone(conv_impl="xla")
         multiple = int(model.backbone_strides()[-1])
 
@@ -158,7 +159,9 @@ class ExportedAnchorDetector:
             return model.apply(variables, image, train=False)
 
         meta = {"detection": cfg.detection.to_dict(), "coarsest_stride": multiple,
-                "output": "per head (B, d, h, w, anchors, 5): noduleness logit, box deltas"}
+                "output": "per head (B, d, h, w, anchors, 5): noduleness logit, box deltas",
+                "rebuild": rebuild_spec("heads", cfg.detection.conv_impl or "auto",
+                                        cfg.train.compute_dtype)}
         return export_stage(run, predict, (None, None, None), meta, multiple_of=multiple)
 
     @staticmethod
