@@ -143,6 +143,13 @@ def test_the_shipped_plan_is_measured_and_kept_unless_twice_as_slow(tuning, monk
                             lambda *a, t=times: t.get(timed[-1], 99.0))
         out = conv_tune.tune_bounded(key, None, "matmul", 60.0, None)
         assert shipped in out["ms"] and out["best"] == want, (faster, out)
+    # Only the shipped plan fits the time left (the others' estimates overrun it): the
+    # fallback stands, untimed (this raised a KeyError on the fallback's missing time).
+    monkeypatch.setattr(conv_tune, "_estimate_ms",
+                        lambda key, name, prior, ms: 0.0 if name == shipped else 1e9)
+    timed.clear()
+    out = conv_tune.tune_bounded(key, None, "matmul", 60.0, None)
+    assert timed == [shipped] and out == {**out, "ms": {}, "best": "matmul"}
 
 
 def test_a_shape_too_large_for_its_time_is_not_measured():

@@ -399,7 +399,9 @@ def tune_bounded(key, prior: dict | None, fallback: str, seconds: float,
         ms[name] = _median_ms(compiled, (x, w, g), reps, 1,
                               2 * min(ms.values()) if ms else float("inf"))
     best = pick_best(ms) if len(ms) > 1 else fallback
-    if shipped in ms and ms[best] > SHIPPED_MARGIN * ms[shipped]:
+    # With one plan timed (the others did not fit the time left), the fallback stands
+    # untimed: nothing to compare it with.
+    if shipped in ms and best in ms and ms[best] > SHIPPED_MARGIN * ms[shipped]:
         best = shipped
     return {"ms": ms if len(ms) > 1 else {}, "best": best,
             "seconds": round(time.perf_counter() - t0, 3)}

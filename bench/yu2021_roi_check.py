@@ -1,0 +1,104 @@
+"""How well a yu2021 run's ResNet50 ranks benign against malignant nodule ROIs, on its
+own training ROIs and on the held-out ones, beside the annotated diameter alone.
+
+An underfit classifier and a broken evaluation look alike in the held-out figures; the
+training ROIs tell them apart (the network near chance on the ROIs it trained on is
+underfit), and batch statistics against running averages tell whether batch
+normalisation's averages are the problem. The diameter is the yardstick: size is what the
+generated nodules' malignancy shows most.
+
+    python bench/yu2021_roi_check.py --workdir=RUN [--config=configs/yu2021.py]
+        [--set data.synthetic_seed=1 ...]
+
+RUN is a yu2021 main job's ``--workdir`` (its ``cls`` stage folder holds the network); the
+config (with the same ``--set`` overrides as the run's ``--config.`` flags) finds the
+prepared store and the fold. Prints, for the training and the held-out ROIs with a label
+(median malignancy 1-2 benign, 4-5 malignant, 3 left out): count, malignant count, the
+network's accuracy and ROC AUC with running averages and with each set's batch
+statistics, and the ROC AUC of the diameter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def _config(path: str, sets):
+    spec = importlib.util.spec_from_file_location("yu2021_cfg", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config(None)
+    for item in sets:
+        key, value = item.split("=", 1)
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = type(node[leaf])(value)
+    return c
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..",
+                                                    "configs", "yu2021.py"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override, as the run's --config.KEY=VALUE")
+    args = p.parse_args()
+
+    from lungjax import stages, train as train_lib
+    from lungjax.data.dense_sampling import roi_sampler
+    from lungjax.data.sampler import SamplerConfig
+    from lungjax.data.store import PatchStore
+    from lungjax.evaluation.classification import roc_auc
+    from lungjax.steps import forward_apply
+    from lungjax.train_data import held_out_uids, prepare_data
+
+    c = _config(args.config, args.set)
+    cfg = stages.stage_config(c, "cls", dict(stages.stage_specs(c))["cls"])
+    model, task = train_lib.build_model(cfg), train_lib.build_task(cfg)
+    variables, step = stages.restore_variables(os.path.join(args.workdir, "cls"))
+    store = PatchStore.open(prepare_data(c))
+    test = held_out_uids(c, store)
+    train = [u for u in store.uids() if u not in set(test)]
+    size = tuple(int(v) for v in cfg.data.patch_size_zyx)
+
+    @jax.jit
+    def running(v, x):  # (B, *size, 1) -> (B,) malignant probability
+        return task.probabilities(task.logits(forward_apply(model, v, x)))
+
+    @jax.jit
+    def batch_stats(v, x):  # the same with the batch's own statistics
+        out, _ = model.apply(v, x, train=True, mutable=["batch_stats"],
+                             rngs={"dropout": jax.random.key(0)})
+        return task.probabilities(task.logits(out))
+
+    print(f"{args.workdir}/cls at step {step}, ROIs {size}")
+    for name, uids in (("training", train), ("held-out", test)):
+        sampler = roi_sampler(store, uids, SamplerConfig.from_config(cfg), 1,
+                              uncertain=str(cfg.data.malignancy_uncertain), balance=False)
+        rows = sampler.pool
+        x = np.stack([store.read_patch(sampler.uids[int(r["scan"])],
+                                       np.rint(r["center_zyx"]).astype(np.int64), size)
+                      for r in rows])[..., None].astype(np.float32)
+        y = rows["label"].astype(np.int64)
+        s1 = np.concatenate([np.asarray(running(variables, x[i:i + 32]))
+                             for i in range(0, len(x), 32)])
+        s2 = np.asarray(batch_stats(variables, x))
+        print(f"{name}: {len(y)} ROIs, {int(y.sum())} malignant; running averages accuracy "
+              f"{np.mean((s1 > 0.5) == y):.3f} AUC {roc_auc(y, s1):.3f}; batch statistics "
+              f"accuracy {np.mean((s2 > 0.5) == y):.3f} AUC {roc_auc(y, s2):.3f}; diameter "
+              f"AUC {roc_auc(y, rows['diameter_mm'].astype(np.float64)):.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
