@@ -7,52 +7,33 @@ underfit), and batch statistics against running averages tell whether batch
 normalisation's averages are the problem. The diameter is the yardstick: size is what the
 generated nodules' malignancy shows most.
 
-    python bench/yu2021_roi_check.py --workdir=RUN [--config=configs/yu2021.py]
-        [--set data.synthetic_seed=1 ...]
+    python bench/yu2021_roi_check.py --workdir=RUN
 
-RUN is a yu2021 main job's ``--workdir`` (its ``cls`` stage folder holds the network); the
-config (with the same ``--set`` overrides as the run's ``--config.`` flags) finds the
-prepared store and the fold. Prints, for the training and the held-out ROIs with a label
-(median malignancy 1-2 benign, 4-5 malignant, 3 left out): count, malignant count, the
-network's accuracy and ROC AUC with running averages and with each set's batch
-statistics, and the ROC AUC of the diameter.
+RUN is a yu2021 main job's ``--workdir``: its ``cls`` stage folder holds the network and
+the stage's own config (``config.json``: the store, the fold, the ROI size). Prints, for
+the training and the held-out ROIs with a label (median malignancy 1-2 benign, 4-5
+malignant, 3 per ``data.malignancy_uncertain``): count, malignant count, the network's
+accuracy and ROC AUC with running averages and with each set's batch statistics, and the
+ROC AUC of the diameter.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import json
 import os
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def _config(path: str, sets):
-    spec = importlib.util.spec_from_file_location("yu2021_cfg", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config(None)
-    for item in sets:
-        key, value = item.split("=", 1)
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = type(node[leaf])(value)
-    return c
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True)
-    p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..",
-                                                    "configs", "yu2021.py"))
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a config override, as the run's --config.KEY=VALUE")
     args = p.parse_args()
 
     from lungjax import stages, train as train_lib
@@ -63,12 +44,13 @@ def main() -> None:
     from lungjax.steps import forward_apply
     from lungjax.train_data import held_out_uids, prepare_data
 
-    c = _config(args.config, args.set)
-    cfg = stages.stage_config(c, "cls", dict(stages.stage_specs(c))["cls"])
+    cls_dir = os.path.join(args.workdir, "cls")
+    with open(os.path.join(cls_dir, "config.json"), encoding="utf-8") as f:
+        cfg = ml_collections.ConfigDict(json.load(f))
     model, task = train_lib.build_model(cfg), train_lib.build_task(cfg)
-    variables, step = stages.restore_variables(os.path.join(args.workdir, "cls"))
-    store = PatchStore.open(prepare_data(c))
-    test = held_out_uids(c, store)
+    variables, step = stages.restore_variables(cls_dir)
+    store = PatchStore.open(prepare_data(cfg))
+    test = held_out_uids(cfg, store)
     train = [u for u in store.uids() if u not in set(test)]
     size = tuple(int(v) for v in cfg.data.patch_size_zyx)
 

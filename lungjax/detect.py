@@ -31,7 +31,7 @@ from lungjax import fileio
 from lungjax.data.coords import Geometry, within_sphere
 from lungjax.data.tables import Findings, Marks, write_marks_csv
 from lungjax.tasks.screening import (Candidates, OutputMapping, candidates_from_scores,
-                                     crop_patch, inside_mask, mask_at_cells, score_volume)
+                                     inside_mask, mask_at_cells, score_volume)
 
 log = logging.getLogger(__name__)
 
@@ -609,8 +609,8 @@ def load_method(export_dir: str | os.PathLike, changes: Mapping[str, Any] | None
     import json
 
     from lungjax.export import load_predictor
-    from lungjax.methods.candidates import (merge_within_diameter, padded_to,
-                                            regressed_centres, score_candidates)
+    from lungjax.methods.candidates import (merge_within_diameter, regressed_centres,
+                                            score_patches_at)
     from lungjax.registry import EXPORTED_DETECTORS, EXPORTED_METHODS
 
     export_dir = os.fspath(export_dir)
@@ -676,10 +676,7 @@ def load_method(export_dir: str | os.PathLike, changes: Mapping[str, Any] | None
                                     lung_mask=lung, jit=False, score_map=True)
             maps = {SCREEN_MAPS[0]: prob}
             centres = np.rint(c.voxel_zyx).astype(np.int64)
-            out = score_candidates(
-                padded_to(batch, named), lambda idx: np.stack([crop_patch(volume, centres[i], size)
-                                               for i in idx])[..., None],
-                len(centres), batch, mirrors, mirror_top)
+            out = score_patches_at(named, volume, centres, size, batch, mirrors, mirror_top)
             if not out:
                 return c.world_xyz, np.zeros(0), None, {}, maps
             diam = out.get("diameter_mm")

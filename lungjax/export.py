@@ -162,19 +162,17 @@ def _rebuilt(sidecar: dict) -> Callable | None:
     installation lacks the model (then the serialized function runs)."""
     from ml_collections import config_dict
 
-    from lungjax import train as train_lib
     from lungjax.registry import MODELS, TASKS
+    from lungjax.stages import scan_model
     from lungjax.steps import forward_apply, make_predict_fn
 
     how = sidecar.get("rebuild")
     model_cfg = sidecar.get("model")
     if not how or not model_cfg or model_cfg.get("name") not in MODELS:
         return None
-    cfg = config_dict.ConfigDict({"model": model_cfg, "train": {
-        "compute_dtype": how.get("compute_dtype", "float32")}})
-    model = train_lib.build_model(cfg)
-    if "conv_impl" in model.__dataclass_fields__:
-        model = model.clone(conv_impl=how.get("conv_impl") or "auto")
+    model = scan_model(config_dict.ConfigDict({
+        "model": model_cfg, "train": {"compute_dtype": how.get("compute_dtype", "float32")},
+        "detection": {"conv_impl": how.get("conv_impl") or "auto"}}))
     if how["output"] == "heads":
         return jax.jit(lambda variables, image: forward_apply(model, variables, image))
     task = TASKS.build(sidecar["task"])

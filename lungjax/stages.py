@@ -898,10 +898,13 @@ EVALUATIONS: dict[str, Callable[..., dict]] = {"froc": froc_evaluation}
 
 
 def export_stage(run: StageRun, predict, size, extra_meta: Mapping[str, Any],
-                 min_size_zyx=None, multiple_of: int = 1) -> dict:
+                 min_size_zyx=None, multiple_of: int = 1, rebuild: str | None = None) -> dict:
     """Exports stage ``run``'s network (the latest checkpoint of stage ``network``) with
     ``predict(variables, image)`` to ``run.dir``; the sidecar carries the preprocessing
-    the store applied, so a predictor reads scans exactly as training did."""
+    the store applied, so a predictor reads scans exactly as training did. ``rebuild``:
+    what ``predict`` computes from the model and task (``lungjax.export.REBUILD_OUTPUTS``),
+    so that a predictor runs the network rebuilt with ``detection.conv_impl``'s plans per
+    input shape (``lungjax.export.load_predictor``); None: the serialized function only."""
     from lungjax import export as export_lib
 
     cfg = run.config
@@ -912,6 +915,9 @@ def export_stage(run: StageRun, predict, size, extra_meta: Mapping[str, Any],
                               "intensity": "clip(HU, hu_window) scaled linearly to [0, 1]",
                               "patch_size_zyx": list(cfg.data.patch_size_zyx)}}
     meta["preprocessing"].update(store_preprocessing(cfg))
+    if rebuild:
+        meta["rebuild"] = export_lib.rebuild_spec(rebuild, cfg.detection.conv_impl or "auto",
+                                                  cfg.train.compute_dtype)
     meta.update(extra_meta)
     return export_lib.export_network(
         run.dir, os.path.join(run.dirs[run.spec["network"]], "checkpoints"), predict, size,
@@ -933,7 +939,6 @@ def store_preprocessing(config) -> dict:
 
 
 def _export_detect(run: StageRun) -> dict:
-    from lungjax.export import rebuild_spec
     from lungjax.registry import EXPORTED_DETECTORS
     from lungjax.steps import make_predict_fn
     from lungjax.tasks.screening import output_mapping
@@ -948,10 +953,9 @@ def _export_detect(run: StageRun) -> dict:
     size = tuple(cfg.export.input_size_zyx) or (None,) * len(cfg.data.patch_size_zyx)
     min_size = None if cfg.export.input_size_zyx else tuple(int(r) for r in
                                                             m.receptive_field_zyx)
-    meta = {"detection": as_dict(cfg.detection), "output_mapping": m.to_json(),
-            "rebuild": rebuild_spec("probability", cfg.detection.conv_impl or "auto",
-                                    cfg.train.compute_dtype)}
-    return export_stage(run, make_predict_fn(model, task), size, meta, min_size)
+    meta = {"detection": as_dict(cfg.detection), "output_mapping": m.to_json()}
+    return export_stage(run, make_predict_fn(model, task), size, meta, min_size,
+                        rebuild="probability")
 
 
 STAGE_EXPORTS.register("detect", _export_detect)

@@ -217,6 +217,23 @@ def score_candidates(predict: Callable[[np.ndarray], Mapping[str, np.ndarray]],
     return once
 
 
+def score_patches_at(predict: Callable[[np.ndarray], Mapping[str, np.ndarray]],
+                     volume: np.ndarray, centres_zyx: np.ndarray, size_zyx: Sequence[int],
+                     batch: int, mirrors: bool, mirror_top: int = 0) -> dict[str, np.ndarray]:
+    """:func:`score_candidates` of the patches of ``volume`` (D, H, W) float32 at the (K, 3)
+    int voxel centres (``crop_patch``: start = centre - size // 2, air outside), each
+    network call padded to ``batch`` (:func:`padded_to`). What the classify stage and the
+    predict command both run."""
+    size = tuple(int(s) for s in size_zyx)
+
+    def patches_of(idx):
+        return np.stack([crop_patch(volume, centres_zyx[i], size)
+                         for i in idx])[..., None].astype(np.float32)
+
+    return score_candidates(padded_to(batch, predict), patches_of, len(centres_zyx), batch,
+                            mirrors, mirror_top)
+
+
 def merge_within_diameter(xyz: np.ndarray, score: np.ndarray, diameter: np.ndarray
                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One scan's stage-2 marks, each mark inside the regressed diameter of a
@@ -327,15 +344,9 @@ class CandidateClassifier:
         """
         centers = np.rint(np.asarray(voxel_zyx, np.float64).reshape(-1, 3)).astype(np.int64)
 
-        predict = padded_to(self.batch, lambda x: jax.device_get(
-            self._decode(self.variables, jnp.asarray(x))))
-
-        def patches_of(idx):
-            return np.stack([crop_patch(volume, centers[i], self.size)
-                             for i in idx])[..., None].astype(np.float32)
-
-        out = score_candidates(predict, patches_of, len(centers), self.batch, self.mirrors,
-                               self.mirror_top)
+        out = score_patches_at(
+            lambda x: jax.device_get(self._decode(self.variables, jnp.asarray(x))), volume,
+            centers, self.size, self.batch, self.mirrors, self.mirror_top)
         if not out:
             out = {"score": np.zeros(0)}
             if getattr(self.model, "regression", False):
@@ -460,7 +471,6 @@ def _export_screen(run: StageRun) -> dict:
     """The screening network on whole scans: spatial sizes stay symbolic (any size from
     the receptive field up) unless ``export.input_size_zyx`` fixes them; the predict
     command runs it rebuilt per scan shape (``lungjax.export``'s ``rebuild``)."""
-    from lungjax.export import rebuild_spec
     from lungjax.steps import make_predict_fn
     from lungjax.tasks.screening import output_mapping
 
@@ -474,11 +484,9 @@ def _export_screen(run: StageRun) -> dict:
     # probability is 1.0 on many cells, which would tie them.
     meta = {"output_mapping": m.to_json(), "detection": {**cfg.detection.to_dict(),
                                                          "log_odds": True},
-            "output": "nodule log-odds per output cell",
-            "rebuild": rebuild_spec("log_odds", cfg.detection.conv_impl or "auto",
-                                    cfg.train.compute_dtype)}
+            "output": "nodule log-odds per output cell"}
     return export_stage(run, make_predict_fn(model, task, output="log_odds"), size, meta,
-                        min_size)
+                        min_size, rebuild="log_odds")
 
 
 def candidate_columns(model, task) -> Callable:
@@ -500,8 +508,6 @@ def _export_classify(run: StageRun) -> dict:
     """The candidate classifier on (B, *patch, 1) patches: column 0 the probability;
     networks with a regression head add column 1, the diameter in mm, and columns 2-4,
     the nodule centre's offset (z, y, x) in voxels from the patch's geometric centre."""
-    from lungjax.export import rebuild_spec
-
     cfg = run.config
     model, task = train_lib.build_model(cfg), train_lib.build_task(cfg)
     if cfg.detection.conv_impl:
@@ -515,12 +521,11 @@ def _export_classify(run: StageRun) -> dict:
                   else ""))
     size = tuple(int(s) for s in cfg.data.patch_size_zyx)
     return export_stage(run, candidate_columns(model, task), size, {
-        "rebuild": rebuild_spec("candidate_columns", cfg.detection.conv_impl or "auto",
-                                cfg.train.compute_dtype),
         "output_columns": meaning, "patch_start": "candidate voxel - patch_size // 2",
         "mirrors": bool(run.spec["mirrors"]), "mirror_top": int(run.spec["mirror_top"]),
         "regressed_position": bool(run.spec["regressed_position"]),
-        "merge_within_diameter": bool(run.spec["merge_within_diameter"])})
+        "merge_within_diameter": bool(run.spec["merge_within_diameter"])},
+        rebuild="candidate_columns")
 
 
 STAGE_EXPORTS.register("screen", _export_screen)

@@ -146,7 +146,6 @@ class ExportedAnchorDetector:
     @staticmethod
     def export(run) -> dict:
         from lungjax import train as train_lib
-        from lungjax.export import rebuild_spec
         from lungjax.stages import export_stage
 
         cfg = run.config
@@ -159,10 +158,9 @@ class ExportedAnchorDetector:
             return model.apply(variables, image, train=False)
 
         meta = {"detection": cfg.detection.to_dict(), "coarsest_stride": multiple,
-                "output": "per head (B, d, h, w, anchors, 5): noduleness logit, box deltas",
-                "rebuild": rebuild_spec("heads", cfg.detection.conv_impl or "auto",
-                                        cfg.train.compute_dtype)}
-        return export_stage(run, predict, (None, None, None), meta, multiple_of=multiple)
+                "output": "per head (B, d, h, w, anchors, 5): noduleness logit, box deltas"}
+        return export_stage(run, predict, (None, None, None), meta, multiple_of=multiple,
+                            rebuild="heads")
 
     @staticmethod
     def load(export_dir: str):
