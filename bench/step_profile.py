@@ -58,6 +58,9 @@ from lungjax.models.layers import set_conv_impl  # noqa: E402
 
 # Instructions whose trace event spans the operations of their body, which are traced too.
 CONTAINERS = ("while", "conditional", "call")
+# Parts of an operation's op_name path that are JAX's, not a module's.
+JAX_PARTS = {"while", "body", "cond", "closed_call", "checkpoint", "remat", "pjit", "jit",
+             "custom_jvp_call", "custom_vjp_call", "scan", "map"}
 
 
 def _layer(hlo_line):
@@ -71,7 +74,13 @@ def _layer(hlo_line):
     net = next((i for i, p in enumerate(parts) if p.startswith(("jvp(", "transpose("))), None)
     if net is None:
         return ("(step)", "")
-    path = [p for p in parts[net + 1:-1] if re.match(r"^[A-Z][A-Za-z]*_\d+$", p)]
+    # Module names (Flax's "ResUnit_2" or a given "stage1_block0", "conv2") up to the first
+    # part that is a JAX construct (a loop body, a nested transformation).
+    path = []
+    for p in parts[net + 1:-1]:
+        if p in JAX_PARTS or not re.match(r"^[A-Za-z]\w*$", p):
+            break
+        path.append(p)
     return ("/".join(path) or "(model, no module)",
             "bwd" if parts[net].startswith("transpose(") else "fwd")
 

@@ -14,7 +14,9 @@ the stage's own config (``config.json``: the store, the fold, the ROI size). Pri
 the training and the held-out ROIs with a label (median malignancy 1-2 benign, 4-5
 malignant, 3 per ``data.malignancy_uncertain``): count, malignant count, the network's
 accuracy and ROC AUC with running averages and with each set's batch statistics, and the
-ROC AUC of the diameter.
+ROC AUC of the diameter; then the diameter alone as a classifier (the cls stage's
+``size_rule`` evaluator: its threshold fitted on the training ROIs, its figures on the
+held-out ones).
 """
 
 from __future__ import annotations
@@ -37,10 +39,10 @@ def main() -> None:
     args = p.parse_args()
 
     from lungjax import stages, train as train_lib
-    from lungjax.data.dense_sampling import roi_sampler
-    from lungjax.data.sampler import SamplerConfig
+    from lungjax.data.dense_sampling import RoiTrainData
     from lungjax.data.store import PatchStore
     from lungjax.evaluation.classification import roc_auc
+    from lungjax.evaluation.evaluators import SizeRuleEvaluator
     from lungjax.steps import forward_apply
     from lungjax.train_data import held_out_uids, prepare_data
 
@@ -65,11 +67,12 @@ def main() -> None:
         return task.probabilities(task.logits(out))
 
     print(f"{args.workdir}/cls at step {step}, ROIs {size}")
-    for name, uids in (("training", train), ("held-out", test)):
-        sampler = roi_sampler(store, uids, SamplerConfig.from_config(cfg), 1,
-                              uncertain=str(cfg.data.malignancy_uncertain), balance=False)
-        rows = sampler.pool
-        x = np.stack([store.read_patch(sampler.uids[int(r["scan"])],
+    # The stage's own ROIs: training ones without the held-out nodules' patients.
+    data = RoiTrainData(cfg, store, train, test)
+    held = data.eval_index.samples[data.eval_index.samples["weight"] > 0]
+    for name, rows, uids in (("training", data.sampler.pool, data.sampler.uids),
+                             ("held-out", held, data.eval_index.uids)):
+        x = np.stack([store.read_patch(uids[int(r["scan"])],
                                        np.rint(r["center_zyx"]).astype(np.int64), size)
                       for r in rows])[..., None].astype(np.float32)
         y = rows["label"].astype(np.int64)
@@ -80,6 +83,11 @@ def main() -> None:
               f"{np.mean((s1 > 0.5) == y):.3f} AUC {roc_auc(y, s1):.3f}; batch statistics "
               f"accuracy {np.mean((s2 > 0.5) == y):.3f} AUC {roc_auc(y, s2):.3f}; diameter "
               f"AUC {roc_auc(y, rows['diameter_mm'].astype(np.float64)):.3f}", flush=True)
+    rule = SizeRuleEvaluator(n_bootstrap=1000, seed=int(cfg.seed))(None, None, data)
+    print(f"diameter alone: malignant from {rule['threshold_mm']:.1f} mm (fitted on the "
+          f"training ROIs); held-out accuracy {rule['accuracy']:.3f} "
+          f"({rule['accuracy_lo']:.3f}-{rule['accuracy_hi']:.3f}), AUC {rule['roc_auc']:.3f}, "
+          f"specificity {rule['specificity']:.3f}", flush=True)
 
 
 if __name__ == "__main__":

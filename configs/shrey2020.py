@@ -139,8 +139,11 @@ def _classify_sections(unet_features, crop):
                                               schedule="constant"))
     s.train = config_dict.ConfigDict(dict(batch_size=16, num_steps=300, log_every=50,
                                           checkpoint_every=100))
-    s.evals = config_dict.ConfigDict(dict(cls=dict(type="classification", every_steps=0,
-                                                   n_bootstrap=1000, seed=0)))
+    # size: the annotated diameter alone, its threshold fitted on the same training ROIs
+    # (no network): what the held-out figures are read against.
+    s.evals = config_dict.ConfigDict(dict(
+        cls=dict(type="classification", every_steps=0, n_bootstrap=1000, seed=0),
+        size=dict(type="size_rule", every_steps=0, n_bootstrap=1000, seed=0)))
     return s
 
 
@@ -263,6 +266,7 @@ def get_config(arg: str | None = None):
         s2.train.log_every = 2
         s2.train.checkpoint_every = 4
         s2.evals.cls.n_bootstrap = 50
+        s2.evals.size.n_bootstrap = 50
     else:
         s2.optimizer.learning_rate = 1e-3  # CPU schedule, as the U-Net's
 

@@ -127,7 +127,11 @@ def _classifier(c):
     s.train = config_dict.ConfigDict(dict(batch_size=16, log_every=20,
                                           checkpoint_every=200))
     s.yu2021 = config_dict.ConfigDict(dict(epochs=52.0, lr_decay_epochs=()))
-    s.evals = config_dict.ConfigDict()
+    # The network's held-out figures come from stage clseval; size is the annotated
+    # diameter alone, its threshold fitted on the same training ROIs (no network): what
+    # those figures are read against.
+    s.evals = config_dict.ConfigDict(dict(
+        size=dict(type="size_rule", every_steps=0, n_bootstrap=1000, seed=0)))
     return s
 
 
@@ -275,6 +279,7 @@ def get_config(arg: str | None = None):
         s2.train.log_every = 2
         s2.train.checkpoint_every = 4
         s2.yu2021.epochs = 2.0
+        s2.evals.size.n_bootstrap = 50
 
     for k, v in kv.items():
         if k == "fold":

@@ -9,7 +9,8 @@ from scipy import stats
 
 import sklearn.metrics as skm  # the independent reference (test extras)
 
-from lungjax.evaluation.classification import (FIGURES, binary_metrics, bootstrap_intervals,
+from lungjax.evaluation.classification import (FIGURES, best_accuracy_threshold,
+                                               binary_metrics, bootstrap_intervals,
                                                classification_record, confusion_counts,
                                                confusion_matrix, macro_metrics,
                                                multiclass_metrics, roc_auc, roc_curve,
@@ -187,3 +188,25 @@ def test_classification_record_two_columns_and_multiclass():
     assert rec["ci"]["f1"][0] <= rec["f1"] <= rec["ci"]["f1"][1]
     none = classification_record(y, s, seed=0, n_bootstrap=0)
     assert all(np.isnan(v).all() for v in none["ci"].values())
+
+
+def test_best_accuracy_threshold_brute_force_and_ends():
+    # Hand case: diameters (mm) and labels; cutting between 6 and 8 mm is the only
+    # operating point with a single error (the 12 mm benign one).
+    d = [3.0, 4.0, 6.0, 8.0, 9.0, 12.0, 15.0]
+    y = [0, 0, 0, 1, 1, 0, 1]
+    assert best_accuracy_threshold(y, d) == 7.0
+    # Every class split by a gap: calling everything one class is best at the ends.
+    assert best_accuracy_threshold([1, 1, 1], [2.0, 5.0, 9.0]) < 2.0
+    assert best_accuracy_threshold([0, 0, 0], [2.0, 5.0, 9.0]) > 9.0
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        s = np.round(rng.random(30) * 10, 1)  # ties included
+        t = (rng.random(30) < 0.3 + 0.05 * s).astype(int)
+        thr = best_accuracy_threshold(t, s)
+        cuts = np.r_[s.min() - 1, np.unique(s), s.max() + 1]
+        best = max(np.mean((s >= c) == t) for c in cuts)
+        assert np.mean((s >= thr) == t) == best
+        assert not np.any(s == thr)  # between scores: ties fall on one side
+    with pytest.raises(ValueError, match="no samples"):
+        best_accuracy_threshold([], [])

@@ -13,7 +13,8 @@ from ml_collections import ConfigDict
 
 from lungjax import sharding as shd
 from lungjax.evaluation.classification import FIGURES, classification_record
-from lungjax.evaluation.evaluators import ClassificationEvaluator, SegmentationEvaluator
+from lungjax.evaluation.evaluators import (ClassificationEvaluator, SegmentationEvaluator,
+                                          SizeRuleEvaluator)
 from lungjax.evaluation.segmentation import SegmentationPool
 from lungjax.registry import EVALUATORS
 from lungjax.tasks.classification import ClassificationTask
@@ -202,9 +203,40 @@ def test_evaluators_built_from_config():
 
     config = ConfigDict({"evals": {
         "seg": dict(type="segmentation", every_steps=4, threshold=0.4, spacing=(1.0, 1.0)),
-        "cls": dict(type="classification", every_steps=0, n_bootstrap=100, seed=1)}})
+        "cls": dict(type="classification", every_steps=0, n_bootstrap=100, seed=1),
+        "size": dict(type="size_rule", n_bootstrap=20)}})
     evs = {ev.name: ev for ev in build_evaluators(config)}
     seg, cls = evs["seg"], evs["cls"]
     assert (seg.name, seg.every_steps, seg.threshold, seg.spacing) == ("seg", 4, 0.4,
                                                                        (1.0, 1.0))
     assert (cls.name, cls.n_bootstrap, cls.seed) == ("cls", 100, 1)
+    assert isinstance(evs["size"], SizeRuleEvaluator) and evs["size"].n_bootstrap == 20
+
+
+def _roi_rows(diameter, label, weight=1.0):
+    from lungjax.data.sampler import SAMPLE_DTYPE
+
+    rows = np.zeros(len(diameter), SAMPLE_DTYPE)
+    rows["diameter_mm"], rows["label"], rows["weight"] = diameter, label, weight
+    return rows
+
+
+def test_size_rule_fits_on_training_rois_and_scores_held_out_ones():
+    """The diameter-alone yardstick: threshold from the training pool only (a held-out set
+    that would move it does not), figures of the held-out ROIs, padding rows ignored."""
+    train = _roi_rows([4.0, 5.0, 6.0, 7.0, 12.0, 14.0, 20.0, 25.0], [0, 0, 0, 0, 1, 1, 1, 1])
+    held = np.concatenate([_roi_rows([5.0, 11.0, 30.0, 9.0, 13.0], [0, 0, 1, 1, 1]),
+                           _roi_rows([40.0], [0], weight=0.0)])  # padding
+    data = types.SimpleNamespace(sampler=types.SimpleNamespace(pool=train),
+                                 eval_index=types.SimpleNamespace(samples=held))
+    out = SizeRuleEvaluator(n_bootstrap=50, seed=3)(None, None, data)
+    assert out["threshold_mm"] == 9.5 and out["count"] == 5
+    # >= 9.5 mm malignant: 11 (benign) wrong, 9 (malignant) wrong: 3 of 5 right.
+    rec = classification_record([0, 0, 1, 1, 1], [5.0, 11.0, 30.0, 9.0, 13.0], seed=3,
+                                n_bootstrap=50, threshold=9.5)
+    for k in FIGURES:
+        assert out[k] == pytest.approx(rec[k])
+        assert out[f"{k}_lo"] <= out[k] <= out[f"{k}_hi"]
+    assert out["accuracy"] == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="nodule_roi"):
+        SizeRuleEvaluator()(None, None, types.SimpleNamespace(eval_index=None))

@@ -161,6 +161,31 @@ def test_rerun_skips_done_scans_and_rejects_other_settings(prepared, luna_root):
         prepare_dataset(luna_root, out, margin_mm=9.0, progress=False)
 
 
+def test_source_recorded_through_links_and_updated_when_the_dataset_moved(
+        prepared, luna_root, tmp_path, capsys):
+    """The store records its dataset's real folder (not the link it was reached through);
+    a store whose recorded dataset is gone is told where it is now by the next prepare,
+    and until then a nodule's patient is each scan's own, said on stderr."""
+    from lungjax.data.dense_sampling import nodule_patients
+
+    out, _ = prepared
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["source_root"] == os.path.realpath(luna_root)
+    moved = tmp_path / "st"
+    shutil.copytree(out, moved)
+    manifest["source_root"] = str(tmp_path / "gone" / "luna")
+    (moved / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    patients = nodule_patients(PatchStore.open(moved), GOOD)
+    assert all(set(patients[u]) <= {u} for u in GOOD)
+    assert "source dataset" in capsys.readouterr().err
+    link = tmp_path / "link"
+    link.symlink_to(luna_root, target_is_directory=True)
+    report = prepare_dataset(link, moved, margin_mm=5.0, progress=False)
+    assert report.done == [] and sorted(report.reused) == GOOD
+    assert any("is gone" in w for w in report.warnings)
+    assert PatchStore.open(moved).manifest["source_root"] == os.path.realpath(luna_root)
+
+
 def test_interrupted_then_resumed(luna_root, tmp_path, monkeypatch):
     out = tmp_path / "st"
     real = prepare_lib.prepare_scan

@@ -254,7 +254,7 @@ def test_tables_put_the_paper_beside_ours(tmp_path):
         "unet": {"eval/seg": {"dice": 0.4}},
         "screen": {"rule": {"sensitivity": 0.9, "specificity": 0.8, "precision": 0.3},
                    "slice_roc_auc": 0.85, "dice_pooled": 0.35},
-        "classify": {"eval/cls": ev}},
+        "classify": {"eval/cls": ev, "eval/size": {**ev, "accuracy": 0.8}}},
         "variants": {"resnet50": {"stages": {"classify": {"eval/cls": {**ev, "f1": 0.25}}}}}}
     out = method.write_tables(c, str(tmp_path), [rec], {"files": {}})
     md = (tmp_path / "cv" / "shrey2020_tables.md").read_text(encoding="utf-8")
@@ -263,6 +263,9 @@ def test_tables_put_the_paper_beside_ours(tmp_path):
     assert "| ResNet50 | paper | 71.25 | 71.93 | 71.57 | 77.14 | – |" in md
     assert "| ResNet50 | ours (1 fold) | 50.00 [25.00-75.00] | 100.00 [–-–] | 25.00" in md
     assert "| DenseNet121 | paper |" in md and "| DenseNet121 | ours" not in md
+    # The yardstick: no paper row, ours from the classify stage's "size" evaluator.
+    assert "| diameter alone (yardstick) | ours (1 fold) | 50.00 [25.00-75.00]" in md
+    assert "| 80.00 [–-–] | 70.00 [–-–] |" in md
     assert "| sensitivity | 0.9000 |" in md and "| slice dice | 0.4000 |" in md
     data = json.loads((tmp_path / "cv" / "shrey2020_tables.json").read_text(encoding="utf-8"))
     assert data["classifiers"]["resnet50"]["f1"] == 0.25

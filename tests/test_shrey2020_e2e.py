@@ -55,6 +55,10 @@ def test_tiny_cv_runs_every_stage_and_variant(tiny_cv):
         encoding="utf-8"))["rule"] == r
     assert fold["stages"]["classify"]["step"] == c.stages.classify.sections.train.num_steps
     assert "eval/cls" in fold["stages"]["classify"]
+    # The diameter-alone yardstick on the same held-out ROIs, fitted on the training ones.
+    size = fold["stages"]["classify"]["eval/size"]
+    assert size["count"] == fold["stages"]["classify"]["eval/cls"]["count"]
+    assert size["threshold_mm"] > 0 and 0.0 <= size["accuracy"] <= 1.0
     # every baseline trained its own classify stage and shared the U-Net and screening
     for vname in c.cv.variants:
         v = fold["variants"][vname]
@@ -67,7 +71,8 @@ def test_tiny_cv_runs_every_stage_and_variant(tiny_cv):
     assert "97.96" in md and "| fully connected | ours (1 fold)" in md
     assert (cv / "cv" / "shrey2020_tables.png").stat().st_size > 0
     assert (cv / "cv" / "cv_report.md").is_file()
-    assert set(report["classifiers"]) == {"proposed", *c.cv.variants}
+    assert set(report["classifiers"]) == {"proposed", "size_rule", *c.cv.variants}
+    assert "| diameter alone (yardstick) | ours (1 fold)" in md
 
 
 def test_tiny_trained_unet_beats_step0_on_held_out_crops(tiny_cv):

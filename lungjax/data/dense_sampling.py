@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from typing import Sequence
 
 import numpy as np
@@ -219,6 +220,12 @@ def nodule_patients(store, uids: Sequence[str]) -> dict[str, np.ndarray]:
     from lungjax.data.synthetic import read_malignancy_csv
 
     root = (store.manifest or {}).get("source_root", "")
+    if root and not os.path.isdir(root):
+        # Said, not raised: a store read far from where it was prepared (a cloud run) has
+        # no source folder; but each scan its own patient undoes a split by patient.
+        print(f"warning: {store.path}: source dataset {root} not found; each scan counts "
+              "as its own patient (prepare the store again where the dataset is to read "
+              "the nodules' patients from its malignancy.csv)", file=sys.stderr, flush=True)
     path = os.path.join(root, "malignancy.csv") if root else ""
     cols = read_malignancy_csv(path) if path and os.path.isfile(path) else {}
     out = {}

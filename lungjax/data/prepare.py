@@ -338,17 +338,26 @@ def prepare_dataset(root: str | os.PathLike, out: str | os.PathLike,
         manifest = store_lib.read_manifest(out)
     except store_lib.StoreVersionError as e:
         manifest, stale = None, str(e)
+    # Symlinks resolved: a store prepared through a linked folder (a second checkout whose
+    # data cache links to the first) keeps a source that outlives the link.
+    source = os.path.realpath(os.fspath(root))
+    report = PrepareReport(out=out, problems=list(dataset.problems))
     if manifest is None:
         manifest = {"format": store_lib.STORE_FORMAT, "version": store_lib.STORE_VERSION,
-                    **settings, "source_root": os.path.abspath(os.fspath(root)), "scans": {},
-                    "skipped": {}}
+                    **settings, "source_root": source, "scans": {}, "skipped": {}}
     else:
         old = {k: manifest.get(k) for k in settings}
         if old != settings:
             raise store_lib.StoreError(
                 f"{out}: store was prepared with {old}, this run asks for {settings}; "
                 "use another --out or the same settings")
-    report = PrepareReport(out=out, problems=list(dataset.problems))
+        recorded = manifest.get("source_root")
+        if recorded != source and not (recorded and os.path.isdir(recorded)):
+            # The dataset moved (or the link it was reached through is gone): its tables
+            # (malignancy.csv: the nodules' patients) are read from where it is now.
+            manifest["source_root"] = source
+            report.warnings.append(f"{out}: source dataset {recorded} is gone; recorded as "
+                                   f"{source} now")
     if stale:
         report.warnings.append(f"{stale}: every scan prepared again")
     uids = dataset.uids if subsets is None else dataset.uids_in_folds(subsets)

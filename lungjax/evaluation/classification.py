@@ -29,6 +29,7 @@ __all__ = [
     "binary_metrics",
     "bootstrap_intervals",
     "classification_record",
+    "best_accuracy_threshold",
     "confusion_counts",
     "confusion_matrix",
     "drop_collinear",
@@ -219,6 +220,35 @@ def binary_metrics(y_true, y_score, *, threshold: float = 0.5) -> dict[str, floa
         "n_positive": int(np.count_nonzero(t)),
         **c,
     }
+
+
+def best_accuracy_threshold(y_true, y_score) -> float:
+    """The threshold at which "positive when ``score >= t``" is most accurate on these
+    samples: halfway between the two distinct scores that bound the best operating
+    point (of several equally accurate ones, the middle one), below the lowest score
+    when calling everything positive is best, above the highest when nothing is.
+
+    Args:
+      y_true: (N,) {0,1} or bool, N > 0.
+      y_score: (N,) float.
+
+    Returns:
+      float threshold, in the scores' units.
+    """
+    t = _as_labels(y_true)
+    if t.size == 0:
+        raise ValueError("best_accuracy_threshold: no samples")
+    tps, fps, thr = threshold_counts(t, y_score)
+    n_neg = t.size - int(np.count_nonzero(t))
+    # Operating point 0 calls nothing positive; point i + 1 everything >= thr[i].
+    correct = np.r_[n_neg, tps + (n_neg - fps)]
+    best = np.flatnonzero(correct == correct.max())
+    i = int(best[len(best) // 2])
+    if i == 0:
+        return float(thr[0] + 1.0)
+    if i == len(thr):
+        return float(thr[-1] - 1.0)
+    return float((thr[i - 1] + thr[i]) / 2.0)
 
 
 # ----------------------------------------------------------------------------------

@@ -15,6 +15,10 @@ or an infinite Hausdorff distance) is left out of the dict, not logged as nan.
   with seeded bootstrap intervals (``<figure>_lo`` / ``<figure>_hi``); binary from the
   host outputs ``score`` (B,) and ``label`` (B,) 0/1, multi-class (macro averages)
   from ``probabilities`` (B, K) and ``label`` (B,) in [0, K).
+* ``"size_rule"``: no network: the annotated diameter alone as a benign / malignant
+  classifier, its threshold fitted on the training ROIs, scored on the held-out ones with
+  the ``"classification"`` figures: the yardstick a network trained on the same ROIs is
+  read against (data of a ``"nodule_roi"`` sampler).
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from lungjax import sharding as shd
-from lungjax.evaluation.classification import FIGURES, classification_record
+from lungjax.evaluation.classification import (FIGURES, best_accuracy_threshold,
+                                               classification_record)
 from lungjax.evaluation.segmentation import SegmentationPool
 from lungjax.registry import EVALUATORS
 
-__all__ = ["ClassificationEvaluator", "MetricSums", "SegmentationEvaluator", "eval_pass"]
+__all__ = ["ClassificationEvaluator", "MetricSums", "SegmentationEvaluator", "SizeRuleEvaluator",
+           "eval_pass"]
 
 
 class MetricSums:
@@ -186,10 +192,60 @@ class ClassificationEvaluator:
         if not means:
             return {}
         rec = self.record(np.concatenate(labels), np.concatenate(scores))
-        figures: dict[str, float] = {}
-        for k in FIGURES:
-            _finite(figures, k, rec[k])
-            lo, hi = rec["ci"][k]
-            _finite(figures, f"{k}_lo", lo)
-            _finite(figures, f"{k}_hi", hi)
-        return _assemble(means, figures, n)
+        return _assemble(means, _record_figures(rec), n)
+
+
+def _record_figures(rec: dict) -> dict[str, float]:
+    """A ``classification_record``'s figures and their intervals, flat (finite only)."""
+    figures: dict[str, float] = {}
+    for k in FIGURES:
+        _finite(figures, k, rec[k])
+        lo, hi = rec["ci"][k]
+        _finite(figures, f"{k}_lo", lo)
+        _finite(figures, f"{k}_hi", hi)
+    return figures
+
+
+@EVALUATORS.register("size_rule")
+class SizeRuleEvaluator:
+    """The annotated diameter alone as a classifier: malignant when a nodule's diameter is
+    at least ``threshold_mm``, the threshold most accurate on the training ROIs
+    (:func:`lungjax.evaluation.classification.best_accuracy_threshold`), scored on the
+    held-out ROIs. Size is the first thing malignancy is graded by, so a network that
+    learned from the same ROIs is expected to reach it; the network is not used.
+
+    Needs the data of a ``"nodule_roi"`` sampler (:class:`lungjax.data.dense_sampling.
+    RoiTrainData`): the training pool and the held-out index, rows with ``diameter_mm``
+    and ``label`` (1 malignant, 0 benign).
+
+    Args: as :class:`ClassificationEvaluator` (no ``threshold``: it is fitted).
+
+    Returns (from ``__call__``): ``threshold_mm``; each of ``accuracy``, ``sensitivity``,
+    ``specificity``, ``precision``, ``f1``, ``roc_auc`` (the held-out diameter's AUC,
+    threshold-free) with ``<figure>_lo`` / ``<figure>_hi``; ``count`` (held-out ROIs).
+    """
+
+    def __init__(self, every_steps: int = 0, name: str = "size_rule",
+                 n_bootstrap: int = 1000, seed: int = 0, confidence: float = 0.95):
+        self.every_steps = every_steps
+        self.name = name
+        self.n_bootstrap = int(n_bootstrap)
+        self.seed = int(seed)
+        self.confidence = float(confidence)
+
+    def __call__(self, engine, state, data) -> dict[str, float]:
+        del engine, state  # the rule reads the ROIs' annotations only
+        pool = getattr(getattr(data, "sampler", None), "pool", None)
+        index = getattr(data, "eval_index", None)
+        if pool is None or index is None or pool.dtype.names is None or not {
+                "diameter_mm", "label"} <= set(pool.dtype.names):
+            raise ValueError(f"evaluator {self.name!r} (size_rule) needs nodule ROIs with "
+                             "held-out scans: sampler.name 'nodule_roi' and a data.fold")
+        held = index.samples[index.samples["weight"] > 0]
+        if not len(pool) or not len(held):
+            return {}
+        t = best_accuracy_threshold(pool["label"], pool["diameter_mm"])
+        rec = classification_record(held["label"], held["diameter_mm"], seed=self.seed,
+                                    n_bootstrap=self.n_bootstrap, threshold=t,
+                                    confidence=self.confidence)
+        return {"threshold_mm": t, **_record_figures(rec), "count": float(len(held))}

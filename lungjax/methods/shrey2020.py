@@ -43,6 +43,8 @@ from lungjax.steps import forward_apply
 # screening stage's name: the tables read their records.
 CLASSIFY_STAGE = "classify"
 CLASSIFY_EVAL = "eval/cls"
+SIZE_EVAL = "eval/size"  # the diameter-alone yardstick on the same ROIs
+SIZE_ROW = "size_rule"
 SCREEN_STAGE = "screen"
 UNET_STAGE = "unet"
 FIND_STAGE = "find"
@@ -63,6 +65,8 @@ PAPER = {
 LABELS = {"proposed": "proposed (3 conv + FC)", "fc_net": "fully connected",
           "encoder_decoder_fc": "encoder-decoder + FC", "resnet50": "ResNet50",
           "vgg16": "VGG16", "densenet121": "DenseNet121"}
+# The tables' rows: every classifier, then the yardstick.
+ROW_LABELS = {**LABELS, SIZE_ROW: "diameter alone (yardstick)"}
 # Our figure for each table column: the classification evaluator's names.
 COLUMNS = (("precision", "precision"), ("recall", "sensitivity"), ("f1", "f1"),
            ("accuracy", "accuracy"), ("roc_auc", "roc_auc"))
@@ -427,7 +431,8 @@ EXPORTED_METHODS.register("shrey2020_find", ExportedFind)
 
 def _classifier_rows(records: Sequence[dict]) -> dict[str, dict]:
     """Classifier -> {figure: mean over folds, figure_lo / _hi: mean of the folds'
-    bootstrap bounds, "folds": n}, from each fold's classify stage (and its variants')."""
+    bootstrap bounds, "folds": n}, from each fold's classify stage (and its variants'),
+    and ``SIZE_ROW`` from the classify stage's diameter-alone yardstick."""
     per: dict[str, list[dict]] = {}
     for r in records:
         found = {"proposed": r["stages"].get(CLASSIFY_STAGE)}
@@ -436,6 +441,10 @@ def _classifier_rows(records: Sequence[dict]) -> dict[str, dict]:
         for name, rec in found.items():
             if rec and CLASSIFY_EVAL in rec:
                 per.setdefault(name, []).append(rec[CLASSIFY_EVAL])
+        # The proposed classifier's ROIs (every variant trains on the same ones).
+        size = (r["stages"].get(CLASSIFY_STAGE) or {}).get(SIZE_EVAL)
+        if size:
+            per.setdefault(SIZE_ROW, []).append(size)
     rows = {}
     for name, evals in per.items():
         row: dict[str, Any] = {"folds": len(evals)}
@@ -498,7 +507,7 @@ def plot_tables(rows: Mapping[str, dict], path: str, title: str) -> None:
         ax.bar(x + (i - 1.5) * 0.2, np.nan_to_num(vals), 0.2, label=label,
                hatch="//" if label.startswith("paper") else None, alpha=0.85)
     ax.set_xticks(x)
-    ax.set_xticklabels([LABELS.get(n, n) for n in names], rotation=20, ha="right",
+    ax.set_xticklabels([ROW_LABELS.get(n, n) for n in names], rotation=20, ha="right",
                        fontsize=8)
     ax.set_ylabel("%")
     ax.set_ylim(0, 105)
@@ -524,12 +533,14 @@ def write_tables(config, workdir: str, records: Sequence[dict], report: dict) ->
           f"{len(records)} held-out folds {folds}; ours = mean over folds, in brackets the "
           "mean of the folds' bootstrap 95% intervals (over held-out nodules). Benign = "
           "median malignancy 1-2, malignant = 4-5 (3 excluded). Paper: LIDC-IDRI, one "
-          "60/15/25 split.", "",
+          "60/15/25 split. Diameter alone: malignant when the annotated diameter reaches "
+          "the threshold most accurate on the training ROIs, no network (its ROC AUC is "
+          "the held-out diameter's).", "",
           "## Benign / malignant classifiers (percent)", "",
           "| classifier | source | precision | recall | F1 | accuracy | ROC AUC |",
           "|---|---|---|---|---|---|---|"]
     for name in list(PAPER) + [n for n in rows if n not in PAPER]:
-        label = LABELS.get(name, name)
+        label = ROW_LABELS.get(name, name)
         if name in PAPER:
             p = PAPER[name]
             md.append(f"| {label} | paper | " + " | ".join(

@@ -41,6 +41,8 @@ from lungjax.registry import (CV_REPORTS, EXPORTED_METHODS, SAMPLERS, STAGE_CONF
 from lungjax.steps import forward_apply
 
 # The paper's held-out figures (Yu et al. 2021, Results).
+# The cv table's row of the diameter-alone yardstick (stage cls's evaluator "size").
+SIZE_ROW = "diameter alone"
 PAPER = {"dice_large": 0.81, "accuracy": 0.873, "roc_auc": 0.907, "specificity": 0.948}
 
 
@@ -579,6 +581,13 @@ def cv_tables(config, workdir: str, records: Sequence[dict], report: dict) -> di
 
     names = [""] + [v for v in config.cv.variants if all(v in r["variants"] for r in records)]
     table = {(n or config.name): rows_of(n) for n in names}
+    # The diameter alone on the same held-out ROIs, fitted on the cls stage's training ROIs.
+    size = [r["stages"]["cls"]["eval/size"] for r in records
+            if "eval/size" in r["stages"].get("cls", {})]
+    if size:
+        table[SIZE_ROW] = {"dice": float("nan"), "large_nodule_dice": float("nan"),
+                           **{k: _mean(c[k] for c in size)
+                              for k in ("accuracy", "roc_auc", "specificity")}}
     cols = ("dice", "large_nodule_dice", "accuracy", "roc_auc", "specificity")
     paper = {"dice": float("nan"), "large_nodule_dice": PAPER["dice_large"],
              "accuracy": PAPER["accuracy"], "roc_auc": PAPER["roc_auc"],
@@ -588,7 +597,12 @@ def cv_tables(config, workdir: str, records: Sequence[dict], report: dict) -> di
              "| paper | " + " | ".join("-" if not np.isfinite(paper[c]) else f"{paper[c]:.3f}"
                                       for c in cols) + " |"]
     for name, row in table.items():
-        lines.append(f"| {name} | " + " | ".join(f"{row[c]:.3f}" for c in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(
+            f"{row[c]:.3f}" if np.isfinite(row[c]) else "-" for c in cols) + " |")
+    if size:
+        lines += ["", f"{SIZE_ROW}: malignant when the annotated diameter reaches the "
+                  "threshold most accurate on the cls stage's training ROIs (no network), "
+                  "on the same held-out ROIs."]
     out = os.path.join(workdir, "cv")
     fileio.makedirs(out)
     if jax.process_index() == 0:
