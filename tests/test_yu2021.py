@@ -282,6 +282,31 @@ def test_lidc_label_counts_against_the_papers(real_db):
     assert count(real_db, min_readers=1, per="cluster")["nodules"] == 2651
 
 
+def test_cv_table_means_the_folds_and_the_yardstick_skips_undefined_figures(tmp_path):
+    """The table from hand-made fold records: means over folds; a fold whose held-out ROIs
+    are all one class has no AUC (the evaluators leave it out), and the diameter-alone
+    row's AUC is then the other fold's."""
+    c = _load(ROOT / "configs" / "yu2021.py").get_config("tiny")
+
+    def rec(dice, acc, auc, size):
+        cls = {"accuracy": acc, "specificity": 1.0, **({"roc_auc": auc} if auc else {})}
+        return {"stages": {"segeval": {"eval/segmentation": {"dice": dice,
+                                                              "large_nodule_dice": dice}},
+                           "cls": {"eval/size": size},
+                           "clseval": {"eval/classification": cls}}, "variants": {}}
+
+    records = [rec(0.6, 0.5, 0.75, {"accuracy": 0.5, "roc_auc": 0.8, "specificity": 0.5}),
+               rec(0.8, 1.0, None, {"accuracy": 1.0, "specificity": 1.0})]
+    out = method.cv_tables(c, str(tmp_path), records, {})
+    runs = out["yu2021"]["runs"]
+    assert runs["yu2021_tiny"]["dice"] == pytest.approx(0.7)
+    assert runs["yu2021_tiny"]["roc_auc"] == 0.75
+    assert runs["diameter alone"]["accuracy"] == 0.75
+    assert runs["diameter alone"]["roc_auc"] == 0.8
+    md = (tmp_path / "cv" / "yu2021_tables.md").read_text(encoding="utf-8")
+    assert "| diameter alone | - | - | 0.750 | 0.800 | 0.750 |" in md
+
+
 # ----------------------------------------------------------------------------- end to end
 
 

@@ -573,11 +573,11 @@ def cv_tables(config, workdir: str, records: Sequence[dict], report: dict) -> di
             st = r["stages"] if not variant else r["variants"][variant]["stages"]
             seg.append(st["segeval"]["eval/segmentation"])
             cls.append(st["clseval"]["eval/classification"])
-        return {"dice": _mean(s["dice"] for s in seg),
-                "large_nodule_dice": _mean(s["large_nodule_dice"] for s in seg),
-                "accuracy": _mean(c["accuracy"] for c in cls),
-                "roc_auc": _mean(c["roc_auc"] for c in cls),
-                "specificity": _mean(c["specificity"] for c in cls)}
+        return {"dice": _mean(s.get("dice") for s in seg),
+                "large_nodule_dice": _mean(s.get("large_nodule_dice") for s in seg),
+                "accuracy": _mean(c.get("accuracy") for c in cls),
+                "roc_auc": _mean(c.get("roc_auc") for c in cls),
+                "specificity": _mean(c.get("specificity") for c in cls)}
 
     names = [""] + [v for v in config.cv.variants if all(v in r["variants"] for r in records)]
     table = {(n or config.name): rows_of(n) for n in names}
@@ -586,7 +586,7 @@ def cv_tables(config, workdir: str, records: Sequence[dict], report: dict) -> di
             if "eval/size" in r["stages"].get("cls", {})]
     if size:
         table[SIZE_ROW] = {"dice": float("nan"), "large_nodule_dice": float("nan"),
-                           **{k: _mean(c[k] for c in size)
+                           **{k: _mean(c.get(k) for c in size)
                               for k in ("accuracy", "roc_auc", "specificity")}}
     cols = ("dice", "large_nodule_dice", "accuracy", "roc_auc", "specificity")
     paper = {"dice": float("nan"), "large_nodule_dice": PAPER["dice_large"],
