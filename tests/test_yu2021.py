@@ -76,14 +76,15 @@ def test_res_unet_keeps_the_input_size_and_needs_multiples_of_16():
 def _balls(n: int, seed: int, shape=(16, 32, 32)):
     """n volumes (n, *shape, 1) float32 of noise with one bright ball each (3-6 voxels in
     radius, squashed 2x along z as at 3 x 1.5 x 1.5 mm), and their masks (n, *shape)."""
+    from lungjax.data.preprocess import sphere_labels
+
     rng = np.random.default_rng(seed)
-    zz, yy, xx = np.indices(shape)
     img = rng.normal(0.0, 0.3, (n, *shape)).astype(np.float32)
     mask = np.zeros((n, *shape), np.uint8)
     for i in range(n):
         c, r = rng.uniform([5, 9, 9], [11, 23, 23]), rng.uniform(3.0, 6.0)
-        ball = (2 * (zz - c[0])) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= r * r
-        mask[i], img[i][ball] = ball, img[i][ball] + 1.0
+        mask[i] = sphere_labels(shape, (2.0, 1.0, 1.0), c[None], [2 * r])
+        img[i][mask[i] > 0] += 1.0
     return img[..., None], mask
 
 

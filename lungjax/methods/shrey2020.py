@@ -442,7 +442,7 @@ def _classifier_rows(records: Sequence[dict]) -> dict[str, dict]:
             if rec and CLASSIFY_EVAL in rec:
                 per.setdefault(name, []).append(rec[CLASSIFY_EVAL])
         # The proposed classifier's ROIs (every variant trains on the same ones).
-        size = (r["stages"].get(CLASSIFY_STAGE) or {}).get(SIZE_EVAL)
+        size = (found["proposed"] or {}).get(SIZE_EVAL)
         if size:
             per.setdefault(SIZE_ROW, []).append(size)
     rows = {}

@@ -40,9 +40,9 @@ from lungjax.registry import (CV_REPORTS, EXPORTED_METHODS, SAMPLERS, STAGE_CONF
                               STAGE_EXPORTS, STAGES)
 from lungjax.steps import forward_apply
 
-# The paper's held-out figures (Yu et al. 2021, Results).
 # The cv table's row of the diameter-alone yardstick (stage cls's evaluator "size").
 SIZE_ROW = "diameter alone"
+# The paper's held-out figures (Yu et al. 2021, Results).
 PAPER = {"dice_large": 0.81, "accuracy": 0.873, "roc_auc": 0.907, "specificity": 0.948}
 
 
