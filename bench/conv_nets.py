@@ -46,6 +46,8 @@ from lungjax.models.layers import BatchNorm, Conv, ConvTranspose, max_pool
 from lungjax.models.yu2021 import ResNet3D, ResUNet3D
 
 N_ANCHORS = 9
+# The detector's total down-sampling: a whole-volume edge it runs over is a multiple of it.
+SCAN_STRIDE = 16
 
 
 def _bn(train):

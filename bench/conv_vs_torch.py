@@ -88,11 +88,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import conv_nets  # noqa: E402
+from conv_nets import SCAN_STRIDE  # noqa: E402
 from lungjax.models.layers import set_conv_impl  # noqa: E402
 
 
 TUNED_SECONDS = 30.0  # per shape, for "tuned" (the first-use default is shorter)
-SCAN_STRIDE = 16  # the detector's total down-sampling: a full-scan edge is a multiple
 PAUSE_S = 0.5  # between blocks, untimed: the other framework's idle threads stop spinning
 
 

@@ -367,6 +367,10 @@ def test_yu2021_tiny_end_to_end_with_baselines_and_tables(tiny_cv):
     size = st["cls"]["eval/size"]
     assert size["count"] == cls["n"] and size["threshold_mm"] > 0
     assert tables["runs"]["diameter alone"]["accuracy"] == size["accuracy"]
+    # clseval's record and console line carry the same yardstick beside the classifier.
+    assert st["clseval"]["eval/size"] == size
+    assert f"diameter alone (>= {size['threshold_mm']:.1f} mm) accuracy " \
+           f"{size['accuracy']:.3f}" in st["clseval"]["summary_line"]
     assert tables["paper"]["large_nodule_dice"] == 0.81
     assert (cv / "cv" / "yu2021_tables.md").is_file()
     assert report["yu2021"]["runs"]["yu2021_tiny"]["accuracy"] == cls["accuracy"]

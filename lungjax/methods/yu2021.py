@@ -42,6 +42,7 @@ from lungjax.steps import forward_apply
 
 # The cv table's row of the diameter-alone yardstick (stage cls's evaluator "size").
 SIZE_ROW = "diameter alone"
+SIZE_EVAL = "eval/size"  # the cls stage's diameter-alone yardstick
 # The paper's held-out figures (Yu et al. 2021, Results).
 PAPER = {"dice_large": 0.81, "accuracy": 0.873, "roc_auc": 0.907, "specificity": 0.948}
 
@@ -353,6 +354,16 @@ def classify_stage(run) -> dict:
         f"{len(labels)} held-out ROIs: accuracy {rec['accuracy']:.3f}, AUC "
         f"{rec['roc_auc']:.3f}, specificity {rec['specificity']:.3f} (paper "
         f"{PAPER['accuracy']}, {PAPER['roc_auc']}, {PAPER['specificity']})")
+    # The network stage's diameter-alone yardstick scored the same held-out ROIs: a
+    # classifier that does not beat it has learned no more than the nodule's size.
+    trained = stages.read_json(os.path.join(run.dirs[run.spec["network"]],
+                                            stages.STAGE_RECORD)) or {}
+    size = trained.get(SIZE_EVAL)
+    if size:
+        out[SIZE_EVAL] = size
+        out["summary_line"] += (f"; diameter alone (>= {size['threshold_mm']:.1f} mm) "
+                                f"accuracy {size['accuracy']:.3f}, AUC "
+                                f"{size.get('roc_auc', float('nan')):.3f}")
     return out
 
 
@@ -582,8 +593,8 @@ def cv_tables(config, workdir: str, records: Sequence[dict], report: dict) -> di
     names = [""] + [v for v in config.cv.variants if all(v in r["variants"] for r in records)]
     table = {(n or config.name): rows_of(n) for n in names}
     # The diameter alone on the same held-out ROIs, fitted on the cls stage's training ROIs.
-    size = [r["stages"]["cls"]["eval/size"] for r in records
-            if "eval/size" in r["stages"].get("cls", {})]
+    size = [r["stages"]["cls"][SIZE_EVAL] for r in records
+            if SIZE_EVAL in r["stages"].get("cls", {})]
     if size:
         table[SIZE_ROW] = {"dice": float("nan"), "large_nodule_dice": float("nan"),
                            **{k: _mean(c.get(k) for c in size)
