@@ -34,6 +34,9 @@ lungjax has the network, otherwise built on ``lungjax.models.layers`` (twins of
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -48,6 +51,39 @@ from lungjax.models.yu2021 import ResNet3D, ResUNet3D
 N_ANCHORS = 9
 # The detector's total down-sampling: a whole-volume edge it runs over is a multiple of it.
 SCAN_STRIDE = 16
+PAUSE_S = 0.5  # between timed blocks, untimed: the other framework's idle threads stop spinning
+
+
+def interleaved_times(runs: dict, steps: int, warmup: int, rounds: int) -> dict:
+    """Step seconds of each function in ``runs``, in ``rounds`` alternating blocks.
+
+    Args:
+      runs: {label: function running one step}.
+      steps: timed steps per block; warmup: untimed steps before each label's first block.
+
+    Returns:
+      {label: [seconds per round: [step seconds] * steps] * rounds}.
+    """
+    times = {label: [] for label in runs}
+    for r in range(rounds):
+        for label, run in runs.items():
+            if rounds > 1 or len(runs) > 1:
+                time.sleep(PAUSE_S)
+            if r == 0:
+                for _ in range(warmup):
+                    run()
+            block = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                run()
+                block.append(time.perf_counter() - t0)
+            times[label].append(block)
+    return times
+
+
+def median_seconds(fn, steps: int, warmup: int) -> float:
+    """Median seconds of ``steps`` calls of ``fn`` after ``warmup`` untimed ones."""
+    return statistics.median(interleaved_times({"fn": fn}, steps, warmup, 1)["fn"][0])
 
 
 def _bn(train):

@@ -33,7 +33,7 @@ one's first block), so that a slowdown of the machine part-way through hits both
 instead of whichever runs last; the table also gives the lowest and highest per-round
 ratio. On this project's 2-core machine the same JAX step has measured 0.247 and 0.270 s in
 two sequential runs a minute apart, as much as separates some ratios from 1.0. Between
-blocks the script sleeps ``PAUSE_S`` (untimed), long enough for the other framework's
+blocks the script sleeps ``conv_nets.PAUSE_S`` (untimed), long enough for the other framework's
 worker threads to stop spinning (OpenMP's idle threads spin for up to ~0.2 s).
 """
 
@@ -88,17 +88,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import conv_nets  # noqa: E402
-from conv_nets import SCAN_STRIDE  # noqa: E402
+from conv_nets import SCAN_STRIDE, interleaved_times, median_seconds  # noqa: E402
 from lungjax.models.layers import set_conv_impl  # noqa: E402
 
 
 TUNED_SECONDS = 30.0  # per shape, for "tuned" (the first-use default is shorter)
-PAUSE_S = 0.5  # between blocks, untimed: the other framework's idle threads stop spinning
-
-
-def _median_time(fn, steps, warmup):
-    """Median seconds of ``steps`` calls of ``fn`` after ``warmup`` untimed ones."""
-    return statistics.median(interleaved_times({"fn": fn}, steps, warmup, 1)["fn"][0])
 
 
 def _count(tree):
@@ -155,33 +149,6 @@ def torch_train_step(name, batch):
     return run, sum(p.numel() for p in model.parameters())
 
 
-def interleaved_times(runs: dict, steps: int, warmup: int, rounds: int) -> dict:
-    """Step seconds of each function in ``runs``, in ``rounds`` alternating blocks.
-
-    Args:
-      runs: {label: function running one step}.
-      steps: timed steps per block; warmup: untimed steps before each label's first block.
-
-    Returns:
-      {label: [seconds per round: [step seconds] * steps] * rounds}.
-    """
-    times = {label: [] for label in runs}
-    for r in range(rounds):
-        for label, run in runs.items():
-            if rounds > 1 or len(runs) > 1:
-                time.sleep(PAUSE_S)
-            if r == 0:
-                for _ in range(warmup):
-                    run()
-            block = []
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                run()
-                block.append(time.perf_counter() - t0)
-            times[label].append(block)
-    return times
-
-
 def jax_scan_seconds(impl, edge):
     """Seconds of one fully-convolutional forward pass of the detector over edge^3 (eval)."""
     from lungjax.steps import forward_apply
@@ -195,7 +162,7 @@ def jax_scan_seconds(impl, edge):
     compiled = f.lower(variables, x).compile()
     compile_s = time.perf_counter() - t0
     x = jnp.asarray(np.random.default_rng(0).standard_normal(x.shape), jnp.float32)
-    sec = _median_time(lambda: jax.block_until_ready(compiled(variables, x)), 2, 1)
+    sec = median_seconds(lambda: jax.block_until_ready(compiled(variables, x)), 2, 1)
     set_conv_impl(None)
     return sec, compile_s
 
@@ -210,7 +177,7 @@ def torch_scan_seconds(edge):
     def run():
         with torch.no_grad():
             model(x)
-    return _median_time(run, 2, 1)
+    return median_seconds(run, 2, 1)
 
 
 def _row_in_child(name: str) -> dict:

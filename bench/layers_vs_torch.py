@@ -35,7 +35,6 @@ import argparse
 import collections
 import os
 import sys
-import time
 
 
 def _parse():
@@ -63,20 +62,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import conv_nets  # noqa: E402
-from conv_nets import SCAN_STRIDE  # noqa: E402
+from conv_nets import SCAN_STRIDE, median_seconds  # noqa: E402
 from lungjax.models.conv import ops as conv_ops  # noqa: E402
 from lungjax.models.conv import select as conv_select  # noqa: E402
 
 
 def _median_ms(fn, reps: int) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)) * 1e3
+    return 1e3 * median_seconds(fn, reps, 2)
 
 
 def layer_keys(net: str, mode: str, scan: int):

@@ -356,9 +356,7 @@ def classify_stage(run) -> dict:
         f"{PAPER['accuracy']}, {PAPER['roc_auc']}, {PAPER['specificity']})")
     # The network stage's diameter-alone yardstick scored the same held-out ROIs: a
     # classifier that does not beat it has learned no more than the nodule's size.
-    trained = stages.read_json(os.path.join(run.dirs[run.spec["network"]],
-                                            stages.STAGE_RECORD)) or {}
-    size = trained.get(SIZE_EVAL)
+    size = (run.records.get(run.spec["network"]) or {}).get(SIZE_EVAL)
     if size:
         out[SIZE_EVAL] = size
         out["summary_line"] += (f"; diameter alone (>= {size['threshold_mm']:.1f} mm) "
